@@ -1,0 +1,33 @@
+# Every target installs what it needs into .venv first, so each works on a fresh clone.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.stamp-install
+TEST_STAMP := $(VENV)/.stamp-test
+
+.PHONY: install test demo bench lint clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -e .
+	touch $@
+
+$(TEST_STAMP): $(STAMP) requirements-test.txt
+	$(PIP) install -q -r requirements-test.txt
+	$(PIP) install -q --no-deps moshi==0.2.13
+	bash scripts/install-system-test-deps.sh
+	touch $@
+
+install: $(STAMP)
+
+test: $(TEST_STAMP)
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+lint: $(TEST_STAMP)
+	$(PIP) install -q ruff
+	$(VENV)/bin/ruff check moshivis_mlx weights_convert cli tests
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

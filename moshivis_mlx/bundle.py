@@ -1,0 +1,123 @@
+"""Our on-disk format: a bundle directory.
+
+    config.json            every hyper-parameter, quantization, dtype, generation defaults
+    model.safetensors      the language model (or model-0000i-of-0000n.safetensors + index)
+    vision.safetensors     the SigLIP image encoder (MoshiVis)
+    mimi.safetensors       the Mimi codec
+    tokenizer.model        SentencePiece text tokenizer
+
+A quantized bundle stores `weight`, `scales` and `biases` of each quantized layer; the model
+skeleton is quantized before loading, so the float model is never materialised.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .models.lm import LM, LmConfig
+
+FORMAT_VERSION = 1
+CONFIG_NAME = "config.json"
+LM_WEIGHTS = "model.safetensors"
+LM_INDEX = "model.safetensors.index.json"
+
+DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
+
+
+class BundleError(ValueError):
+    """A bundle directory that cannot be used (the message says what to do)."""
+
+
+def read_config(bundle: str | Path) -> dict[str, Any]:
+    bundle = Path(bundle)
+    path = bundle / CONFIG_NAME
+    if not bundle.is_dir():
+        raise BundleError(f"{bundle}: no such bundle directory (make one with moshivis-convert)")
+    if not path.exists():
+        raise BundleError(f"{bundle}: no {CONFIG_NAME}; is this a moshivis-mlx bundle? "
+                          f"(make one with moshivis-convert)")
+    try:
+        cfg = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise BundleError(f"{path}: invalid JSON ({e})") from None
+    version = cfg.get("format_version")
+    if version != FORMAT_VERSION:
+        raise BundleError(f"{path}: bundle format {version}, this version reads {FORMAT_VERSION}; "
+                          f"convert the checkpoint again")
+    return cfg
+
+
+def write_config(bundle: str | Path, cfg: dict[str, Any]) -> None:
+    cfg = {"format_version": FORMAT_VERSION, **cfg}
+    (Path(bundle) / CONFIG_NAME).write_text(json.dumps(cfg, indent=2) + "\n")
+
+
+def quantizable(module: nn.Module, group_size: int) -> bool:
+    """Linear and embedding layers whose input width the group size divides."""
+    if not hasattr(module, "to_quantized"):
+        return False
+    weight = getattr(module, "weight", None)
+    return weight is not None and weight.shape[-1] % group_size == 0
+
+
+def quantize_model(model: nn.Module, bits: int, group_size: int,
+                   predicate: Callable[[str, nn.Module], bool] | None = None) -> None:
+    """Blockwise affine quantization of every quantizable layer, in place (norms stay float)."""
+    if bits not in (4, 8):
+        raise ValueError(f"bits must be 4 or 8, got {bits}")
+    if group_size not in (32, 64, 128):
+        raise ValueError(f"group size must be 32, 64 or 128, got {group_size}")
+
+    def pred(path: str, m: nn.Module) -> bool:
+        return quantizable(m, group_size) and (predicate is None or predicate(path, m))
+
+    nn.quantize(model, group_size=group_size, bits=bits, class_predicate=pred)
+
+
+def weight_files(bundle: Path, stem: str) -> list[Path]:
+    """`stem.safetensors`, or the shards listed by `stem.safetensors.index.json`."""
+    single = bundle / f"{stem}.safetensors"
+    index = bundle / f"{stem}.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return [bundle / f for f in sorted(set(weight_map.values()))]
+    if single.exists():
+        return [single]
+    raise BundleError(f"{bundle}: no {single.name} (the bundle is incomplete; convert again)")
+
+
+def load_weights_into(model: nn.Module, files: list[Path], quantization: dict | None,
+                      what: str) -> None:
+    """Loads a bundle's tensors (in their stored dtypes) into a freshly built model."""
+    weights: dict[str, mx.array] = {}
+    for f in files:
+        weights.update(mx.load(str(f)))
+    if quantization:
+        quantize_model(model, quantization["bits"], quantization["group_size"],
+                       lambda path, m: f"{path}.scales" in weights)
+    try:
+        model.load_weights(list(weights.items()), strict=True)
+    except ValueError as e:
+        raise BundleError(f"{what}: weights do not match the config: {e}") from None
+    mx.eval(model.parameters())
+
+
+def load_lm(bundle: str | Path) -> LM:
+    """The language model of a bundle, quantized or not, ready for `Generator`."""
+    bundle = Path(bundle)
+    cfg = read_config(bundle)
+    if "lm" not in cfg:
+        raise BundleError(f"{bundle}: the bundle holds no language model")
+    lm = LM(LmConfig.from_dict(cfg["lm"]))
+    load_weights_into(lm, weight_files(bundle, "model"), cfg.get("quantization"),
+                      f"{bundle}/{LM_WEIGHTS}")
+    return lm
+
+
+def generation_defaults(bundle: str | Path) -> dict[str, Any]:
+    return dict(read_config(bundle).get("generation", {}))

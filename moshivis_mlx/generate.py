@@ -1,0 +1,196 @@
+"""Streaming generation: one 80 ms frame in, one frame of the model's voice and text out.
+
+`Generator` follows the conventions of Kyutai's PyTorch `LMGen` exactly:
+
+* 17 streams: row 0 text, rows 1..8 the model's codebooks, rows 9..16 the user's.
+* At step s a row with delay d gets its initial token while s <= d. Otherwise model rows
+  get what the model generated at step s-1, and user rows the codes given at step s-d.
+* Step s yields nothing at s = 0 (the acoustic delay); afterwards the tokens generated
+  at step s - max_delay + d for each model row, so the 8 codes form one frame again.
+
+A conversation has no step limit: the temporal transformer's cache is a ring buffer of
+its window, the token history holds `max_delay + 1` frames, and nothing else grows.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import Sequence
+
+import mlx.core as mx
+import numpy as np
+
+from .models.lm import LM
+from .models.transformer import CrossAttentionInput
+from .sampling import Sampler, kyutai_audio_sampler, kyutai_text_sampler
+
+DEFAULT_XA_START = 16
+
+
+@dataclass
+class StepOutput:
+    """One frame of the model's output, its delays undone."""
+
+    text_token: int
+    audio_codes: list[int]
+    gate: float | None
+    """Mean cross-attention gate of the step that produced `text_token` (None: no image)."""
+
+
+class Generator:
+    """Drives an `LM` one frame at a time.
+
+    gen = Generator(lm, text_sampler=Sampler(temperature=0.0), audio_sampler=Sampler(temperature=0.0))
+    gen.set_image(siglip_tokens)    # once per image; None removes it
+    out = gen.step(user_codes)      # the user's 8 Mimi codes of this frame
+    """
+
+    def __init__(
+        self,
+        lm: LM,
+        text_sampler: Sampler | None = None,
+        audio_sampler: Sampler | None = None,
+        xa_start: int = DEFAULT_XA_START,
+        keep_logits: bool = False,
+    ):
+        self.lm = lm
+        cfg = lm.cfg
+        self.text_sampler = text_sampler or kyutai_text_sampler()
+        self.audio_sampler = audio_sampler or kyutai_audio_sampler()
+        self.xa_start = xa_start
+        self.keep_logits = keep_logits
+        self.gate_override: float | None = None
+        """Replace every cross-attention gate by this constant (research: 0.0 removes the image)."""
+
+        self.num_model_rows = 1 + cfg.dep_q
+        self.num_user_codes = cfg.n_q - cfg.dep_q
+        self.delays = list(cfg.delays)
+        self.max_delay = max(self.delays)
+        initial = [cfg.text_initial_token] + [cfg.audio_initial_token] * cfg.n_q
+        self._initial = np.array(initial, dtype=np.int32)
+        self._initial_model = mx.array(self._initial[: self.num_model_rows])
+
+        self.caches = lm.make_cache()
+        self.depformer_caches = lm.depformer.make_cache(lm.dtype)
+        self.image_kv: tuple[mx.array, mx.array] | None = None
+        self.last_text_logits: mx.array | None = None
+        self.last_audio_logits: mx.array | None = None
+        self.reset()
+
+    # -- state ---------------------------------------------------------------------------
+
+    @property
+    def step_index(self) -> int:
+        """Steps taken since the last reset."""
+        return self._step
+
+    def reset(self) -> None:
+        """Start a new conversation (the image, if any, is kept)."""
+        for c in self.caches:
+            c.reset()
+        self._step = 0
+        keep = self.max_delay + 1
+        self._prev_generated: mx.array | None = None
+        self._generated: deque[list[int]] = deque(maxlen=keep)
+        self._gates: deque[float | None] = deque(maxlen=keep)
+        self._user: deque[np.ndarray] = deque(maxlen=keep)
+        self.text_sampler.reset()
+        self.audio_sampler.reset()
+
+    def set_image(self, tokens: mx.array | np.ndarray | None, reset: bool = False) -> None:
+        """Condition on an image: SigLIP tokens [N, D] or [1, N, D]; None for no image.
+
+        The cross-attention keys and values are computed here, once per image. With
+        `reset` the conversation restarts, otherwise it goes on with the new image.
+        """
+        if tokens is None:
+            self.image_kv = None
+        else:
+            tokens = mx.array(tokens) if not isinstance(tokens, mx.array) else tokens
+            if tokens.ndim == 2:
+                tokens = tokens[None]
+            if tokens.ndim != 3 or tokens.shape[0] != 1:
+                raise ValueError(f"image tokens must be [N, D] or [1, N, D], got {tokens.shape}")
+            if tokens.shape[-1] != self.lm.cfg.image_dim:
+                raise ValueError(
+                    f"image tokens have width {tokens.shape[-1]}, the model expects "
+                    f"{self.lm.cfg.image_dim}")
+            keys, values = self.lm.image_kv(tokens)
+            mx.eval(keys, values)
+            self.image_kv = (keys, values)
+        if reset:
+            self.reset()
+
+    # -- one step --------------------------------------------------------------------------
+
+    def _check_codes(self, user_codes: Sequence[int] | np.ndarray | mx.array) -> np.ndarray:
+        codes = np.asarray(user_codes).reshape(-1)
+        if codes.size < self.num_user_codes:
+            raise ValueError(f"expected {self.num_user_codes} user codes, got {codes.size}")
+        codes = codes[: self.num_user_codes]
+        if not np.issubdtype(codes.dtype, np.integer):
+            raise ValueError(f"user codes must be integers, got {codes.dtype}")
+        card = self.lm.cfg.card
+        if codes.min() < -1 or codes.max() >= card:
+            raise ValueError(f"user codes must be in [0, {card}) (or -1 for silence-free zero)")
+        return codes.astype(np.int32)
+
+    def _input_tokens(self) -> mx.array:
+        """The [1, 17, 1] input column of the current step."""
+        s = self._step
+        d = self.delays
+        n = self.num_model_rows
+        model_init = [s <= d[r] for r in range(n)]
+        if self._prev_generated is None or all(model_init):
+            model = self._initial_model
+        elif any(model_init):
+            model = mx.where(mx.array(model_init), self._initial_model, self._prev_generated)
+        else:
+            model = self._prev_generated
+        user = np.empty(self.num_user_codes, dtype=np.int32)
+        for i in range(self.num_user_codes):
+            r = n + i
+            user[i] = self._initial[r] if s <= d[r] else self._user[-1 - d[r]][i]
+        tokens = mx.concatenate([model, mx.array(user)])
+        return tokens.reshape(1, -1, 1)
+
+    def step(self, user_codes: Sequence[int] | np.ndarray | mx.array) -> StepOutput | None:
+        """Feed the user's codes of one frame; returns the model's frame (None at step 0)."""
+        self._user.append(self._check_codes(user_codes))
+        lm = self.lm
+        cross = None
+        if self.image_kv is not None and self._step >= self.xa_start:
+            cross = CrossAttentionInput(lm.xa, *self.image_kv, force_gate=self.gate_override)
+
+        h, text_logits = lm.forward_text(self._input_tokens(), self.caches, cross)
+        text_logits = text_logits[:, 0]
+        text_token = self.text_sampler(text_logits)
+        audio, audio_logits = lm.depformer(h, text_token, self.audio_sampler, self.depformer_caches)
+        generated = mx.concatenate([text_token[:, None], audio], axis=1)[0].astype(mx.int32)
+
+        outputs = [generated]
+        gate = mx.mean(mx.stack(cross.gates)) if cross is not None else None
+        if gate is not None:
+            outputs.append(gate)
+        if self.keep_logits:
+            self.last_text_logits = text_logits[0]
+            self.last_audio_logits = mx.stack(audio_logits, axis=1)[0]
+            outputs += [self.last_text_logits, self.last_audio_logits]
+        mx.eval(*outputs)
+
+        self._prev_generated = generated
+        self._generated.append(generated.tolist())
+        self._gates.append(None if gate is None else gate.item())
+        self._step += 1
+        return self._output()
+
+    def _output(self) -> StepOutput | None:
+        s = self._step - 1
+        if s < self.max_delay:
+            return None
+        # Token of model row r generated at step s - max_delay + d[r].
+        rows = [self._generated[-1 - self.max_delay + self.delays[r]][r]
+                for r in range(self.num_model_rows)]
+        gate = self._gates[-1 - self.max_delay + self.delays[0]]
+        return StepOutput(text_token=rows[0], audio_codes=rows[1:], gate=gate)

@@ -1,0 +1,269 @@
+"""Moshi's multi-stream language model, with MoshiVis' gated cross-attention.
+
+One temporal step: the 17 token streams of a frame (text, 8 model codebooks, 8 user
+codebooks) are embedded and summed, go through the temporal transformer (with the image
+cross-attention when MoshiVis has an image), and `out_norm` gives the hidden state `h`.
+`text_linear(h)` scores the text token; then the depth transformer emits the 8 model
+codebooks one after another, each sub-step seeing `h` and the token sampled just before.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Callable
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .transformer import (
+    CrossAttention,
+    CrossAttentionInput,
+    RingKVCache,
+    RMSNorm,
+    Transformer,
+    TransformerConfig,
+)
+
+MOSHI_DELAYS = [0, 0, 1, 1, 1, 1, 1, 1, 1, 0, 1, 1, 1, 1, 1, 1, 1]
+
+
+@dataclass
+class DepformerConfig:
+    """The depth transformer: `num_layers` layers over the `dep_q` sub-steps of one frame."""
+
+    dim: int = 1024
+    num_heads: int = 16
+    num_layers: int = 6
+    ffn_hidden: int = 2816
+    weights_per_step: bool = True
+    multi_linear: bool = True
+
+
+@dataclass
+class LmConfig:
+    """Moshi / MoshiVis language model. Defaults are the released 7B model."""
+
+    dim: int = 4096
+    num_heads: int = 32
+    num_layers: int = 32
+    ffn_hidden: int = 11264
+    context: int = 3000
+    max_period: float = 10000.0
+    text_card: int = 32000
+    card: int = 2048
+    n_q: int = 16
+    dep_q: int = 8
+    delays: list[int] = field(default_factory=lambda: list(MOSHI_DELAYS))
+    text_padding_id: int = 3
+    end_of_text_padding_id: int = 0
+    depformer: DepformerConfig = field(default_factory=DepformerConfig)
+    cross_attention: bool = False
+    image_dim: int = 1152
+    xa_gate_hidden: int = 512
+
+    def __post_init__(self) -> None:
+        if isinstance(self.depformer, dict):
+            self.depformer = DepformerConfig(**self.depformer)
+        if len(self.delays) != self.n_q + 1:
+            raise ValueError(f"{len(self.delays)} delays for {self.n_q + 1} streams")
+        if self.dim % self.num_heads:
+            raise ValueError(f"dim {self.dim} is not a multiple of num_heads {self.num_heads}")
+
+    @property
+    def text_initial_token(self) -> int:
+        return self.text_card
+
+    @property
+    def audio_initial_token(self) -> int:
+        return self.card
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "LmConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown LM config keys: {sorted(unknown)}")
+        return cls(**d)
+
+    def transformer_config(self) -> TransformerConfig:
+        return TransformerConfig(
+            d_model=self.dim,
+            num_heads=self.num_heads,
+            num_layers=self.num_layers,
+            ffn_hidden=self.ffn_hidden,
+            ffn="silu_gated",
+            norm="rms_norm",
+            norm_eps=1e-8,
+            causal=True,
+            context=self.context,
+            rope=True,
+            max_period=self.max_period,
+            cross_attention=self.cross_attention,
+            xa_gate_hidden=self.xa_gate_hidden,
+        )
+
+    def depformer_transformer_config(self) -> TransformerConfig:
+        d = self.depformer
+        return TransformerConfig(
+            d_model=d.dim,
+            num_heads=d.num_heads,
+            num_layers=d.num_layers,
+            ffn_hidden=d.ffn_hidden,
+            ffn="silu_gated",
+            norm="rms_norm",
+            norm_eps=1e-8,
+            causal=True,
+            context=self.dep_q,
+            rope=False,
+            weights_per_step=self.dep_q if d.weights_per_step else 0,
+        )
+
+
+def moshi_7b() -> LmConfig:
+    return LmConfig()
+
+
+def moshivis_7b() -> LmConfig:
+    return LmConfig(cross_attention=True)
+
+
+def tiny(cross_attention: bool = True) -> LmConfig:
+    """A few-MB model with the real structure, for tests and the offline demo."""
+    return LmConfig(
+        dim=64,
+        num_heads=4,
+        num_layers=2,
+        ffn_hidden=176,
+        context=24,
+        text_card=96,
+        card=64,
+        depformer=DepformerConfig(dim=64, num_heads=2, num_layers=2, ffn_hidden=128),
+        cross_attention=cross_attention,
+        image_dim=48,
+        xa_gate_hidden=8,
+    )
+
+
+PRESETS: dict[str, Callable[[], LmConfig]] = {
+    "moshi-7b": moshi_7b,
+    "moshivis-7b": moshivis_7b,
+    "tiny": tiny,
+}
+
+
+def embed(table: nn.Module, ids: mx.array) -> mx.array:
+    """Embedding lookup where id -1 gives a zero vector (Kyutai's 'zero token')."""
+    out = table(mx.maximum(ids, 0))
+    return mx.where((ids >= 0)[..., None], out, mx.zeros((), dtype=out.dtype))
+
+
+class ImagePrefix(nn.Module):
+    """SigLIP tokens -> model width: proj_xa (with bias) then an RMSNorm."""
+
+    def __init__(self, image_dim: int, dim: int):
+        super().__init__()
+        self.proj_xa = nn.Linear(image_dim, dim, bias=True)
+        self.norm_xa = RMSNorm(dim, eps=1e-8)
+
+    def __call__(self, tokens: mx.array) -> mx.array:
+        return self.norm_xa(self.proj_xa(tokens))
+
+
+class Depformer(nn.Module):
+    """Depth transformer: emits the `dep_q` model codebooks of a frame one by one."""
+
+    def __init__(self, cfg: LmConfig):
+        super().__init__()
+        d = cfg.depformer
+        n_in = cfg.dep_q if d.multi_linear else 1
+        self.in_proj = [nn.Linear(cfg.dim, d.dim, bias=False) for _ in range(n_in)]
+        self.text_emb = nn.Embedding(cfg.text_card + 1, d.dim)
+        # The last codebook is never an input: dep_q - 1 audio tables.
+        self.audio_emb = [nn.Embedding(cfg.card + 1, d.dim) for _ in range(cfg.dep_q - 1)]
+        self.transformer = Transformer(cfg.depformer_transformer_config())
+        self.heads = [nn.Linear(d.dim, cfg.card, bias=False) for _ in range(cfg.dep_q)]
+
+    def make_cache(self, dtype: mx.Dtype) -> list[RingKVCache]:
+        return self.transformer.make_cache(dtype=dtype)
+
+    def __call__(
+        self,
+        h: mx.array,
+        text_token: mx.array,
+        sample: Callable[[mx.array], mx.array],
+        caches: list[RingKVCache],
+    ) -> tuple[mx.array, list[mx.array]]:
+        """h [B, 1, dim], text_token [B] -> codes [B, dep_q] and the logits of each sub-step.
+
+        The caches are reset here: the depth transformer starts afresh every frame.
+        """
+        for c in caches:
+            c.reset()
+        prev = text_token
+        codes, logits = [], []
+        for k, head in enumerate(self.heads):
+            table = self.text_emb if k == 0 else self.audio_emb[k - 1]
+            proj = self.in_proj[k] if len(self.in_proj) > 1 else self.in_proj[0]
+            x = proj(h) + embed(table, prev[:, None])
+            y = self.transformer(x, caches)
+            step_logits = head(y)[:, 0]
+            prev = sample(step_logits)
+            codes.append(prev)
+            logits.append(step_logits)
+        return mx.stack(codes, axis=1), logits
+
+
+class LM(nn.Module):
+    """The Moshi (or MoshiVis, with `cfg.cross_attention`) language model."""
+
+    def __init__(self, cfg: LmConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.text_emb = nn.Embedding(cfg.text_card + 1, cfg.dim)
+        self.audio_emb = [nn.Embedding(cfg.card + 1, cfg.dim) for _ in range(cfg.n_q)]
+        self.transformer = Transformer(cfg.transformer_config())
+        if cfg.cross_attention:
+            # One cross-attention shared by all layers, stored once; gates are per layer.
+            self.xa = CrossAttention(cfg.dim, cfg.num_heads)
+            self.image_prefix = ImagePrefix(cfg.image_dim, cfg.dim)
+        self.out_norm = RMSNorm(cfg.dim, eps=1e-8)
+        self.text_linear = nn.Linear(cfg.dim, cfg.text_card, bias=False)
+        self.depformer = Depformer(cfg)
+
+    @property
+    def dtype(self) -> mx.Dtype:
+        """The activation dtype (norm weights are never quantized)."""
+        return self.out_norm.weight.dtype
+
+    def make_cache(self, batch: int = 1) -> list[RingKVCache]:
+        return self.transformer.make_cache(batch=batch, dtype=self.dtype)
+
+    def image_kv(self, image_tokens: mx.array) -> tuple[mx.array, mx.array]:
+        """SigLIP tokens [B, N, image_dim] -> cross-attention keys and values."""
+        if not self.cfg.cross_attention:
+            raise ValueError("this model has no cross-attention (plain Moshi): it cannot take an image")
+        prefix = self.image_prefix(image_tokens.astype(self.dtype))
+        return self.xa.image_kv(prefix)
+
+    def embed_streams(self, tokens: mx.array) -> mx.array:
+        """tokens [B, 1 + n_q, T] -> summed embeddings [B, T, dim] (audio first, as Kyutai sums)."""
+        x = None
+        for i, table in enumerate(self.audio_emb):
+            e = embed(table, tokens[:, i + 1])
+            x = e if x is None else x + e
+        t = embed(self.text_emb, tokens[:, 0])
+        return t if x is None else x + t
+
+    def forward_text(
+        self,
+        tokens: mx.array,
+        caches: list[RingKVCache] | None,
+        cross: CrossAttentionInput | None = None,
+    ) -> tuple[mx.array, mx.array]:
+        """Temporal transformer: tokens [B, 17, T] -> (h after out_norm [B, T, dim], text logits)."""
+        x = self.embed_streams(tokens)
+        h = self.out_norm(self.transformer(x, caches, cross))
+        return h, self.text_linear(h)

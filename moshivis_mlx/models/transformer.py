@@ -1,0 +1,386 @@
+"""The one transformer of the project.
+
+Every transformer in MoshiVis is a pre-norm residual stack of self-attention and a
+feed-forward block; they differ only in knobs: the norm (RMS or LayerNorm), the FFN
+(SiLU-gated or GELU), biases, layer scale, RoPE, causality and window, and whether each
+step of a short sequence has its own weights (the depth transformer). This module holds
+that one stack, configured by `TransformerConfig`; the temporal transformer adds the gated
+cross-attention block of MoshiVis through `CrossAttentionInput`.
+
+Streaming state lives outside the modules, in `RingKVCache` objects passed to each call
+(as in mlx-lm), so a model can be shared by several generators.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+
+@dataclass
+class TransformerConfig:
+    """Hyper-parameters of one transformer stack."""
+
+    d_model: int
+    num_heads: int
+    num_layers: int
+    ffn_hidden: int
+    """Width of the FFN hidden layer (for the gated FFN: the width of each half)."""
+    ffn: str = "silu_gated"
+    """'silu_gated' (Moshi), 'gelu' (exact erf, Mimi) or 'gelu_tanh' (SigLIP)."""
+    norm: str = "rms_norm"
+    """'rms_norm' (computed in float32, as Kyutai's rms_norm_f32) or 'layer_norm'."""
+    norm_eps: float = 1e-8
+    bias: bool = False
+    causal: bool = True
+    context: int | None = None
+    """Sliding window: a query sees this many keys, itself included. None: unbounded."""
+    rope: bool = True
+    max_period: float = 10000.0
+    layer_scale: bool = False
+    weights_per_step: int = 0
+    """If > 0, position t of the sequence uses weight set t (the depth transformer)."""
+    cross_attention: bool = False
+    """Add MoshiVis' gated cross-attention block to every layer."""
+    xa_gate_hidden: int = 0
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.num_heads
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TransformerConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown transformer config keys: {sorted(unknown)}")
+        return cls(**d)
+
+
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + eps) * w, in float32 whatever the model dtype (Kyutai's rms_norm_f32)."""
+
+    def __init__(self, dims: int, eps: float = 1e-8):
+        super().__init__()
+        self.weight = mx.ones((dims,))
+        self.eps = eps
+
+    def __call__(self, x: mx.array) -> mx.array:
+        y = mx.fast.rms_norm(x.astype(mx.float32), self.weight.astype(mx.float32), self.eps)
+        return y.astype(x.dtype)
+
+
+def make_norm(kind: str, dims: int, eps: float) -> nn.Module:
+    if kind == "rms_norm":
+        return RMSNorm(dims, eps)
+    if kind == "layer_norm":
+        return nn.LayerNorm(dims, eps=eps)
+    raise ValueError(f"unknown norm {kind!r}")
+
+
+class LayerScale(nn.Module):
+    """Learned per-channel scale of a residual branch (Mimi's transformers)."""
+
+    def __init__(self, dims: int):
+        super().__init__()
+        self.scale = mx.full((dims,), 0.01)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return x * self.scale
+
+
+class FeedForward(nn.Module):
+    """linear_in -> activation -> linear_out; the gated variant splits linear_in's output [a|b]."""
+
+    def __init__(self, dims: int, hidden: int, kind: str, bias: bool):
+        super().__init__()
+        if kind not in ("silu_gated", "gelu", "gelu_tanh"):
+            raise ValueError(f"unknown ffn {kind!r}")
+        self.kind = kind
+        width = 2 * hidden if kind == "silu_gated" else hidden
+        self.linear_in = nn.Linear(dims, width, bias=bias)
+        self.linear_out = nn.Linear(hidden, dims, bias=bias)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        h = self.linear_in(x)
+        if self.kind == "silu_gated":
+            a, b = mx.split(h, 2, axis=-1)
+            h = nn.silu(a) * b
+        elif self.kind == "gelu":
+            h = nn.gelu(h)
+        else:
+            h = nn.gelu_approx(h)
+        return self.linear_out(h)
+
+
+class RingKVCache:
+    """Keys and values of the last `context` positions, in a buffer allocated once.
+
+    Slot `p % capacity` holds position p, so memory is flat however long a conversation
+    runs. `chunk` is the largest number of positions given in one call: the capacity is
+    `context + chunk - 1` so that every query of a chunk still sees its whole window.
+    """
+
+    def __init__(
+        self,
+        batch: int,
+        num_heads: int,
+        head_dim: int,
+        context: int,
+        chunk: int = 1,
+        dtype: mx.Dtype = mx.float32,
+    ):
+        self.context = context
+        self.chunk = chunk
+        self.capacity = context + chunk - 1
+        shape = (batch, num_heads, self.capacity, head_dim)
+        self.keys = mx.zeros(shape, dtype=dtype)
+        self.values = mx.zeros(shape, dtype=dtype)
+        self.offset = 0
+        """Absolute position of the next write, i.e. the number of positions seen."""
+
+    def reset(self) -> None:
+        # Stale slots are never read: only slots holding positions < offset are attended.
+        self.offset = 0
+
+    @property
+    def nbytes(self) -> int:
+        return self.keys.nbytes + self.values.nbytes
+
+    def update(self, k: mx.array, v: mx.array) -> tuple[mx.array, mx.array, mx.array | None]:
+        """Writes the new keys/values [B, H, T, D]; returns what the T queries attend to.
+
+        Returns (keys, values, mask): mask is None when every returned key is visible to
+        every query, else a boolean [T, S] array.
+        """
+        t = k.shape[2]
+        if t > self.chunk:
+            raise ValueError(f"{t} positions in one call, cache was made for at most {self.chunk}")
+        start, cap = self.offset, self.capacity
+        first = start % cap
+        n1 = min(t, cap - first)
+        self.keys[:, :, first : first + n1, :] = k[:, :, :n1]
+        self.values[:, :, first : first + n1, :] = v[:, :, :n1]
+        if n1 < t:
+            self.keys[:, :, : t - n1, :] = k[:, :, n1:]
+            self.values[:, :, : t - n1, :] = v[:, :, n1:]
+        end = self.offset = start + t
+
+        if end <= cap:
+            keys, values = self.keys[:, :, :end], self.values[:, :, :end]
+            pos_k = np.arange(end)
+        else:
+            keys, values = self.keys, self.values
+            slots = np.arange(cap)
+            # The newest position held by each slot.
+            pos_k = end - 1 - ((end - 1 - slots) % cap)
+        if t == 1 and end - pos_k.min() <= self.context:
+            return keys, values, None
+        pos_q = np.arange(start, end)[:, None]
+        delta = pos_q - pos_k[None, :]
+        mask = (delta >= 0) & (delta < self.context)
+        return keys, values, mx.array(mask)
+
+
+def window_mask(t: int, causal: bool, context: int | None) -> mx.array | str | None:
+    """Mask for a whole sequence processed at once (no cache)."""
+    if not causal:
+        return None
+    if context is None or t <= context:
+        return "causal"
+    pos = np.arange(t)
+    delta = pos[:, None] - pos[None, :]
+    return mx.array((delta >= 0) & (delta < context))
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with a fused [q; k; v] input projection, head-major rows."""
+
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.num_heads = cfg.num_heads
+        self.head_dim = cfg.head_dim
+        self.scale = 1.0 / math.sqrt(cfg.head_dim)
+        self.rope = cfg.rope
+        self.max_period = cfg.max_period
+        self.in_proj = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=cfg.bias)
+        self.out_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
+
+    def __call__(
+        self,
+        x: mx.array,
+        cache: RingKVCache | None,
+        mask: mx.array | str | None,
+        offset: int,
+    ) -> mx.array:
+        b, t, d = x.shape
+        qkv = self.in_proj(x).reshape(b, t, 3, self.num_heads, self.head_dim)
+        qkv = qkv.transpose(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        if self.rope:
+            # Interleaved ("traditional") RoPE, the absolute position as offset.
+            q = mx.fast.rope(q, self.head_dim, traditional=True, base=self.max_period,
+                             scale=1.0, offset=offset)
+            k = mx.fast.rope(k, self.head_dim, traditional=True, base=self.max_period,
+                             scale=1.0, offset=offset)
+        if cache is not None:
+            k, v, mask = cache.update(k, v)
+        y = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        return self.out_proj(y.transpose(0, 2, 1, 3).reshape(b, t, d))
+
+
+class CrossAttention(nn.Module):
+    """MoshiVis' cross-attention onto image tokens: no RoPE, no mask, no bias.
+
+    One instance is shared by all layers of the temporal transformer. Keys and values
+    depend only on the image, so `image_kv` runs once per image and the result is reused
+    at every step.
+    """
+
+    def __init__(self, dims: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dims // num_heads
+        self.scale = 1.0 / math.sqrt(self.head_dim)
+        self.q_proj = nn.Linear(dims, dims, bias=False)
+        self.kv_proj = nn.Linear(dims, 2 * dims, bias=False)
+        self.out_proj = nn.Linear(dims, dims, bias=False)
+
+    def image_kv(self, image: mx.array) -> tuple[mx.array, mx.array]:
+        """[B, N, D] projected image tokens -> keys, values [B, H, N, head_dim]."""
+        b, n, _ = image.shape
+        kv = self.kv_proj(image).reshape(b, n, 2, self.num_heads, self.head_dim)
+        kv = kv.transpose(2, 0, 3, 1, 4)
+        return kv[0], kv[1]
+
+    def __call__(self, x: mx.array, keys: mx.array, values: mx.array) -> mx.array:
+        b, t, d = x.shape
+        q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)
+        y = mx.fast.scaled_dot_product_attention(q, keys, values, scale=self.scale)
+        return self.out_proj(y.transpose(0, 2, 1, 3).reshape(b, t, d))
+
+
+class CrossAttentionGate(nn.Module):
+    """Per-layer conditional gate g = sigmoid(W2 relu(W1 y) - 4) of the cross-attention output y."""
+
+    def __init__(self, dims: int, hidden: int):
+        super().__init__()
+        self.linear_in = nn.Linear(dims, hidden, bias=False)
+        self.linear_out = nn.Linear(hidden, dims, bias=False)
+
+    def __call__(self, y: mx.array) -> mx.array:
+        return mx.sigmoid(self.linear_out(nn.relu(self.linear_in(y))) - 4.0)
+
+
+@dataclass
+class CrossAttentionInput:
+    """What the layers need to attend to an image: the shared module and the image's K/V.
+
+    `gates` collects each layer's mean gate value, for display (the paper's Figure 7).
+    `force_gate` replaces every gate by a constant (0 turns the image off exactly).
+    """
+
+    attention: CrossAttention
+    keys: mx.array
+    values: mx.array
+    force_gate: float | None = None
+    gates: list[mx.array] = field(default_factory=list)
+
+
+class TransformerLayer(nn.Module):
+    """x += attn(norm1 x); [x += g * xa(norm_cross x)]; x += ffn(norm2 x)."""
+
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.norm1 = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
+        self.norm2 = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
+        n = cfg.weights_per_step
+        if n > 0:
+            self.self_attn = [Attention(cfg) for _ in range(n)]
+            self.ffn = [FeedForward(cfg.d_model, cfg.ffn_hidden, cfg.ffn, cfg.bias) for _ in range(n)]
+        else:
+            self.self_attn = Attention(cfg)
+            self.ffn = FeedForward(cfg.d_model, cfg.ffn_hidden, cfg.ffn, cfg.bias)
+        if cfg.layer_scale:
+            self.layer_scale_1 = LayerScale(cfg.d_model)
+            self.layer_scale_2 = LayerScale(cfg.d_model)
+        self.has_layer_scale = cfg.layer_scale
+        if cfg.cross_attention:
+            self.norm_cross = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
+            self.xa_gate = CrossAttentionGate(cfg.d_model, cfg.xa_gate_hidden)
+
+    def __call__(
+        self,
+        x: mx.array,
+        cache: RingKVCache | None,
+        mask: mx.array | str | None,
+        offset: int,
+        step: int = 0,
+        cross: CrossAttentionInput | None = None,
+    ) -> mx.array:
+        per_step = isinstance(self.self_attn, list)
+        attn = self.self_attn[step] if per_step else self.self_attn
+        ffn = self.ffn[step] if per_step else self.ffn
+
+        y = attn(self.norm1(x), cache, mask, offset)
+        x = x + (self.layer_scale_1(y) if self.has_layer_scale else y)
+        if cross is not None:
+            y = cross.attention(self.norm_cross(x), cross.keys, cross.values)
+            if cross.force_gate is None:
+                gate = self.xa_gate(y)
+            else:
+                gate = mx.full(y.shape, cross.force_gate, dtype=y.dtype)
+            cross.gates.append(gate.astype(mx.float32).mean())
+            x = x + gate * y
+        y = ffn(self.norm2(x))
+        return x + (self.layer_scale_2(y) if self.has_layer_scale else y)
+
+
+class Transformer(nn.Module):
+    """A stack of `TransformerLayer`s.
+
+    Called with `caches` (one `RingKVCache` per layer) it streams: positions continue
+    from the caches' offset. Without caches it processes a whole sequence at once.
+    """
+
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.layers = [TransformerLayer(cfg) for _ in range(cfg.num_layers)]
+
+    def make_cache(self, batch: int = 1, chunk: int = 1, dtype: mx.Dtype = mx.float32,
+                   context: int | None = None) -> list[RingKVCache]:
+        context = context or self.cfg.context or self.cfg.weights_per_step
+        if not context:
+            raise ValueError("a streaming cache needs a context (window) size")
+        return [
+            RingKVCache(batch, self.cfg.num_heads, self.cfg.head_dim, context, chunk, dtype)
+            for _ in self.layers
+        ]
+
+    def __call__(
+        self,
+        x: mx.array,
+        caches: list[RingKVCache] | None = None,
+        cross: CrossAttentionInput | None = None,
+    ) -> mx.array:
+        if caches is None:
+            offset = 0
+            mask = window_mask(x.shape[1], self.cfg.causal, self.cfg.context)
+        else:
+            offset = caches[0].offset
+            mask = None  # each cache gives its own
+        # With weights per step, position t uses weight set t (the depth transformer
+        # restarts its caches every frame, so its offset is the sub-step).
+        step = offset if self.cfg.weights_per_step else 0
+        for i, layer in enumerate(self.layers):
+            x = layer(x, None if caches is None else caches[i], mask, offset, step, cross)
+        return x

@@ -1,0 +1,76 @@
+"""Token sampling for the text and audio streams.
+
+Temperature is applied first (as Kyutai does), then mlx-lm's top-k / top-p filters on the
+tempered log-probabilities, then one categorical draw. Each sampler may own a random key,
+so a seeded text stream does not depend on how many audio tokens were drawn.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+from mlx_lm.sample_utils import apply_top_k, apply_top_p
+
+
+class Sampler:
+    """Draws token ids from logits [..., V].
+
+    temperature 0 is greedy: the argmax of the float32 logits. top_k 0 and top_p 0 (or 1)
+    disable those filters. With a seed the draws are reproducible.
+    """
+
+    def __init__(
+        self,
+        temperature: float = 0.8,
+        top_k: int = 0,
+        top_p: float = 0.0,
+        seed: int | None = None,
+    ):
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        if top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {top_k}")
+        if not 0.0 <= top_p <= 1.0:
+            raise ValueError(f"top_p must be in [0, 1], got {top_p}")
+        self.temperature = temperature
+        self.top_k = top_k
+        self.top_p = top_p
+        self.seed = seed
+        self._key = mx.random.key(seed) if seed is not None else None
+
+    def __repr__(self) -> str:
+        return (f"Sampler(temperature={self.temperature}, top_k={self.top_k}, "
+                f"top_p={self.top_p}, seed={self.seed})")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def reset(self) -> None:
+        """Restart the random stream from the seed (a new conversation replays identically)."""
+        if self.seed is not None:
+            self._key = mx.random.key(self.seed)
+
+    def __call__(self, logits: mx.array) -> mx.array:
+        logits = logits.astype(mx.float32)
+        if self.greedy:
+            return mx.argmax(logits, axis=-1)
+        logprobs = logits / self.temperature
+        logprobs = logprobs - mx.logsumexp(logprobs, axis=-1, keepdims=True)
+        if 0 < self.top_k < logprobs.shape[-1]:
+            logprobs = apply_top_k(logprobs, self.top_k)
+        if 0.0 < self.top_p < 1.0:
+            logprobs = apply_top_p(logprobs, self.top_p)
+        key = None
+        if self._key is not None:
+            self._key, key = mx.random.split(self._key)
+        return mx.random.categorical(logprobs, axis=-1, key=key)
+
+
+def kyutai_text_sampler(seed: int | None = None) -> Sampler:
+    """Kyutai's default for text: temperature 0.7, top-k 25."""
+    return Sampler(temperature=0.7, top_k=25, seed=seed)
+
+
+def kyutai_audio_sampler(seed: int | None = None) -> Sampler:
+    """Kyutai's default for audio: temperature 0.8, top-k 250."""
+    return Sampler(temperature=0.8, top_k=250, seed=None if seed is None else seed + 1)

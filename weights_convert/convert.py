@@ -1,0 +1,167 @@
+"""Kyutai checkpoints -> a moshivis-mlx bundle directory.
+
+Tensors are read lazily and converted one at a time (rows of fused tensors split, norm
+gains reshaped, cast, optionally quantized), and the bundle is written into a temporary
+directory that is renamed into place only when complete: an interrupted conversion leaves
+nothing behind, and an existing bundle is only replaced with `force`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from moshivis_mlx.bundle import DTYPES, LM_WEIGHTS, quantizable, write_config
+from moshivis_mlx.generate import DEFAULT_XA_START
+from moshivis_mlx.models.lm import LM, LmConfig
+
+from .lm_layout import Entry, Mapping, check_mapping, detect_lm_layout, infer_lm_config, lm_mapping
+from .safetensors_io import WeightsError, read_header
+
+
+@dataclass
+class Quantization:
+    bits: int = 8
+    group_size: int = 64
+
+    def to_dict(self) -> dict[str, int]:
+        return {"bits": self.bits, "group_size": self.group_size}
+
+
+@dataclass
+class ConvertOptions:
+    out: Path
+    moshi_weights: Path | None = None
+    kyutai_config: Path | None = None
+    dtype: str = "bfloat16"
+    quantization: Quantization | None = field(default_factory=Quantization)
+    force: bool = False
+
+
+def read_kyutai_config(path: Path | None) -> dict[str, Any] | None:
+    if path is None:
+        return None
+    try:
+        cfg = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise WeightsError(f"{path}: no such config file") from None
+    except json.JSONDecodeError as e:
+        raise WeightsError(f"{path}: invalid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise WeightsError(f"{path}: expected a JSON object")
+    # Kyutai's repos nest the model kwargs under lm_kwargs in some versions.
+    return {**cfg, **cfg.get("lm_kwargs", {})}
+
+
+def generation_defaults(kyutai_config: dict[str, Any] | None) -> dict[str, Any]:
+    """Kyutai's sampling defaults; xa_start from the config when it gives a step number."""
+    xa_start = (kyutai_config or {}).get("xa_start")
+    return {
+        "text_temperature": 0.7,
+        "text_top_k": 25,
+        "audio_temperature": 0.8,
+        "audio_top_k": 250,
+        "xa_start": xa_start if isinstance(xa_start, int) else DEFAULT_XA_START,
+    }
+
+
+def quantized_paths(model: nn.Module, group_size: int) -> set[str]:
+    """Module paths (e.g. 'transformer.layers.0.ffn.linear_in') that get quantized."""
+    return {path for path, m in model.named_modules() if quantizable(m, group_size)}
+
+
+def convert_tensor(entry: Entry, source: mx.array, dtype: mx.Dtype) -> mx.array:
+    a = source
+    if entry.rows is not None:
+        a = a[entry.rows[0]: entry.rows[1]]
+    return a.reshape(entry.shape).astype(dtype)
+
+
+def converted_lm(mapping: Mapping, sources: dict[str, mx.array], cfg: LmConfig,
+                 dtype: mx.Dtype, quant: Quantization | None) -> Iterator[tuple[str, mx.array]]:
+    """Destination tensors one by one, lazily (nothing is read until evaluated)."""
+    qpaths = quantized_paths(LM(cfg), quant.group_size) if quant else set()
+    for e in mapping.entries:
+        a = convert_tensor(e, sources[e.src], dtype)
+        module = e.dst.rsplit(".", 1)[0]
+        if e.dst.endswith(".weight") and module in qpaths:
+            w, scales, biases = mx.quantize(a, group_size=quant.group_size, bits=quant.bits)
+            yield e.dst, w
+            yield f"{module}.scales", scales
+            yield f"{module}.biases", biases
+        else:
+            yield e.dst, a
+
+
+def expected_lm_tensors(cfg: LmConfig, quant: Quantization | None) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of a bundle's LM tensors, from the model skeleton (nothing allocated)."""
+    model = LM(cfg)
+    if quant:
+        from moshivis_mlx.bundle import quantize_model
+        quantize_model(model, quant.bits, quant.group_size)
+    return {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
+
+
+@contextmanager
+def staging_dir(out: Path, force: bool) -> Iterator[Path]:
+    """A temporary directory next to `out`, renamed to `out` on success, removed otherwise."""
+    out = Path(out)
+    if out.exists() and not force:
+        raise WeightsError(f"{out} already exists (use --force to replace it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            old = out.with_name(f".{out.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def plan_lm(weights: Path, kyutai_config: dict[str, Any] | None) -> tuple[LmConfig, Mapping, str]:
+    shapes = {k: v.shape for k, v in read_header(weights).items()}
+    layout = detect_lm_layout(shapes)
+    cfg = infer_lm_config(shapes, layout, kyutai_config)
+    mapping = lm_mapping(shapes, layout, cfg)
+    check_mapping(mapping, shapes, str(weights))
+    return cfg, mapping, layout
+
+
+def convert(opts: ConvertOptions) -> Path:
+    """Writes the bundle; returns its path."""
+    if opts.moshi_weights is None:
+        raise WeightsError("nothing to convert: give --moshi-weights")
+    if opts.dtype not in DTYPES:
+        raise WeightsError(f"unknown dtype {opts.dtype!r} (choose from {', '.join(DTYPES)})")
+    kc = read_kyutai_config(opts.kyutai_config)
+    cfg, mapping, layout = plan_lm(Path(opts.moshi_weights), kc)
+    dtype = DTYPES[opts.dtype]
+    sources = mx.load(str(opts.moshi_weights))
+    with staging_dir(opts.out, opts.force) as tmp:
+        tensors = dict(converted_lm(mapping, sources, cfg, dtype, opts.quantization))
+        mx.save_safetensors(str(tmp / LM_WEIGHTS), tensors)
+        write_config(tmp, {
+            "model_type": "moshivis" if cfg.cross_attention else "moshi",
+            "lm": cfg.to_dict(),
+            "dtype": opts.dtype,
+            "quantization": opts.quantization.to_dict() if opts.quantization else None,
+            "generation": generation_defaults(kc),
+            "source": {"layout": layout, "lm_weights": Path(opts.moshi_weights).name},
+        })
+    return Path(opts.out)
