@@ -19,6 +19,8 @@ from typing import Any, Callable
 import mlx.core as mx
 import mlx.nn as nn
 
+from mlx.utils import tree_flatten
+
 from .models.lm import LM, LmConfig
 
 FORMAT_VERSION = 1
@@ -117,6 +119,22 @@ def load_lm(bundle: str | Path) -> LM:
     load_weights_into(lm, weight_files(bundle, "model"), cfg.get("quantization"),
                       f"{bundle}/{LM_WEIGHTS}")
     return lm
+
+
+def save_lm(lm: LM, bundle: str | Path, quantization: dict | None = None,
+            extra_config: dict[str, Any] | None = None) -> None:
+    """Writes an in-memory LM as a bundle (tests, the demo model). Its config is merged
+    into an existing config.json, so other parts of the bundle are kept."""
+    bundle = Path(bundle)
+    bundle.mkdir(parents=True, exist_ok=True)
+    mx.save_safetensors(str(bundle / LM_WEIGHTS), dict(tree_flatten(lm.parameters())))
+    cfg = read_config(bundle) if (bundle / CONFIG_NAME).exists() else {}
+    cfg.pop("format_version", None)
+    dtype = next(k for k, v in DTYPES.items() if v == lm.dtype)
+    cfg.update({"model_type": "moshivis" if lm.cfg.cross_attention else "moshi",
+                "lm": lm.cfg.to_dict(), "dtype": dtype, "quantization": quantization})
+    cfg.update(extra_config or {})
+    write_config(bundle, cfg)
 
 
 def generation_defaults(bundle: str | Path) -> dict[str, Any]:

@@ -76,6 +76,7 @@ class Generator:
         self.image_kv: tuple[mx.array, mx.array] | None = None
         self.last_text_logits: mx.array | None = None
         self.last_audio_logits: mx.array | None = None
+        self.last_tokens: list[int] = []
         self.reset()
 
     # -- state ---------------------------------------------------------------------------
@@ -133,7 +134,7 @@ class Generator:
             raise ValueError(f"user codes must be integers, got {codes.dtype}")
         card = self.lm.cfg.card
         if codes.min() < -1 or codes.max() >= card:
-            raise ValueError(f"user codes must be in [0, {card}) (or -1 for silence-free zero)")
+            raise ValueError(f"user codes must be in [0, {card}) (or -1 for a zero embedding)")
         return codes.astype(np.int32)
 
     def _input_tokens(self) -> mx.array:
@@ -155,8 +156,17 @@ class Generator:
         tokens = mx.concatenate([model, mx.array(user)])
         return tokens.reshape(1, -1, 1)
 
-    def step(self, user_codes: Sequence[int] | np.ndarray | mx.array) -> StepOutput | None:
-        """Feed the user's codes of one frame; returns the model's frame (None at step 0)."""
+    def step(
+        self,
+        user_codes: Sequence[int] | np.ndarray | mx.array,
+        force_text: int | None = None,
+        force_audio: Sequence[int] | None = None,
+    ) -> StepOutput | None:
+        """Feed the user's codes of one frame; returns the model's frame (None at step 0).
+
+        `force_text` / `force_audio` replace the sampled tokens of this step (teacher
+        forcing, e.g. to score a given transcript); the logits are computed as usual.
+        """
         self._user.append(self._check_codes(user_codes))
         lm = self.lm
         cross = None
@@ -165,8 +175,15 @@ class Generator:
 
         h, text_logits = lm.forward_text(self._input_tokens(), self.caches, cross)
         text_logits = text_logits[:, 0]
-        text_token = self.text_sampler(text_logits)
-        audio, audio_logits = lm.depformer(h, text_token, self.audio_sampler, self.depformer_caches)
+        if force_text is None:
+            text_token = self.text_sampler(text_logits)
+        else:
+            text_token = mx.array([force_text], dtype=mx.int32)
+        sample_audio = self.audio_sampler
+        if force_audio is not None:
+            forced = iter(mx.array(np.asarray(force_audio, dtype=np.int32).reshape(-1, 1)))
+            sample_audio = lambda logits: next(forced)  # noqa: E731
+        audio, audio_logits = lm.depformer(h, text_token, sample_audio, self.depformer_caches)
         generated = mx.concatenate([text_token[:, None], audio], axis=1)[0].astype(mx.int32)
 
         outputs = [generated]
@@ -180,7 +197,9 @@ class Generator:
         mx.eval(*outputs)
 
         self._prev_generated = generated
-        self._generated.append(generated.tolist())
+        self.last_tokens = generated.tolist()
+        """Text token and codes generated at this step, before the delays are undone."""
+        self._generated.append(self.last_tokens)
         self._gates.append(None if gate is None else gate.item())
         self._step += 1
         return self._output()

@@ -333,15 +333,19 @@ class TransformerLayer(nn.Module):
         y = attn(self.norm1(x), cache, mask, offset)
         x = x + (self.layer_scale_1(y) if self.has_layer_scale else y)
         if cross is not None:
-            y = cross.attention(self.norm_cross(x), cross.keys, cross.values)
-            if cross.force_gate is None:
-                gate = self.xa_gate(y)
-            else:
-                gate = mx.full(y.shape, cross.force_gate, dtype=y.dtype)
-            cross.gates.append(gate.astype(mx.float32).mean())
-            x = x + gate * y
+            x = self.cross_attention_block(x, cross)
         y = ffn(self.norm2(x))
         return x + (self.layer_scale_2(y) if self.has_layer_scale else y)
+
+    def cross_attention_block(self, x: mx.array, cross: CrossAttentionInput) -> mx.array:
+        """x + g * y with y = xa(norm_cross x) and g this layer's gate of y."""
+        y = cross.attention(self.norm_cross(x), cross.keys, cross.values)
+        if cross.force_gate is None:
+            gate = self.xa_gate(y)
+        else:
+            gate = mx.full(y.shape, cross.force_gate, dtype=y.dtype)
+        cross.gates.append(gate.astype(mx.float32).mean())
+        return x + gate * y
 
 
 class Transformer(nn.Module):

@@ -1,0 +1,139 @@
+"""The public generation API: Generator semantics, input checks and samplers."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from moshivis_mlx import LM, Generator, Sampler, StepOutput
+from moshivis_mlx.models.lm import tiny
+
+
+@pytest.fixture(scope="module")
+def lm():
+    mx.random.seed(7)
+    model = LM(tiny(cross_attention=True))
+    mx.eval(model.parameters())
+    return model
+
+
+def test_step_outputs(lm):
+    gen = Generator(lm, Sampler(temperature=0.0), Sampler(temperature=0.0))
+    assert gen.step([1] * 8) is None
+    out = gen.step(np.arange(8))
+    assert isinstance(out, StepOutput)
+    assert isinstance(out.text_token, int) and 0 <= out.text_token < lm.cfg.text_card
+    assert len(out.audio_codes) == 8 and all(isinstance(c, int) for c in out.audio_codes)
+    assert all(0 <= c < lm.cfg.card for c in out.audio_codes)
+    assert out.gate is None
+    assert gen.step_index == 2
+
+
+def test_model_frame_is_undelayed(lm):
+    """Output of step s = text and codebook 0 generated at s-1, codebooks 1..7 at s."""
+    gen = Generator(lm, Sampler(temperature=0.0), Sampler(temperature=0.0))
+    raw = []
+    for t in range(6):
+        out = gen.step([t] * 8)
+        raw.append(gen.last_tokens)
+        if t:
+            assert out.text_token == raw[t - 1][0]
+            assert out.audio_codes[0] == raw[t - 1][1]
+            assert out.audio_codes[1:] == raw[t][2:]
+
+
+def test_default_samplers_are_kyutais(lm):
+    gen = Generator(lm)
+    assert (gen.text_sampler.temperature, gen.text_sampler.top_k) == (0.7, 25)
+    assert (gen.audio_sampler.temperature, gen.audio_sampler.top_k) == (0.8, 250)
+
+
+def test_reset_replays_a_seeded_conversation(lm):
+    gen = Generator(lm, Sampler(temperature=1.0, seed=3), Sampler(temperature=1.0, seed=4))
+    codes = np.random.default_rng(0).integers(0, lm.cfg.card, size=(10, 8))
+    first = [gen.step(c) for c in codes]
+    gen.reset()
+    second = [gen.step(c) for c in codes]
+    assert first == second
+    assert len({o.text_token for o in first[1:]}) > 1  # sampling really happened
+
+
+@pytest.mark.parametrize("codes,match", [
+    ([1] * 7, "expected 8 user codes"),
+    ([1] * 7 + [64], r"in \[0, 64\)"),
+    ([1] * 7 + [-2], r"in \[0, 64\)"),
+    ([0.5] * 8, "integers"),
+])
+def test_bad_user_codes(lm, codes, match):
+    gen = Generator(lm)
+    with pytest.raises(ValueError, match=match):
+        gen.step(codes)
+
+
+def test_bad_images(lm):
+    gen = Generator(lm)
+    with pytest.raises(ValueError, match="width"):
+        gen.set_image(mx.zeros((4, lm.cfg.image_dim + 1)))
+    with pytest.raises(ValueError, match=r"\[N, D\]"):
+        gen.set_image(mx.zeros((2, 4, lm.cfg.image_dim)))
+    plain = LM(tiny(cross_attention=False))
+    with pytest.raises(ValueError, match="plain Moshi"):
+        Generator(plain).set_image(mx.zeros((4, 48)))
+
+
+def test_image_accepts_batched_and_numpy(lm):
+    gen = Generator(lm, xa_start=0)
+    tokens = np.random.default_rng(0).standard_normal((1, 5, lm.cfg.image_dim)).astype(np.float32)
+    gen.set_image(tokens)
+    gen.step([0] * 8)
+    assert gen.step([0] * 8).gate is not None
+    gen.set_image(None)
+    gen.step([0] * 8)
+    assert gen.step([0] * 8).gate is None
+
+
+# -- samplers -------------------------------------------------------------------------------
+
+LOGITS = mx.array([[0.0, 3.0, 1.0, 2.5, -1.0, 2.9]])
+
+
+def test_greedy_is_argmax():
+    assert Sampler(temperature=0.0)(LOGITS).tolist() == [1]
+
+
+def test_top_k_restricts_the_support():
+    s = Sampler(temperature=5.0, top_k=3, seed=0)
+    drawn = {s(LOGITS).item() for _ in range(300)}
+    assert drawn == {1, 3, 5}
+
+
+def test_top_p_restricts_the_support():
+    s = Sampler(temperature=1.0, top_p=0.05, seed=0)
+    assert {s(LOGITS).item() for _ in range(100)} == {1}
+    wide = Sampler(temperature=1.0, top_p=0.9, seed=0)
+    assert len({wide(LOGITS).item() for _ in range(300)}) >= 3
+
+
+def test_temperature_follows_the_distribution():
+    s = Sampler(temperature=1.0, seed=0)
+    draws = np.array([s(LOGITS).item() for _ in range(4000)])
+    p = np.exp(np.array(LOGITS[0]))
+    p /= p.sum()
+    freq = np.bincount(draws, minlength=6) / len(draws)
+    np.testing.assert_allclose(freq, p, atol=0.03)
+
+
+def test_seeds_are_reproducible_and_independent():
+    a, b = Sampler(temperature=1.0, seed=11), Sampler(temperature=1.0, seed=11)
+    seq_a = [a(LOGITS).item() for _ in range(20)]
+    mx.random.seed(123)  # the global stream does not matter to a seeded sampler
+    assert seq_a == [b(LOGITS).item() for _ in range(20)]
+    a.reset()
+    assert seq_a == [a(LOGITS).item() for _ in range(20)]
+
+
+@pytest.mark.parametrize("kwargs", [{"temperature": -1}, {"top_k": -1}, {"top_p": 1.5}])
+def test_bad_sampler_args(kwargs):
+    with pytest.raises(ValueError):
+        Sampler(**kwargs)
