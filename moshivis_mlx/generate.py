@@ -94,6 +94,8 @@ class Generator:
         for c in self.caches:
             c.reset()
         self._step = 0
+        self._epoch = getattr(self, "_epoch", 0) + 1
+        self._pending: deque[PendingStep] = deque()
         keep = self.max_delay + 1
         self._prev_generated: mx.array | None = None
         self._generated: deque[list[int]] = deque(maxlen=keep)
@@ -170,6 +172,20 @@ class Generator:
         `force_text` / `force_audio` replace the sampled tokens of this step (teacher
         forcing, e.g. to score a given transcript); the logits are computed as usual.
         """
+        return self.step_async(user_codes, force_text, force_audio).result()
+
+    def step_async(
+        self,
+        user_codes: Sequence[int] | np.ndarray | mx.array,
+        force_text: int | None = None,
+        force_audio: Sequence[int] | None = None,
+    ) -> "PendingStep":
+        """Submits a step and returns at once; `.result()` waits for its output.
+
+        The step's graph only depends on the previous step's tokens as arrays, so a
+        caller holding the next frame's codes can submit it before collecting this one:
+        building step n+1 on the host overlaps with computing step n on the device.
+        """
         self._user.append(self._check_codes(user_codes))
         cross = self.image_kv is not None and self._step >= self.xa_start
         forced = force_text is not None or force_audio is not None
@@ -187,20 +203,29 @@ class Generator:
             self.image_kv if cross else None,
             forced_tokens,
         )
-        mx.eval(outputs)  # the one evaluation of the step
-        generated, gate = outputs[0], outputs[1]
-        if self.keep_logits:
-            self.last_text_logits, self.last_audio_logits = outputs[2], outputs[3]
+        mx.async_eval(outputs)  # the one evaluation of the step
         for c in self.caches:
             c.offset += 1
-
-        self._prev_generated = generated
-        self.last_tokens = generated.tolist()
-        """Text token and codes generated at this step, before the delays are undone."""
-        self._generated.append(self.last_tokens)
-        self._gates.append(gate.item() if cross else None)
+        self._prev_generated = outputs[0]
+        pending = PendingStep(self, self._step, outputs, cross, self._epoch)
+        self._pending.append(pending)
         self._step += 1
-        return self._output()
+        return pending
+
+    def _collect(self, upto: PendingStep) -> None:
+        """Materialises submitted steps in order, up to and including `upto`."""
+        while self._pending and upto.output is _NOT_READY:
+            p = self._pending.popleft()
+            mx.eval(p.outputs)
+            tokens = p.outputs[0].tolist()
+            self.last_tokens = tokens
+            """Text token and codes generated at the last collected step, delays not undone."""
+            if self.keep_logits:
+                self.last_text_logits, self.last_audio_logits = p.outputs[2], p.outputs[3]
+            self._generated.append(tokens)
+            self._gates.append(p.outputs[1].item() if p.cross else None)
+            p.output = self._output(p.index)
+            p.outputs = []
 
     def _step_fn(self, cross: bool, forced: bool) -> Callable[..., list[mx.array]]:
         """The step function of this variant, compiled once and kept.
@@ -249,8 +274,8 @@ class Generator:
 
         return step
 
-    def _output(self) -> StepOutput | None:
-        s = self._step - 1
+    def _output(self, s: int) -> StepOutput | None:
+        """The model frame of step s, from the generated history (s is the newest entry)."""
         if s < self.max_delay:
             return None
         # Token of model row r generated at step s - max_delay + d[r].
@@ -258,3 +283,29 @@ class Generator:
                 for r in range(self.num_model_rows)]
         gate = self._gates[-1 - self.max_delay + self.delays[0]]
         return StepOutput(text_token=rows[0], audio_codes=rows[1:], gate=gate)
+
+
+_NOT_READY = object()
+
+
+class PendingStep:
+    """A submitted step of a `Generator`; `result()` waits for its output.
+
+    Steps are collected in the order they were submitted, whichever handle asks first.
+    """
+
+    def __init__(self, gen: Generator, index: int, outputs: list[mx.array], cross: bool,
+                 epoch: int):
+        self._gen = gen
+        self.index = index
+        self.outputs = outputs
+        self.cross = cross
+        self.epoch = epoch
+        self.output: object = _NOT_READY
+
+    def result(self) -> StepOutput | None:
+        if self.output is _NOT_READY:
+            if self.epoch != self._gen._epoch:
+                raise RuntimeError("this step was submitted before the generator was reset")
+            self._gen._collect(self)
+        return self.output  # type: ignore[return-value]
