@@ -269,6 +269,23 @@ class Mimi(nn.Module):
 
     # -- the two halves, on [1, N, 1] audio and [1, K, T] codes --------------------------
 
+    def encode_latent(
+        self,
+        x: mx.array,
+        seanet_state: list | None = None,
+        caches: list[RingKVCache] | None = None,
+        downsample_state: ConvState | None = None,
+    ) -> mx.array:
+        """[B, N, 1] float32, N a whole number of frames -> the unquantized 12.5 Hz latent
+        [B, N / frame_size, dimension].
+
+        Without states this is a whole clip starting from silence; with them, the next
+        chunk of a stream.
+        """
+        h = self.encoder(x, seanet_state)
+        h = self.encoder_transformer(h, caches)
+        return self.downsample(h, downsample_state)
+
     def encode_audio(
         self,
         x: mx.array,
@@ -277,14 +294,8 @@ class Mimi(nn.Module):
         caches: list[RingKVCache] | None = None,
         downsample_state: ConvState | None = None,
     ) -> mx.array:
-        """[B, N, 1] float32, N a whole number of frames -> codes [B, K, N / frame_size].
-
-        Without states this is a whole clip starting from silence; with them, the next
-        chunk of a stream.
-        """
-        h = self.encoder(x, seanet_state)
-        h = self.encoder_transformer(h, caches)
-        h = self.downsample(h, downsample_state)
+        """As `encode_latent`, then quantized: codes [B, K, N / frame_size] int32."""
+        h = self.encode_latent(x, seanet_state, caches, downsample_state)
         return self.quantizer.encode(h, num_codebooks)
 
     def decode_codes(
