@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 from mlx.utils import tree_flatten
-from reference import released_state_dict
+from reference import build_moshi_lm, released_state_dict, save_released, tiny_lm_kwargs
 from safetensors.torch import save_file
 
 from cli.convert import main as convert_main
@@ -245,6 +245,23 @@ def test_wrong_config_is_refused(reference, work, capsys):
     assert "missing tensors" in err or "do not match" in err
     assert convert_main(["--out", str(out)]) == 1
     assert "nothing to convert" in capsys.readouterr().err
+
+
+def test_lm_and_mimi_in_one_bundle(reference, work):
+    lm_weights = save_released(build_moshi_lm(tiny_lm_kwargs()), work / "lm.safetensors")
+    lm_config = work / "lm_config.json"
+    lm_config.write_text(json.dumps(tiny_lm_kwargs()))
+    out = work / "lm_and_mimi"
+    assert convert_main(["--moshi-weights", str(lm_weights), "--config", str(lm_config),
+                         "--mimi-weights", str(reference[1]), "--mimi-config",
+                         str(reference[2]), "--out", str(out)]) == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["source"] == {"layout": "moshi-pytorch", "lm_weights": "lm.safetensors",
+                             "mimi_weights": "mimi.safetensors"}
+    assert cfg["quantization"] is not None  # the LM is quantized, Mimi never
+    assert {a.dtype for a in mx.load(str(out / "mimi.safetensors")).values()} == {mx.float32}
+    load_lm(out)
+    assert load_mimi(out, num_codebooks=4).num_codebooks == 4
 
 
 def test_released_config_maps_onto_the_released_checkpoint():
