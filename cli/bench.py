@@ -32,6 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated: moshi (no image), moshivis (with an image)")
     p.add_argument("--pipelined", action="store_true",
                    help="submit each step before collecting the previous one (throughput)")
+    p.add_argument("--codec-frames", type=int, default=50,
+                   help="frames of streaming Mimi encode+decode to time (0: skip)")
     p.add_argument("--json", type=Path, metavar="F", help="write the report as JSON")
     p.add_argument("--plot", type=Path, metavar="F.png", help="write the latency plot")
     p.add_argument("--seed", type=int, default=0)
@@ -54,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
         opts = bench.BenchOptions(
             config=args.config, quant=args.quant, steps=args.steps, warmup=args.warmup,
             scenarios=tuple(s.strip() for s in args.scenarios.split(",") if s.strip()),
-            weights=args.weights, pipelined=args.pipelined, seed=args.seed)
+            weights=args.weights, pipelined=args.pipelined, seed=args.seed,
+            codec_frames=args.codec_frames)
         report = _run_with_progress(bench, opts)
     except (ValueError, OSError) as e:
         if args.debug:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import platform
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -25,6 +25,7 @@ import numpy as np
 from .bundle import load_lm, quantize_model
 from .generate import DEFAULT_XA_START, Generator
 from .models.lm import LM, PRESETS, LmConfig
+from .models.mimi import Mimi, MimiConfig
 from .sampling import kyutai_audio_sampler, kyutai_text_sampler
 
 BUDGET_MS = 80.0
@@ -43,8 +44,8 @@ class BenchOptions:
     weights: Path | None = None
     pipelined: bool = False
     seed: int = 0
-    extras: list[Callable[[dict[str, Any]], None]] = field(default_factory=list)
-    """Further measurements (image encoder, codec) that add their figures to the report."""
+    codec_frames: int = 50
+    """Frames of streaming Mimi encode + decode to time (0: skip)."""
 
 
 def percentiles(ms: list[float]) -> dict[str, float]:
@@ -160,9 +161,33 @@ def run(opts: BenchOptions, progress: Callable[[str, int], Callable[[], None]] |
             "first_step_ms": first, **percentiles(ms),
             "peak_memory_gb": mx.get_peak_memory() / 1e9, "steps_ms": ms,
         }
-    for extra in opts.extras:
-        extra(report)
+    if opts.codec_frames > 0:
+        report.update(time_codec(opts.config == "tiny", opts.codec_frames, opts.seed))
     return report
+
+
+def time_codec(tiny: bool, frames: int, seed: int, warmup: int = 5) -> dict[str, float]:
+    """Streaming Mimi per 80 ms frame (random weights, float32 as Mimi always runs)."""
+    mx.random.seed(seed)
+    mimi = Mimi(MimiConfig.tiny() if tiny else MimiConfig.released())
+    for cb in mimi.quantizer.rvq_first.codebooks + mimi.quantizer.rvq_rest.codebooks:
+        cb.embedding = mx.random.normal(cb.embedding.shape)
+    mx.eval(mimi.parameters())
+    enc, dec = mimi.streaming_encoder(), mimi.streaming_decoder()
+    audio = 0.1 * np.random.default_rng(seed).standard_normal((warmup + frames, mimi.frame_size))
+    audio = [mx.array(a.astype(np.float32)) for a in audio]
+    for a in audio[:warmup]:
+        dec.step(enc.step(a))
+    t_enc = t_dec = 0.0
+    for a in audio[warmup:]:
+        t0 = time.perf_counter()
+        codes = enc.step(a)  # evaluates the codes and the stream state
+        t1 = time.perf_counter()
+        dec.step(codes)
+        t_dec += time.perf_counter() - t1
+        t_enc += t1 - t0
+    return {"mimi_encode_ms": 1e3 * t_enc / frames, "mimi_decode_ms": 1e3 * t_dec / frames,
+            "mimi_frame_ms": 1e3 * (t_enc + t_dec) / frames}
 
 
 def summary(report: dict[str, Any]) -> str:
@@ -178,6 +203,8 @@ def summary(report: dict[str, Any]) -> str:
         lines.append(f"  image adds {sc['moshivis']['p50'] - sc['moshi']['p50']:+.2f} ms at p50")
     for key, label in (("image_kv_ms", "image K/V (once per image)"),
                        ("image_encode_ms", "image encode (SigLIP)"),
+                       ("mimi_encode_ms", "Mimi streaming encode per frame"),
+                       ("mimi_decode_ms", "Mimi streaming decode per frame"),
                        ("mimi_frame_ms", "Mimi encode+decode per frame")):
         if key in report:
             lines.append(f"  {label}: {report[key]:.2f} ms")
