@@ -25,6 +25,11 @@ install: $(STAMP)
 test: $(TEST_STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
+# The quick benchmark configuration (tiny random model); full size: see the README.
+bench: $(STAMP)
+	mkdir -p out
+	$(VENV)/bin/moshivis-bench --config tiny --steps 500 --json out/bench-tiny.json --plot out/bench-tiny.png
+
 lint: $(TEST_STAMP)
 	$(PIP) install -q ruff
 	$(VENV)/bin/ruff check moshivis_mlx weights_convert cli tests

@@ -12,6 +12,8 @@ from weights_convert.safetensors_io import WeightsError
 EPILOG = """examples:
   moshivis-convert --moshi-weights model.safetensors --out moshivis-q8
   moshivis-convert --moshi-weights model.safetensors --config config.json --dtype float32 --out f32
+  moshivis-convert --moshi-weights model.safetensors --mimi-weights mimi.safetensors --out q8
+  moshivis-convert --mimi-weights mimi.safetensors --mimi-config mimi.json --out codec-only
 """
 
 
@@ -19,7 +21,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="moshivis-convert",
         description="Convert Kyutai's Moshi / MoshiVis checkpoints (safetensors) into a "
-                    "moshivis-mlx bundle directory, 8-bit quantized by default.",
+                    "moshivis-mlx bundle directory, 8-bit quantized by default. Give at "
+                    "least one of --moshi-weights and --mimi-weights.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -27,6 +30,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="language-model weights (Moshi or MoshiVis PyTorch layout)")
     p.add_argument("--config", type=Path, metavar="C.json",
                    help="Kyutai's config.json for the weights (default: the released 7B settings)")
+    p.add_argument("--mimi-weights", type=Path, metavar="F.safetensors",
+                   help="Mimi codec weights (Kyutai's PyTorch layout); always stored float32")
+    p.add_argument("--mimi-config", type=Path, metavar="C.json",
+                   help="Kyutai's Mimi config for --mimi-weights (default: the released Mimi)")
     p.add_argument("--out", type=Path, required=True, metavar="DIR", help="bundle directory to write")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
                    help="dtype of the float tensors (default: bfloat16)")
@@ -49,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
         out=args.out,
         moshi_weights=args.moshi_weights,
         kyutai_config=args.config,
+        mimi_weights=args.mimi_weights,
+        mimi_config=args.mimi_config,
         dtype=args.dtype,
         quantization=Quantization(args.q_bits, args.q_group_size) if args.quantize else None,
         force=args.force,

@@ -18,15 +18,16 @@ from typing import Any, Callable
 
 import mlx.core as mx
 import mlx.nn as nn
-
 from mlx.utils import tree_flatten
 
 from .models.lm import LM, LmConfig
+from .models.mimi import Mimi, MimiConfig
 
 FORMAT_VERSION = 1
 CONFIG_NAME = "config.json"
 LM_WEIGHTS = "model.safetensors"
 LM_INDEX = "model.safetensors.index.json"
+MIMI_WEIGHTS = "mimi.safetensors"
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 
@@ -135,6 +136,22 @@ def save_lm(lm: LM, bundle: str | Path, quantization: dict | None = None,
                 "lm": lm.cfg.to_dict(), "dtype": dtype, "quantization": quantization})
     cfg.update(extra_config or {})
     write_config(bundle, cfg)
+
+
+def load_mimi(bundle: str | Path, num_codebooks: int = 8) -> Mimi:
+    """The bundle's Mimi codec (always float32); `encode` gives `num_codebooks` codes a frame."""
+    bundle = Path(bundle)
+    cfg = read_config(bundle)
+    if "mimi" not in cfg:
+        raise BundleError(f"{bundle}: the bundle holds no Mimi codec "
+                          f"(convert one with moshivis-convert --mimi-weights)")
+    try:
+        mimi_cfg = MimiConfig.from_dict(cfg["mimi"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise BundleError(f"{bundle}/{CONFIG_NAME}: invalid mimi section ({e})") from None
+    mimi = Mimi(mimi_cfg, num_codebooks=num_codebooks)
+    load_weights_into(mimi, weight_files(bundle, "mimi"), None, f"{bundle}/{MIMI_WEIGHTS}")
+    return mimi
 
 
 def generation_defaults(bundle: str | Path) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import mlx.core as mx
 import numpy as np
@@ -53,6 +53,7 @@ class Generator:
         audio_sampler: Sampler | None = None,
         xa_start: int = DEFAULT_XA_START,
         keep_logits: bool = False,
+        compiled: bool = True,
     ):
         self.lm = lm
         cfg = lm.cfg
@@ -60,6 +61,8 @@ class Generator:
         self.audio_sampler = audio_sampler or kyutai_audio_sampler()
         self.xa_start = xa_start
         self.keep_logits = keep_logits
+        self.compiled = compiled
+        """Compile the step (fixed shapes: one trace serves the whole conversation)."""
         self.gate_override: float | None = None
         """Replace every cross-attention gate by this constant (research: 0.0 removes the image)."""
 
@@ -72,7 +75,7 @@ class Generator:
         self._initial_model = mx.array(self._initial[: self.num_model_rows])
 
         self.caches = lm.make_cache()
-        self.depformer_caches = lm.depformer.make_cache(lm.dtype)
+        self._step_fns: dict[tuple, Callable[..., list[mx.array]]] = {}
         self.image_kv: tuple[mx.array, mx.array] | None = None
         self.last_text_logits: mx.array | None = None
         self.last_audio_logits: mx.array | None = None
@@ -91,6 +94,8 @@ class Generator:
         for c in self.caches:
             c.reset()
         self._step = 0
+        self._epoch = getattr(self, "_epoch", 0) + 1
+        self._pending: deque[PendingStep] = deque()
         keep = self.max_delay + 1
         self._prev_generated: mx.array | None = None
         self._generated: deque[list[int]] = deque(maxlen=keep)
@@ -167,45 +172,110 @@ class Generator:
         `force_text` / `force_audio` replace the sampled tokens of this step (teacher
         forcing, e.g. to score a given transcript); the logits are computed as usual.
         """
+        return self.step_async(user_codes, force_text, force_audio).result()
+
+    def step_async(
+        self,
+        user_codes: Sequence[int] | np.ndarray | mx.array,
+        force_text: int | None = None,
+        force_audio: Sequence[int] | None = None,
+    ) -> "PendingStep":
+        """Submits a step and returns at once; `.result()` waits for its output.
+
+        The step's graph only depends on the previous step's tokens as arrays, so a
+        caller holding the next frame's codes can submit it before collecting this one:
+        building step n+1 on the host overlaps with computing step n on the device.
+        """
         self._user.append(self._check_codes(user_codes))
-        lm = self.lm
-        cross = None
-        if self.image_kv is not None and self._step >= self.xa_start:
-            cross = CrossAttentionInput(lm.xa, *self.image_kv, force_gate=self.gate_override)
+        cross = self.image_kv is not None and self._step >= self.xa_start
+        forced = force_text is not None or force_audio is not None
+        forced_tokens = None
+        if forced:
+            if force_text is None or force_audio is None or len(force_audio) != self.lm.cfg.dep_q:
+                raise ValueError(f"teacher forcing needs the text token and {self.lm.cfg.dep_q} codes")
+            forced_tokens = mx.array([force_text, *force_audio], dtype=mx.int32)
 
-        h, text_logits = lm.forward_text(self._input_tokens(), self.caches, cross)
-        text_logits = text_logits[:, 0]
-        if force_text is None:
-            text_token = self.text_sampler(text_logits)
-        else:
-            text_token = mx.array([force_text], dtype=mx.int32)
-        sample_audio = self.audio_sampler
-        if force_audio is not None:
-            forced = iter(mx.array(np.asarray(force_audio, dtype=np.int32).reshape(-1, 1)))
-            sample_audio = lambda logits: next(forced)  # noqa: E731
-        audio, audio_logits = lm.depformer(h, text_token, sample_audio, self.depformer_caches)
-        generated = mx.concatenate([text_token[:, None], audio], axis=1)[0].astype(mx.int32)
-
-        outputs = [generated]
-        gate = mx.mean(mx.stack(cross.gates)) if cross is not None else None
-        if gate is not None:
-            outputs.append(gate)
-        if self.keep_logits:
-            self.last_text_logits = text_logits[0]
-            self.last_audio_logits = mx.stack(audio_logits, axis=1)[0]
-            outputs += [self.last_text_logits, self.last_audio_logits]
-        mx.eval(*outputs)
-
-        self._prev_generated = generated
-        self.last_tokens = generated.tolist()
-        """Text token and codes generated at this step, before the delays are undone."""
-        self._generated.append(self.last_tokens)
-        self._gates.append(None if gate is None else gate.item())
+        outputs = self._step_fn(cross, forced)(
+            self._input_tokens(),
+            mx.array(self._step, dtype=mx.int32),
+            self.text_sampler.next_key(),
+            self.audio_sampler.next_key(),
+            self.image_kv if cross else None,
+            forced_tokens,
+        )
+        mx.async_eval(outputs)  # the one evaluation of the step
+        for c in self.caches:
+            c.offset += 1
+        self._prev_generated = outputs[0]
+        pending = PendingStep(self, self._step, outputs, cross, self._epoch)
+        self._pending.append(pending)
         self._step += 1
-        return self._output()
+        return pending
 
-    def _output(self) -> StepOutput | None:
-        s = self._step - 1
+    def _collect(self, upto: PendingStep) -> None:
+        """Materialises submitted steps in order, up to and including `upto`."""
+        while self._pending and upto.output is _NOT_READY:
+            p = self._pending.popleft()
+            mx.eval(p.outputs)
+            tokens = p.outputs[0].tolist()
+            self.last_tokens = tokens
+            """Text token and codes generated at the last collected step, delays not undone."""
+            if self.keep_logits:
+                self.last_text_logits, self.last_audio_logits = p.outputs[2], p.outputs[3]
+            self._generated.append(tokens)
+            self._gates.append(p.outputs[1].item() if p.cross else None)
+            p.output = self._output(p.index)
+            p.outputs = []
+
+    def _step_fn(self, cross: bool, forced: bool) -> Callable[..., list[mx.array]]:
+        """The step function of this variant, compiled once and kept.
+
+        Everything that changes the traced graph is part of the key; the position, the
+        random keys, the tokens and the image are array inputs, so one compiled function
+        serves every step of a conversation.
+        """
+        key = (cross, forced, self.keep_logits, self.gate_override, self.compiled,
+               self.text_sampler.settings, self.audio_sampler.settings)
+        fn = self._step_fns.get(key)
+        if fn is None:
+            fn = self._make_step_fn(cross, forced)
+            if self.compiled:
+                state = [c.state for c in self.caches]
+                fn = mx.compile(fn, inputs=state, outputs=state)
+            self._step_fns[key] = fn
+        return fn
+
+    def _make_step_fn(self, cross: bool, forced: bool) -> Callable[..., list[mx.array]]:
+        lm, caches = self.lm, self.caches
+        text_sampler, audio_sampler = self.text_sampler, self.audio_sampler
+        keep_logits, gate_override = self.keep_logits, self.gate_override
+        dep_q = lm.cfg.dep_q
+
+        def step(tokens, pos, text_key, audio_key, image, forced_tokens):
+            xa = CrossAttentionInput(lm.xa, *image, force_gate=gate_override) if cross else None
+            h, text_logits = lm.forward_text(tokens, caches, xa, pos)
+            text_logits = text_logits[:, 0]
+            if forced:
+                text = forced_tokens[:1]
+                codes = iter(forced_tokens[1:, None])
+                sample = lambda logits: next(codes)  # noqa: E731
+            else:
+                text = text_sampler.sample(text_logits, text_key)
+                keys = iter(mx.random.split(audio_key, dep_q))
+                sample = lambda logits: audio_sampler.sample(logits, next(keys))  # noqa: E731
+            depformer_caches = lm.depformer.make_cache(lm.dtype)
+            audio, audio_logits = lm.depformer(h, text, sample, depformer_caches)
+            generated = mx.concatenate([text[:, None], audio], axis=1)[0].astype(mx.int32)
+            gate = mx.mean(mx.stack(xa.gates)) if cross else mx.zeros(())
+            outputs = [generated, gate]
+            if keep_logits:
+                outputs += [text_logits[0], mx.stack(audio_logits, axis=1)[0]]
+            return outputs
+
+        return step
+
+    def _output(self, s: int) -> StepOutput | None:
+        """The model frame of step s, from the generated history (s is the newest entry)."""
         if s < self.max_delay:
             return None
         # Token of model row r generated at step s - max_delay + d[r].
@@ -213,3 +283,29 @@ class Generator:
                 for r in range(self.num_model_rows)]
         gate = self._gates[-1 - self.max_delay + self.delays[0]]
         return StepOutput(text_token=rows[0], audio_codes=rows[1:], gate=gate)
+
+
+_NOT_READY = object()
+
+
+class PendingStep:
+    """A submitted step of a `Generator`; `result()` waits for its output.
+
+    Steps are collected in the order they were submitted, whichever handle asks first.
+    """
+
+    def __init__(self, gen: Generator, index: int, outputs: list[mx.array], cross: bool,
+                 epoch: int):
+        self._gen = gen
+        self.index = index
+        self.outputs = outputs
+        self.cross = cross
+        self.epoch = epoch
+        self.output: object = _NOT_READY
+
+    def result(self) -> StepOutput | None:
+        if self.output is _NOT_READY:
+            if self.epoch != self._gen._epoch:
+                raise RuntimeError("this step was submitted before the generator was reset")
+            self._gen._collect(self)
+        return self.output  # type: ignore[return-value]

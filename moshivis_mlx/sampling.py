@@ -1,11 +1,14 @@
 """Token sampling for the text and audio streams.
 
 Temperature is applied first (as Kyutai does), then mlx-lm's top-k / top-p filters on the
-tempered log-probabilities, then one categorical draw. Each sampler may own a random key,
-so a seeded text stream does not depend on how many audio tokens were drawn.
+tempered log-probabilities, then one categorical draw. Each sampler owns its random key,
+so a seeded text stream does not depend on how many audio tokens were drawn, and the draw
+is a pure function of (logits, key) that a compiled step can contain.
 """
 
 from __future__ import annotations
+
+import secrets
 
 import mlx.core as mx
 from mlx_lm.sample_utils import apply_top_k, apply_top_p
@@ -35,7 +38,10 @@ class Sampler:
         self.top_k = top_k
         self.top_p = top_p
         self.seed = seed
-        self._key = mx.random.key(seed) if seed is not None else None
+        self._key = mx.random.key(self._seed_value())
+
+    def _seed_value(self) -> int:
+        return self.seed if self.seed is not None else secrets.randbits(63)
 
     def __repr__(self) -> str:
         return (f"Sampler(temperature={self.temperature}, top_k={self.top_k}, "
@@ -45,12 +51,22 @@ class Sampler:
     def greedy(self) -> bool:
         return self.temperature == 0
 
+    @property
+    def settings(self) -> tuple[float, int, float]:
+        return (self.temperature, self.top_k, self.top_p)
+
     def reset(self) -> None:
         """Restart the random stream from the seed (a new conversation replays identically)."""
         if self.seed is not None:
             self._key = mx.random.key(self.seed)
 
-    def __call__(self, logits: mx.array) -> mx.array:
+    def next_key(self) -> mx.array:
+        """A fresh key for one draw (lazy: no host synchronisation)."""
+        self._key, key = mx.random.split(self._key)
+        return key
+
+    def sample(self, logits: mx.array, key: mx.array) -> mx.array:
+        """Token ids [...] from logits [..., V] with an explicit key (a pure function)."""
         logits = logits.astype(mx.float32)
         if self.greedy:
             return mx.argmax(logits, axis=-1)
@@ -60,10 +76,10 @@ class Sampler:
             logprobs = apply_top_k(logprobs, self.top_k)
         if 0.0 < self.top_p < 1.0:
             logprobs = apply_top_p(logprobs, self.top_p)
-        key = None
-        if self._key is not None:
-            self._key, key = mx.random.split(self._key)
         return mx.random.categorical(logprobs, axis=-1, key=key)
+
+    def __call__(self, logits: mx.array) -> mx.array:
+        return self.sample(logits, self.next_key())
 
 
 def kyutai_text_sampler(seed: int | None = None) -> Sampler:

@@ -137,3 +137,36 @@ def test_seeds_are_reproducible_and_independent():
 def test_bad_sampler_args(kwargs):
     with pytest.raises(ValueError):
         Sampler(**kwargs)
+
+
+def test_async_steps_match_synchronous_ones(lm):
+    codes = np.random.default_rng(1).integers(0, lm.cfg.card, size=(12, 8))
+
+    def make():
+        g = Generator(lm, Sampler(temperature=1.0, seed=5), Sampler(temperature=1.0, seed=6),
+                      xa_start=2)
+        g.set_image(mx.ones((3, lm.cfg.image_dim)))
+        return g
+
+    g = make()
+    sync = [g.step(c) for c in codes]
+    g = make()
+    pending = [g.step_async(codes[0])]
+    outs = []
+    for c in codes[1:]:  # submit step n+1 before collecting step n
+        pending.append(g.step_async(c))
+        outs.append(pending[-2].result())
+    outs.append(pending[-1].result())
+    assert outs == sync
+    g = make()
+    handles = [g.step_async(c) for c in codes]
+    assert [h.result() for h in reversed(handles)][::-1] == sync  # any collection order
+
+
+def test_reset_discards_pending_steps(lm):
+    g = Generator(lm, Sampler(temperature=0.0), Sampler(temperature=0.0))
+    h = g.step_async([0] * 8)
+    g.reset()
+    with pytest.raises(RuntimeError, match="reset"):
+        h.result()
+    assert g.step([0] * 8) is None

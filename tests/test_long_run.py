@@ -24,7 +24,7 @@ def test_caches_do_not_grow_over_20000_steps():
     codes = np.random.default_rng(0).integers(0, cfg.card, size=(64, 8))
 
     def footprint():
-        return ([(c.keys.shape, c.values.shape, c.nbytes) for c in gen.caches + gen.depformer_caches],
+        return ([(c.keys.shape, c.values.shape, c.nbytes) for c in gen.caches],
                 len(gen._generated), len(gen._user), len(gen._gates))
 
     for t in range(1000):

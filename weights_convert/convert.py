@@ -20,11 +20,13 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from moshivis_mlx.bundle import DTYPES, LM_WEIGHTS, quantizable, write_config
+from moshivis_mlx.bundle import DTYPES, LM_WEIGHTS, MIMI_WEIGHTS, quantizable, write_config
 from moshivis_mlx.generate import DEFAULT_XA_START
 from moshivis_mlx.models.lm import LM, LmConfig
+from moshivis_mlx.models.mimi import MimiConfig
 
 from .lm_layout import Entry, Mapping, check_mapping, detect_lm_layout, infer_lm_config, lm_mapping
+from .mimi_layout import converted_mimi, plan_mimi
 from .safetensors_io import WeightsError, read_header
 
 
@@ -42,6 +44,9 @@ class ConvertOptions:
     out: Path
     moshi_weights: Path | None = None
     kyutai_config: Path | None = None
+    mimi_weights: Path | None = None
+    mimi_config: Path | None = None
+    """Kyutai's Mimi config (JSON); default: the released Mimi."""
     dtype: str = "bfloat16"
     quantization: Quantization | None = field(default_factory=Quantization)
     force: bool = False
@@ -143,25 +148,47 @@ def plan_lm(weights: Path, kyutai_config: dict[str, Any] | None) -> tuple[LmConf
     return cfg, mapping, layout
 
 
-def convert(opts: ConvertOptions) -> Path:
-    """Writes the bundle; returns its path."""
-    if opts.moshi_weights is None:
-        raise WeightsError("nothing to convert: give --moshi-weights")
-    if opts.dtype not in DTYPES:
-        raise WeightsError(f"unknown dtype {opts.dtype!r} (choose from {', '.join(DTYPES)})")
-    kc = read_kyutai_config(opts.kyutai_config)
-    cfg, mapping, layout = plan_lm(Path(opts.moshi_weights), kc)
+def write_lm(out_dir: Path, opts: ConvertOptions, kc: dict[str, Any] | None, cfg: LmConfig,
+             mapping: Mapping, layout: str) -> dict[str, Any]:
+    """Writes the LM tensors; returns the LM's part of config.json."""
     dtype = DTYPES[opts.dtype]
     sources = mx.load(str(opts.moshi_weights))
+    tensors = dict(converted_lm(mapping, sources, cfg, dtype, opts.quantization))
+    mx.save_safetensors(str(out_dir / LM_WEIGHTS), tensors)
+    return {
+        "model_type": "moshivis" if cfg.cross_attention else "moshi",
+        "lm": cfg.to_dict(),
+        "dtype": opts.dtype,
+        "quantization": opts.quantization.to_dict() if opts.quantization else None,
+        "generation": generation_defaults(kc),
+        "source": {"layout": layout, "lm_weights": Path(opts.moshi_weights).name},
+    }
+
+
+def write_mimi(out_dir: Path, weights: Path, cfg: MimiConfig, mapping: Mapping) -> dict[str, Any]:
+    """Writes mimi.safetensors, always float32 and never quantized (the codec is small and its
+    numerics matter); returns the config's `mimi` section."""
+    tensors = converted_mimi(mapping, mx.load(str(weights)), str(weights))
+    mx.save_safetensors(str(out_dir / MIMI_WEIGHTS), tensors)
+    return cfg.to_dict()
+
+
+def convert(opts: ConvertOptions) -> Path:
+    """Writes the bundle; returns its path."""
+    if opts.moshi_weights is None and opts.mimi_weights is None:
+        raise WeightsError("nothing to convert: give --moshi-weights and/or --mimi-weights")
+    if opts.dtype not in DTYPES:
+        raise WeightsError(f"unknown dtype {opts.dtype!r} (choose from {', '.join(DTYPES)})")
+    # Every part is planned from the headers first: bad inputs fail before anything is written.
+    kc = read_kyutai_config(opts.kyutai_config)
+    lm = plan_lm(Path(opts.moshi_weights), kc) if opts.moshi_weights is not None else None
+    mimi = plan_mimi(Path(opts.mimi_weights), opts.mimi_config) if opts.mimi_weights else None
     with staging_dir(opts.out, opts.force) as tmp:
-        tensors = dict(converted_lm(mapping, sources, cfg, dtype, opts.quantization))
-        mx.save_safetensors(str(tmp / LM_WEIGHTS), tensors)
-        write_config(tmp, {
-            "model_type": "moshivis" if cfg.cross_attention else "moshi",
-            "lm": cfg.to_dict(),
-            "dtype": opts.dtype,
-            "quantization": opts.quantization.to_dict() if opts.quantization else None,
-            "generation": generation_defaults(kc),
-            "source": {"layout": layout, "lm_weights": Path(opts.moshi_weights).name},
-        })
+        config: dict[str, Any] = {}
+        if lm is not None:
+            config.update(write_lm(tmp, opts, kc, *lm))
+        if mimi is not None:
+            config["mimi"] = write_mimi(tmp, Path(opts.mimi_weights), *mimi)
+            config.setdefault("source", {})["mimi_weights"] = Path(opts.mimi_weights).name
+        write_config(tmp, config)
     return Path(opts.out)

@@ -262,8 +262,9 @@ class LM(nn.Module):
         tokens: mx.array,
         caches: list[RingKVCache] | None,
         cross: CrossAttentionInput | None = None,
+        pos: mx.array | None = None,
     ) -> tuple[mx.array, mx.array]:
         """Temporal transformer: tokens [B, 17, T] -> (h after out_norm [B, T, dim], text logits)."""
         x = self.embed_streams(tokens)
-        h = self.out_norm(self.transformer(x, caches, cross))
+        h = self.out_norm(self.transformer(x, caches, cross, pos))
         return h, self.text_linear(h)

@@ -127,6 +127,11 @@ class RingKVCache:
     Slot `p % capacity` holds position p, so memory is flat however long a conversation
     runs. `chunk` is the largest number of positions given in one call: the capacity is
     `context + chunk - 1` so that every query of a chunk still sees its whole window.
+
+    Two ways to write: `update(k, v)` tracks the position on the host and attends only to
+    the filled slots (shapes vary while the buffer fills); `update(k, v, pos)` takes the
+    position as an array and always attends to the whole buffer with a mask, so a step
+    has fixed shapes and can be compiled once (the temporal transformer's fast path).
     """
 
     def __init__(
@@ -142,10 +147,18 @@ class RingKVCache:
         self.chunk = chunk
         self.capacity = context + chunk - 1
         shape = (batch, num_heads, self.capacity, head_dim)
-        self.keys = mx.zeros(shape, dtype=dtype)
-        self.values = mx.zeros(shape, dtype=dtype)
+        self.state = [mx.zeros(shape, dtype=dtype), mx.zeros(shape, dtype=dtype)]
+        """[keys, values], a list so that a compiled step can carry them as its state."""
         self.offset = 0
         """Absolute position of the next write, i.e. the number of positions seen."""
+
+    @property
+    def keys(self) -> mx.array:
+        return self.state[0]
+
+    @property
+    def values(self) -> mx.array:
+        return self.state[1]
 
     def reset(self) -> None:
         # Stale slots are never read: only slots holding positions < offset are attended.
@@ -155,12 +168,16 @@ class RingKVCache:
     def nbytes(self) -> int:
         return self.keys.nbytes + self.values.nbytes
 
-    def update(self, k: mx.array, v: mx.array) -> tuple[mx.array, mx.array, mx.array | None]:
+    def update(
+        self, k: mx.array, v: mx.array, pos: mx.array | None = None
+    ) -> tuple[mx.array, mx.array, mx.array | None]:
         """Writes the new keys/values [B, H, T, D]; returns what the T queries attend to.
 
         Returns (keys, values, mask): mask is None when every returned key is visible to
-        every query, else a boolean [T, S] array.
+        every query, else a boolean array broadcasting to [T, S].
         """
+        if pos is not None:
+            return self._update_at(k, v, pos)
         t = k.shape[2]
         if t > self.chunk:
             raise ValueError(f"{t} positions in one call, cache was made for at most {self.chunk}")
@@ -188,6 +205,19 @@ class RingKVCache:
         delta = pos_q - pos_k[None, :]
         mask = (delta >= 0) & (delta < self.context)
         return keys, values, mx.array(mask)
+
+    def _update_at(self, k: mx.array, v: mx.array, pos: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+        """One position `pos` (int32 scalar array), written in place; fixed shapes."""
+        if k.shape[2] != 1:
+            raise ValueError("a position given as an array writes one step at a time")
+        cap = self.capacity
+        slot = (pos % cap).reshape(1)
+        self.state[0] = mx.slice_update(self.state[0], k, start_indices=slot, axes=(2,))
+        self.state[1] = mx.slice_update(self.state[1], v, start_indices=slot, axes=(2,))
+        # The newest position held by each slot; negative: never written.
+        pos_k = pos - (pos - mx.arange(cap, dtype=pos.dtype)) % cap
+        mask = (pos_k >= 0) & (pos - pos_k < self.context)
+        return self.state[0], self.state[1], mask
 
 
 def window_mask(t: int, causal: bool, context: int | None) -> mx.array | str | None:
@@ -219,8 +249,9 @@ class Attention(nn.Module):
         x: mx.array,
         cache: RingKVCache | None,
         mask: mx.array | str | None,
-        offset: int,
+        offset: int | mx.array,
     ) -> mx.array:
+        """`offset`: position of x's first step (an int32 array selects the cache's fixed-shape path)."""
         b, t, d = x.shape
         qkv = self.in_proj(x).reshape(b, t, 3, self.num_heads, self.head_dim)
         qkv = qkv.transpose(2, 0, 3, 1, 4)
@@ -232,7 +263,7 @@ class Attention(nn.Module):
             k = mx.fast.rope(k, self.head_dim, traditional=True, base=self.max_period,
                              scale=1.0, offset=offset)
         if cache is not None:
-            k, v, mask = cache.update(k, v)
+            k, v, mask = cache.update(k, v, offset if isinstance(offset, mx.array) else None)
         y = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
         return self.out_proj(y.transpose(0, 2, 1, 3).reshape(b, t, d))
 
@@ -375,16 +406,21 @@ class Transformer(nn.Module):
         x: mx.array,
         caches: list[RingKVCache] | None = None,
         cross: CrossAttentionInput | None = None,
+        pos: mx.array | None = None,
     ) -> mx.array:
+        """With `pos` (an int32 scalar array: the step's position) the caches take their
+        fixed-shape path, for a step compiled once whatever the position."""
+        mask = None  # with caches, each cache gives its own
         if caches is None:
             offset = 0
             mask = window_mask(x.shape[1], self.cfg.causal, self.cfg.context)
+        elif pos is not None:
+            offset = pos
         else:
             offset = caches[0].offset
-            mask = None  # each cache gives its own
         # With weights per step, position t uses weight set t (the depth transformer
         # restarts its caches every frame, so its offset is the sub-step).
-        step = offset if self.cfg.weights_per_step else 0
+        step = caches[0].offset if self.cfg.weights_per_step and caches else 0
         for i, layer in enumerate(self.layers):
             x = layer(x, None if caches is None else caches[i], mask, offset, step, cross)
         return x

@@ -1,0 +1,486 @@
+"""Mimi, Kyutai's streaming speech codec: 24 kHz mono audio <-> 12.5 Hz frames of codes.
+
+    audio --SEANet encoder--> 25 Hz latents --transformer--> --conv, stride 2--> 12.5 Hz
+          --split RVQ--> codes [K, T]
+    codes --RVQ decode--> --depthwise transposed conv, stride 2--> 25 Hz --transformer-->
+          --SEANet decoder--> audio
+
+Everything is causal, so one 1920-sample frame (80 ms) in gives one frame of codes out,
+and back. Two ways to run it:
+
+    codes = mimi.encode(pcm)            # whole clip, [K, T]
+    pcm = mimi.decode(codes)
+
+    enc, dec = mimi.streaming_encoder(), mimi.streaming_decoder()
+    codes = enc.step(frame)             # 1920 samples -> K codes
+    frame = dec.step(codes)             # K codes -> 1920 samples
+
+Both give the same codes and samples. The clip API takes NumPy or MLX arrays and returns
+the same kind.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from .conv import CausalConv1d, CausalConvTranspose1d, ConvState, ConvTransposeState
+from .quantizer import QuantizerConfig, SplitResidualVectorQuantizer
+from .seanet import SeanetConfig, SEANetDecoder, SEANetEncoder, state_arrays
+from .transformer import RingKVCache, Transformer, TransformerConfig
+
+Array = Any  # np.ndarray or mx.array
+
+
+def _released_transformer() -> TransformerConfig:
+    return TransformerConfig(
+        d_model=512, num_heads=8, num_layers=8, ffn_hidden=2048, ffn="gelu",
+        norm="layer_norm", norm_eps=1e-5, bias=False, causal=True, context=250, rope=True,
+        max_period=10000.0, layer_scale=True)
+
+
+@dataclass
+class MimiConfig:
+    """Every hyper-parameter of Mimi; the defaults are Kyutai's released model."""
+
+    sample_rate: int = 24000
+    frame_rate: float = 12.5
+    seanet: SeanetConfig = field(default_factory=SeanetConfig)
+    quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
+    transformer: TransformerConfig = field(default_factory=_released_transformer)
+    """Shared by the encoder-side and the decoder-side transformer."""
+
+    @property
+    def frame_size(self) -> int:
+        """Audio samples per frame of codes (1920)."""
+        return round(self.sample_rate / self.frame_rate)
+
+    @property
+    def encoder_frame_rate(self) -> float:
+        """Rate of the SEANet latents and the transformers (25 Hz)."""
+        return self.sample_rate / self.seanet.hop_length
+
+    @property
+    def downsample_stride(self) -> int:
+        """Transformer positions per frame (2)."""
+        return round(self.encoder_frame_rate / self.frame_rate)
+
+    def validate(self) -> None:
+        s, q, t = self.seanet, self.quantizer, self.transformer
+        problems = []
+        if s.channels != 1:
+            problems.append(f"Mimi is mono, seanet.channels is {s.channels}")
+        if self.frame_size * self.frame_rate != self.sample_rate:
+            problems.append(f"frame rate {self.frame_rate} does not divide the sample rate "
+                            f"{self.sample_rate}")
+        if self.downsample_stride < 2 or (
+                self.downsample_stride * s.hop_length != self.frame_size):
+            problems.append(f"the frame size {self.frame_size} must be a multiple (>= 2) of "
+                            f"the SEANet hop {s.hop_length}")
+        if t.d_model != s.dimension:
+            problems.append(f"transformer d_model {t.d_model} != seanet dimension {s.dimension} "
+                            f"(projected transformers are not supported)")
+        if (q.input_dimension, q.output_dimension) != (s.dimension, s.dimension):
+            problems.append(f"quantizer input/output dimensions must be {s.dimension}")
+        if t.context is None:
+            problems.append("the transformers need a context (window) size")
+        if problems:
+            raise ValueError("invalid Mimi config: " + "; ".join(problems))
+
+    # -- our bundle format ------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "sample_rate": self.sample_rate,
+            "frame_rate": self.frame_rate,
+            "seanet": self.seanet.to_dict(),
+            "quantizer": self.quantizer.to_dict(),
+            "transformer": self.transformer.to_dict(),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "MimiConfig":
+        unknown = set(d) - {"sample_rate", "frame_rate", "seanet", "quantizer", "transformer"}
+        if unknown:
+            raise ValueError(f"unknown mimi config keys: {sorted(unknown)}")
+        cfg = cls(
+            sample_rate=int(d["sample_rate"]),
+            frame_rate=float(d["frame_rate"]),
+            seanet=SeanetConfig.from_dict(d["seanet"]),
+            quantizer=QuantizerConfig.from_dict(d["quantizer"]),
+            transformer=TransformerConfig.from_dict(d["transformer"]),
+        )
+        cfg.validate()
+        return cfg
+
+    # -- Kyutai's format (`mimi_config` of moshi.models.loaders) ----------------------
+
+    @classmethod
+    def from_kyutai(cls, d: dict[str, Any]) -> "MimiConfig":
+        """Reads Kyutai's Mimi config dict; settings Mimi never uses are refused, not ignored."""
+        try:
+            s, q, t = dict(d["seanet"]), dict(d["quantizer"]), dict(d["transformer"])
+        except (KeyError, TypeError):
+            raise ValueError("a Kyutai Mimi config needs 'seanet', 'quantizer' and "
+                             "'transformer' sections") from None
+        _require(s, "seanet", causal=True, activation="ELU", norm="none", pad_mode="constant",
+                 true_skip=True)
+        if s.pop("activation_params", {"alpha": 1.0}) != {"alpha": 1.0}:
+            raise ValueError("unsupported Mimi setting seanet.activation_params (ELU alpha 1 only)")
+        s.pop("disable_norm_outer_blocks", None)  # no norm at all
+        seanet = SeanetConfig.from_dict(s)
+        quantizer = QuantizerConfig.from_dict(q)
+        _require(t, "transformer", causal=True, gating="none", norm="layer_norm",
+                 positional_embedding="rope")
+        t.pop("conv_layout", None)  # a PyTorch tensor-layout detail
+        layer_scale = t.pop("layer_scale", None)
+        in_dim = t.pop("input_dimension", seanet.dimension)
+        out_dims = t.pop("output_dimensions", [seanet.dimension])
+        keys = {"d_model", "num_heads", "num_layers", "dim_feedforward", "context", "max_period"}
+        unknown = set(t) - keys
+        if unknown:
+            raise ValueError(f"unsupported Mimi transformer settings: {sorted(unknown)}")
+        if in_dim != t["d_model"] or list(out_dims) != [t["d_model"]]:
+            raise ValueError("projected Mimi transformers (input_dimension or "
+                             "output_dimensions != d_model) are not supported")
+        transformer = TransformerConfig(
+            d_model=t["d_model"], num_heads=t["num_heads"], num_layers=t["num_layers"],
+            ffn_hidden=t.get("dim_feedforward", 2048), ffn="gelu", norm="layer_norm",
+            norm_eps=1e-5, bias=False, causal=True, context=t.get("context"), rope=True,
+            max_period=float(t.get("max_period", 10000)), layer_scale=layer_scale is not None)
+        channels = d.get("channels", seanet.channels)
+        if channels != seanet.channels:
+            raise ValueError(f"channels {channels} != seanet.channels {seanet.channels}")
+        cfg = cls(sample_rate=int(d["sample_rate"]), frame_rate=float(d["frame_rate"]),
+                  seanet=seanet, quantizer=quantizer, transformer=transformer)
+        cfg.validate()
+        return cfg
+
+    def to_kyutai(self) -> dict[str, Any]:
+        """Kyutai's Mimi config dict for this model (e.g. for `loaders.get_mimi`)."""
+        s, q, t = self.seanet, self.quantizer, self.transformer
+        seanet = {
+            "channels": s.channels, "dimension": s.dimension, "causal": True,
+            "n_filters": s.n_filters, "n_residual_layers": s.n_residual_layers,
+            "activation": "ELU", "compress": s.compress, "dilation_base": s.dilation_base,
+            "disable_norm_outer_blocks": 0, "kernel_size": s.kernel_size,
+            "residual_kernel_size": s.residual_kernel_size,
+            "last_kernel_size": s.last_kernel_size, "norm": "none", "pad_mode": "constant",
+            "ratios": list(s.ratios), "true_skip": True,
+        }
+        quantizer = q.to_dict()
+        if quantizer["n_q_semantic"] == 1:
+            del quantizer["n_q_semantic"]  # Kyutai's default; its released config omits it
+        transformer = {
+            "d_model": t.d_model, "num_heads": t.num_heads, "num_layers": t.num_layers,
+            "causal": True, "layer_scale": 0.01 if t.layer_scale else None,
+            "context": t.context, "conv_layout": True, "max_period": t.max_period,
+            "gating": "none", "norm": "layer_norm", "positional_embedding": "rope",
+            "dim_feedforward": t.ffn_hidden, "input_dimension": s.dimension,
+            "output_dimensions": [s.dimension],
+        }
+        return {"sample_rate": self.sample_rate, "channels": s.channels,
+                "frame_rate": self.frame_rate, "seanet": seanet, "quantizer": quantizer,
+                "transformer": transformer}
+
+    # -- presets ----------------------------------------------------------------------
+
+    @classmethod
+    def released(cls) -> "MimiConfig":
+        """Kyutai's released Mimi (tokenizer-e351c8d8-checkpoint125), 32 codebooks."""
+        return cls()
+
+    @classmethod
+    def tiny(cls, context: int = 250) -> "MimiConfig":
+        """Mimi's exact structure (24 kHz, 12.5 Hz, ratios 8-6-5-4, split RVQ) at a tiny
+        width, for tests."""
+        return cls(
+            seanet=SeanetConfig(dimension=32, n_filters=8),
+            quantizer=QuantizerConfig(dimension=16, n_q=10, bins=64, input_dimension=32,
+                                      output_dimension=32),
+            transformer=TransformerConfig(
+                d_model=32, num_heads=4, num_layers=2, ffn_hidden=64, ffn="gelu",
+                norm="layer_norm", norm_eps=1e-5, causal=True, context=context, rope=True,
+                layer_scale=True),
+        )
+
+
+def _require(section: dict[str, Any], name: str, **expected: Any) -> None:
+    """Pops each key, checking it has the only value Mimi supports (absent is fine)."""
+    for key, want in expected.items():
+        got = section.pop(key, want)
+        if got != want:
+            raise ValueError(f"unsupported Mimi setting {name}.{key}={got!r} (expected {want!r})")
+
+
+class Mimi(nn.Module):
+    """The codec. `num_codebooks` is how many codes per frame `encode` gives by default
+    (Moshi uses 8 of the 32)."""
+
+    def __init__(self, cfg: MimiConfig, num_codebooks: int = 8):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        d, s = cfg.seanet.dimension, cfg.downsample_stride
+        self.encoder = SEANetEncoder(cfg.seanet)
+        self.encoder_transformer = Transformer(cfg.transformer)
+        # 25 -> 12.5 Hz: a full conv whose left padding repeats the stream's first latent.
+        self.downsample = CausalConv1d(d, d, 2 * s, stride=s, bias=False, pad_mode="replicate")
+        self.quantizer = SplitResidualVectorQuantizer(cfg.quantizer)
+        # 12.5 -> 25 Hz: depthwise (Kyutai's released model has groups = channels).
+        self.upsample = CausalConvTranspose1d(d, d, 2 * s, stride=s, groups=d, bias=False)
+        self.decoder_transformer = Transformer(cfg.transformer)
+        self.decoder = SEANetDecoder(cfg.seanet)
+        self.num_codebooks = self._check_num_codebooks(num_codebooks)
+
+    # -- facts --------------------------------------------------------------------------
+
+    @property
+    def sample_rate(self) -> int:
+        return self.cfg.sample_rate
+
+    @property
+    def frame_rate(self) -> float:
+        return self.cfg.frame_rate
+
+    @property
+    def frame_size(self) -> int:
+        return self.cfg.frame_size
+
+    @property
+    def total_codebooks(self) -> int:
+        return self.cfg.quantizer.n_q
+
+    @property
+    def cardinality(self) -> int:
+        return self.cfg.quantizer.bins
+
+    def _check_num_codebooks(self, k: int | None) -> int:
+        k = self.num_codebooks if k is None else int(k)
+        lo, hi = self.cfg.quantizer.n_q_semantic, self.total_codebooks
+        if not lo <= k <= hi:
+            raise ValueError(f"num_codebooks must be in [{lo}, {hi}], got {k}")
+        return k
+
+    # -- the two halves, on [1, N, 1] audio and [1, K, T] codes --------------------------
+
+    def encode_latent(
+        self,
+        x: mx.array,
+        seanet_state: list | None = None,
+        caches: list[RingKVCache] | None = None,
+        downsample_state: ConvState | None = None,
+    ) -> mx.array:
+        """[B, N, 1] float32, N a whole number of frames -> the unquantized 12.5 Hz latent
+        [B, N / frame_size, dimension].
+
+        Without states this is a whole clip starting from silence; with them, the next
+        chunk of a stream.
+        """
+        h = self.encoder(x, seanet_state)
+        h = self.encoder_transformer(h, caches)
+        return self.downsample(h, downsample_state)
+
+    def encode_audio(
+        self,
+        x: mx.array,
+        num_codebooks: int,
+        seanet_state: list | None = None,
+        caches: list[RingKVCache] | None = None,
+        downsample_state: ConvState | None = None,
+    ) -> mx.array:
+        """As `encode_latent`, then quantized: codes [B, K, N / frame_size] int32."""
+        h = self.encode_latent(x, seanet_state, caches, downsample_state)
+        return self.quantizer.encode(h, num_codebooks)
+
+    def decode_codes(
+        self,
+        codes: mx.array,
+        upsample_state: ConvTransposeState | None = None,
+        caches: list[RingKVCache] | None = None,
+        seanet_state: list | None = None,
+    ) -> mx.array:
+        """codes [B, K, T] int -> [B, T * frame_size, 1] float32."""
+        h = self.quantizer.decode(codes)
+        h = self.upsample(h, upsample_state)
+        h = self.decoder_transformer(h, caches)
+        return self.decoder(h, seanet_state)
+
+    # -- whole clips ----------------------------------------------------------------------
+
+    def encode(self, pcm: Array, num_codebooks: int | None = None) -> Array:
+        """Mono audio -> codes [K, T] (int32), T = ceil(samples / frame_size).
+
+        `pcm`: [N], [1, N] or [1, 1, N]; float in [-1, 1] or int16; NumPy or MLX (the codes
+        come back as the same kind). A partial last frame is padded with zeros (with a
+        warning): Mimi works in whole frames. The sample rate must be `sample_rate`.
+        """
+        k = self._check_num_codebooks(num_codebooks)
+        x, is_mx = audio_input(pcm)
+        x = pad_to_frames(x, self.frame_size)
+        codes = self.encode_audio(x.reshape(1, -1, 1), k)[0]
+        mx.eval(codes)
+        return codes if is_mx else np.array(codes)
+
+    def decode(self, codes: Array) -> Array:
+        """Codes [K, T] or [1, K, T] -> float32 audio [T * frame_size], NumPy or MLX as given."""
+        c, is_mx = self._codes_input(codes)
+        pcm = self.decode_codes(c)[0, :, 0]
+        mx.eval(pcm)
+        return pcm if is_mx else np.array(pcm)
+
+    def _codes_input(self, codes: Array, frame: bool = False) -> tuple[mx.array, bool]:
+        """Checked codes as [1, K, T] int32. `frame`: one frame, [K] or [K, 1]."""
+        is_mx = isinstance(codes, mx.array)
+        c = codes if is_mx else np.asarray(codes)
+        shape = tuple(c.shape)
+        if frame:
+            ok = len(shape) == 1 or (len(shape) == 2 and shape[1] == 1)
+            want = "[K] or [K, 1]"
+        else:
+            ok = len(shape) == 2 or (len(shape) == 3 and shape[0] == 1)
+            want = "[K, T] or [1, K, T]"
+        if not ok or 0 in shape:
+            raise ValueError(f"codes must be {want}, got shape {list(shape)}")
+        integer = (mx.issubdtype(c.dtype, mx.integer) if is_mx
+                   else np.issubdtype(c.dtype, np.integer))
+        if not integer:
+            raise ValueError(f"codes must be integers, got {c.dtype}")
+        k = shape[-2] if not frame else shape[0]
+        lo, hi = self.cfg.quantizer.n_q_semantic, self.total_codebooks
+        if not lo <= k <= hi:
+            raise ValueError(f"{k} codebooks given; Mimi decodes {lo} to {hi}")
+        c = mx.array(c) if not is_mx else c
+        c = c.astype(mx.int32).reshape(1, k, -1)
+        if c.min().item() < 0 or c.max().item() >= self.cardinality:
+            raise ValueError(f"codes must be in [0, {self.cardinality})")
+        return c, is_mx
+
+    # -- streams ----------------------------------------------------------------------------
+
+    def streaming_encoder(self, num_codebooks: int | None = None) -> "StreamingEncoder":
+        return StreamingEncoder(self, self._check_num_codebooks(num_codebooks))
+
+    def streaming_decoder(self) -> "StreamingDecoder":
+        return StreamingDecoder(self)
+
+
+class StreamingEncoder:
+    """Audio in, codes out, one frame (80 ms) at a time.
+
+    Holds the stream's state: each conv's left context, the transformer's ring KV cache
+    (its 250-position window), the downsampling conv's context. Nothing grows.
+    """
+
+    def __init__(self, mimi: Mimi, num_codebooks: int):
+        self.mimi = mimi
+        self.num_codebooks = num_codebooks
+        self.caches = mimi.encoder_transformer.make_cache(
+            batch=1, chunk=mimi.cfg.downsample_stride)
+        self.reset()
+
+    def reset(self) -> None:
+        """Start a new stream."""
+        self.seanet_state = self.mimi.encoder.new_state()
+        self.downsample_state = self.mimi.downsample.new_state()
+        for c in self.caches:
+            c.reset()
+
+    def state_arrays(self) -> list[mx.array]:
+        arrays = state_arrays(self.seanet_state) + self.downsample_state.arrays()
+        return arrays + [a for c in self.caches for a in (c.keys, c.values)]
+
+    def step(self, pcm: Array) -> Array:
+        """`frame_size` samples (float or int16, NumPy or MLX) -> [K] int32 codes, same kind."""
+        x, is_mx = audio_input(pcm)
+        if x.shape[0] != self.mimi.frame_size:
+            raise ValueError(f"a frame is {self.mimi.frame_size} samples, got {x.shape[0]}")
+        codes = self.mimi.encode_audio(x.reshape(1, -1, 1), self.num_codebooks,
+                                       self.seanet_state, self.caches, self.downsample_state)
+        codes = codes.reshape(-1)
+        mx.eval(codes, self.state_arrays())
+        return codes if is_mx else np.array(codes)
+
+
+class StreamingDecoder:
+    """Codes in, audio out, one frame at a time (the mirror of `StreamingEncoder`)."""
+
+    def __init__(self, mimi: Mimi):
+        self.mimi = mimi
+        self.caches = mimi.decoder_transformer.make_cache(
+            batch=1, chunk=mimi.cfg.downsample_stride)
+        self.reset()
+
+    def reset(self) -> None:
+        """Start a new stream."""
+        self.upsample_state = self.mimi.upsample.new_state()
+        self.seanet_state = self.mimi.decoder.new_state()
+        for c in self.caches:
+            c.reset()
+
+    def state_arrays(self) -> list[mx.array]:
+        arrays = self.upsample_state.arrays() + state_arrays(self.seanet_state)
+        return arrays + [a for c in self.caches for a in (c.keys, c.values)]
+
+    def step(self, codes: Array) -> Array:
+        """[K] (or [K, 1]) codes -> `frame_size` float32 samples, NumPy or MLX as given."""
+        c, is_mx = self.mimi._codes_input(codes, frame=True)
+        pcm = self.mimi.decode_codes(c, self.upsample_state, self.caches, self.seanet_state)
+        pcm = pcm.reshape(-1)
+        mx.eval(pcm, self.state_arrays())
+        return pcm if is_mx else np.array(pcm)
+
+
+# -- audio input ------------------------------------------------------------------------------
+
+def audio_input(pcm: Array) -> tuple[mx.array, bool]:
+    """Mono samples as a 1-D float32 MLX array, and whether the input was MLX.
+
+    Accepts [N], [1, N] or [1, 1, N]; float (any width, in [-1, 1]) or int16 (scaled by
+    1/32768). Anything with more than one channel is refused: which channel, or what mix,
+    is the caller's choice.
+    """
+    is_mx = isinstance(pcm, mx.array)
+    a = pcm if is_mx else np.asarray(pcm)
+    shape = tuple(a.shape)
+    if not 1 <= len(shape) <= 3:
+        raise ValueError(f"audio must be [N], [1, N] or [1, 1, N], got shape {list(shape)}")
+    if any(n != 1 for n in shape[:-1]):
+        raise ValueError(f"Mimi takes mono audio; mix down or pick a channel "
+                         f"(got shape {list(shape)}; expected [N], [1, N] or [1, 1, N])")
+    if shape[-1] == 0:
+        raise ValueError("empty audio")
+    if is_mx:
+        if a.dtype == mx.int16:
+            a = a.astype(mx.float32) / 32768.0
+        elif mx.issubdtype(a.dtype, mx.floating):
+            a = a.astype(mx.float32)
+        else:
+            raise ValueError(f"audio samples must be float or int16, got {a.dtype}")
+    else:
+        if a.dtype == np.int16:
+            a = a.astype(np.float32) / 32768.0
+        elif np.issubdtype(a.dtype, np.floating):
+            a = a.astype(np.float32)
+        else:
+            raise ValueError(f"audio samples must be float or int16, got {a.dtype}")
+        a = mx.array(a)
+    return a.reshape(-1), is_mx
+
+
+def pad_to_frames(x: mx.array, frame_size: int) -> mx.array:
+    """Zero-pads 1-D audio to whole frames, warning when it does."""
+    n = x.shape[0]
+    pad = -n % frame_size
+    if pad:
+        warnings.warn(
+            f"Mimi: {n} samples is not a whole number of {frame_size}-sample frames; "
+            f"padded with {pad} zeros at the end ({(n + pad) // frame_size} frames)",
+            stacklevel=3)
+        x = mx.concatenate([x, mx.zeros((pad,), dtype=x.dtype)])
+    return x

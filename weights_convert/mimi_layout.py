@@ -1,0 +1,213 @@
+"""Kyutai's released Mimi checkpoint (PyTorch layout, fp32) -> our Mimi.
+
+What changes on the way:
+
+* conv weights: PyTorch [out, in/groups, kernel] -> MLX [out, kernel, in/groups];
+  transposed convs: PyTorch [in, out/groups, kernel] -> MLX [out, kernel, in/groups];
+* the quantizer's 1x1 projection convs [out, in, 1] become linear weights [out, in];
+* each codebook is stored as training statistics; we keep only the centroids,
+  `embedding_sum / max(cluster_usage, 1e-5)`, after checking `_initialized` is set
+  (an uninitialised codebook never saw data: the checkpoint is unusable);
+* Kyutai's sequential module indices (`encoder.model.3`) become names (`encoder.blocks.0
+  .downsample`), and the transformers' fused `in_proj_weight` is our `in_proj.weight`.
+
+The mapping is derived from the config alone and checked against the file's header
+(every tensor used, every shape exact) before any data is read.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+
+from moshivis_mlx.models.mimi import MimiConfig
+
+from .lm_layout import Entry, Mapping, check_mapping
+from .safetensors_io import WeightsError, read_header
+
+CODEBOOK_EPS = 1e-5
+
+
+@dataclass(frozen=True)
+class MimiEntry(Entry):
+    """An `Entry` with how the source is transformed; `src_shape` is its exact shape."""
+
+    src_shape: tuple[int, ...] = ()
+    op: str = "copy"
+    """'copy' (a reshape at most), 'conv', 'conv_transpose' or 'codebook'."""
+    groups: int = 1
+    aux: str | None = None
+    """Second source: the cluster usage of a 'codebook' entry."""
+
+
+def read_mimi_config(path: Path | None) -> MimiConfig:
+    """Kyutai's Mimi config JSON (bare, or under a `mimi_config` key); None: the released one."""
+    if path is None:
+        return MimiConfig.released()
+    try:
+        d = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise WeightsError(f"{path}: no such config file") from None
+    except json.JSONDecodeError as e:
+        raise WeightsError(f"{path}: invalid JSON ({e})") from None
+    if isinstance(d, dict) and isinstance(d.get("mimi_config"), dict):
+        d = d["mimi_config"]
+    if not isinstance(d, dict):
+        raise WeightsError(f"{path}: expected a JSON object")
+    try:
+        return MimiConfig.from_kyutai(d)
+    except (ValueError, KeyError, TypeError) as e:
+        raise WeightsError(f"{path}: not a usable Mimi config: {e}") from None
+
+
+def mimi_mapping(cfg: MimiConfig) -> Mapping:
+    """Every tensor of our Mimi and where it comes from in Kyutai's layout."""
+    entries: list[MimiEntry] = []
+    ignored: list[str] = []
+
+    def add(dst, src, shape, src_shape=None, op="copy", groups=1, aux=None):
+        shape = tuple(shape)
+        entries.append(MimiEntry(dst, src, shape, None, tuple(src_shape or shape), op, groups, aux))
+
+    def conv(dst, src, c_in, c_out, k, bias=True, groups=1):
+        add(f"{dst}.weight", f"{src}.weight", (c_out, k, c_in // groups),
+            (c_out, c_in // groups, k), "conv", groups)
+        if bias:
+            add(f"{dst}.bias", f"{src}.bias", (c_out,))
+
+    def conv_transpose(dst, src, c_in, c_out, k, bias=True, groups=1):
+        add(f"{dst}.weight", f"{src}.weight", (c_out, k, c_in // groups),
+            (c_in, c_out // groups, k), "conv_transpose", groups)
+        if bias:
+            add(f"{dst}.bias", f"{src}.bias", (c_out,))
+
+    def residual(dst, src, dim):
+        hidden = dim // s.compress
+        conv(f"{dst}.conv1", f"{src}.block.1.conv.conv", dim, hidden, s.residual_kernel_size)
+        conv(f"{dst}.conv2", f"{src}.block.3.conv.conv", hidden, dim, 1)
+
+    s, q, t = cfg.seanet, cfg.quantizer, cfg.transformer
+    n_res, nf = s.n_residual_layers, s.n_filters
+    top = nf * 2 ** len(s.ratios)
+
+    # SEANet encoder: conv, then per ratio [residual units, ELU, strided conv], ELU, conv.
+    conv("encoder.conv_in", "encoder.model.0.conv.conv", s.channels, nf, s.kernel_size)
+    idx = 1
+    for i, ratio in enumerate(reversed(s.ratios)):
+        dim = nf * 2**i
+        for j in range(n_res):
+            residual(f"encoder.blocks.{i}.residuals.{j}", f"encoder.model.{idx + j}", dim)
+        conv(f"encoder.blocks.{i}.downsample", f"encoder.model.{idx + n_res + 1}.conv.conv",
+             dim, 2 * dim, 2 * ratio)
+        idx += n_res + 2
+    conv("encoder.conv_out", f"encoder.model.{idx + 1}.conv.conv", top, s.dimension,
+         s.last_kernel_size)
+
+    # SEANet decoder: conv, then per ratio [ELU, transposed conv, residual units], ELU, conv.
+    conv("decoder.conv_in", "decoder.model.0.conv.conv", s.dimension, top, s.kernel_size)
+    idx = 1
+    for i, ratio in enumerate(s.ratios):
+        dim = top // 2**i
+        conv_transpose(f"decoder.blocks.{i}.upsample", f"decoder.model.{idx + 1}.convtr.convtr",
+                       dim, dim // 2, 2 * ratio)
+        for j in range(n_res):
+            residual(f"decoder.blocks.{i}.residuals.{j}", f"decoder.model.{idx + 2 + j}",
+                     dim // 2)
+        idx += n_res + 2
+    conv("decoder.conv_out", f"decoder.model.{idx + 1}.conv.conv", nf, s.channels,
+         s.last_kernel_size)
+
+    # Transformers.
+    d, h = t.d_model, t.ffn_hidden
+    for side in ("encoder", "decoder"):
+        for i in range(t.num_layers):
+            src = f"{side}_transformer.transformer.layers.{i}."
+            dst = f"{side}_transformer.layers.{i}."
+            add(dst + "self_attn.in_proj.weight", src + "self_attn.in_proj_weight", (3 * d, d))
+            add(dst + "self_attn.out_proj.weight", src + "self_attn.out_proj.weight", (d, d))
+            for norm in ("norm1", "norm2"):
+                add(f"{dst}{norm}.weight", f"{src}{norm}.weight", (d,))
+                add(f"{dst}{norm}.bias", f"{src}{norm}.bias", (d,))
+            add(dst + "ffn.linear_in.weight", src + "linear1.weight", (h, d))
+            add(dst + "ffn.linear_out.weight", src + "linear2.weight", (d, h))
+            if t.layer_scale:
+                add(dst + "layer_scale_1.scale", src + "layer_scale_1.scale", (d,))
+                add(dst + "layer_scale_2.scale", src + "layer_scale_2.scale", (d,))
+
+    # Frame-rate conversion: a full conv down, a depthwise transposed conv up, no biases.
+    dim, k = s.dimension, 2 * cfg.downsample_stride
+    conv("downsample", "downsample.conv.conv.conv", dim, dim, k, bias=False)
+    conv_transpose("upsample", "upsample.convtr.convtr.convtr", dim, dim, k, bias=False,
+                   groups=dim)
+
+    # Quantizer.
+    for name, n in (("rvq_first", q.n_q_semantic), ("rvq_rest", q.n_q - q.n_q_semantic)):
+        pre = f"quantizer.{name}"
+        add(f"{pre}.input_proj.weight", f"{pre}.input_proj.weight",
+            (q.dimension, q.input_dimension), (q.dimension, q.input_dimension, 1))
+        add(f"{pre}.output_proj.weight", f"{pre}.output_proj.weight",
+            (q.output_dimension, q.dimension), (q.output_dimension, q.dimension, 1))
+        for i in range(n):
+            cb = f"{pre}.vq.layers.{i}._codebook."
+            add(f"{pre}.codebooks.{i}.embedding", cb + "embedding_sum", (q.bins, q.dimension),
+                op="codebook", aux=cb + "cluster_usage")
+            ignored.append(cb + "_initialized")
+    return Mapping(entries, ignored)
+
+
+def check_mimi_mapping(mapping: Mapping, shapes: dict[str, tuple[int, ...]], what: str) -> None:
+    """As `check_mapping` (all used, none missing), and every source shape exact."""
+    aux = [e.aux for e in mapping.entries if e.aux]
+    check_mapping(Mapping(mapping.entries, mapping.ignored + aux), shapes, what)
+    bad = []
+    for e in mapping.entries:
+        if tuple(shapes[e.src]) != e.src_shape:
+            bad.append(f"{e.src} is {list(shapes[e.src])}, expected {list(e.src_shape)}")
+        if e.aux is not None:
+            if e.aux not in shapes:
+                bad.append(f"{e.aux} is missing")
+            elif tuple(shapes[e.aux]) != e.src_shape[:1]:
+                bad.append(f"{e.aux} is {list(shapes[e.aux])}, expected {list(e.src_shape[:1])}")
+    if bad:
+        raise WeightsError(f"{what}: the tensors do not match the Mimi config (pass the "
+                           f"checkpoint's config with --mimi-config): " + "; ".join(bad))
+
+
+def convert_mimi_tensor(e: MimiEntry, sources: dict[str, mx.array]) -> mx.array:
+    a = sources[e.src].astype(mx.float32)
+    if e.op == "conv":
+        a = a.transpose(0, 2, 1)
+    elif e.op == "conv_transpose":
+        c_in, out_per_group, k = a.shape
+        g = e.groups
+        a = a.reshape(g, c_in // g, out_per_group, k).transpose(0, 2, 3, 1)
+    elif e.op == "codebook":
+        usage = sources[e.aux].astype(mx.float32)
+        a = a / mx.maximum(usage, CODEBOOK_EPS)[:, None]
+    elif e.op != "copy":
+        raise ValueError(f"unknown op {e.op!r}")
+    return a.reshape(e.shape)
+
+
+def plan_mimi(weights: Path, config: Path | None) -> tuple[MimiConfig, Mapping]:
+    """The config and the checked mapping, from the header only."""
+    cfg = read_mimi_config(config)
+    shapes = {k: v.shape for k, v in read_header(weights).items()}
+    mapping = mimi_mapping(cfg)
+    check_mimi_mapping(mapping, shapes, str(weights))
+    return cfg, mapping
+
+
+def converted_mimi(mapping: Mapping, sources: dict[str, mx.array], what: str
+                   ) -> dict[str, mx.array]:
+    """Our Mimi's tensors (float32). Refuses checkpoints with an untrained codebook."""
+    for key in mapping.ignored:
+        untrained = key in sources and not mx.any(sources[key] != 0).item()
+        if key.endswith("._initialized") and untrained:
+            raise WeightsError(
+                f"{what}: {key} is 0: this codebook was never trained (is this a "
+                f"freshly initialised model rather than a released checkpoint?)")
+    return {e.dst: convert_mimi_tensor(e, sources) for e in mapping.entries}
