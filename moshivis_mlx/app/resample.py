@@ -26,7 +26,7 @@ CHUNK = 1 << 16
 def _filter_bank(up: int, down: int) -> tuple[np.ndarray, int]:
     """Per-phase taps [up, 2 * half] and `half`, the filter's reach in input samples."""
     cutoff = ROLLOFF * min(1.0, up / down)  # relative to the input Nyquist
-    half = int(ceil(ZERO_CROSSINGS / cutoff))
+    half = ceil(ZERO_CROSSINGS / cutoff)
     k = np.arange(-half + 1, half + 1)  # input offsets around floor(t)
     phase = np.arange(up)[:, None] / up  # fractional part of t
     t = k[None, :] - phase  # distance of each tap from the output instant
@@ -109,7 +109,7 @@ class Resampler:
 def resample(x: np.ndarray, in_rate: int, out_rate: int) -> np.ndarray:
     """Whole-signal conversion, time-aligned: `round(len(x) * out_rate / in_rate)` samples."""
     x = np.asarray(x, dtype=np.float32).reshape(-1)
-    n_out = int(round(len(x) * out_rate / in_rate))
+    n_out = round(len(x) * out_rate / in_rate)
     r = Resampler(in_rate, out_rate)
     if r.passthrough:
         return x.copy()

@@ -155,7 +155,7 @@ class WavReader:
     def close(self) -> None:
         self._f.close()
 
-    def __enter__(self) -> "WavReader":
+    def __enter__(self) -> WavReader:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -226,7 +226,7 @@ class WavWriter:
             self._f.close()
             self._f = None
 
-    def __enter__(self) -> "WavWriter":
+    def __enter__(self) -> WavWriter:
         return self
 
     def __exit__(self, *exc) -> None:
