@@ -111,7 +111,7 @@ def run_file(args: argparse.Namespace, console: Console) -> int:
     frames = InputFrames(args.input_wav)
     try:
         picture = load_picture(args.image) if args.image else None
-        with Steps(console, 3 + 2 * (picture is not None) + (args.weights is None)) as steps:
+        with Steps(console, 3 + 2 * (picture is not None)) as steps:
             bundle = resolve_bundle(args, steps)
             models = load_models(bundle, want_vision=picture is not None, steps=steps)
             stream = Stream(models.mimi, make_generator(models, args), models.tokenizer)

@@ -88,7 +88,7 @@ def _wait_ready(worker: ModelWorker) -> None:
 def run_live(args: argparse.Namespace, console: Console) -> int:
     interactive = console.is_terminal and sys.stdin.isatty()
     want_vision = not args.no_image
-    n_steps = 5 + want_vision + (args.image is not None) + (args.weights is None)
+    n_steps = 5 + want_vision + (args.image is not None)
     picture = load_picture(args.image) if args.image else None
     with Steps(console, n_steps) as steps:
         # The devices first: a missing microphone (or macOS asking for permission) should

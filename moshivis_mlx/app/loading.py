@@ -47,6 +47,9 @@ class Steps:
     def step(self, description: str) -> Iterator[None]:
         t0 = time.perf_counter()
         if self.progress is not None:
+            task = self.progress.tasks[0]
+            if task.completed >= (task.total or 0):  # a step nobody counted (a download)
+                self.progress.update(self.task, total=task.completed + 1)
             self.progress.update(self.task, description=description)
         else:
             self.console.print(f"{description} ...", highlight=False)
@@ -85,11 +88,19 @@ def resolve_bundle(args: argparse.Namespace, steps: Steps) -> Path:
         return path
     from weights_convert.hub import HubError, bundle_for_repo
 
-    with steps.step(f"model {args.hf_repo} (q{args.quantize})"), steps.pause():
-        try:
-            return bundle_for_repo(args.hf_repo, args.quantize)
-        except HubError as e:
-            raise WeightsError(str(e)) from None
+    @contextmanager
+    def stage(description: str) -> Iterator[None]:
+        with steps.step(description):
+            if description.startswith("download"):
+                with steps.pause():  # Hugging Face shows its own progress bars
+                    yield
+            else:
+                yield
+
+    try:
+        return bundle_for_repo(args.hf_repo, args.quantize, stage=stage)
+    except HubError as e:
+        raise WeightsError(str(e)) from None
 
 
 @dataclass
