@@ -107,10 +107,10 @@ def device_error(e: BaseException, kind: str, device: int | str | None) -> Audio
             or "-9996" in text or "invalid number of channels" in low or "-9998" in text
             or "not an input device" in low or "not an output device" in low):
         if kind == "input":
-            return AudioDeviceError(f"no microphone found ({text})",
+            return AudioDeviceError("no microphone found",
                                     f"connect a microphone or pick one with {flag} "
                                     f"(see --list-devices)")
-        return AudioDeviceError(f"no audio output device found ({text})",
+        return AudioDeviceError("no audio output device found",
                                 f"connect speakers or headphones or pick a device with {flag} "
                                 f"(see --list-devices)")
     if sys.platform == "darwin" and kind == "input" and "internal portaudio error" in low:
