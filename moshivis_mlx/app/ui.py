@@ -55,12 +55,45 @@ def gate_style(gate: float | None) -> str:
     return f"rgb({r},{g},{b})"
 
 
-def gate_legend() -> Text:
-    t = Text("gate 0 ")
-    for i in range(8):
-        t.append("\u2588", style=gate_style(i / 7))
-    t.append(" 1")
-    return t
+class GateScale:
+    """Maps gates onto the colour ramp over the range seen recently.
+
+    MoshiVis' gate is sigmoid(... - 4): it idles near 0.02 and rises when the image
+    matters, so a fixed 0..1 scale would paint everything the same colour. The legend
+    shows the actual range.
+    """
+
+    MIN_SPAN = 0.02
+
+    def __init__(self, keep: int = 600):
+        self.recent: deque[float] = deque(maxlen=keep)
+
+    def add(self, gate: float | None) -> None:
+        if gate is not None:
+            self.recent.append(gate)
+
+    def bounds(self) -> tuple[float, float]:
+        if not self.recent:
+            return 0.0, 1.0
+        lo, hi = min(self.recent), max(self.recent)
+        if hi - lo < self.MIN_SPAN:
+            mid = (lo + hi) / 2
+            lo, hi = max(0.0, mid - self.MIN_SPAN / 2), mid + self.MIN_SPAN / 2
+        return lo, hi
+
+    def style(self, gate: float | None) -> str:
+        if gate is None:
+            return "default"
+        lo, hi = self.bounds()
+        return gate_style((gate - lo) / (hi - lo))
+
+    def legend(self) -> Text:
+        lo, hi = self.bounds()
+        t = Text(f"gate {lo:.2f} ")
+        for i in range(8):
+            t.append("\u2588", style=gate_style(i / 7))
+        t.append(f" {hi:.2f}")
+        return t
 
 
 def thumbnail(image: Any, max_cols: int = THUMB_COLS, max_rows: int = THUMB_ROWS) -> Text:
@@ -138,8 +171,9 @@ def format_clock(t: float) -> str:
 class TranscriptView:
     """The transcript, wrapped to the panel and scrolled so the latest words show."""
 
-    def __init__(self, transcript: Transcript):
+    def __init__(self, transcript: Transcript, scale: GateScale):
         self.transcript = transcript
+        self.scale = scale
 
     def text(self) -> Text:
         t = Text()
@@ -147,7 +181,7 @@ class TranscriptView:
         for w in self.transcript.words:
             if not first:
                 t.append(" ")
-            t.append(w.text, style=gate_style(w.gate))
+            t.append(w.text, style=self.scale.style(w.gate))
             first = False
         return t
 
@@ -168,7 +202,8 @@ class TerminalUI:
     def __init__(self, image_name: str | None, image: Any | None, record_dir: str | None,
                  devices: str = "", image_enabled: bool = True, keep_words: int = 600):
         self.transcript = Transcript(keep=keep_words, keep_text=False)
-        self.view = TranscriptView(self.transcript)
+        self.gates = GateScale()
+        self.view = TranscriptView(self.transcript, self.gates)
         self.stats = LiveStats()
         self.record_dir = record_dir
         self.devices = devices
@@ -199,6 +234,8 @@ class TerminalUI:
     def handle(self, ev: Any) -> None:
         if isinstance(ev, StepEvent):
             self.stats.add(ev)
+            if ev.result.piece:
+                self.gates.add(ev.result.gate)
             self.transcript.add(ev.result.piece, ev.t, ev.result.gate, ev.result.step)
         elif isinstance(ev, ImageEvent):
             self.transcript.finish()
@@ -288,7 +325,8 @@ class TerminalUI:
         root = Layout()
         root.split_column(Layout(name="body", ratio=1), Layout(name="footer", size=3))
         transcript = Panel(self.view, title="transcript", title_align="left",
-                           subtitle=gate_legend(), subtitle_align="right")
+                           subtitle=self.gates.legend() if self.image_enabled else None,
+                           subtitle_align="right")
         if self.image_enabled:
             if self.thumb is not None:
                 width = max(self.thumb_cols + 4, 24)
