@@ -17,6 +17,8 @@ import queue
 import signal
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -76,7 +78,7 @@ def _wait_ready(worker: ModelWorker) -> None:
         try:
             ev = worker.events.get(timeout=0.1)
         except queue.Empty:
-            if not worker.is_alive():
+            if not worker.running:
                 raise AppError("the model thread stopped while loading")
             continue
         if isinstance(ev, ReadyEvent):
@@ -102,7 +104,7 @@ def run_live(args: argparse.Namespace, console: Console) -> int:
             worker.start()
             _wait_ready(worker)
         except BaseException:
-            worker.stop()
+            worker.stop(timeout=0.5)  # a failed or interrupted load: do not wait for it
             audio.close()
             raise
     stream = worker.stream
@@ -134,7 +136,7 @@ def run_live(args: argparse.Namespace, console: Console) -> int:
             ui = TerminalUI(os.path.basename(args.image) if args.image else None, picture,
                             str(recorder.dir) if recorder else None, audio.description,
                             image_enabled=want_vision)
-            fatal = _terminal_loop(ui, worker, console)
+            fatal = _terminal_loop(ui, worker, console, args.debug)
         else:
             ui = PlainUI()
             ui.print(f"listening ({audio.description}); Ctrl-C to stop")
@@ -145,7 +147,6 @@ def run_live(args: argparse.Namespace, console: Console) -> int:
         fatal = e
     finally:
         worker.stop()
-        worker.join(timeout=10)
         audio.close()
         for sig, handler in old_handlers.items():
             signal.signal(sig, handler)
@@ -181,14 +182,36 @@ def _drain(worker: ModelWorker, ui: Any, limit: int = 500) -> BaseException | No
     return None
 
 
-def _terminal_loop(ui: TerminalUI, worker: ModelWorker, console: Console) -> BaseException | None:
-    with KeyReader() as keys, Live(ui.render(), console=console, screen=True,
-                                   auto_refresh=False, redirect_stderr=False) as live:
+@contextmanager
+def _quiet_stderr(enabled: bool) -> Iterator[None]:
+    """Silences file descriptor 2 while the full-screen UI is up: C libraries (ALSA) print
+    warnings straight to it, which would scribble over the screen."""
+    if not enabled:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def _terminal_loop(ui: TerminalUI, worker: ModelWorker, console: Console,
+                   debug: bool = False) -> BaseException | None:
+    with _quiet_stderr(not debug), KeyReader() as keys, Live(
+            ui.render(), console=console, screen=True, auto_refresh=False,
+            redirect_stderr=False) as live:
         while True:
             fatal = _drain(worker, ui)
             if fatal is not None:
                 return fatal
-            if not worker.is_alive():
+            if not worker.running:
                 return AppError("the model thread stopped unexpectedly")
             for k in keys.read(1.0 / FPS):
                 action = ui.key(k)
@@ -211,7 +234,7 @@ def _plain_loop(ui: PlainUI, worker: ModelWorker) -> BaseException | None:
         fatal = _drain(worker, ui)
         if fatal is not None:
             return fatal
-        if not worker.is_alive():
+        if not worker.running:
             return AppError("the model thread stopped unexpectedly")
         time.sleep(0.05)
 

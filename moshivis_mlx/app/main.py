@@ -38,7 +38,7 @@ def error_line(message: str) -> None:
 def run_cli(args: argparse.Namespace) -> int:
     """`run` with the app's error policy: a one-line message and a non-zero exit code,
     a traceback only with --debug."""
-    console = Console(highlight=False)
+    console = Console(highlight=False, soft_wrap=True)
     try:
         return run(args, console)
     except AppError as e:

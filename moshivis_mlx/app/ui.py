@@ -133,7 +133,8 @@ class LiveStats:
     def __init__(self, seconds: float = STATS_SECONDS):
         self.latencies: deque[float] = deque(maxlen=max(2, round(seconds / FRAME_SECONDS)))
         self.level = 0.0
-        self.peak_silent = True
+        self.zero_frames = 0
+        """Consecutive frames of digital silence (exact zeros) from the microphone."""
         self.dropped = 0
         self.underruns = 0
         self.backlog = 0
@@ -143,8 +144,7 @@ class LiveStats:
     def add(self, ev: StepEvent) -> None:
         self.latencies.append(ev.result.latency_ms)
         self.level = max(ev.level, 0.7 * self.level)  # fast attack, slow release
-        if ev.level > 0:
-            self.peak_silent = False
+        self.zero_frames = self.zero_frames + 1 if ev.level == 0.0 else 0
         self.dropped, self.underruns, self.backlog = ev.dropped, ev.underruns, ev.backlog
         self.t = ev.t + FRAME_SECONDS
         self.steps += 1
@@ -160,6 +160,17 @@ class LiveStats:
         lat = "step -" if p is None else (
             f"step p50 {p[0]:.0f} ms p95 {p[1]:.0f} ms, headroom {BUDGET_MS / max(p[1], 1e-3):.1f}x")
         return f"{lat}, dropped {self.dropped}, underruns {self.underruns}"
+
+
+SILENT_MIC_FRAMES = round(3.0 / FRAME_SECONDS)
+
+
+def silent_mic_hint(stats: LiveStats) -> str | None:
+    """On macOS a microphone the terminal may not use delivers exact zeros, no error."""
+    if sys.platform == "darwin" and stats.zero_frames == SILENT_MIC_FRAMES:
+        return ("the microphone gives pure silence: if macOS blocked it, allow your terminal "
+                "in System Settings > Privacy & Security > Microphone and restart it")
+    return None
 
 
 def format_clock(t: float) -> str:
@@ -234,6 +245,9 @@ class TerminalUI:
     def handle(self, ev: Any) -> None:
         if isinstance(ev, StepEvent):
             self.stats.add(ev)
+            hint = silent_mic_hint(self.stats) if not self.muted else None
+            if hint:
+                self.say(hint, "yellow", seconds=20)
             if ev.result.piece:
                 self.gates.add(ev.result.gate)
             self.transcript.add(ev.result.piece, ev.t, ev.result.gate, ev.result.step)
@@ -381,6 +395,9 @@ class PlainUI:
     def handle(self, ev: Any) -> None:
         if isinstance(ev, StepEvent):
             self.stats.add(ev)
+            hint = silent_mic_hint(self.stats)
+            if hint:
+                self.print(f"[{ev.t:8.2f}s] warning: {hint}")
             piece = ev.result.piece
             if piece:
                 text = piece.replace("\u2581", " ")

@@ -89,6 +89,7 @@ class ModelWorker(threading.Thread):
         self.lost_events = 0
         self._stop_event = threading.Event()
         self._begin = threading.Event()
+        self.finished = threading.Event()
         self._silence: np.ndarray | None = None
 
     # -- called from the main thread --------------------------------------------------------
@@ -98,8 +99,10 @@ class ModelWorker(threading.Thread):
         self.recorder = recorder
         self._begin.set()
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 10.0) -> None:
+        """Ends the conversation; returns once the thread has stopped working."""
         self._stop_event.set()
+        self.finished.wait(timeout)
 
     def load_image(self, path: str) -> None:
         self.commands.put(("image", path))
@@ -138,28 +141,42 @@ class ModelWorker(threading.Thread):
             self._record_event("image", path=str(path))
             self._emit(ImageEvent(str(path), picture))
 
+    @property
+    def running(self) -> bool:
+        """False once the thread's work is over (see `run` for why it never ends)."""
+        return not self.finished.is_set()
+
     def run(self) -> None:
         try:
-            self.stream, self.encode_image = self.prepare()
-            self._emit(ReadyEvent())
-            while not self._begin.wait(0.05):
-                if self._stop_event.is_set():
-                    return
-            while not self._stop_event.is_set():
-                while True:
-                    try:
-                        self._run_command(self.commands.get_nowait())
-                    except queue.Empty:
-                        break
-                frame = self.audio.read_frame(timeout=0.1)
-                if frame is None:
-                    self.audio.check()
-                    continue
-                self._step(frame)
-                if self.frames % 13 == 0:
-                    self.audio.check()
+            self._work()
         except BaseException as e:
             self._emit_fatal(e)
+        finally:
+            self.finished.set()
+        # MLX (0.32) can abort the whole process at exit when a thread that used it has
+        # ended before (a race in its per-thread state). So this thread never ends: it
+        # parks here, as a daemon, until the process exits.
+        threading.Event().wait()
+
+    def _work(self) -> None:
+        self.stream, self.encode_image = self.prepare()
+        self._emit(ReadyEvent())
+        while not self._begin.wait(0.05):
+            if self._stop_event.is_set():
+                return
+        while not self._stop_event.is_set():
+            while True:
+                try:
+                    self._run_command(self.commands.get_nowait())
+                except queue.Empty:
+                    break
+            frame = self.audio.read_frame(timeout=0.1)
+            if frame is None:
+                self.audio.check()
+                continue
+            self._step(frame)
+            if self.frames % 13 == 0:
+                self.audio.check()
 
     def _emit_fatal(self, e: BaseException) -> None:
         # The display must learn about this even if its queue is full.
