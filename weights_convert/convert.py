@@ -26,6 +26,14 @@ from moshivis_mlx.models.lm import LM, LmConfig
 
 from .lm_layout import Entry, Mapping, check_mapping, detect_lm_layout, infer_lm_config, lm_mapping
 from .safetensors_io import WeightsError, read_header
+from .vision_convert import (
+    VisionPlan,
+    has_vision_tower,
+    plan_vision,
+    read_vision_config,
+    vision_quantization,
+    write_vision,
+)
 
 
 @dataclass
@@ -45,6 +53,10 @@ class ConvertOptions:
     dtype: str = "bfloat16"
     quantization: Quantization | None = field(default_factory=Quantization)
     force: bool = False
+    # The SigLIP image encoder (default: the tower inside --moshi-weights, if any).
+    vision_weights: Path | None = None
+    vision_config: Path | None = None
+    vision_float: bool = False
 
 
 def read_kyutai_config(path: Path | None) -> dict[str, Any] | None:
@@ -145,23 +157,57 @@ def plan_lm(weights: Path, kyutai_config: dict[str, Any] | None) -> tuple[LmConf
 
 def convert(opts: ConvertOptions) -> Path:
     """Writes the bundle; returns its path."""
-    if opts.moshi_weights is None:
-        raise WeightsError("nothing to convert: give --moshi-weights")
+    if opts.moshi_weights is None and opts.vision_weights is None:
+        raise WeightsError("nothing to convert: give --moshi-weights and/or --vision-weights")
     if opts.dtype not in DTYPES:
         raise WeightsError(f"unknown dtype {opts.dtype!r} (choose from {', '.join(DTYPES)})")
-    kc = read_kyutai_config(opts.kyutai_config)
-    cfg, mapping, layout = plan_lm(Path(opts.moshi_weights), kc)
     dtype = DTYPES[opts.dtype]
-    sources = mx.load(str(opts.moshi_weights))
+    quant = opts.quantization.to_dict() if opts.quantization else None
+    lm_plan = None
+    if opts.moshi_weights is not None:
+        kc = read_kyutai_config(opts.kyutai_config)
+        lm_plan = plan_lm(Path(opts.moshi_weights), kc)
+    vision_plan = plan_bundle_vision(opts)
+    if lm_plan is not None and vision_plan is not None:
+        image_dim = lm_plan[0].image_dim
+        if lm_plan[0].cross_attention and image_dim != vision_plan.cfg.dim:
+            raise WeightsError(f"the language model takes {image_dim}-wide image tokens, "
+                               f"the vision tower makes {vision_plan.cfg.dim}")
     with staging_dir(opts.out, opts.force) as tmp:
-        tensors = dict(converted_lm(mapping, sources, cfg, dtype, opts.quantization))
-        mx.save_safetensors(str(tmp / LM_WEIGHTS), tensors)
-        write_config(tmp, {
-            "model_type": "moshivis" if cfg.cross_attention else "moshi",
-            "lm": cfg.to_dict(),
-            "dtype": opts.dtype,
-            "quantization": opts.quantization.to_dict() if opts.quantization else None,
-            "generation": generation_defaults(kc),
-            "source": {"layout": layout, "lm_weights": Path(opts.moshi_weights).name},
-        })
+        bundle_cfg: dict[str, Any] = {}
+        if lm_plan is not None:
+            cfg, mapping, layout = lm_plan
+            sources = mx.load(str(opts.moshi_weights))
+            tensors = dict(converted_lm(mapping, sources, cfg, dtype, opts.quantization))
+            mx.save_safetensors(str(tmp / LM_WEIGHTS), tensors)
+            del tensors, sources
+            bundle_cfg.update({
+                "model_type": "moshivis" if cfg.cross_attention else "moshi",
+                "lm": cfg.to_dict(),
+                "dtype": opts.dtype,
+                "quantization": quant,
+                "generation": generation_defaults(kc),
+                "source": {"layout": layout, "lm_weights": Path(opts.moshi_weights).name},
+            })
+        if vision_plan is not None:
+            bundle_cfg["vision"] = write_vision(
+                tmp, vision_plan, opts.dtype, dtype,
+                vision_quantization(quant, opts.vision_float))
+        write_config(tmp, bundle_cfg)
     return Path(opts.out)
+
+
+# -- the SigLIP image encoder (see vision_convert) ---------------------------------------
+
+def plan_bundle_vision(opts: ConvertOptions) -> VisionPlan | None:
+    """The tower to convert: --vision-weights, else the one stored with MoshiVis' LM."""
+    source = opts.vision_weights
+    if source is None and opts.moshi_weights is not None:
+        if has_vision_tower(Path(opts.moshi_weights)):
+            source = Path(opts.moshi_weights)
+    if source is None:
+        if opts.vision_config is not None:
+            raise WeightsError("--vision-config given but no vision tower to convert "
+                               "(give --vision-weights)")
+        return None
+    return plan_vision(Path(source), read_vision_config(opts.vision_config))
