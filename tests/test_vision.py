@@ -223,7 +223,15 @@ def test_convert_errors(work, hf_config_file, capsys):
     save_file({"foo.weight": torch.zeros(2, 2)}, str(other))
     assert convert("--vision-weights", other, "--out", work / "bad2") == 1
     assert "no SigLIP vision tower found" in capsys.readouterr().err
-    assert not (work / "bad1").exists() and not (work / "bad2").exists()
+    quantized = work / "quantized_tower.safetensors"
+    save_file({"img_embedder.model.embeddings.patch_embedding.weight": torch.zeros(64, 3, 14, 14),
+               "img_embedder.model.encoder.layers.0.mlp.fc1.scales": torch.zeros(88, 2)},
+              str(quantized))
+    assert convert("--vision-weights", quantized, "--out", work / "bad3") == 1
+    assert "the vision tower is quantized" in capsys.readouterr().err
+    assert convert("--vision-config", hf_config_file, "--out", work / "bad4") == 1
+    assert "nothing to convert" in capsys.readouterr().err
+    assert not any((work / f"bad{i}").exists() for i in range(1, 5))
 
 
 def test_bundle_without_the_other_model(hf_bundle):
