@@ -20,14 +20,17 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from .image import ImageEncoder
 from .models.lm import LM, LmConfig
 from .models.mimi import Mimi, MimiConfig
+from .models.siglip import SiglipConfig, SiglipVision
 
 FORMAT_VERSION = 1
 CONFIG_NAME = "config.json"
 LM_WEIGHTS = "model.safetensors"
 LM_INDEX = "model.safetensors.index.json"
 MIMI_WEIGHTS = "mimi.safetensors"
+VISION_WEIGHTS = "vision.safetensors"
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 
@@ -152,6 +155,28 @@ def load_mimi(bundle: str | Path, num_codebooks: int = 8) -> Mimi:
     mimi = Mimi(mimi_cfg, num_codebooks=num_codebooks)
     load_weights_into(mimi, weight_files(bundle, "mimi"), None, f"{bundle}/{MIMI_WEIGHTS}")
     return mimi
+
+
+def load_vision(bundle: str | Path) -> ImageEncoder:
+    """The SigLIP image encoder of a bundle, with its preprocessing.
+
+    `config.json` describes it under `vision`: `siglip` (the `SiglipConfig`) and its own
+    `quantization` (None: float), which may differ from the language model's.
+    """
+    bundle = Path(bundle)
+    cfg = read_config(bundle)
+    section = cfg.get("vision")
+    if not section:
+        raise BundleError(f"{bundle}: the bundle holds no image encoder (add one with "
+                          f"moshivis-convert --vision-weights)")
+    try:
+        siglip = SiglipConfig.from_dict(section["siglip"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise BundleError(f"{bundle}/{CONFIG_NAME}: invalid vision section ({e})") from None
+    model = SiglipVision(siglip)
+    load_weights_into(model, weight_files(bundle, "vision"), section.get("quantization"),
+                      f"{bundle}/{VISION_WEIGHTS}")
+    return ImageEncoder(model)
 
 
 def generation_defaults(bundle: str | Path) -> dict[str, Any]:
