@@ -12,12 +12,13 @@ everywhere); only the patch and position embeddings are specific to images.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import mlx.core as mx
 import mlx.nn as nn
 
+from .config import ConfigBase
 from .transformer import Transformer, TransformerConfig
 
 # HF `hidden_act` names -> our FFN kinds. SigLIP checkpoints use the tanh approximation.
@@ -43,7 +44,7 @@ HF_DEFAULTS = {
 
 
 @dataclass
-class SiglipConfig:
+class SiglipConfig(ConfigBase):
     """SigLIP vision tower. Defaults are the PaliGemma2-448 tower MoshiVis uses."""
 
     dim: int = 1152
@@ -75,16 +76,6 @@ class SiglipConfig:
     def num_tokens(self) -> int:
         return self.grid * self.grid
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "SiglipConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown SigLIP config keys: {sorted(unknown)}")
-        return cls(**d)
 
     @classmethod
     def from_hf(cls, d: dict[str, Any]) -> "SiglipConfig":
