@@ -34,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="submit each step before collecting the previous one (throughput)")
     p.add_argument("--codec-frames", type=int, default=50,
                    help="frames of streaming Mimi encode+decode to time (0: skip)")
+    p.add_argument("--image-encodes", type=int, default=3,
+                   help="photos to encode with the SigLIP tower after a warm-up (0: skip)")
     p.add_argument("--json", type=Path, metavar="F", help="write the report as JSON")
     p.add_argument("--plot", type=Path, metavar="F.png", help="write the latency plot")
     p.add_argument("--seed", type=int, default=0)
@@ -57,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
             config=args.config, quant=args.quant, steps=args.steps, warmup=args.warmup,
             scenarios=tuple(s.strip() for s in args.scenarios.split(",") if s.strip()),
             weights=args.weights, pipelined=args.pipelined, seed=args.seed,
-            codec_frames=args.codec_frames)
+            codec_frames=args.codec_frames, image_encodes=args.image_encodes)
         report = _run_with_progress(bench, opts)
     except (ValueError, OSError) as e:
         if args.debug:

@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from moshivis_mlx.bundle import read_config
 from weights_convert.convert import ConvertOptions, Quantization, convert
 from weights_convert.safetensors_io import WeightsError
 
@@ -14,6 +15,7 @@ EPILOG = """examples:
   moshivis-convert --moshi-weights model.safetensors --config config.json --dtype float32 --out f32
   moshivis-convert --moshi-weights model.safetensors --mimi-weights mimi.safetensors --out q8
   moshivis-convert --mimi-weights mimi.safetensors --mimi-config mimi.json --out codec-only
+  moshivis-convert --vision-weights siglip.safetensors --vision-config siglip.json --out vision
 """
 
 
@@ -22,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="moshivis-convert",
         description="Convert Kyutai's Moshi / MoshiVis checkpoints (safetensors) into a "
                     "moshivis-mlx bundle directory, 8-bit quantized by default. Give at "
-                    "least one of --moshi-weights and --mimi-weights.",
+                    "least one of --moshi-weights, --mimi-weights and --vision-weights.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -34,6 +36,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Mimi codec weights (Kyutai's PyTorch layout); always stored float32")
     p.add_argument("--mimi-config", type=Path, metavar="C.json",
                    help="Kyutai's Mimi config for --mimi-weights (default: the released Mimi)")
+    v = p.add_argument_group(
+        "image encoder",
+        "MoshiVis' SigLIP tower; taken from --moshi-weights when that file holds it")
+    v.add_argument("--vision-weights", type=Path, metavar="F.safetensors",
+                   help="SigLIP vision tower (HF vision_model.*, MoshiVis image_prefix.enc.model.* "
+                        "or img_embedder.model.* layout)")
+    v.add_argument("--vision-config", type=Path, metavar="C.json",
+                   help="HF SiglipVisionConfig JSON of the tower (default: PaliGemma2-448's)")
+    v.add_argument("--vision-float", action="store_true",
+                   help="keep the tower in --dtype even when quantizing (else it is quantized "
+                        "at 8 bits whatever --q-bits says)")
     p.add_argument("--out", type=Path, required=True, metavar="DIR", help="bundle directory to write")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
                    help="dtype of the float tensors (default: bfloat16)")
@@ -61,6 +74,9 @@ def main(argv: list[str] | None = None) -> int:
         dtype=args.dtype,
         quantization=Quantization(args.q_bits, args.q_group_size) if args.quantize else None,
         force=args.force,
+        vision_weights=args.vision_weights,
+        vision_config=args.vision_config,
+        vision_float=args.vision_float,
     )
     try:
         out = convert(opts)
@@ -73,6 +89,10 @@ def main(argv: list[str] | None = None) -> int:
         print("moshivis-convert: interrupted, nothing written", file=sys.stderr)
         return 130
     print(f"wrote {out}")
+    cfg = read_config(out)
+    if cfg.get("lm", {}).get("cross_attention") and "vision" not in cfg:
+        print("note: the checkpoint holds no image encoder; convert again adding "
+              "--vision-weights (the SigLIP tower of PaliGemma2-3b-pt-448)", file=sys.stderr)
     return 0
 
 

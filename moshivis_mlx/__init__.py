@@ -1,7 +1,8 @@
 """moshivis-mlx: Kyutai's MoshiVis vision-speech model in MLX."""
 
-from .bundle import load_lm, load_mimi
+from .bundle import load_lm, load_mimi, load_vision
 from .generate import Generator, StepOutput
+from .image import ImageEncoder, ImageError, load_image
 from .models.lm import LM, LmConfig
 from .models.mimi import Mimi, MimiConfig
 from .sampling import Sampler
@@ -9,5 +10,6 @@ from .sampling import Sampler
 __all__ = [
     "LM", "LmConfig", "Generator", "Sampler", "StepOutput", "load_lm",
     "Mimi", "MimiConfig", "load_mimi",
+    "ImageEncoder", "ImageError", "load_image", "load_vision",
 ]
 __version__ = "0.1.0"

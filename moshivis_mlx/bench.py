@@ -25,6 +25,8 @@ import numpy as np
 from .bundle import load_lm, quantize_model
 from .generate import DEFAULT_XA_START, Generator
 from .models.lm import LM, PRESETS, LmConfig
+from .image import ImageEncoder
+from .models import siglip
 from .models.mimi import Mimi, MimiConfig
 from .sampling import kyutai_audio_sampler, kyutai_text_sampler
 
@@ -46,6 +48,8 @@ class BenchOptions:
     seed: int = 0
     codec_frames: int = 50
     """Frames of streaming Mimi encode + decode to time (0: skip)."""
+    image_encodes: int = 3
+    """Photos to encode with the SigLIP tower, after one warm-up (0: skip)."""
 
 
 def percentiles(ms: list[float]) -> dict[str, float]:
@@ -163,7 +167,33 @@ def run(opts: BenchOptions, progress: Callable[[str, int], Callable[[], None]] |
         }
     if opts.codec_frames > 0:
         report.update(time_codec(opts.config == "tiny", opts.codec_frames, opts.seed))
+    if opts.image_encodes > 0:
+        report.update(time_image_encoder(opts.config == "tiny", opts.quant, opts.image_encodes))
     return report
+
+
+def time_image_encoder(tiny: bool, quant: str, runs: int) -> dict[str, float]:
+    """One photo through preprocessing and the SigLIP tower, as a converted bundle holds it:
+    bfloat16, and 8-bit where the LM is quantized (layers the group size cannot divide
+    stay float)."""
+    from PIL import Image
+
+    cfg = siglip.tiny() if tiny else siglip.paligemma2_448()
+    model = siglip.SiglipVision(cfg)
+    model.set_dtype(mx.bfloat16)
+    if QUANTS[quant]:
+        quantize_model(model, 8, QUANTS[quant][1])
+    mx.eval(model.parameters())
+    encoder = ImageEncoder(model)
+    pixels = np.random.default_rng(0).integers(0, 256, (480, 640, 3), dtype=np.uint8)
+    photo = Image.fromarray(pixels)
+    encoder.encode_image(photo)  # warm-up
+    ms = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        encoder.encode_image(photo)
+        ms.append((time.perf_counter() - t0) * 1e3)
+    return {"image_encode_ms": float(np.median(ms))}
 
 
 def time_codec(tiny: bool, frames: int, seed: int, warmup: int = 5) -> dict[str, float]:

@@ -20,14 +20,17 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from .image import ImageEncoder
 from .models.lm import LM, LmConfig
 from .models.mimi import Mimi, MimiConfig
+from .models.siglip import SiglipConfig, SiglipVision
 
 FORMAT_VERSION = 1
 CONFIG_NAME = "config.json"
 LM_WEIGHTS = "model.safetensors"
 LM_INDEX = "model.safetensors.index.json"
 MIMI_WEIGHTS = "mimi.safetensors"
+VISION_WEIGHTS = "vision.safetensors"
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 
@@ -110,13 +113,24 @@ def load_weights_into(model: nn.Module, files: list[Path], quantization: dict | 
     mx.eval(model.parameters())
 
 
+def _model_config(bundle: Path, section: str, parse: Callable[[dict], Any], what: str,
+                  hint: str) -> tuple[dict[str, Any], Any]:
+    """A model's section of config.json and its parsed config, or a BundleError saying why."""
+    cfg = read_config(bundle)
+    if not cfg.get(section):
+        raise BundleError(f"{bundle}: the bundle holds no {what} ({hint})")
+    try:
+        return cfg, parse(cfg[section])
+    except (KeyError, TypeError, ValueError) as e:
+        raise BundleError(f"{bundle}/{CONFIG_NAME}: invalid {section} section ({e})") from None
+
+
 def load_lm(bundle: str | Path) -> LM:
     """The language model of a bundle, quantized or not, ready for `Generator`."""
     bundle = Path(bundle)
-    cfg = read_config(bundle)
-    if "lm" not in cfg:
-        raise BundleError(f"{bundle}: the bundle holds no language model")
-    lm = LM(LmConfig.from_dict(cfg["lm"]))
+    cfg, lm_cfg = _model_config(bundle, "lm", LmConfig.from_dict, "language model",
+                                "convert one with moshivis-convert --moshi-weights")
+    lm = LM(lm_cfg)
     load_weights_into(lm, weight_files(bundle, "model"), cfg.get("quantization"),
                       f"{bundle}/{LM_WEIGHTS}")
     return lm
@@ -141,17 +155,26 @@ def save_lm(lm: LM, bundle: str | Path, quantization: dict | None = None,
 def load_mimi(bundle: str | Path, num_codebooks: int = 8) -> Mimi:
     """The bundle's Mimi codec (always float32); `encode` gives `num_codebooks` codes a frame."""
     bundle = Path(bundle)
-    cfg = read_config(bundle)
-    if "mimi" not in cfg:
-        raise BundleError(f"{bundle}: the bundle holds no Mimi codec "
-                          f"(convert one with moshivis-convert --mimi-weights)")
-    try:
-        mimi_cfg = MimiConfig.from_dict(cfg["mimi"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise BundleError(f"{bundle}/{CONFIG_NAME}: invalid mimi section ({e})") from None
+    _, mimi_cfg = _model_config(bundle, "mimi", MimiConfig.from_dict, "Mimi codec",
+                                "convert one with moshivis-convert --mimi-weights")
     mimi = Mimi(mimi_cfg, num_codebooks=num_codebooks)
     load_weights_into(mimi, weight_files(bundle, "mimi"), None, f"{bundle}/{MIMI_WEIGHTS}")
     return mimi
+
+
+def load_vision(bundle: str | Path) -> ImageEncoder:
+    """The SigLIP image encoder of a bundle, with its preprocessing.
+
+    `config.json` describes it under `vision`: `siglip` (the `SiglipConfig`) and its own
+    `quantization` (None: float), which may differ from the language model's.
+    """
+    bundle = Path(bundle)
+    cfg, siglip = _model_config(bundle, "vision", lambda v: SiglipConfig.from_dict(v["siglip"]),
+                                "image encoder", "add one with moshivis-convert --vision-weights")
+    model = SiglipVision(siglip)
+    load_weights_into(model, weight_files(bundle, "vision"), cfg["vision"].get("quantization"),
+                      f"{bundle}/{VISION_WEIGHTS}")
+    return ImageEncoder(model)
 
 
 def generation_defaults(bundle: str | Path) -> dict[str, Any]:

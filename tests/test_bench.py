@@ -14,7 +14,7 @@ from moshivis_mlx import bench
 @pytest.fixture(scope="module")
 def report_path(tmp_path_factory):
     d = tmp_path_factory.mktemp("bench")
-    rc = bench_main(["--config", "tiny", "--quant", "bf16", "--steps", "6", "--warmup", "2", "--codec-frames", "3",
+    rc = bench_main(["--config", "tiny", "--quant", "bf16", "--steps", "6", "--warmup", "2", "--codec-frames", "3", "--image-encodes", "1",
                      "--json", str(d / "r.json"), "--plot", str(d / "r.png")])
     assert rc == 0
     return d / "r.json"
@@ -30,6 +30,7 @@ def test_report(report_path):
         assert s["first_step_ms"] > 0 and s["peak_memory_gb"] >= 0
     assert r["load_s"] >= 0 and r["weights_gb"] > 0 and r["image_kv_ms"] > 0
     assert 0 < r["mimi_encode_ms"] < r["mimi_frame_ms"]
+    assert r["image_encode_ms"] > 0
     assert r["machine"]["mlx"]
 
 
@@ -43,8 +44,9 @@ def test_plot(report_path):
 
 def test_pipelined_and_quantized(tmp_path):
     r = bench.run(bench.BenchOptions(config="tiny", quant="q4", steps=4, warmup=1,
-                                     scenarios=("moshi",), pipelined=True, codec_frames=0))
-    assert "mimi_frame_ms" not in r
+                                     scenarios=("moshi",), pipelined=True, codec_frames=0,
+                                     image_encodes=0))
+    assert "mimi_frame_ms" not in r and "image_encode_ms" not in r
     assert len(r["scenarios"]["moshi"]["steps_ms"]) == 4
     assert r["pipelined"]
 

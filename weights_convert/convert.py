@@ -28,6 +28,14 @@ from moshivis_mlx.models.mimi import MimiConfig
 from .lm_layout import Entry, Mapping, check_mapping, detect_lm_layout, infer_lm_config, lm_mapping
 from .mimi_layout import converted_mimi, plan_mimi
 from .safetensors_io import WeightsError, read_header
+from .vision_convert import (
+    VisionPlan,
+    has_vision_tower,
+    plan_vision,
+    read_vision_config,
+    vision_quantization,
+    write_vision,
+)
 
 
 @dataclass
@@ -50,6 +58,10 @@ class ConvertOptions:
     dtype: str = "bfloat16"
     quantization: Quantization | None = field(default_factory=Quantization)
     force: bool = False
+    # The SigLIP image encoder (default: the tower inside --moshi-weights, if any).
+    vision_weights: Path | None = None
+    vision_config: Path | None = None
+    vision_float: bool = False
 
 
 def read_kyutai_config(path: Path | None) -> dict[str, Any] | None:
@@ -175,14 +187,20 @@ def write_mimi(out_dir: Path, weights: Path, cfg: MimiConfig, mapping: Mapping) 
 
 def convert(opts: ConvertOptions) -> Path:
     """Writes the bundle; returns its path."""
-    if opts.moshi_weights is None and opts.mimi_weights is None:
-        raise WeightsError("nothing to convert: give --moshi-weights and/or --mimi-weights")
+    if opts.moshi_weights is None and opts.mimi_weights is None and opts.vision_weights is None:
+        raise WeightsError("nothing to convert: give --moshi-weights, --mimi-weights "
+                           "and/or --vision-weights")
     if opts.dtype not in DTYPES:
         raise WeightsError(f"unknown dtype {opts.dtype!r} (choose from {', '.join(DTYPES)})")
     # Every part is planned from the headers first: bad inputs fail before anything is written.
     kc = read_kyutai_config(opts.kyutai_config)
     lm = plan_lm(Path(opts.moshi_weights), kc) if opts.moshi_weights is not None else None
     mimi = plan_mimi(Path(opts.mimi_weights), opts.mimi_config) if opts.mimi_weights else None
+    vision = plan_bundle_vision(opts)
+    if lm is not None and vision is not None and lm[0].cross_attention \
+            and lm[0].image_dim != vision.cfg.dim:
+        raise WeightsError(f"the language model takes {lm[0].image_dim}-wide image tokens, "
+                           f"the vision tower makes {vision.cfg.dim}")
     with staging_dir(opts.out, opts.force) as tmp:
         config: dict[str, Any] = {}
         if lm is not None:
@@ -190,5 +208,25 @@ def convert(opts: ConvertOptions) -> Path:
         if mimi is not None:
             config["mimi"] = write_mimi(tmp, Path(opts.mimi_weights), *mimi)
             config.setdefault("source", {})["mimi_weights"] = Path(opts.mimi_weights).name
+        if vision is not None:
+            quant = opts.quantization.to_dict() if opts.quantization else None
+            config["vision"] = write_vision(tmp, vision, opts.dtype, DTYPES[opts.dtype],
+                                            vision_quantization(quant, opts.vision_float))
         write_config(tmp, config)
     return Path(opts.out)
+
+
+# -- the SigLIP image encoder (see vision_convert) ---------------------------------------
+
+def plan_bundle_vision(opts: ConvertOptions) -> VisionPlan | None:
+    """The tower to convert: --vision-weights, else the one stored with MoshiVis' LM."""
+    source = opts.vision_weights
+    if source is None and opts.moshi_weights is not None:
+        if has_vision_tower(Path(opts.moshi_weights)):
+            source = Path(opts.moshi_weights)
+    if source is None:
+        if opts.vision_config is not None:
+            raise WeightsError("--vision-config given but no vision tower to convert "
+                               "(give --vision-weights)")
+        return None
+    return plan_vision(Path(source), read_vision_config(opts.vision_config))

@@ -209,6 +209,8 @@ def lm_mapping(shapes: dict[str, tuple[int, ...]], layout: str, cfg: LmConfig) -
                 key = n["layer"].format(l=l) + "cross_attention.mha." + name
                 if key in shapes:
                     ignored.append(key)
+        # The SigLIP tower stored with the model is the image encoder's (vision_layout).
+        ignored += [k for k in shapes if k.startswith("image_prefix.enc.")]
 
     dep = cfg.depformer
     steps = cfg.dep_q if dep.weights_per_step else 1

@@ -9,12 +9,13 @@ codebooks one after another, each sub-step seeing `h` and the token sampled just
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Callable
+from dataclasses import dataclass, field
+from typing import Callable, ClassVar
 
 import mlx.core as mx
 import mlx.nn as nn
 
+from .config import ConfigBase
 from .transformer import (
     CrossAttention,
     CrossAttentionInput,
@@ -28,7 +29,7 @@ MOSHI_DELAYS = [0, 0, 1, 1, 1, 1, 1, 1, 1, 0, 1, 1, 1, 1, 1, 1, 1]
 
 
 @dataclass
-class DepformerConfig:
+class DepformerConfig(ConfigBase):
     """The depth transformer: `num_layers` layers over the `dep_q` sub-steps of one frame."""
 
     dim: int = 1024
@@ -40,8 +41,10 @@ class DepformerConfig:
 
 
 @dataclass
-class LmConfig:
+class LmConfig(ConfigBase):
     """Moshi / MoshiVis language model. Defaults are the released 7B model."""
+
+    nested: ClassVar[dict[str, type[ConfigBase]]] = {"depformer": DepformerConfig}
 
     dim: int = 4096
     num_heads: int = 32
@@ -62,8 +65,6 @@ class LmConfig:
     xa_gate_hidden: int = 512
 
     def __post_init__(self) -> None:
-        if isinstance(self.depformer, dict):
-            self.depformer = DepformerConfig(**self.depformer)
         if len(self.delays) != self.n_q + 1:
             raise ValueError(f"{len(self.delays)} delays for {self.n_q + 1} streams")
         if self.dim % self.num_heads:
@@ -76,17 +77,6 @@ class LmConfig:
     @property
     def audio_initial_token(self) -> int:
         return self.card
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "LmConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown LM config keys: {sorted(unknown)}")
-        return cls(**d)
 
     def transformer_config(self) -> TransformerConfig:
         return TransformerConfig(

@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from .config import ConfigBase
 from .conv import CausalConv1d, CausalConvTranspose1d, ConvState, ConvTransposeState
 from .quantizer import QuantizerConfig, SplitResidualVectorQuantizer
 from .seanet import SeanetConfig, SEANetDecoder, SEANetEncoder, state_arrays
@@ -45,8 +46,11 @@ def _released_transformer() -> TransformerConfig:
 
 
 @dataclass
-class MimiConfig:
+class MimiConfig(ConfigBase):
     """Every hyper-parameter of Mimi; the defaults are Kyutai's released model."""
+
+    nested: ClassVar[dict[str, type[ConfigBase]]] = {
+        "seanet": SeanetConfig, "quantizer": QuantizerConfig, "transformer": TransformerConfig}
 
     sample_rate: int = 24000
     frame_rate: float = 12.5
@@ -94,27 +98,9 @@ class MimiConfig:
 
     # -- our bundle format ------------------------------------------------------------
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "sample_rate": self.sample_rate,
-            "frame_rate": self.frame_rate,
-            "seanet": self.seanet.to_dict(),
-            "quantizer": self.quantizer.to_dict(),
-            "transformer": self.transformer.to_dict(),
-        }
-
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "MimiConfig":
-        unknown = set(d) - {"sample_rate", "frame_rate", "seanet", "quantizer", "transformer"}
-        if unknown:
-            raise ValueError(f"unknown mimi config keys: {sorted(unknown)}")
-        cfg = cls(
-            sample_rate=int(d["sample_rate"]),
-            frame_rate=float(d["frame_rate"]),
-            seanet=SeanetConfig.from_dict(d["seanet"]),
-            quantizer=QuantizerConfig.from_dict(d["quantizer"]),
-            transformer=TransformerConfig.from_dict(d["transformer"]),
-        )
+        cfg = super().from_dict(d)
         cfg.validate()
         return cfg
 

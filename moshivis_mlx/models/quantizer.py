@@ -10,15 +10,16 @@ make a valid coarser encoding.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
-from typing import Any
+from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
 
+from .config import ConfigBase
+
 
 @dataclass
-class QuantizerConfig:
+class QuantizerConfig(ConfigBase):
     dimension: int = 256
     """Width of the codebook vectors."""
     n_q: int = 32
@@ -27,16 +28,6 @@ class QuantizerConfig:
     output_dimension: int = 512
     n_q_semantic: int = 1
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "QuantizerConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown quantizer config keys: {sorted(unknown)}")
-        return cls(**d)
 
 
 class Codebook(nn.Module):

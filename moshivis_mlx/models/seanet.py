@@ -8,17 +8,18 @@ processes a whole clip from silence.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
 
+from .config import ConfigBase
 from .conv import CausalConv1d, CausalConvTranspose1d, ConvState, ConvTransposeState, elu
 
 
 @dataclass
-class SeanetConfig:
+class SeanetConfig(ConfigBase):
     """Kyutai's SEANet settings that Mimi uses (ELU, causal, no norm, true skip)."""
 
     channels: int = 1
@@ -37,16 +38,6 @@ class SeanetConfig:
     def hop_length(self) -> int:
         return math.prod(self.ratios)
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "SeanetConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown seanet config keys: {sorted(unknown)}")
-        return cls(**d)
 
 
 class ResidualUnit(nn.Module):
@@ -112,7 +103,22 @@ class DecoderBlock(nn.Module):
         return x
 
 
-class SEANetEncoder(nn.Module):
+class _ConvStack(nn.Module):
+    """conv_in -> blocks -> ELU -> conv_out, each carrying its own streaming state."""
+
+    def new_state(self) -> list:
+        return [self.conv_in.new_state(), [b.new_state() for b in self.blocks],
+                self.conv_out.new_state()]
+
+    def __call__(self, x: mx.array, state: list | None = None) -> mx.array:
+        s_in, s_blocks, s_out = state if state is not None else (None, None, None)
+        x = self.conv_in(x, s_in)
+        for i, block in enumerate(self.blocks):
+            x = block(x, None if s_blocks is None else s_blocks[i])
+        return self.conv_out(elu(x), s_out)
+
+
+class SEANetEncoder(_ConvStack):
     """[B, T, channels] audio -> [B, T / hop_length, dimension]."""
 
     def __init__(self, cfg: SeanetConfig):
@@ -125,19 +131,8 @@ class SEANetEncoder(nn.Module):
         width = nf * 2 ** len(cfg.ratios)
         self.conv_out = CausalConv1d(width, cfg.dimension, cfg.last_kernel_size)
 
-    def new_state(self) -> list:
-        return [self.conv_in.new_state(), [b.new_state() for b in self.blocks],
-                self.conv_out.new_state()]
 
-    def __call__(self, x: mx.array, state: list | None = None) -> mx.array:
-        s_in, s_blocks, s_out = state if state is not None else (None, None, None)
-        x = self.conv_in(x, s_in)
-        for i, block in enumerate(self.blocks):
-            x = block(x, None if s_blocks is None else s_blocks[i])
-        return self.conv_out(elu(x), s_out)
-
-
-class SEANetDecoder(nn.Module):
+class SEANetDecoder(_ConvStack):
     """[B, T, dimension] latents -> [B, T * hop_length, channels] audio."""
 
     def __init__(self, cfg: SeanetConfig):
@@ -149,17 +144,6 @@ class SEANetDecoder(nn.Module):
             DecoderBlock(cfg, width // 2**i, ratio) for i, ratio in enumerate(cfg.ratios)
         ]
         self.conv_out = CausalConv1d(nf, cfg.channels, cfg.last_kernel_size)
-
-    def new_state(self) -> list:
-        return [self.conv_in.new_state(), [b.new_state() for b in self.blocks],
-                self.conv_out.new_state()]
-
-    def __call__(self, x: mx.array, state: list | None = None) -> mx.array:
-        s_in, s_blocks, s_out = state if state is not None else (None, None, None)
-        x = self.conv_in(x, s_in)
-        for i, block in enumerate(self.blocks):
-            x = block(x, None if s_blocks is None else s_blocks[i])
-        return self.conv_out(elu(x), s_out)
 
 
 def state_arrays(state: Any) -> list[mx.array]:

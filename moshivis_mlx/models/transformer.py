@@ -14,16 +14,17 @@ Streaming state lives outside the modules, in `RingKVCache` objects passed to ea
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from dataclasses import dataclass, field
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from .config import ConfigBase
+
 
 @dataclass
-class TransformerConfig:
+class TransformerConfig(ConfigBase):
     """Hyper-parameters of one transformer stack."""
 
     d_model: int
@@ -53,16 +54,6 @@ class TransformerConfig:
     def head_dim(self) -> int:
         return self.d_model // self.num_heads
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TransformerConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown transformer config keys: {sorted(unknown)}")
-        return cls(**d)
 
 
 class RMSNorm(nn.Module):

@@ -1,0 +1,177 @@
+"""SigLIP vision-tower checkpoint layouts -> ours.
+
+The same tower is stored under different prefixes, all with HF's module names below it:
+
+    vision_model.X                      HF SiglipVisionModel / SiglipModel (as released)
+    X                                   HF SiglipVisionModel saved by transformers >= 5
+    vision_tower.vision_model.X         HF PaliGemma (model.vision_tower... in newer files)
+    image_prefix.enc.model.X            MoshiVis PyTorch checkpoint (kyuteye_pt)
+    img_embedder.model.X                MoshiVis MLX checkpoint (kyuteye_mlx)
+
+Ours differs in two ways: attention has one fused [q; k; v] input projection (the project
+transformer's), and the patch convolution is MLX's [out, kh, kw, in] instead of PyTorch's
+[out, in, kh, kw]. kyuteye_mlx files keep the PyTorch order and transpose when loading,
+so the order is read from each file's shape, not assumed from its layout.
+
+A destination fed by several entries (q, k, v -> in_proj) is their concatenation along
+the first axis, in mapping order.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from moshivis_mlx.models.siglip import SiglipConfig, paligemma2_448
+
+from .lm_layout import Entry, Mapping
+from .safetensors_io import WeightsError
+
+HF_SIGLIP = "hf-siglip"
+HF_PALIGEMMA = "hf-paligemma"
+MOSHIVIS_PT = "moshivis-pytorch"
+KYUTEYE_MLX = "moshivis-mlx"
+
+PREFIXES: list[tuple[str, str]] = [
+    ("image_prefix.enc.model.", MOSHIVIS_PT),
+    ("img_embedder.model.", KYUTEYE_MLX),
+    ("model.vision_tower.vision_model.", HF_PALIGEMMA),
+    ("vision_tower.vision_model.", HF_PALIGEMMA),
+    ("vision_model.", HF_SIGLIP),
+    ("", HF_SIGLIP),  # SiglipVisionModel saved by transformers >= 5: no prefix
+]
+PATCH = "embeddings.patch_embedding.weight"
+PT_TO_MLX_CONV = (0, 2, 3, 1)
+
+
+@dataclass(frozen=True)
+class VisionEntry(Entry):
+    """An `Entry` whose source axes are permuted (`perm`) before the reshape."""
+
+    perm: tuple[int, ...] | None = None
+
+
+def find_tower(keys: set[str] | list[str]) -> tuple[str, str] | None:
+    """(prefix, layout) of the one SigLIP tower among `keys`; None if there is none."""
+    keys = set(keys)
+    found = [(p, layout) for p, layout in PREFIXES if p + PATCH in keys]
+    if len(found) > 1:
+        raise WeightsError("several SigLIP towers in one file: "
+                           + ", ".join(p + PATCH for p, _ in found))
+    return found[0] if found else None
+
+
+def detect_vision_layout(keys: set[str] | list[str]) -> tuple[str, str]:
+    found = find_tower(keys)
+    if found is None:
+        raise WeightsError(
+            "no SigLIP vision tower found: expected keys such as vision_model." + PATCH
+            + " (HF), image_prefix.enc.model." + PATCH + " (MoshiVis PyTorch) or "
+            "img_embedder.model." + PATCH + " (MoshiVis MLX)")
+    return found
+
+
+def _count_layers(keys: set[str], prefix: str) -> int:
+    rx = re.compile(re.escape(prefix) + r"encoder\.layers\.(\d+)\.layer_norm1\.weight")
+    found = {int(m.group(1)) for k in keys if (m := rx.fullmatch(k))}
+    if found != set(range(len(found))):
+        raise WeightsError(f"vision encoder layer indices are not contiguous: {sorted(found)}")
+    return len(found)
+
+
+def check_vision_config(shapes: dict[str, tuple[int, ...]], prefix: str,
+                        cfg: SiglipConfig) -> None:
+    """The sizes the weights fix must be the config's: else one error naming each one."""
+    def shape(name: str) -> tuple[int, ...]:
+        key = prefix + name
+        if key not in shapes:
+            raise WeightsError(f"missing tensor {key!r}")
+        return tuple(shapes[key])
+
+    patch = shape(PATCH)
+    positions = shape("embeddings.position_embedding.weight")
+    fc1 = shape("encoder.layers.0.mlp.fc1.weight") if cfg.num_layers else (cfg.ffn_hidden,)
+    found = {
+        "dim": patch[0],
+        "num_layers": _count_layers(set(shapes), prefix),
+        "ffn_hidden": fc1[0],
+        "num_tokens (positions)": positions[0],
+    }
+    wanted = {
+        "dim": cfg.dim,
+        "num_layers": cfg.num_layers,
+        "ffn_hidden": cfg.ffn_hidden,
+        "num_tokens (positions)": cfg.num_tokens,
+    }
+    diffs = [f"{k}: config {v}, weights {found[k]}" for k, v in wanted.items() if v != found[k]]
+    if diffs:
+        raise WeightsError("the vision weights do not fit the vision config ("
+                           + "; ".join(diffs)
+                           + "); pass the tower's HF config with --vision-config")
+
+
+def patch_perm(shape: tuple[int, ...], cfg: SiglipConfig) -> tuple[int, ...] | None:
+    """How to reach MLX's [out, kh, kw, in] from the stored patch-conv shape."""
+    d, p, c = cfg.dim, cfg.patch_size, cfg.num_channels
+    pt, mlx = (d, c, p, p), (d, p, p, c)
+    if tuple(shape) == pt:
+        return PT_TO_MLX_CONV  # every known layout stores this order when both fit (p == c)
+    if tuple(shape) == mlx:
+        return None
+    raise WeightsError(f"patch convolution has shape {list(shape)}, expected {list(pt)} "
+                       f"(PyTorch order) or {list(mlx)} (MLX order)")
+
+
+def vision_mapping(shapes: dict[str, tuple[int, ...]], prefix: str,
+                   cfg: SiglipConfig) -> Mapping:
+    """Every destination tensor of our `SiglipVision` and where it comes from. Source keys
+    outside `prefix` belong to other models of the same file and are not listed."""
+    d, f = cfg.dim, cfg.ffn_hidden
+    entries: list[Entry] = []
+
+    def add(dst: str, src: str, shape: tuple[int, ...], perm: tuple[int, ...] | None = None):
+        entries.append(VisionEntry(dst, prefix + src, tuple(shape), None, perm))
+
+    p = cfg.patch_size
+    patch_shape = shapes.get(prefix + PATCH, (d, cfg.num_channels, p, p))
+    add("embeddings.patch.weight", PATCH, (d, p, p, cfg.num_channels),
+        patch_perm(patch_shape, cfg))
+    add("embeddings.patch.bias", "embeddings.patch_embedding.bias", (d,))
+    add("embeddings.positions", "embeddings.position_embedding.weight", (cfg.num_tokens, d))
+    for i in range(cfg.num_layers):
+        src, dst = f"encoder.layers.{i}.", f"encoder.layers.{i}."
+        for part in ("weight", "bias"):
+            for proj in ("q_proj", "k_proj", "v_proj"):  # fused in this order: [q; k; v]
+                shape = (d, d) if part == "weight" else (d,)
+                add(f"{dst}self_attn.in_proj.{part}", f"{src}self_attn.{proj}.{part}", shape)
+            add(f"{dst}self_attn.out_proj.{part}", f"{src}self_attn.out_proj.{part}",
+                (d, d) if part == "weight" else (d,))
+            add(f"{dst}norm1.{part}", f"{src}layer_norm1.{part}", (d,))
+            add(f"{dst}norm2.{part}", f"{src}layer_norm2.{part}", (d,))
+            add(f"{dst}ffn.linear_in.{part}", f"{src}mlp.fc1.{part}",
+                (f, d) if part == "weight" else (f,))
+            add(f"{dst}ffn.linear_out.{part}", f"{src}mlp.fc2.{part}",
+                (d, f) if part == "weight" else (d,))
+    add("post_norm.weight", "post_layernorm.weight", (d,))
+    add("post_norm.bias", "post_layernorm.bias", (d,))
+    # HF's attention-pooling head (MoshiVis uses the token sequence, not a pooled vector)
+    # and the position-id buffer some HF versions save.
+    ignored = [k for k in shapes if k.startswith(prefix + "head.")
+               or k == prefix + "embeddings.position_ids"]
+    return Mapping(entries, ignored)
+
+
+def tower_shapes(shapes: dict[str, tuple[int, ...]], prefix: str) -> dict[str, tuple[int, ...]]:
+    """The source tensors under the tower's prefix: the ones a mapping must account for."""
+    return {k: v for k, v in shapes.items() if k.startswith(prefix)}
+
+
+def vision_config_from(hf_config: dict[str, Any] | None) -> SiglipConfig:
+    """The tower's config: HF's SiglipVisionConfig JSON when given, else PaliGemma2-448."""
+    if hf_config is None:
+        return paligemma2_448()
+    try:
+        return SiglipConfig.from_hf(hf_config)
+    except (ValueError, TypeError) as e:
+        raise WeightsError(f"invalid vision config: {e}") from None
