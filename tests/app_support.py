@@ -26,9 +26,12 @@ APP = [sys.executable, "-m", "cli.app"]
 def demo_bundle() -> Path:
     """The tiny random-weight bundle the demo uses (LM, Mimi, SigLIP, tokenizer), built
     once per test run."""
+    import atexit
+
     from moshivis_mlx.app.demo import build_demo_bundle
 
     root = Path(tempfile.mkdtemp(prefix="moshivis-app-tests-"))
+    atexit.register(shutil.rmtree, root, True)
     return build_demo_bundle(root / "bundle")
 
 
