@@ -140,7 +140,13 @@ def demo_bundle(root: Path | None = None) -> tuple[Path, bool]:
 
     path = (root or cache_root()) / f"demo-tiny-v{DEMO_VERSION}"
     if (path / "config.json").exists():
-        return path, False
+        try:  # a few MB: loading is the surest check that this version can read it
+            from ..bundle import load_lm, load_mimi, load_vision
+
+            load_lm(path), load_mimi(path), load_vision(path)
+            return path, False
+        except Exception:  # made by an older version, or damaged: make it again
+            pass
     return build_demo_bundle(path), True
 
 
