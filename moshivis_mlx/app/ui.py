@@ -32,7 +32,7 @@ from .worker import ImageEvent, MessageEvent, RestartEvent, StepEvent
 BUDGET_MS = 1e3 * FRAME_SECONDS
 STATS_SECONDS = 5.0
 THUMB_COLS, THUMB_ROWS = 32, 16
-KEYS_HELP = "i image   r restart   space mute   q quit"
+KEYS_HELP = "i image  r restart  space mute  q quit"
 
 # Gate 0 -> 1: dim blue, violet, red, yellow (readable on dark and light backgrounds).
 GATE_RAMP = [(0.0, (90, 110, 200)), (0.35, (160, 80, 220)), (0.7, (235, 70, 90)),
@@ -294,6 +294,8 @@ class TerminalUI:
     # -- drawing ------------------------------------------------------------------------------
 
     def _status(self) -> Text:
+        """Clock, step latency (p50 / p95 over the last seconds), headroom against the
+        80 ms budget, dropped frames, underruns: one line that fits 80 columns."""
         s = self.stats
         t = Text()
         t.append("\u25cf ", style="red" if not self.muted else "bright_black")
@@ -303,32 +305,35 @@ class TerminalUI:
             t.append("step -  ")
         else:
             p50, p95 = p
-            t.append(f"step {p50:.0f} ms p50 / {p95:.0f} ms p95  ")
+            t.append(f"step {p50:.0f} ms p50 \u00b7 {p95:.0f} ms p95  ")
             if p95 <= BUDGET_MS:
-                t.append(f"headroom {BUDGET_MS - p95:.0f} ms ({BUDGET_MS / max(p95, 1e-3):.1f}x)",
+                t.append(f"headroom {BUDGET_MS - p95:.0f}/{BUDGET_MS:.0f} ms",
                          style="green" if p95 < 0.75 * BUDGET_MS else "yellow")
             else:
                 t.append(f"behind real time ({p95:.0f} > {BUDGET_MS:.0f} ms)", style="bold red")
             t.append("  ")
         t.append(f"dropped {s.dropped}  ", style="red" if s.dropped else "")
-        t.append(f"underruns {s.underruns}  ", style="red" if s.underruns else "")
-        if self.muted:
-            t.append("mic MUTED", style="bold yellow")
-        else:
-            t.append("mic ")
-            t.append_text(level_meter(s.level))
+        t.append(f"underruns {s.underruns}", style="red" if s.underruns else "")
         return t
 
     def _footer(self) -> Group:
         lines = [self._status()]
-        if self.prompt is not None:
-            lines.append(Text.assemble(("image path: ", "bold"), self.prompt, ("\u2588", "blink"),
-                                       ("   (Enter to load, Esc to cancel)", "bright_black")))
+        mic = Text()
+        if self.muted:
+            mic.append("mic MUTED ", style="bold yellow")
         else:
-            help_line = Text(KEYS_HELP, style="bold")
+            mic.append("mic ")
+            mic.append_text(level_meter(self.stats.level))
+        mic.append("   ")
+        if self.prompt is not None:
+            mic.append_text(Text.assemble(
+                ("image path: ", "bold"), self.prompt, ("\u2588", "blink"),
+                ("   (Enter to load, Esc to cancel)", "bright_black")))
+        else:
+            mic.append(KEYS_HELP, style="bold")
             if self.record_dir:
-                help_line.append(f"    recording to {self.record_dir}", style="bright_black")
-            lines.append(help_line)
+                mic.append(f"    recording to {self.record_dir}", style="bright_black")
+        lines.append(mic)
         if time.monotonic() < self._message_until:
             lines.append(self.message)
         elif self.devices:
