@@ -207,3 +207,12 @@ def test_file_mode_output_directory_must_exist(tmp_path, bundle):
                 str(tmp_path / "missing" / "o.wav"))
     line = one_error_line(r.stderr)
     assert r.returncode == 1 and "does not exist" in line
+
+
+def test_recording_directory_that_cannot_be_written(tmp_path, bundle, monkeypatch, capsys):
+    monkeypatch.setattr(audio_mod, "load_backend", lambda: FakeSoundDevice())
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    code = run_main("--weights", str(bundle), "--no-image", "--record", str(blocker / "rec"))
+    line = one_error_line(capsys.readouterr().err)
+    assert code == 1 and "cannot record the session" in line and "--no-record" in line

@@ -112,14 +112,21 @@ def run_live(args: argparse.Namespace, console: Console) -> int:
     recorder = None
     if not args.no_record:
         record_dir = Path(args.record) if args.record else default_session_dir()
-        recorder = SessionRecorder(record_dir, {
-            "bundle": str(info["bundle"]),
-            "image": str(args.image) if args.image else None,
-            "devices": audio.description,
-            "sampling": {"text": repr(stream.gen.text_sampler),
-                         "audio": repr(stream.gen.audio_sampler),
-                         "xa_start": stream.gen.xa_start},
-        })
+        try:
+            recorder = SessionRecorder(record_dir, {
+                "bundle": str(info["bundle"]),
+                "image": str(args.image) if args.image else None,
+                "devices": audio.description,
+                "sampling": {"text": repr(stream.gen.text_sampler),
+                             "audio": repr(stream.gen.audio_sampler),
+                             "xa_start": stream.gen.xa_start},
+            })
+        except OSError as e:
+            worker.stop()
+            audio.close()
+            raise AppError(f"cannot record the session in {record_dir} ({e.strerror or e})",
+                           "pick another directory with --record DIR, or use --no-record"
+                           ) from None
         if args.image:
             recorder.add_event("image", path=str(args.image))
 
