@@ -91,7 +91,8 @@ def main() -> int:
     report = {
         "steps": args.steps, "audio_minutes": args.steps * 0.08 / 60,
         "wall_minutes": elapsed / 60, "speed_x_real_time": float(match.group(1)) if match else None,
-        "rss_mb_settled": start_mb, "rss_mb_end": end_mb, "rss_mb_max": max(mb for _, mb in samples),
+        "rss_mb_settled": start_mb, "rss_mb_end": end_mb,
+        "rss_mb_max": max(mb for _, mb in samples),
         "rss_growth_mb": end_mb - start_mb, "output_samples": out_frames,
         "samples": [(round(t, 1), round(mb, 1)) for t, mb in samples],
     }

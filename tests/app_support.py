@@ -110,7 +110,7 @@ class PulseServer:
     def client_env(self, **extra: str) -> dict[str, str]:
         return app_env(**self.env, **extra)
 
-    def start(self) -> "PulseServer":
+    def start(self) -> PulseServer:
         running = subprocess.run(["pactl", "info"], env=app_env(), capture_output=True,
                                  timeout=10).returncode == 0
         if not running:
@@ -183,7 +183,7 @@ class FakeStream:
     """Calls its callback from a thread, like PortAudio: an input stream delivers a signal
     (or silence), an output stream collects what the app plays."""
 
-    def __init__(self, backend: "FakeSoundDevice", kind: str, samplerate: float, channels: int,
+    def __init__(self, backend: FakeSoundDevice, kind: str, samplerate: float, channels: int,
                  blocksize: int, callback, **_):
         self.backend, self.kind = backend, kind
         self.samplerate, self.channels, self.blocksize = int(samplerate), channels, blocksize

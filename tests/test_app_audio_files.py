@@ -115,7 +115,8 @@ def _riff(fmt_tag: int, bits: int = 16, data: bytes = b"\0\0" * 10) -> bytes:
     return b"RIFF" + struct.pack("<I", len(body)) + body
 
 
-@pytest.mark.parametrize("content,message", ids=["not-wav", "mu-law", "12-bit", "empty"], argvalues=[
+@pytest.mark.parametrize("content,message", ids=["not-wav", "mu-law", "12-bit", "empty"],
+                         argvalues=[
     (b"ID3\x03 not a wav at all", "not a WAV file"),
     (_riff(0x0007, 8), "compressed WAV (mu-law) is not supported"),
     (_riff(0x0001, 12), "12-bit PCM WAV is not supported"),

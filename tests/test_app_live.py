@@ -139,7 +139,8 @@ def test_live_conversation_through_a_real_sound_server(tmp_path, pulse, bundle, 
     assert len(rows) == 1 + session["frames"]
     total_ms = np.array([float(r.split(",")[5]) for r in rows[1:]])
     assert np.median(total_ms) < 80, "the tiny model keeps real time"
-    print(f"live: {seconds:.1f} s, speaker/model correlation {similarity:.3f}, step p50 {np.median(total_ms):.1f} ms, "
+    print(f"live: {seconds:.1f} s, speaker/model correlation {similarity:.3f}, "
+          f"step p50 {np.median(total_ms):.1f} ms, "
           f"dropped {session['dropped_frames']}, underruns {session['underruns']}")
 
 
@@ -181,7 +182,8 @@ def test_terminal_ui_under_tmux(tmp_path, pulse, bundle, speech):
                             "XDG_RUNTIME_DIR", "PYTHONPATH", "PATH", "TERM"))
     app = " ".join([*APP, "--weights", str(bundle), "--image", str(SAMPLE_IMAGE), "--record",
                     str(rec), "--input-device", "pulse", "--output-device", "pulse"])
-    command = f"cd {REPO} && env -u COLUMNS -u LINES {env} {app} 2> {tmp_path / 'stderr'}; echo $? > {done}; sleep 60"
+    command = (f"cd {REPO} && env -u COLUMNS -u LINES {env} {app} 2> {tmp_path / 'stderr'}; "
+               f"echo $? > {done}; sleep 60")
     tmux = Tmux("moshivis-ui", tmp_path / "tmux.sock")
     tmux.run("new-session", "-d", "-s", tmux.name, "-x", "120", "-y", "34", command)
     talker = pulse.talk(speech)

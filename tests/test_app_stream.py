@@ -18,7 +18,7 @@ from moshivis_mlx.app.ui import GateScale, PlainUI, TerminalUI, clean_path, thum
 from moshivis_mlx.app.worker import ImageEvent, StepEvent
 from moshivis_mlx.bundle import load_vision
 from moshivis_mlx.image import load_image
-from moshivis_mlx.stream import FRAME_SIZE, Stream, StepResult
+from moshivis_mlx.stream import FRAME_SIZE, StepResult, Stream
 from moshivis_mlx.text import TextTokenizer, find_tokenizer
 
 

@@ -53,7 +53,10 @@ class Resampler:
         self.in_rate, self.out_rate = int(in_rate), int(out_rate)
         self.up, self.down = self.out_rate // g, self.in_rate // g
         self.passthrough = self.up == self.down
-        self.taps, self.half = _filter_bank(self.up, self.down) if not self.passthrough else (None, 0)
+        if self.passthrough:
+            self.taps, self.half = None, 0
+        else:
+            self.taps, self.half = _filter_bank(self.up, self.down)
         self.reset()
 
     def reset(self) -> None:

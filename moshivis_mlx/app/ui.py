@@ -157,8 +157,11 @@ class LiveStats:
 
     def summary(self) -> str:
         p = self.percentiles()
-        lat = "step -" if p is None else (
-            f"step p50 {p[0]:.0f} ms p95 {p[1]:.0f} ms, headroom {BUDGET_MS / max(p[1], 1e-3):.1f}x")
+        if p is None:
+            lat = "step -"
+        else:
+            headroom = BUDGET_MS / max(p[1], 1e-3)
+            lat = f"step p50 {p[0]:.0f} ms p95 {p[1]:.0f} ms, headroom {headroom:.1f}x"
         return f"{lat}, dropped {self.dropped}, underruns {self.underruns}"
 
 
