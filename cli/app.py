@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--hf-repo", metavar="REPO", default=DEFAULT_HF_REPO,
                    help=f"Hugging Face repository to download and convert once "
                         f"(default: {DEFAULT_HF_REPO})")
-    w.add_argument("-q", "--quantize", type=quantize_arg, default="8", metavar="8|4|none",
+    w.add_argument("-q", "--quantize", type=quantize_arg, metavar="8|4|none",
                    help="weight quantization when converting --hf-repo (default: 8)")
 
     a = p.add_argument_group("audio (live mode)")

@@ -80,6 +80,9 @@ class _Paused:
 def resolve_bundle(args: argparse.Namespace, steps: Steps) -> Path:
     """The bundle directory: --weights, or --hf-repo downloaded and converted once."""
     if args.weights is not None:
+        if args.quantize is not None:
+            steps.console.print(f"note: -q {args.quantize} is ignored: the bundle in "
+                                f"{args.weights} is used as it was converted", highlight=False)
         path = Path(args.weights).expanduser()
         if not path.exists():
             raise WeightsError(f"weights directory {path} does not exist",
@@ -98,7 +101,7 @@ def resolve_bundle(args: argparse.Namespace, steps: Steps) -> Path:
                 yield
 
     try:
-        return bundle_for_repo(args.hf_repo, args.quantize, stage=stage)
+        return bundle_for_repo(args.hf_repo, args.quantize or "8", stage=stage)
     except HubError as e:
         raise WeightsError(str(e)) from None
 
