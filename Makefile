@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.stamp-install
 TEST_STAMP := $(VENV)/.stamp-test
 
-.PHONY: install test demo bench lint clean
+.PHONY: install test demo longrun bench lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,15 @@ install: $(STAMP)
 
 test: $(TEST_STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# Offline demo: a tiny random-weight model (generated into the cache on first use) answers
+# the sample question about the sample picture through the real pipeline, in file mode.
+demo: $(STAMP)
+	$(VENV)/bin/moshivis-mlx --demo
+
+# An hour of audio (45,000 steps) through file mode on the tiny model; reports RSS growth.
+longrun: $(STAMP)
+	$(PY) scripts/longrun.py --steps 45000
 
 # The quick benchmark configuration (tiny random model); full size: see the README.
 bench: $(STAMP)

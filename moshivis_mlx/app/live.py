@@ -1,0 +1,247 @@
+"""Live mode: microphone -> model -> speaker, with the terminal UI.
+
+Threads:
+  PortAudio's callbacks  copy 80 ms blocks in and out (audio.py), never wait
+  the model thread       frames -> Stream.step -> speaker FIFO + recording + events
+  the main thread        loads, then draws the UI, reads keys, and on exit saves
+
+The session is saved whatever ends it: `q`, Ctrl-C, SIGTERM, a device that vanishes or
+any error in the model thread (which is then reported after saving).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import queue
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.console import Console
+from rich.live import Live
+
+from ..stream import FRAME_SIZE, Stream
+from .audio import AudioIO, parse_device
+from .errors import AppError
+from .loading import (
+    Steps,
+    image_encoder,
+    load_models,
+    load_picture,
+    make_generator,
+    resolve_bundle,
+)
+from .recorder import SessionRecorder, default_session_dir
+from .ui import KeyReader, PlainUI, TerminalUI
+from .worker import FatalEvent, ModelWorker, ReadyEvent
+
+WARMUP_STEPS = 4
+FPS = 12
+
+
+def _terminate_as_interrupt(signum, frame):  # SIGTERM / SIGHUP end the session like Ctrl-C
+    raise KeyboardInterrupt
+
+
+def warm_up(stream: Stream, steps: int = WARMUP_STEPS) -> None:
+    """A few steps on silence so the first real frame does not pay for compilation and
+    allocation; then a fresh conversation."""
+    silence = np.zeros(FRAME_SIZE, dtype=np.float32)
+    for _ in range(steps):
+        stream.step(silence)
+    stream.reset()
+    stream.frames = 0
+
+
+def _prepare(args: argparse.Namespace, steps: Steps, picture: Any, info: dict[str, Any]):
+    """Loading and warm-up; runs on the model thread (see worker.py)."""
+    bundle = info["bundle"] = resolve_bundle(args, steps)
+    models = load_models(bundle, not args.no_image, steps)
+    stream = Stream(models.mimi, make_generator(models, args), models.tokenizer)
+    if picture is not None:
+        with steps.step(f"image {os.path.basename(args.image)}"):
+            stream.set_image(models.vision.encode_image(picture))
+    with steps.step("warm-up"):
+        warm_up(stream)
+    return stream, (image_encoder(models) if models.vision is not None else None)
+
+
+def _wait_ready(worker: ModelWorker) -> None:
+    """Blocks until the model thread is ready; raises what made it fail."""
+    while True:
+        try:
+            ev = worker.events.get(timeout=0.1)
+        except queue.Empty:
+            if not worker.running:
+                raise AppError("the model thread stopped while loading")
+            continue
+        if isinstance(ev, ReadyEvent):
+            return
+        if isinstance(ev, FatalEvent):
+            raise ev.error
+
+
+def run_live(args: argparse.Namespace, console: Console) -> int:
+    interactive = console.is_terminal and sys.stdin.isatty()
+    want_vision = not args.no_image
+    n_steps = 5 + want_vision + (args.image is not None)
+    picture = load_picture(args.image) if args.image else None
+    with Steps(console, n_steps) as steps:
+        # The devices first: a missing microphone (or macOS asking for permission) should
+        # not wait until a 7B model has loaded.
+        with steps.step("audio devices"):
+            audio = AudioIO(parse_device(args.input_device), parse_device(args.output_device))
+            audio.open()
+        info: dict[str, Any] = {}
+        worker = ModelWorker(lambda: _prepare(args, steps, picture, info), audio)
+        try:
+            worker.start()
+            _wait_ready(worker)
+        except BaseException:
+            worker.stop(timeout=0.5)  # a failed or interrupted load: do not wait for it
+            audio.close()
+            raise
+    stream = worker.stream
+
+    recorder = None
+    if not args.no_record:
+        record_dir = Path(args.record) if args.record else default_session_dir()
+        try:
+            recorder = SessionRecorder(record_dir, {
+                "bundle": str(info["bundle"]),
+                "image": str(args.image) if args.image else None,
+                "devices": audio.description,
+                "sampling": {"text": repr(stream.gen.text_sampler),
+                             "audio": repr(stream.gen.audio_sampler),
+                             "xa_start": stream.gen.xa_start},
+            })
+        except OSError as e:
+            worker.stop()
+            audio.close()
+            raise AppError(f"cannot record the session in {record_dir} ({e.strerror or e})",
+                           "pick another directory with --record DIR, or use --no-record"
+                           ) from None
+        if args.image:
+            recorder.add_event("image", path=str(args.image))
+
+    fatal: BaseException | None = None
+    old_handlers = {}
+    for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+        if sig is not None:
+            old_handlers[sig] = signal.signal(sig, _terminate_as_interrupt)
+    ui: Any = None
+    try:
+        audio.start()
+        worker.begin(recorder)
+        if interactive:
+            ui = TerminalUI(os.path.basename(args.image) if args.image else None, picture,
+                            str(recorder.dir) if recorder else None, audio.description,
+                            image_enabled=want_vision)
+            fatal = _terminal_loop(ui, worker, console, args.debug)
+        else:
+            ui = PlainUI()
+            ui.print(f"listening ({audio.description}); Ctrl-C to stop")
+            fatal = _plain_loop(ui, worker)
+    except KeyboardInterrupt:
+        pass
+    except AppError as e:
+        fatal = e
+    finally:
+        worker.stop()
+        audio.close()
+        for sig, handler in old_handlers.items():
+            signal.signal(sig, handler)
+        if isinstance(ui, PlainUI):
+            ui.close()
+        summary = {"dropped_frames": audio.dropped, "underruns": audio.underruns,
+                   "input_overflows": audio.input_overflows,
+                   "output_dropped": audio.fifo.dropped}
+        if ui is not None:
+            summary["latency"] = ui.stats.summary()
+        if recorder is not None:
+            if fatal is not None:
+                recorder.add_event("error", message=str(fatal))
+            saved = recorder.close(summary)
+            console.print(f"session saved to {saved}/ ({recorder.seconds:.1f} s: "
+                          f"conversation.wav, transcript.json, latency.csv)", highlight=False)
+        if ui is not None:
+            console.print(ui.stats.summary(), highlight=False)
+    if fatal is not None:
+        raise fatal
+    return 0
+
+
+def _drain(worker: ModelWorker, ui: Any, limit: int = 500) -> BaseException | None:
+    for _ in range(limit):
+        try:
+            ev = worker.events.get_nowait()
+        except queue.Empty:
+            return None
+        if isinstance(ev, FatalEvent):
+            return ev.error
+        ui.handle(ev)
+    return None
+
+
+@contextmanager
+def _quiet_stderr(enabled: bool) -> Iterator[None]:
+    """Silences file descriptor 2 while the full-screen UI is up: C libraries (ALSA) print
+    warnings straight to it, which would scribble over the screen."""
+    if not enabled:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def _terminal_loop(ui: TerminalUI, worker: ModelWorker, console: Console,
+                   debug: bool = False) -> BaseException | None:
+    with _quiet_stderr(not debug), KeyReader() as keys, Live(
+            ui.render(), console=console, screen=True, auto_refresh=False,
+            redirect_stderr=False) as live:
+        while True:
+            fatal = _drain(worker, ui)
+            if fatal is not None:
+                return fatal
+            if not worker.running:
+                return AppError("the model thread stopped unexpectedly")
+            for k in keys.read(1.0 / FPS):
+                action = ui.key(k)
+                if action is None:
+                    continue
+                if action[0] == "quit":
+                    return None
+                if action[0] == "restart":
+                    worker.restart()
+                elif action[0] == "mute":
+                    worker.muted = ui.muted = not ui.muted
+                elif action[0] == "image":
+                    ui.say(f"loading {action[1]} ...")
+                    worker.load_image(action[1])
+            live.update(ui.render(), refresh=True)
+
+
+def _plain_loop(ui: PlainUI, worker: ModelWorker) -> BaseException | None:
+    while True:
+        fatal = _drain(worker, ui)
+        if fatal is not None:
+            return fatal
+        if not worker.running:
+            return AppError("the model thread stopped unexpectedly")
+        time.sleep(0.05)
+

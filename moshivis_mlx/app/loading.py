@@ -1,0 +1,199 @@
+"""From the command line to ready models: find (or download and convert) the bundle,
+load the language model, Mimi, the image encoder and the tokenizer, with progress.
+
+Every failure a user can fix becomes a `WeightsError` / `ImageInputError` with a one-line
+message saying what to do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+from .errors import ImageInputError, WeightsError
+
+
+class Steps:
+    """A progress bar over the loading steps (plain lines when not on a terminal)."""
+
+    def __init__(self, console: Console, total: int):
+        self.console = console
+        self.total = total
+        self.progress: Progress | None = None
+        if console.is_terminal:
+            self.progress = Progress(SpinnerColumn(), TextColumn("{task.description:<28}"),
+                                     BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                                     TimeElapsedColumn(), console=console, transient=True)
+            self.task = self.progress.add_task("loading", total=total)
+
+    def __enter__(self) -> Steps:
+        if self.progress is not None:
+            self.progress.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+
+    @contextmanager
+    def step(self, description: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        if self.progress is not None:
+            task = self.progress.tasks[0]
+            if task.completed >= (task.total or 0):  # a step nobody counted (a download)
+                self.progress.update(self.task, total=task.completed + 1)
+            self.progress.update(self.task, description=description)
+        else:
+            self.console.print(f"{description} ...", highlight=False)
+        yield
+        if self.progress is not None:
+            self.progress.advance(self.task)
+            self.progress.console.print(f"[green]\u2713[/] {description} "
+                                        f"[bright_black]({time.perf_counter() - t0:.1f} s)[/]")
+
+    def pause(self):
+        """Hides the bar while something else (a download's own bars) prints."""
+        return _Paused(self.progress)
+
+
+class _Paused:
+    def __init__(self, progress: Progress | None):
+        self.progress = progress
+
+    def __enter__(self):
+        if self.progress is not None:
+            self.progress.stop()
+
+    def __exit__(self, *exc):
+        if self.progress is not None:
+            self.progress.start()
+
+
+def resolve_bundle(args: argparse.Namespace, steps: Steps) -> Path:
+    """The bundle directory: --weights, or --hf-repo downloaded and converted once."""
+    if args.weights is not None:
+        if args.quantize is not None:
+            steps.console.print(f"note: -q {args.quantize} is ignored: the bundle in "
+                                f"{args.weights} is used as it was converted", highlight=False)
+        path = Path(args.weights).expanduser()
+        if not path.exists():
+            raise WeightsError(f"weights directory {path} does not exist",
+                               "give a bundle made by moshivis-convert with --weights DIR, "
+                               "or leave --weights out to download Kyutai's model")
+        return path
+    from weights_convert.hub import HubError, bundle_for_repo
+
+    @contextmanager
+    def stage(description: str) -> Iterator[None]:
+        with steps.step(description):
+            if description.startswith("download"):
+                with steps.pause():  # Hugging Face shows its own progress bars
+                    yield
+            else:
+                yield
+
+    try:
+        return bundle_for_repo(args.hf_repo, args.quantize or "8", stage=stage)
+    except HubError as e:
+        raise WeightsError(str(e)) from None
+
+
+@dataclass
+class Models:
+    bundle: Path
+    lm: Any
+    mimi: Any
+    vision: Any | None
+    tokenizer: Any
+    generation: dict[str, Any]
+
+
+def _bundle_error(e: Exception, bundle: Path) -> WeightsError:
+    return WeightsError(f"cannot use the weights in {bundle}: {' '.join(str(e).split())}",
+                        "convert them again with moshivis-convert, or use --hf-repo")
+
+
+def load_models(bundle: Path, want_vision: bool, steps: Steps) -> Models:
+    from .. import load_lm, load_mimi
+    from ..bundle import BundleError, generation_defaults, read_config
+    from ..text import TextTokenizer, TokenizerError, find_tokenizer
+
+    try:
+        cfg = read_config(bundle)
+    except BundleError as e:
+        raise WeightsError(str(e)) from None
+    try:
+        with steps.step("language model"):
+            lm = load_lm(bundle)
+        with steps.step("Mimi codec"):
+            mimi = load_mimi(bundle)
+        vision = None
+        if want_vision:
+            if not cfg.get("vision"):
+                raise WeightsError(f"{bundle} has no image encoder",
+                                   "use a MoshiVis bundle, or run with --no-image")
+            if not lm.cfg.cross_attention:
+                raise WeightsError(f"the model in {bundle} is plain Moshi (no cross-attention)",
+                                   "use a MoshiVis bundle, or run with --no-image")
+            from ..bundle import load_vision
+
+            with steps.step("image encoder"):
+                vision = load_vision(bundle)
+        with steps.step("tokenizer"):
+            tokenizer = TextTokenizer(find_tokenizer(bundle))
+    except (BundleError, TokenizerError, ValueError, OSError) as e:
+        if isinstance(e, WeightsError):
+            raise
+        raise _bundle_error(e, bundle) from None
+    return Models(bundle, lm, mimi, vision, tokenizer, generation_defaults(bundle))
+
+
+def make_generator(models: Models, args: argparse.Namespace):
+    """The generator with Kyutai's sampling defaults (from the bundle), overridden by the
+    command line."""
+    from .. import Generator, Sampler
+
+    g = models.generation
+
+    def pick(cli: Any, key: str, default: Any) -> Any:
+        return cli if cli is not None else g.get(key, default)
+
+    seed = args.seed
+    text = Sampler(temperature=pick(args.text_temperature, "text_temperature", 0.7),
+                   top_k=pick(args.top_k, "text_top_k", 25),
+                   top_p=pick(args.top_p, "text_top_p", 0.0), seed=seed)
+    audio = Sampler(temperature=pick(args.audio_temperature, "audio_temperature", 0.8),
+                    top_k=pick(args.top_k, "audio_top_k", 250),
+                    top_p=pick(args.top_p, "audio_top_p", 0.0),
+                    seed=None if seed is None else seed + 1)
+    xa_start = pick(args.xa_start, "xa_start", 16)
+    return Generator(models.lm, text_sampler=text, audio_sampler=audio, xa_start=xa_start)
+
+
+def load_picture(path: str | Path):
+    """An image file -> a decoded RGB picture (PIL); ImageInputError with a one-line
+    message for anything that is not a usable image."""
+    from ..image import ImageError, load_image
+
+    try:
+        return load_image(path)
+    except ImageError as e:
+        raise ImageInputError(str(e), "give a JPEG or PNG photo") from None
+
+
+def image_encoder(models: Models):
+    """path -> (image tokens, decoded picture)."""
+
+    def encode(path: str):
+        picture = load_picture(path)
+        return models.vision.encode_image(picture), picture
+
+    return encode

@@ -1,0 +1,125 @@
+"""Sample-rate conversion in NumPy: polyphase windowed-sinc, offline and streaming.
+
+Microphones often run at 44.1 or 48 kHz and WAV files come at any rate, while Mimi
+works at 24 kHz. The ratio out/in is reduced to a fraction up/down; output sample n
+sits at input time n * down / up, and is a dot product of the neighbouring input
+samples with a Kaiser-windowed sinc evaluated at that fractional position. There are
+only `up` distinct fractional positions, so the filter is tabulated once per phase.
+The cutoff is placed a little below the lower of the two Nyquist frequencies, which
+keeps the pass band flat to ~90% of it and pushes aliases down by ~80 dB.
+"""
+
+from __future__ import annotations
+
+from math import ceil, gcd
+
+import numpy as np
+
+ZERO_CROSSINGS = 16
+"""Sinc lobes on each side of the centre: longer is sharper (and slower)."""
+KAISER_BETA = 8.6
+ROLLOFF = 0.94
+"""Cutoff as a fraction of the lower Nyquist frequency (room for the transition band)."""
+CHUNK = 1 << 16
+
+
+def _filter_bank(up: int, down: int) -> tuple[np.ndarray, int]:
+    """Per-phase taps [up, 2 * half] and `half`, the filter's reach in input samples."""
+    cutoff = ROLLOFF * min(1.0, up / down)  # relative to the input Nyquist
+    half = ceil(ZERO_CROSSINGS / cutoff)
+    k = np.arange(-half + 1, half + 1)  # input offsets around floor(t)
+    phase = np.arange(up)[:, None] / up  # fractional part of t
+    t = k[None, :] - phase  # distance of each tap from the output instant
+    # The Kaiser window evaluated at the (fractional) tap positions, zero beyond `half`.
+    r = np.clip(t / half, -1.0, 1.0)
+    w = np.i0(KAISER_BETA * np.sqrt(1.0 - r * r)) / np.i0(KAISER_BETA)
+    taps = cutoff * np.sinc(cutoff * t) * w
+    return taps.astype(np.float32), half
+
+
+class Resampler:
+    """Streaming conversion from `in_rate` to `out_rate` for mono float32 audio.
+
+    Feed blocks of any size; each call returns every output sample that the input so far
+    determines. Over a stream, `n` input samples give `floor(n * out_rate / in_rate)`
+    outputs (minus a constant delay of `half` input samples, which `flush` releases).
+    Memory stays constant however long the stream runs.
+    """
+
+    def __init__(self, in_rate: int, out_rate: int):
+        if in_rate <= 0 or out_rate <= 0:
+            raise ValueError(f"sample rates must be positive, got {in_rate} -> {out_rate}")
+        g = gcd(int(in_rate), int(out_rate))
+        self.in_rate, self.out_rate = int(in_rate), int(out_rate)
+        self.up, self.down = self.out_rate // g, self.in_rate // g
+        self.passthrough = self.up == self.down
+        if self.passthrough:
+            self.taps, self.half = None, 0
+        else:
+            self.taps, self.half = _filter_bank(self.up, self.down)
+        self.reset()
+
+    def reset(self) -> None:
+        # `half` zeros of history stand for the silence before the stream.
+        self._buf = np.zeros(self.half, dtype=np.float32)
+        self._buf_start = -self.half  # absolute input index of _buf[0]
+        self._n_out = 0  # outputs produced so far
+
+    def _available(self, end: int) -> int:
+        """How many more outputs the input up to absolute index `end` (exclusive) allows."""
+        # Output n needs input up to floor(n * down / up) + half.
+        last = end - 1 - self.half  # largest usable floor(t)
+        if last < 0:
+            return 0
+        # Outputs with floor(n * down / up) <= last, i.e. n * down < (last + 1) * up.
+        n_max = -(-(last + 1) * self.up // self.down)
+        return max(0, n_max - self._n_out)
+
+    def _compute(self, count: int) -> np.ndarray:
+        n = self._n_out + np.arange(count, dtype=np.int64)
+        num = n * self.down
+        base = num // self.up
+        phase = num % self.up
+        idx = (base - self._buf_start)[:, None] + np.arange(-self.half + 1, self.half + 1)
+        return np.einsum("ij,ij->i", self._buf[idx], self.taps[phase]).astype(np.float32)
+
+    def process(self, x: np.ndarray) -> np.ndarray:
+        """Next block of input -> the output samples it completes."""
+        x = np.asarray(x, dtype=np.float32).reshape(-1)
+        if self.passthrough:
+            return x.copy()
+        self._buf = np.concatenate([self._buf, x])
+        end = self._buf_start + len(self._buf)
+        count = self._available(end)
+        out = self._compute(count) if count else np.zeros(0, dtype=np.float32)
+        self._n_out += count
+        # Keep only what later outputs can still reach.
+        next_base = (self._n_out * self.down) // self.up
+        keep_from = next_base - self.half + 1
+        drop = min(max(0, keep_from - self._buf_start), len(self._buf))
+        if drop:
+            self._buf = self._buf[drop:]
+            self._buf_start += drop
+        return out
+
+    def flush(self) -> np.ndarray:
+        """The outputs still held back by the filter's look-ahead (the stream is over)."""
+        if self.passthrough:
+            return np.zeros(0, dtype=np.float32)
+        return self.process(np.zeros(self.half, dtype=np.float32))
+
+
+def resample(x: np.ndarray, in_rate: int, out_rate: int) -> np.ndarray:
+    """Whole-signal conversion, time-aligned: `round(len(x) * out_rate / in_rate)` samples."""
+    x = np.asarray(x, dtype=np.float32).reshape(-1)
+    n_out = round(len(x) * out_rate / in_rate)
+    r = Resampler(in_rate, out_rate)
+    if r.passthrough:
+        return x.copy()
+    # The streaming filter is centred with `half` zeros of history, so output 0 lines up
+    # with input 0; flushing supplies the zeros after the end. Chunks bound the memory.
+    parts = [r.process(x[i:i + CHUNK]) for i in range(0, len(x), CHUNK)]
+    out = np.concatenate(parts + [r.flush()])
+    if len(out) < n_out:
+        out = np.concatenate([out, np.zeros(n_out - len(out), dtype=np.float32)])
+    return out[:n_out]

@@ -1,0 +1,100 @@
+"""File mode and the offline demo: real speech in (espeak-ng, any format), the tiny model
+through the same Stream as live mode, 24 kHz out, exactly as long as the input."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+from app_support import app_env, demo_bundle, run_app, speech_wav
+
+from moshivis_mlx.app.demo import SAMPLE_IMAGE
+from moshivis_mlx.app.wav import WavReader, read_wav
+
+
+@pytest.fixture(scope="module")
+def bundle():
+    return demo_bundle()
+
+
+@pytest.mark.parametrize("rate,channels,bits", [(22050, 1, 16), (44100, 2, 32)])
+def test_spoken_question_in_any_format(tmp_path, bundle, rate, channels, bits):
+    question = speech_wav(tmp_path / "q.wav", "What is in this picture? Tell me about the colours.",
+                          rate=rate, channels=channels, bits=bits)
+    with WavReader(question) as r:
+        assert (r.sample_rate, r.channels) == (rate, channels)
+        n_in = r.frames
+    out, transcript = tmp_path / "answer.wav", tmp_path / "answer.json"
+    r = run_app("--weights", str(bundle), "--image", str(SAMPLE_IMAGE), "--input-wav",
+                str(question), "--output-wav", str(out), "--transcript", str(transcript),
+                "--seed", "3")
+    assert r.returncode == 0, r.stderr
+    assert "Traceback" not in r.stderr
+
+    answer, out_rate = read_wav(out)
+    assert out_rate == 24000 and answer.shape[1] == 1
+    assert answer.shape[0] == round(n_in * 24000 / rate)  # as long as the question
+    with open(out, "rb") as f:
+        assert f.read(44)[34] == 16  # 16-bit PCM
+    # The model's first frame is silent (the acoustic delay); then the random Mimi speaks.
+    assert np.abs(answer[:1920]).max() == 0
+    assert np.sqrt(np.mean(answer[1920:] ** 2)) > 0.01
+
+    t = json.loads(transcript.read_text())
+    assert t["sample_rate"] == 24000 and t["image"] == str(SAMPLE_IMAGE)
+    duration = answer.shape[0] / 24000
+    assert t["duration_s"] == pytest.approx(duration, abs=1e-3)
+    words = t["words"]
+    assert words, "the random model always says something"
+    assert all(0 < w["start"] <= w["end"] < duration for w in words)
+    assert [w["start"] for w in words] == sorted(w["start"] for w in words)
+    assert t["text"] == " ".join(w["word"] for w in words)
+    # The demo bundle starts looking at the image at step 2: later words carry a gate.
+    gated = [w["gate"] for w in words if w["start"] >= 0.4]
+    assert gated and all(isinstance(g, float) and 0.0 <= g <= 1.0 for g in gated)
+
+    speed = float(re.search(r"([\d.]+)x real time", r.stdout).group(1))
+    assert speed > 0
+    print(f"file mode: {duration:.2f} s of audio at {speed:.1f}x real time")
+
+
+def test_same_seed_same_answer(tmp_path, bundle):
+    question = speech_wav(tmp_path / "q.wav", "Hello there.", rate=16000)
+    outs = []
+    for i in range(2):
+        out = tmp_path / f"a{i}.wav"
+        r = run_app("--weights", str(bundle), "--image", str(SAMPLE_IMAGE), "--input-wav",
+                    str(question), "--output-wav", str(out), "--seed", "7")
+        assert r.returncode == 0, r.stderr
+        outs.append(out.read_bytes())
+    assert outs[0] == outs[1]
+
+
+def test_without_image(tmp_path, bundle):
+    question = speech_wav(tmp_path / "q.wav", "Hello.", rate=24000)
+    out, transcript = tmp_path / "a.wav", tmp_path / "a.json"
+    r = run_app("--weights", str(bundle), "--no-image", "--input-wav", str(question),
+                "--output-wav", str(out), "--transcript", str(transcript), "--seed", "1")
+    assert r.returncode == 0, r.stderr
+    t = json.loads(transcript.read_text())
+    assert t["image"] is None and all(w["gate"] is None for w in t["words"])
+
+
+def test_offline_demo(tmp_path):
+    """`make demo` runs exactly this: the tiny bundle is generated into an empty cache."""
+    cache = tmp_path / "cache"
+    r = run_app("--demo", cwd=tmp_path, env=app_env(MOSHIVIS_MLX_CACHE=str(cache)))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "random" in r.stdout and "noise" in r.stdout
+    assert (cache / "demo-tiny-v1" / "tokenizer.model").exists()
+    answer, rate = read_wav(tmp_path / "moshivis-demo" / "answer.wav")
+    question, _ = read_wav(SAMPLE_IMAGE.parent / "question.wav")
+    assert rate == 24000 and answer.shape[0] == question.shape[0]
+    t = json.loads((tmp_path / "moshivis-demo" / "transcript.json").read_text())
+    assert t["words"]
+    # A second run reuses the cached bundle and, seeded, answers identically.
+    r2 = run_app("--demo", cwd=tmp_path, env=app_env(MOSHIVIS_MLX_CACHE=str(cache)))
+    assert r2.returncode == 0 and "using the demo model" in r2.stdout
+    assert np.array_equal(read_wav(tmp_path / "moshivis-demo" / "answer.wav")[0], answer)

@@ -1,0 +1,231 @@
+"""Live mode for real: the app talks through PortAudio to a private PulseAudio server.
+
+Speech (espeak-ng) is played into a null sink whose monitor is the app's microphone; the
+app plays into another null sink whose monitor is recorded with parec. The terminal UI is
+driven under tmux and its screen read back with capture-pane.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from app_support import (
+    APP,
+    REPO,
+    PulseServer,
+    demo_bundle,
+    second_image,
+    speech_wav,
+    stop_process_group,
+)
+
+from moshivis_mlx.app.demo import SAMPLE_IMAGE
+from moshivis_mlx.app.wav import read_wav
+
+LIVE_SECONDS = 11.5
+
+
+@pytest.fixture(scope="module")
+def pulse():
+    server = PulseServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def bundle():
+    return demo_bundle()
+
+
+@pytest.fixture(scope="module")
+def speech(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("speech")
+    return speech_wav(folder / "talk.wav", "Hello! What do you see in this picture? "
+                      "Is there a house?", rate=24000)
+
+
+def wait_for_line(p: subprocess.Popen, text: str, timeout: float) -> list[str]:
+    """Reads the app's stdout until a line contains `text`."""
+    lines: list[str] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = p.stdout.readline()
+        if not line:
+            if p.poll() is not None:
+                break
+            continue
+        lines.append(line)
+        if text in line:
+            return lines
+    raise AssertionError(f"{text!r} never appeared; output so far:\n{''.join(lines)}")
+
+
+def best_correlation(played: np.ndarray, model: np.ndarray) -> float:
+    """Highest normalised correlation between a 2 s stretch of what the model said and any
+    2 s of what came out of the speaker (1.0: the same waveform, at some delay)."""
+    seg = model[2 * 24000:4 * 24000].astype(np.float64)
+    seg = seg - seg.mean()
+    n, m = len(played), len(seg)
+    size = 1 << (n + m).bit_length()
+    corr = np.fft.irfft(np.fft.rfft(played, size) * np.conj(np.fft.rfft(seg, size)), size)[:n - m]
+    energy = np.convolve(played.astype(np.float64) ** 2, np.ones(m), "valid")[:n - m]
+    mean = np.convolve(played.astype(np.float64), np.ones(m), "valid")[:n - m] / m
+    norm = np.sqrt(np.maximum(energy - m * mean**2, 1e-12)) * np.linalg.norm(seg)
+    return float(np.max(corr / norm))
+
+
+def test_live_conversation_through_a_real_sound_server(tmp_path, pulse, bundle, speech):
+    rec = tmp_path / "session"
+    captured = tmp_path / "speaker.raw"
+    recorder = pulse.record_speaker(captured)
+    talker = pulse.talk(speech)
+    app = subprocess.Popen(
+        [*APP, "--weights", str(bundle), "--image", str(SAMPLE_IMAGE), "--record", str(rec),
+         "--input-device", "pulse", "--output-device", "pulse", "--seed", "0"],
+        cwd=REPO, env=pulse.client_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True)
+    try:
+        wait_for_line(app, "listening", timeout=120)
+        time.sleep(LIVE_SECONDS)
+        app.send_signal(signal.SIGINT)  # Ctrl-C: quit, saving the session
+        out, err = app.communicate(timeout=60)
+    finally:
+        if app.poll() is None:
+            app.kill()
+        stop_process_group(talker)
+        recorder.terminate()
+        recorder.wait(timeout=10)
+    assert app.returncode == 0, err
+    assert "Traceback" not in err
+    assert f"session saved to {rec}" in out
+
+    # The session: both sides of the conversation, at least 10 s of it.
+    conv, rate = read_wav(rec / "conversation.wav")
+    assert rate == 24000 and conv.shape[1] == 2
+    seconds = conv.shape[0] / 24000
+    session = json.loads((rec / "session.json").read_text())
+    # At least 10 s of conversation: frames dropped when the machine was busy count too
+    # (they are never recorded: the model did not hear them).
+    assert seconds + 0.08 * session["dropped_frames"] >= 10.0, session
+    assert seconds >= 5.0
+    user, model = conv[:, 0], conv[:, 1]
+    assert np.sqrt(np.mean(user**2)) > 0.02, "the speech played into the microphone arrived"
+    assert np.sqrt(np.mean(model[24000:] ** 2)) > 0.02, "the model spoke"
+
+    # What the speaker played is the model's voice (same waveform, some latency later).
+    played = np.fromfile(captured, dtype="<i2").astype(np.float32) / 32768
+    assert len(played) > 8 * 24000
+    assert np.sqrt(np.mean(played**2)) > 0.02, "the speaker stayed silent"
+    similarity = best_correlation(played, model)
+    assert similarity > 0.9
+
+    transcript = json.loads((rec / "transcript.json").read_text())
+    words = transcript["words"]
+    assert len(words) > 10
+    assert all(0 <= w["start"] <= w["end"] <= seconds for w in words)
+    assert any(isinstance(w["gate"], float) for w in words)
+    assert transcript["events"][0]["event"] == "image"
+
+    assert session["frames"] == conv.shape[0] // 1920
+    assert session["dropped_frames"] >= 0 and session["underruns"] >= 0
+    rows = (rec / "latency.csv").read_text().splitlines()
+    assert len(rows) == 1 + session["frames"]
+    total_ms = np.array([float(r.split(",")[5]) for r in rows[1:]])
+    assert np.median(total_ms) < 80, "the tiny model keeps real time"
+    print(f"live: {seconds:.1f} s, speaker/model correlation {similarity:.3f}, "
+          f"step p50 {np.median(total_ms):.1f} ms, "
+          f"dropped {session['dropped_frames']}, underruns {session['underruns']}")
+
+
+# -- the terminal UI under tmux ---------------------------------------------------------------
+
+class Tmux:
+    def __init__(self, name: str, socket: Path):
+        self.name, self.socket = name, str(socket)
+
+    def run(self, *args: str) -> str:
+        r = subprocess.run(["tmux", "-S", self.socket, *args], capture_output=True, text=True,
+                           timeout=10)
+        return r.stdout
+
+    def screen(self, colours: bool = False) -> str:
+        return self.run("capture-pane", "-p", *(["-e"] if colours else []), "-t", self.name)
+
+    def keys(self, *keys: str) -> None:
+        self.run("send-keys", "-t", self.name, *keys)
+
+    def wait_for(self, predicate, timeout: float, what: str) -> str:
+        deadline = time.monotonic() + timeout
+        screen = ""
+        while time.monotonic() < deadline:
+            screen = self.screen()
+            if predicate(screen):
+                return screen
+            time.sleep(0.25)
+        raise AssertionError(f"timed out waiting for {what}; screen:\n{screen}")
+
+
+def test_terminal_ui_under_tmux(tmp_path, pulse, bundle, speech):
+    assert shutil.which("tmux")
+    rec = tmp_path / "session"
+    other = second_image(tmp_path / "second.png")
+    done = tmp_path / "exit-code"
+    env = " ".join(f"{k}='{v}'" for k, v in pulse.client_env(TERM="xterm-256color").items()
+                   if k in ("PULSE_SERVER", "PULSE_SINK", "PULSE_SOURCE", "HOME",
+                            "XDG_RUNTIME_DIR", "PYTHONPATH", "PATH", "TERM"))
+    app = " ".join([*APP, "--weights", str(bundle), "--image", str(SAMPLE_IMAGE), "--record",
+                    str(rec), "--input-device", "pulse", "--output-device", "pulse"])
+    command = (f"cd {REPO} && env -u COLUMNS -u LINES {env} {app} 2> {tmp_path / 'stderr'}; "
+               f"echo $? > {done}; sleep 60")
+    tmux = Tmux("moshivis-ui", tmp_path / "tmux.sock")
+    tmux.run("new-session", "-d", "-s", tmux.name, "-x", "120", "-y", "34", command)
+    talker = pulse.talk(speech)
+    try:
+        screen = tmux.wait_for(lambda s: "transcript" in s and "headroom" in s, 120, "the UI")
+        assert "sample.jpg 160x120" in screen  # the image panel, titled with name and size
+        assert screen.count("\u2580") >= 32 * 12  # the thumbnail: 32 x 12 half blocks
+        assert "\x1b[48;5;" in tmux.screen(colours=True)  # ... in colour
+        assert "recording to" in screen and "dropped" in screen and "underruns" in screen
+        assert "p50" in screen and "p95" in screen and "gate " in screen
+        # The transcript fills in, word by word.
+        tmux.wait_for(lambda s: "(listening" not in s, 30, "words")
+
+        tmux.keys(" ")
+        tmux.wait_for(lambda s: "mic MUTED" in s, 10, "muting")
+        tmux.keys(" ")
+        tmux.wait_for(lambda s: "mic MUTED" not in s, 10, "unmuting")
+
+        tmux.keys("i")
+        tmux.wait_for(lambda s: "image path:" in s, 10, "the image prompt")
+        tmux.keys("-l", str(other))
+        tmux.keys("Enter")
+        screen = tmux.wait_for(lambda s: "second.png 160x120" in s, 30, "the second image")
+        assert f"image: {other}" in screen
+
+        tmux.keys("r")
+        tmux.wait_for(lambda s: "conversation restarted" in s, 10, "the restart")
+
+        tmux.keys("q")
+        deadline = time.monotonic() + 30
+        while not done.exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert done.exists(), tmux.screen()
+        assert done.read_text().strip() == "0", (tmp_path / "stderr").read_text()
+    finally:
+        stop_process_group(talker)
+        tmux.run("kill-server")
+
+    assert "Traceback" not in (tmp_path / "stderr").read_text()
+    events = json.loads((rec / "transcript.json").read_text())["events"]
+    assert [e["event"] for e in events] == ["image", "image", "restart"]
+    assert events[1]["path"] == str(other)
+    conv, rate = read_wav(rec / "conversation.wav")
+    session = json.loads((rec / "session.json").read_text())
+    assert rate == 24000 and conv.shape[0] == session["frames"] * 1920 >= 24000, session
