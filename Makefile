@@ -17,12 +17,12 @@ $(STAMP): pyproject.toml
 $(TEST_STAMP): $(STAMP) requirements-test.txt
 	$(PIP) install -q -r requirements-test.txt
 	$(PIP) install -q --no-deps moshi==0.2.13
-	bash scripts/install-system-test-deps.sh
 	touch $@
 
 install: $(STAMP)
 
 test: $(TEST_STAMP)
+	bash scripts/install-system-test-deps.sh
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 # Offline demo: a tiny random-weight model (generated into the cache on first use) answers

@@ -11,7 +11,6 @@ from __future__ import annotations
 import secrets
 
 import mlx.core as mx
-from mlx_lm.sample_utils import apply_top_k, apply_top_p
 
 
 class Sampler:
@@ -72,6 +71,9 @@ class Sampler:
             return mx.argmax(logits, axis=-1)
         logprobs = logits / self.temperature
         logprobs = logprobs - mx.logsumexp(logprobs, axis=-1, keepdims=True)
+        # Imported here: mlx-lm loads `transformers`, seconds a greedy run need not wait.
+        from mlx_lm.sample_utils import apply_top_k, apply_top_p
+
         if 0 < self.top_k < logprobs.shape[-1]:
             logprobs = apply_top_k(logprobs, self.top_k)
         if 0.0 < self.top_p < 1.0:
