@@ -15,7 +15,8 @@ from weights_convert.safetensors_io import WeightsError
 
 EPILOG = """examples:
   moshivis-convert --hf-repo kyutai/moshika-vis-pytorch-bf16 --out moshika-vis-q8
-  moshivis-convert --hf-repo kyutai/moshiko-pytorch-bf16 -q --q-bits 4 --q-group-size 32 --out moshiko-q4
+  moshivis-convert --hf-repo kyutai/moshiko-pytorch-bf16 --q-bits 4 --q-group-size 32 \
+                   --out moshiko-q4
   moshivis-convert --hf-repo kyutai/moshika-vis-mlx --moshi-weights model.q8.safetensors --out q8
   moshivis-convert --moshi-weights model.safetensors --mimi-weights mimi.safetensors \\
                    --tokenizer tokenizer_spm_32k_3.model --out moshivis-q8
@@ -123,7 +124,9 @@ def options_from(args: argparse.Namespace) -> ConvertOptions:
     common = dict(out=args.out, dtype=args.dtype, quantization=quant, force=args.force,
                   vision_config=args.vision_config, vision_float=args.vision_float,
                   shard_size=args.shard_size)
-    path = (lambda x: Path(x) if x is not None else None)
+    def path(x: str | None) -> Path | None:
+        return Path(x) if x is not None else None
+
     if args.hf_repo:
         from weights_convert.hub import resolve_repo
 

@@ -52,8 +52,16 @@ from .mlx_layout import (
     lm_keys,
     shared_copies,
 )
-from .plan import DEFAULT_SHARD_SIZE, Part, Progress, copy_jobs, describe_part, entry_jobs, human
-from .plan import write_part
+from .plan import (
+    DEFAULT_SHARD_SIZE,
+    Part,
+    Progress,
+    copy_jobs,
+    describe_part,
+    entry_jobs,
+    human,
+    write_part,
+)
 from .safetensors_io import WeightsError
 from .source import FloatView, QuantSpec, Source, infer_quant_spec
 from .vision_convert import (

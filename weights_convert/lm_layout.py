@@ -292,13 +292,19 @@ def check_mapping(mapping: Mapping, shapes: dict[str, tuple[int, ...]], what: st
             bad.append(f"{e.src} {list(src)} -> {e.dst} {list(e.shape)}")
     problems = []
     if missing:
-        problems.append(f"missing tensors: {', '.join(missing)}")
+        problems.append(f"missing tensors: {listing(missing, ', ')}")
     if unexpected:
-        problems.append(f"unexpected tensors: {', '.join(unexpected)}")
+        problems.append(f"unexpected tensors: {listing(unexpected, ', ')}")
     if bad:
-        problems.append(f"mis-shaped tensors: {'; '.join(bad)}")
+        problems.append(f"mis-shaped tensors: {listing(bad, '; ')}")
     if problems:
         raise WeightsError(f"{what}: " + " | ".join(problems))
+
+
+def listing(items: list[str], sep: str, limit: int = 8) -> str:
+    """The first `limit` items and how many more (an error message stays readable)."""
+    head = sep.join(items[:limit])
+    return head if len(items) <= limit else f"{head}{sep}... ({len(items) - limit} more)"
 
 
 def _numel(shape: tuple[int, ...]) -> int:

@@ -25,7 +25,7 @@ import mlx.core as mx
 
 from moshivis_mlx.models.mimi import MimiConfig
 
-from .lm_layout import Entry, Mapping, check_mapping
+from .lm_layout import Entry, Mapping, check_mapping, listing
 from .plan import Part, entry_jobs
 from .safetensors_io import WeightsError
 from .source import FloatView, Source
@@ -163,7 +163,11 @@ def mimi_mapping(cfg: MimiConfig) -> Mapping:
 def check_mimi_mapping(mapping: Mapping, shapes: dict[str, tuple[int, ...]], what: str) -> None:
     """As `check_mapping` (all used, none missing), and every source shape exact."""
     aux = [e.aux for e in mapping.entries if e.aux]
-    check_mapping(Mapping(mapping.entries, mapping.ignored + aux), shapes, what)
+    try:
+        check_mapping(Mapping(mapping.entries, mapping.ignored + aux), shapes, what)
+    except WeightsError as e:
+        raise WeightsError(f"{e} (if this is another Mimi, pass its config with "
+                           f"--mimi-config)") from None
     bad = []
     for e in mapping.entries:
         if tuple(shapes[e.src]) != e.src_shape:
@@ -175,7 +179,7 @@ def check_mimi_mapping(mapping: Mapping, shapes: dict[str, tuple[int, ...]], wha
                 bad.append(f"{e.aux} is {list(shapes[e.aux])}, expected {list(e.src_shape[:1])}")
     if bad:
         raise WeightsError(f"{what}: the tensors do not match the Mimi config (pass the "
-                           f"checkpoint's config with --mimi-config): " + "; ".join(bad))
+                           f"checkpoint's config with --mimi-config): " + listing(bad, "; "))
 
 
 def convert_mimi_tensor(e: MimiEntry, sources) -> mx.array:

@@ -115,8 +115,8 @@ def kyuteye_mapping(shapes: dict[str, tuple[int, ...]], cfg: LmConfig) -> Mappin
         add(f"audio_emb.{i}.weight", f"audio_embs.{i}.weight", (cfg.card + 1, d))
     add("text_linear.weight", "text_linear.weight", (cfg.text_card, d))
     add("out_norm.weight", "out_norm.weight", (d,))
-    for l in range(cfg.num_layers):
-        p = f"transformer.layers.{l}."
+    for layer in range(cfg.num_layers):
+        p = f"transformer.layers.{layer}."
         add(p + "self_attn.in_proj.weight", p + "self_attn.in_proj.weight", (3 * d, d))
         add(p + "self_attn.out_proj.weight", p + "self_attn.out_proj.weight", (d, d))
         add(p + "norm1.weight", p + "norm1.weight", (d,))
@@ -148,8 +148,9 @@ def kyuteye_mapping(shapes: dict[str, tuple[int, ...]], cfg: LmConfig) -> Mappin
         else:
             add(f"depformer.audio_emb.{k - 1}.weight", s + "emb.weight", (cfg.card + 1, dd))
         add(f"depformer.heads.{k}.weight", s + "linear_out.weight", (cfg.card, dd))
-        for l in range(dep.num_layers):
-            src, dst = f"{s}transformer.layers.{l}.", f"depformer.transformer.layers.{l}."
+        for layer in range(dep.num_layers):
+            src = f"{s}transformer.layers.{layer}."
+            dst = f"depformer.transformer.layers.{layer}."
             if k == 0:
                 add(dst + "norm1.weight", src + "norm1.weight", (dd,))
                 add(dst + "norm2.weight", src + "norm2.weight", (dd,))
