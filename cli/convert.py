@@ -132,7 +132,8 @@ def options_from(args: argparse.Namespace) -> ConvertOptions:
 
         files = resolve_repo(args.hf_repo, moshi_weights=args.moshi_weights,
                              mimi_weights=args.mimi_weights, tokenizer=args.tokenizer,
-                             config=args.config, mimi_config=args.mimi_config)
+                             config=args.config, mimi_config=args.mimi_config,
+                             headers_only=args.dry_run)
         opts = files.options(**common)
         return replace(opts, vision_weights=path(args.vision_weights))
     return ConvertOptions(

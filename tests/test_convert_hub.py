@@ -219,3 +219,41 @@ def test_a_repository_holding_one_of_our_bundles(tmp_path, hf_cache, kyutai_file
     assert cfg["source"]["layout"] == "bundle" and cfg["quantization"]["bits"] == 4
     assert np.array(mx.load(str(out / "model.safetensors"))["text_linear.weight"]).dtype \
         == np.uint32
+
+
+def test_dry_run_reads_only_the_remote_headers(tmp_path, hf_cache, kyutai_files, monkeypatch):
+    """--dry-run --hf-repo downloads no weights: their headers come by themselves (here
+    from a stand-in for the Hub's header request), the small config files are fetched."""
+    from types import SimpleNamespace
+
+    import huggingface_hub
+
+    from weights_convert.safetensors_io import read_header
+
+    d = kyutai_files["dir"]
+    snap = fake_hf_repo(hf_cache, "kyutai/moshiko-pytorch-bf16", {
+        n: d / n for n in ("config.json", "mimi_config.json")})
+    asked = []
+
+    def header(self, repo_id, filename, **kw):
+        asked.append(filename)
+        table = read_header(d / filename)
+        return SimpleNamespace(metadata={}, tensors={
+            k: SimpleNamespace(dtype=t.dtype, shape=list(t.shape),
+                               data_offsets=(t.start, t.end)) for k, t in table.items()})
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "parse_safetensors_file_metadata", header)
+    text = ok("--hf-repo", "kyutai/moshiko-pytorch-bf16", "--dry-run")
+    assert sorted(asked) == sorted(["model.safetensors", MIMI])
+    assert sorted(p.name for p in snap.iterdir()) == ["config.json", "mimi_config.json"]
+    assert "plan for kyutai/moshiko-pytorch-bf16" in text
+    assert "hf://kyutai/moshiko-pytorch-bf16/model.safetensors" in text
+    assert "emb.0.weight [65, 64] float32 -> audio_emb.0.weight" in text
+    assert "Mimi codec -> mimi.safetensors" in text and "bundle size: bfloat16" in text
+    # The header of a remote file is validated like a local one.
+    monkeypatch.setattr(huggingface_hub.HfApi, "parse_safetensors_file_metadata",
+                        lambda self, repo_id, filename, **kw: SimpleNamespace(tensors={
+                            "text_emb.weight": SimpleNamespace(dtype="BF16", shape=[1 << 40, 9],
+                                                               data_offsets=(0, 2))}))
+    rc, _, err = run("--hf-repo", "kyutai/moshiko-pytorch-bf16", "--dry-run")
+    assert rc == 1 and "absurd shape" in err and "hf://kyutai/moshiko-pytorch-bf16" in err

@@ -86,9 +86,10 @@ SIZE_PRESETS = (("bfloat16", None), ("q8", 8), ("q4", 4))
 @dataclass
 class ConvertOptions:
     out: Path | None = None
-    moshi_weights: Path | None = None
+    moshi_weights: Path | Source | None = None
+    """A file, or (for --dry-run) a tensor table already read; so are mimi/vision_weights."""
     kyutai_config: Path | None = None
-    mimi_weights: Path | None = None
+    mimi_weights: Path | Source | None = None
     mimi_config: Path | None = None
     """Kyutai's Mimi config (JSON); default: the released Mimi."""
     tokenizer: Path | None = None
@@ -98,7 +99,7 @@ class ConvertOptions:
     quantization: Quantization | None = field(default_factory=Quantization)
     force: bool = False
     # The SigLIP image encoder (default: the tower inside --moshi-weights, if any).
-    vision_weights: Path | None = None
+    vision_weights: Path | Source | None = None
     vision_config: Path | None = None
     vision_float: bool = False
     bundle: Path | None = None
@@ -325,11 +326,11 @@ def plan_conversion(opts: ConvertOptions) -> Plan:
             raise WeightsError("nothing to convert: give --hf-repo, --bundle, or --moshi-weights, "
                                "--mimi-weights and/or --vision-weights")
         if opts.moshi_weights is not None:
-            lm_src = Source.from_files([Path(opts.moshi_weights)])
+            lm_src = _open(opts.moshi_weights)
         if opts.mimi_weights is not None:
-            mimi_src = Source.from_files([Path(opts.mimi_weights)])
+            mimi_src = _open(opts.mimi_weights)
         if opts.vision_weights is not None:
-            vision_src = Source.from_files([Path(opts.vision_weights)])
+            vision_src = _open(opts.vision_weights)
         elif lm_src is not None and has_vision_tower(lm_src):
             vision_src = lm_src
     if vision_src is None and opts.vision_config is not None:
@@ -385,6 +386,15 @@ def plan_conversion(opts: ConvertOptions) -> Plan:
     config["source"] = source_info
     config["converter"] = _converter()
     return Plan(parts, config, tokenizer, checks, found)
+
+
+def _open(weights: Path | Source) -> Source:
+    """A weights file's validated table (or a table already read: a remote header)."""
+    return weights if isinstance(weights, Source) else Source.from_files([Path(weights)])
+
+
+def _label(x: Path | Source | None) -> str | None:
+    return x.label if isinstance(x, Source) else (str(x) if x is not None else None)
 
 
 def _converter() -> dict[str, str]:
@@ -506,8 +516,9 @@ def size_table(opts: ConvertOptions) -> list[tuple[str, int]]:
 def dry_run(opts: ConvertOptions) -> list[str]:
     """The plan in words: every source tensor, its destination, dtype and size; totals."""
     plan = plan_conversion(opts)
-    source = opts.manifest or opts.bundle or opts.moshi_weights or opts.mimi_weights \
-        or opts.vision_weights
+    source = opts.origin.get("hf_repo") or _label(
+        opts.manifest or opts.bundle or opts.moshi_weights or opts.mimi_weights
+        or opts.vision_weights)
     lines = [f"plan for {source} (headers only, nothing written)"]
     lines += [f"  {f}" for f in plan.found]
     for part in plan.parts:

@@ -29,7 +29,8 @@ from moshivis_mlx.bundle import FORMAT_VERSION, BundleError, read_config
 
 from .convert import ConvertOptions, Quantization, convert
 from .plan import Progress
-from .safetensors_io import WeightsError
+from .safetensors_io import WeightsError, check_table
+from .source import Source
 
 LM_FILE = "model.safetensors"
 MIMI_FILE = "tokenizer-e351c8d8-checkpoint125.safetensors"
@@ -49,8 +50,8 @@ class RepoFiles:
     """Local paths of a repository's files (what ConvertOptions needs)."""
 
     repo: str
-    moshi_weights: Path | None = None
-    mimi_weights: Path | None = None
+    moshi_weights: Path | Source | None = None
+    mimi_weights: Path | Source | None = None
     tokenizer: Path | None = None
     kyutai_config: Path | None = None
     mimi_config: Path | None = None
@@ -158,6 +159,23 @@ def _fetch(repo: str, filename: str, optional: bool = False) -> Path | None:
         raise HubError(f"cannot download {filename} from {repo}: {_why(e)}") from None
 
 
+def remote_header(repo: str, filename: str) -> Source:
+    """The validated tensor table of a safetensors file of `repo`, reading only its header
+    (an HTTP range request): what --dry-run needs, without the download."""
+    hub, _, _ = _hub()
+    label = f"hf://{repo}/{filename}"
+    try:
+        meta = hub.HfApi().parse_safetensors_file_metadata(repo, filename)
+    except Exception as e:
+        if _is_network_error(e):
+            raise _NotReachable() from None
+        raise HubError(f"cannot read the header of {label}: {_why(e)}") from None
+    header = {name: {"dtype": t.dtype, "shape": list(t.shape),
+                     "data_offsets": list(t.data_offsets)} for name, t in meta.tensors.items()}
+    table = check_table(label, header, 1 << 62)
+    return Source(label, {k: (None, v) for k, v in table.items()}, has_data=False)
+
+
 def _manual_steps(repo: str, files: list[str]) -> str:
     return (f"fetch {', '.join(files)} from https://huggingface.co/{repo} into a folder F "
             f"(config.json too if the repository has one), then run moshivis-convert "
@@ -216,8 +234,10 @@ def _override(value: str | Path | None, repo: str, local_dir: Path | None) -> st
     return f"hf://{repo}/{text}"
 
 
-def _resolve(spec: str | Path, missing: list[str]) -> Path | None:
-    """A local path, or an hf:// file fetched; unreachable ones are added to `missing`."""
+def _resolve(spec: str | Path, missing: list[str], headers_only: bool = False
+             ) -> Path | Source | None:
+    """A local path, or an hf:// file fetched (or only its header); unreachable ones are
+    added to `missing`."""
     text = str(spec)
     if not text.startswith("hf://"):
         return Path(text)
@@ -226,6 +246,9 @@ def _resolve(spec: str | Path, missing: list[str]) -> Path | None:
         raise HubError(f"{text}: expected hf://owner/repo/file")
     repo, name = "/".join(parts[:2]), "/".join(parts[2:])
     try:
+        if headers_only and name.endswith(".safetensors"):
+            cached = _hub()[0].try_to_load_from_cache(repo, name)
+            return Path(cached) if isinstance(cached, str) else remote_header(repo, name)
         return _fetch(repo, name)
     except _NotReachable:
         missing.append(text)
@@ -235,11 +258,13 @@ def _resolve(spec: str | Path, missing: list[str]) -> Path | None:
 def resolve_repo(repo: str, moshi_weights: str | Path | None = None,
                  mimi_weights: str | Path | None = None, tokenizer: str | Path | None = None,
                  config: str | Path | None = None, mimi_config: str | Path | None = None,
-                 prefer_lm: list[str] | None = None) -> RepoFiles:
+                 prefer_lm: list[str] | None = None, headers_only: bool = False) -> RepoFiles:
     """The local files of `repo` (a Hugging Face repository, or a folder holding its
     files), downloading what is not cached. Options override the repository's files.
     `prefer_lm`: language-model files to try before the configured one (e.g. Kyutai's
-    `model.q8.safetensors` in its MLX repositories)."""
+    `model.q8.safetensors` in its MLX repositories). `headers_only` (a dry run): weights
+    not cached are not downloaded, only their headers are read, and the tokenizer is left
+    out."""
     local_dir = Path(repo).expanduser() if Path(repo).expanduser().is_dir() else None
     files = RepoFiles(repo=str(local_dir) if local_dir else repo)
     missing: list[str] = []
@@ -262,10 +287,13 @@ def resolve_repo(repo: str, moshi_weights: str | Path | None = None,
     names = _repo_names(raw)
     files.names = {k: v for k, v in names.items() if v}
 
-    def get(name: str) -> Path | None:
+    def get(name: str) -> Path | Source | None:
         if local_dir is not None:
             return local_dir / name
         try:
+            if headers_only and name.endswith(".safetensors"):
+                cached = _hub()[0].try_to_load_from_cache(repo, name)
+                return Path(cached) if isinstance(cached, str) else remote_header(repo, name)
             return _fetch(repo, name)
         except _NotReachable:
             missing.append(name)
@@ -273,7 +301,8 @@ def resolve_repo(repo: str, moshi_weights: str | Path | None = None,
 
     # The language model: an override, else the preferred files that exist, else the named.
     if moshi_weights is not None:
-        files.moshi_weights = _resolve(_override(moshi_weights, repo, local_dir), missing)
+        files.moshi_weights = _resolve(_override(moshi_weights, repo, local_dir), missing,
+                                       headers_only)
     else:
         for name in (prefer_lm or []):
             if local_dir is not None:
@@ -290,10 +319,13 @@ def resolve_repo(repo: str, moshi_weights: str | Path | None = None,
                 break
         if files.moshi_weights is None:
             files.moshi_weights = get(names["moshi"])
-    files.mimi_weights = (_resolve(_override(mimi_weights, repo, local_dir), missing)
+    files.mimi_weights = (_resolve(_override(mimi_weights, repo, local_dir), missing,
+                                   headers_only)
                           if mimi_weights is not None else get(names["mimi"]))
-    files.tokenizer = (_resolve(_override(tokenizer, repo, local_dir), missing)
-                       if tokenizer is not None else get(names["tokenizer"]))
+    if tokenizer is not None:
+        files.tokenizer = _resolve(_override(tokenizer, repo, local_dir), missing)
+    elif not headers_only or local_dir is not None:
+        files.tokenizer = get(names["tokenizer"])
     if mimi_config is not None:
         files.mimi_config = _resolve(_override(mimi_config, repo, local_dir), missing)
     elif names["mimi_config"]:
@@ -302,12 +334,13 @@ def resolve_repo(repo: str, moshi_weights: str | Path | None = None,
         needed = [n for n in missing if n != CONFIG_FILE] or [CONFIG_FILE]
         raise _offline(repo, needed)
     if local_dir is not None:
-        absent = [str(p.name) for p in (files.moshi_weights, files.mimi_weights, files.tokenizer,
-                                        files.mimi_config) if p is not None and not p.exists()]
+        absent = [p.name for p in (files.moshi_weights, files.mimi_weights, files.tokenizer,
+                                   files.mimi_config) if p is not None and not p.exists()]
         if absent:
             raise HubError(f"{local_dir} has no {', '.join(absent)} (a folder given as "
                            f"--hf-repo holds the repository's files)")
-    files.revision = _revision(files.moshi_weights) if files.moshi_weights else None
+    if isinstance(files.moshi_weights, Path):
+        files.revision = _revision(files.moshi_weights)
     return files
 
 

@@ -51,9 +51,14 @@ def detect_lm_layout(keys: set[str] | list[str]) -> str:
         return MOSHIVIS_PT
     if "text_emb.weight" in keys and "emb.0.weight" in keys:
         return MOSHI_PT
+    if any(re.fullmatch(r"depformer\.\d+\.emb\.weight", k) for k in keys):
+        raise WeightsError(
+            "this is Kyutai's Rust (candle) layout; convert the PyTorch or MLX release of the "
+            "same model instead (kyutai/moshika-vis-pytorch-bf16, kyutai/moshika-vis-mlx)")
     raise WeightsError(
         "unrecognised language-model checkpoint: expected Kyutai's Moshi "
-        "(text_emb.weight, emb.0.weight, ...) or MoshiVis (llm.text_emb.weight, ...) keys")
+        "(text_emb.weight, emb.0.weight, ...), MoshiVis (llm.text_emb.weight, ...) or MLX "
+        "(audio_embs.0.weight, depformer.slices.0...) keys")
 
 
 def _count(keys: set[str], pattern: str) -> int:

@@ -228,6 +228,7 @@ def check_codebooks_trained(mapping: Mapping, view: FloatView, what: str) -> Non
 def mimi_part(mapping: Mapping, view: FloatView) -> Part:
     """The jobs writing `mimi.safetensors`: always float32, never quantized (the codec is
     small and its numerics matter)."""
-    dropped = {k: "checked non-zero (a trained codebook)" for k in mapping.ignored}
+    dropped = {k: "must be non-zero, a trained codebook (checked when converting)"
+               for k in mapping.ignored}
     return Part("mimi", "Mimi codec", entry_jobs(mapping.entries, view, mx.float32, None, set()),
                 view, dropped=dropped)

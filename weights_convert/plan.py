@@ -293,7 +293,8 @@ def describe_part(part: Part, max_shard_bytes: int) -> list[str]:
         lines.append(f"  {src} -> {out.name} {shape} {dst_dtype}{extra} [{j.how}] "
                      f"{human(j.nbytes)}")
     for copy, original in part.copies:
-        lines.append(f"  {copy} -> not stored: a copy of {original} (checked equal)")
+        lines.append(f"  {copy} -> not stored: a copy of {original} (checked equal when "
+                     f"converting)")
     for name, why in part.dropped.items():
         lines.append(f"  {name} -> not stored: {why}")
     by_part: dict[str, list[str]] = {}

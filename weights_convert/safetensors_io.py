@@ -119,23 +119,29 @@ def read_header(path: str | Path) -> dict[str, TensorInfo]:
         raise WeightsError(f"{path}: not a safetensors file (header is not JSON: {e})") from None
     if not isinstance(header, dict):
         raise WeightsError(f"{path}: not a safetensors file (header is not a table)")
-    header.pop("__metadata__", None)
-    data_size = size - 8 - n
+    return check_table(path, header, size - 8 - n, 8 + n)
+
+
+def check_table(where: str | Path, header: dict, data_size: int, data_start: int = 0
+                ) -> dict[str, TensorInfo]:
+    """A validated tensor table from a parsed safetensors header (`data_size`: the bytes
+    after the header; the header of a remote file is checked with a size it cannot reach)."""
     tensors: dict[str, TensorInfo] = {}
     for name, entry in header.items():
-        tensors[name] = _check_entry(path, name, entry, data_size, 8 + n)
-    _check_overlaps(path, tensors.values())
+        if name != "__metadata__":
+            tensors[name] = _check_entry(where, name, entry, data_size, data_start)
+    _check_overlaps(where, tensors.values())
     return tensors
 
 
-def _check_overlaps(path: Path, tensors: Iterable[TensorInfo]) -> None:
+def _check_overlaps(path: str | Path, tensors: Iterable[TensorInfo]) -> None:
     spans = sorted((t for t in tensors if t.end > t.start), key=lambda t: (t.start, t.end))
     for a, b in zip(spans, spans[1:]):
         if b.start < a.end:
             raise WeightsError(f"{path}: tensors {a.name!r} and {b.name!r} overlap in the file")
 
 
-def _check_entry(path: Path, name: str, entry: object, data_size: int,
+def _check_entry(path: str | Path, name: str, entry: object, data_size: int,
                  data_start: int = 0) -> TensorInfo:
     where = f"{path}: tensor {name!r}"
     if not isinstance(entry, dict):

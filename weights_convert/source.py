@@ -78,7 +78,8 @@ class Source:
     def read(self, name: str) -> mx.array:
         path, info = self.tensors[name]
         if path is None:
-            raise WeightsError(f"{self.label}: a manifest holds no data (use it with --dry-run)")
+            raise WeightsError(f"{self.label}: only the tensor table is known here (a manifest "
+                               f"or a remote header): it can be planned, not converted")
         return read_tensor(path, info)
 
     def same_bytes(self, a: str, b: str) -> bool:
