@@ -511,6 +511,24 @@ def test_other_refusals(work, configs, sources):
     assert "use --manifest with --dry-run" in refused(
         work, "--manifest", MANIFESTS / "mimi.pt.json")
     assert "number of attention heads" in refused(work, "--moshi-weights", sources["pt"])
+    candle = work / "candle.safetensors"
+    save_file({"depformer.0.emb.weight": np.zeros((4, 4), np.float32)}, str(candle))
+    assert "Rust (candle) layout" in refused(work, "--moshi-weights", candle)
+
+
+def test_progress_bars(work, configs):
+    """On a terminal the conversion shows one bar per part (rich), up to the part's size."""
+    from cli.convert import RichProgress
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), RichProgress() as progress:
+        from weights_convert.convert import ConvertOptions, convert
+
+        convert(ConvertOptions(out=work / "with_bars", mimi_weights=configs["mimi"],
+                               mimi_config=configs["mimi_config"]), progress)
+    task = progress.progress.tasks[0]
+    assert task.description == "Mimi codec" and task.completed == task.total > 0
+    assert "Mimi codec" in err.getvalue()
 
 
 # -- memory -----------------------------------------------------------------------------
