@@ -3,43 +3,78 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
+from dataclasses import replace
 from pathlib import Path
 
-from moshivis_mlx.bundle import read_config
-from weights_convert.convert import ConvertOptions, Quantization, convert
+from moshivis_mlx.bundle import BundleError, read_config
+from weights_convert.convert import ConvertOptions, Quantization, convert, dry_run
+from weights_convert.plan import human
 from weights_convert.safetensors_io import WeightsError
 
 EPILOG = """examples:
-  moshivis-convert --moshi-weights model.safetensors --out moshivis-q8
-  moshivis-convert --moshi-weights model.safetensors --config config.json --dtype float32 --out f32
-  moshivis-convert --moshi-weights model.safetensors --mimi-weights mimi.safetensors --out q8
-  moshivis-convert --mimi-weights mimi.safetensors --mimi-config mimi.json --out codec-only
-  moshivis-convert --vision-weights siglip.safetensors --vision-config siglip.json --out vision
+  moshivis-convert --hf-repo kyutai/moshika-vis-pytorch-bf16 --out moshika-vis-q8
+  moshivis-convert --hf-repo kyutai/moshiko-pytorch-bf16 --q-bits 4 --q-group-size 32 \
+                   --out moshiko-q4
+  moshivis-convert --hf-repo kyutai/moshika-vis-mlx --moshi-weights model.q8.safetensors --out q8
+  moshivis-convert --moshi-weights model.safetensors --mimi-weights mimi.safetensors \\
+                   --tokenizer tokenizer_spm_32k_3.model --out moshivis-q8
+  moshivis-convert --bundle moshika-vis-q8 --dequantize --out moshika-vis-bf16
+  moshivis-convert --hf-repo kyutai/moshika-vis-pytorch-bf16 --dry-run
+  moshivis-convert --dry-run --manifest tests/data/manifests/moshivis.mlx.json
 """
+
+SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?i?B?)\s*", re.IGNORECASE)
+UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+
+
+def parse_size(text: str) -> int:
+    """'5GB', '500MB', '64KB' (powers of 1024, as mlx-lm counts its 5 GB shards) or bytes."""
+    m = SIZE.fullmatch(text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 5GB, 500MB)")
+    value = float(m.group(1)) * UNITS[m.group(2)[:1].upper()]
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"shard size must be positive, got {text!r}")
+    return int(value)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="moshivis-convert",
-        description="Convert Kyutai's Moshi / MoshiVis checkpoints (safetensors) into a "
-                    "moshivis-mlx bundle directory, 8-bit quantized by default. Give at "
-                    "least one of --moshi-weights, --mimi-weights and --vision-weights.",
+        description="Convert Kyutai's Moshi / MoshiVis checkpoints (PyTorch or MLX, on Hugging "
+                    "Face or local) or one of our bundles into a moshivis-mlx bundle directory "
+                    "(config.json, model*.safetensors, vision.safetensors, mimi.safetensors, "
+                    "tokenizer.model), 8-bit quantized by default.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--moshi-weights", type=Path, metavar="F.safetensors",
-                   help="language-model weights (Moshi or MoshiVis PyTorch layout)")
-    p.add_argument("--config", type=Path, metavar="C.json",
-                   help="Kyutai's config.json for the weights (default: the released 7B settings)")
-    p.add_argument("--mimi-weights", type=Path, metavar="F.safetensors",
-                   help="Mimi codec weights (Kyutai's PyTorch layout); always stored float32")
-    p.add_argument("--mimi-config", type=Path, metavar="C.json",
-                   help="Kyutai's Mimi config for --mimi-weights (default: the released Mimi)")
+    s = p.add_argument_group(
+        "source", "a Hugging Face repository, one of our bundles, or local files; with "
+        "--hf-repo the file options below override the repository's files (a local path, "
+        "hf://owner/repo/file, or the name of a file of the repository)")
+    s.add_argument("--hf-repo", "--hf-path", metavar="REPO",
+                   help="Kyutai repository (e.g. kyutai/moshika-vis-pytorch-bf16), or a local "
+                        "folder holding its files; its config.json is honoured")
+    s.add_argument("--bundle", type=Path, metavar="DIR",
+                   help="one of our bundles: re-quantize, --dequantize or change --dtype")
+    s.add_argument("--moshi-weights", metavar="F.safetensors",
+                   help="language model (Moshi / MoshiVis PyTorch, or Kyutai's MLX layout, "
+                        "quantized or not)")
+    s.add_argument("--config", metavar="C.json",
+                   help="Kyutai's config.json (default: the repository's, else the released "
+                        "7B settings)")
+    s.add_argument("--mimi-weights", metavar="F.safetensors",
+                   help="Mimi codec (Kyutai's PyTorch layout); always stored float32")
+    s.add_argument("--mimi-config", metavar="C.json",
+                   help="Kyutai's Mimi config (default: the released Mimi)")
+    s.add_argument("--tokenizer", metavar="F.model",
+                   help="SentencePiece text tokenizer (tokenizer_spm_32k_3.model)")
     v = p.add_argument_group(
         "image encoder",
-        "MoshiVis' SigLIP tower; taken from --moshi-weights when that file holds it")
-    v.add_argument("--vision-weights", type=Path, metavar="F.safetensors",
+        "MoshiVis' SigLIP tower; taken from the language-model file when that holds it")
+    v.add_argument("--vision-weights", metavar="F.safetensors",
                    help="SigLIP vision tower (HF vision_model.*, MoshiVis image_prefix.enc.model.* "
                         "or img_embedder.model.* layout)")
     v.add_argument("--vision-config", type=Path, metavar="C.json",
@@ -47,48 +82,132 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--vision-float", action="store_true",
                    help="keep the tower in --dtype even when quantizing (else it is quantized "
                         "at 8 bits whatever --q-bits says)")
-    p.add_argument("--out", type=Path, required=True, metavar="DIR", help="bundle directory to write")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
-                   help="dtype of the float tensors (default: bfloat16)")
-    q = p.add_mutually_exclusive_group()
+    o = p.add_argument_group("output")
+    o.add_argument("--out", "--mlx-path", type=Path, metavar="DIR",
+                   help="bundle directory to write (written to a temporary directory, renamed "
+                        "when complete)")
+    o.add_argument("--dtype", choices=["bfloat16", "float16", "float32"],
+                   help="dtype of the float tensors (default: bfloat16; for --bundle, the "
+                        "bundle's)")
+    q = o.add_mutually_exclusive_group()
     q.add_argument("-q", "--quantize", action="store_true", default=True,
                    help="quantize linear and embedding layers (the default)")
-    q.add_argument("--no-quantize", dest="quantize", action="store_false",
-                   help="keep every tensor in --dtype")
-    p.add_argument("--q-bits", type=int, default=8, choices=[4, 8], help="bits per weight (default 8)")
-    p.add_argument("--q-group-size", type=int, default=64, choices=[32, 64],
+    q.add_argument("--no-quantize", "--dequantize", dest="quantize", action="store_false",
+                   help="store every tensor in --dtype (quantized sources are dequantized)")
+    o.add_argument("--q-bits", type=int, default=8, choices=[4, 8],
+                   help="bits per weight (default 8)")
+    o.add_argument("--q-group-size", type=int, default=64, choices=[32, 64],
                    help="weights sharing one scale and bias (default 64)")
-    p.add_argument("--force", action="store_true", help="replace an existing output directory")
+    o.add_argument("--shard-size", type=parse_size, default="5GB", metavar="SIZE",
+                   help="largest weights file; larger parts are sharded with an index, as "
+                        "mlx-lm does (default 5GB)")
+    o.add_argument("--force", action="store_true", help="replace an existing output directory")
+    d = p.add_argument_group("planning")
+    d.add_argument("--dry-run", action="store_true",
+                   help="read the headers only and print the plan: every source tensor, its "
+                        "destination, dtype and size, and the bundle's size at bf16, q8, q4")
+    d.add_argument("--manifest", type=Path, metavar="M.json",
+                   help="with --dry-run: plan from a manifest (names, shapes, dtypes) instead "
+                        "of weights")
     p.add_argument("--debug", action="store_true", help="show a traceback on errors")
     return p
 
 
+def options_from(args: argparse.Namespace) -> ConvertOptions:
+    if args.hf_repo and args.bundle:
+        raise WeightsError("give either --hf-repo or --bundle, not both")
+    if args.manifest and not args.dry_run:
+        raise WeightsError("a manifest holds no data: use --manifest with --dry-run")
+    if args.out is None and not args.dry_run:
+        raise WeightsError("no output directory: give --out DIR (or --dry-run)")
+    quant = Quantization(args.q_bits, args.q_group_size) if args.quantize else None
+    common = dict(out=args.out, dtype=args.dtype, quantization=quant, force=args.force,
+                  vision_config=args.vision_config, vision_float=args.vision_float,
+                  shard_size=args.shard_size)
+    def path(x: str | None) -> Path | None:
+        return Path(x) if x is not None else None
+
+    if args.hf_repo:
+        from weights_convert.hub import resolve_repo
+
+        files = resolve_repo(args.hf_repo, moshi_weights=args.moshi_weights,
+                             mimi_weights=args.mimi_weights, tokenizer=args.tokenizer,
+                             config=args.config, mimi_config=args.mimi_config,
+                             headers_only=args.dry_run)
+        opts = files.options(**common)
+        return replace(opts, vision_weights=path(args.vision_weights))
+    return ConvertOptions(
+        moshi_weights=path(args.moshi_weights), kyutai_config=path(args.config),
+        mimi_weights=path(args.mimi_weights), mimi_config=path(args.mimi_config),
+        tokenizer=path(args.tokenizer), vision_weights=path(args.vision_weights),
+        bundle=args.bundle, manifest=args.manifest, **common)
+
+
+class RichProgress:
+    """Conversion progress bars (one per part, in bytes written) on stderr."""
+
+    def __init__(self):
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+        )
+
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(),
+                                 DownloadColumn(), TimeRemainingColumn(),
+                                 console=Console(stderr=True), transient=False)
+        self.tasks: dict[str, int] = {}
+
+    def __call__(self, what: str, done: int, total: int) -> None:
+        if what not in self.tasks:
+            self.tasks[what] = self.progress.add_task(what, total=total)
+        self.progress.update(self.tasks[what], completed=done)
+
+    def __enter__(self):
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.progress.stop()
+
+
+def one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    opts = ConvertOptions(
-        out=args.out,
-        moshi_weights=args.moshi_weights,
-        kyutai_config=args.config,
-        mimi_weights=args.mimi_weights,
-        mimi_config=args.mimi_config,
-        dtype=args.dtype,
-        quantization=Quantization(args.q_bits, args.q_group_size) if args.quantize else None,
-        force=args.force,
-        vision_weights=args.vision_weights,
-        vision_config=args.vision_config,
-        vision_float=args.vision_float,
-    )
     try:
-        out = convert(opts)
-    except (WeightsError, OSError) as e:
+        opts = options_from(args)
+        if args.dry_run:
+            print("\n".join(dry_run(opts)))
+            return 0
+        if sys.stderr.isatty():
+            with RichProgress() as progress:
+                out = convert(opts, progress)
+        else:
+            out = convert(opts)
+    except KeyboardInterrupt:
         if args.debug:
             raise
-        print(f"moshivis-convert: error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
         print("moshivis-convert: interrupted, nothing written", file=sys.stderr)
         return 130
-    print(f"wrote {out}")
+    except (WeightsError, BundleError, OSError) as e:
+        if args.debug:
+            raise
+        print(f"moshivis-convert: error: {one_line(e)}", file=sys.stderr)
+        return 1
+    except Exception as e:  # a bug: still one line, the traceback with --debug
+        if args.debug:
+            raise
+        print(f"moshivis-convert: internal error: {type(e).__name__}: {one_line(e)} "
+              f"(run with --debug for the traceback)", file=sys.stderr)
+        return 2
+    size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
+    print(f"wrote {out} ({human(size)})")
     cfg = read_config(out)
     if cfg.get("lm", {}).get("cross_attention") and "vision" not in cfg:
         print("note: the checkpoint holds no image encoder; convert again adding "

@@ -257,7 +257,8 @@ def test_lm_and_mimi_in_one_bundle(reference, work):
                          str(reference[2]), "--out", str(out)]) == 0
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["source"] == {"layout": "moshi-pytorch", "lm_weights": "lm.safetensors",
-                             "mimi_weights": "mimi.safetensors"}
+                             "mimi_weights": "mimi.safetensors",
+                             "kyutai_config": "lm_config.json"}
     assert cfg["quantization"] is not None  # the LM is quantized, Mimi never
     assert {a.dtype for a in mx.load(str(out / "mimi.safetensors")).values()} == {mx.float32}
     load_lm(out)

@@ -1,9 +1,19 @@
-"""Kyutai checkpoints -> a moshivis-mlx bundle directory.
+"""Kyutai checkpoints (or one of our bundles) -> a moshivis-mlx bundle directory.
 
-Tensors are read lazily and converted one at a time (rows of fused tensors split, norm
-gains reshaped, cast, optionally quantized), and the bundle is written into a temporary
-directory that is renamed into place only when complete: an interrupted conversion leaves
-nothing behind, and an existing bundle is only replaced with `force`.
+Planning reads headers only: every source file is validated, its layout recognised, every
+tensor mapped (nothing missing, nothing left over, every shape right) and every output
+tensor named and sized before a byte of data is read (`plan_conversion`; `--dry-run`
+prints that plan). Then the data checks run (copies of shared tensors equal, Mimi's
+codebooks trained), and the parts are written tensor by tensor, in shards (see plan.py),
+into a temporary directory renamed into place only when complete: an interrupted
+conversion leaves nothing behind, and an existing bundle is only replaced with `force`.
+
+Sources and how they are recognised (by their tensor names):
+
+    moshi-pytorch     Kyutai's Moshi (kyutai/moshiko-pytorch-bf16, moshika-pytorch-bf16)
+    moshivis-pytorch  Kyutai's MoshiVis (kyutai/moshika-vis-pytorch-bf16), tower included
+    kyuteye-mlx       Kyutai's MLX MoshiVis (kyutai/moshika-vis-mlx), bf16, q8 or q4
+    bundle            one of ours (config.json): re-quantized, dequantized or re-typed
 """
 
 from __future__ import annotations
@@ -12,57 +22,110 @@ import json
 import shutil
 import tempfile
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
-import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from moshivis_mlx.bundle import DTYPES, LM_WEIGHTS, MIMI_WEIGHTS, quantizable, write_config
+from moshivis_mlx.bundle import (
+    DTYPES,
+    BundleError,
+    quantizable,
+    read_config,
+    weight_files,
+    write_config,
+)
 from moshivis_mlx.generate import DEFAULT_XA_START
 from moshivis_mlx.models.lm import LM, LmConfig
 from moshivis_mlx.models.mimi import MimiConfig
+from moshivis_mlx.models.siglip import SiglipConfig
 
 from .lm_layout import Entry, Mapping, check_mapping, detect_lm_layout, infer_lm_config, lm_mapping
-from .mimi_layout import converted_mimi, plan_mimi
-from .safetensors_io import WeightsError, read_header
+from .mimi_layout import check_codebooks_trained, is_mimi, mimi_part, plan_mimi
+from .mlx_layout import (
+    KYUTEYE_MLX,
+    infer_kyuteye_config,
+    is_kyuteye_mlx,
+    kyuteye_mapping,
+    lm_keys,
+    shared_copies,
+)
+from .plan import (
+    DEFAULT_SHARD_SIZE,
+    Part,
+    Progress,
+    copy_jobs,
+    describe_part,
+    entry_jobs,
+    human,
+    write_part,
+)
+from .safetensors_io import WeightsError
+from .source import FloatView, QuantSpec, Source, infer_quant_spec
 from .vision_convert import (
     VisionPlan,
     has_vision_tower,
+    plan_bundle_vision,
     plan_vision,
     read_vision_config,
+    vision_part,
     vision_quantization,
-    write_vision,
+    vision_section,
 )
 
+Quantization = QuantSpec
+"""Blockwise affine quantization: `Quantization(bits=8, group_size=64)`."""
 
-@dataclass
-class Quantization:
-    bits: int = 8
-    group_size: int = 64
-
-    def to_dict(self) -> dict[str, int]:
-        return {"bits": self.bits, "group_size": self.group_size}
+TOKENIZER_NAME = "tokenizer.model"
+BUNDLE = "bundle"
+SIZE_PRESETS = (("bfloat16", None), ("q8", 8), ("q4", 4))
 
 
 @dataclass
 class ConvertOptions:
-    out: Path
-    moshi_weights: Path | None = None
+    out: Path | None = None
+    moshi_weights: Path | Source | None = None
+    """A file, or (for --dry-run) a tensor table already read; so are mimi/vision_weights."""
     kyutai_config: Path | None = None
-    mimi_weights: Path | None = None
+    mimi_weights: Path | Source | None = None
     mimi_config: Path | None = None
     """Kyutai's Mimi config (JSON); default: the released Mimi."""
-    dtype: str = "bfloat16"
+    tokenizer: Path | None = None
+    """Kyutai's SentencePiece model, copied into the bundle as tokenizer.model."""
+    dtype: str | None = None
+    """Float dtype; default bfloat16 (for one of our bundles: the bundle's own)."""
     quantization: Quantization | None = field(default_factory=Quantization)
     force: bool = False
     # The SigLIP image encoder (default: the tower inside --moshi-weights, if any).
-    vision_weights: Path | None = None
+    vision_weights: Path | Source | None = None
     vision_config: Path | None = None
     vision_float: bool = False
+    bundle: Path | None = None
+    """One of our bundles as the source (everything in it is converted)."""
+    manifest: Path | None = None
+    """A manifest instead of weights: planning (--dry-run) only."""
+    shard_size: int = DEFAULT_SHARD_SIZE
+    origin: dict[str, Any] = field(default_factory=dict)
+    """Where the files came from (hf_repo, revision): recorded in config.json."""
 
+
+@dataclass
+class Plan:
+    parts: list[Part]
+    config: dict[str, Any]
+    tokenizer: Path | None
+    checks: list[Callable[[], None]]
+    found: list[str]
+    """What the sources hold, in words (for --dry-run)."""
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self.parts)
+
+
+# -- configs ----------------------------------------------------------------------------
 
 def read_kyutai_config(path: Path | None) -> dict[str, Any] | None:
     if path is None:
@@ -71,22 +134,28 @@ def read_kyutai_config(path: Path | None) -> dict[str, Any] | None:
         cfg = json.loads(Path(path).read_text())
     except FileNotFoundError:
         raise WeightsError(f"{path}: no such config file") from None
-    except json.JSONDecodeError as e:
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise WeightsError(f"{path}: invalid JSON ({e})") from None
     if not isinstance(cfg, dict):
         raise WeightsError(f"{path}: expected a JSON object")
+    if "format_version" in cfg:
+        raise WeightsError(f"{path}: this is the config of a moshivis-mlx bundle; convert the "
+                           f"bundle with --bundle DIR")
     # Kyutai's repos nest the model kwargs under lm_kwargs in some versions.
     return {**cfg, **cfg.get("lm_kwargs", {})}
 
 
 def generation_defaults(kyutai_config: dict[str, Any] | None) -> dict[str, Any]:
-    """Kyutai's sampling defaults; xa_start from the config when it gives a step number."""
-    xa_start = (kyutai_config or {}).get("xa_start")
+    """Kyutai's sampling defaults, or its config's `lm_gen_config`; xa_start from the config
+    when it gives a step number."""
+    kc = kyutai_config or {}
+    xa_start = kc.get("xa_start")
+    gen = kc.get("lm_gen_config") if isinstance(kc.get("lm_gen_config"), dict) else {}
     return {
-        "text_temperature": 0.7,
-        "text_top_k": 25,
-        "audio_temperature": 0.8,
-        "audio_top_k": 250,
+        "text_temperature": float(gen.get("temp_text", 0.7)),
+        "text_top_k": int(gen.get("top_k_text", 25)),
+        "audio_temperature": float(gen.get("temp", 0.8)),
+        "audio_top_k": int(gen.get("top_k", 250)),
         "xa_start": xa_start if isinstance(xa_start, int) else DEFAULT_XA_START,
     }
 
@@ -94,29 +163,6 @@ def generation_defaults(kyutai_config: dict[str, Any] | None) -> dict[str, Any]:
 def quantized_paths(model: nn.Module, group_size: int) -> set[str]:
     """Module paths (e.g. 'transformer.layers.0.ffn.linear_in') that get quantized."""
     return {path for path, m in model.named_modules() if quantizable(m, group_size)}
-
-
-def convert_tensor(entry: Entry, source: mx.array, dtype: mx.Dtype) -> mx.array:
-    a = source
-    if entry.rows is not None:
-        a = a[entry.rows[0]: entry.rows[1]]
-    return a.reshape(entry.shape).astype(dtype)
-
-
-def converted_lm(mapping: Mapping, sources: dict[str, mx.array], cfg: LmConfig,
-                 dtype: mx.Dtype, quant: Quantization | None) -> Iterator[tuple[str, mx.array]]:
-    """Destination tensors one by one, lazily (nothing is read until evaluated)."""
-    qpaths = quantized_paths(LM(cfg), quant.group_size) if quant else set()
-    for e in mapping.entries:
-        a = convert_tensor(e, sources[e.src], dtype)
-        module = e.dst.rsplit(".", 1)[0]
-        if e.dst.endswith(".weight") and module in qpaths:
-            w, scales, biases = mx.quantize(a, group_size=quant.group_size, bits=quant.bits)
-            yield e.dst, w
-            yield f"{module}.scales", scales
-            yield f"{module}.biases", biases
-        else:
-            yield e.dst, a
 
 
 def expected_lm_tensors(cfg: LmConfig, quant: Quantization | None) -> dict[str, tuple[int, ...]]:
@@ -127,6 +173,21 @@ def expected_lm_tensors(cfg: LmConfig, quant: Quantization | None) -> dict[str, 
         quantize_model(model, quant.bits, quant.group_size)
     return {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
 
+
+def check_tokenizer(path: Path) -> None:
+    """A SentencePiece model (a protobuf whose first field is the pieces), not, say, an
+    HTML error page saved under its name."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"{path}: no such tokenizer file")
+    with open(path, "rb") as f:
+        head = f.read(1)
+    if head != b"\x0a":
+        raise WeightsError(f"{path}: not a SentencePiece model (expected Kyutai's "
+                           f"tokenizer_spm_32k_3.model)")
+
+
+# -- the output directory ----------------------------------------------------------------
 
 @contextmanager
 def staging_dir(out: Path, force: bool) -> Iterator[Path]:
@@ -151,82 +212,326 @@ def staging_dir(out: Path, force: bool) -> Iterator[Path]:
         raise
 
 
-def plan_lm(weights: Path, kyutai_config: dict[str, Any] | None) -> tuple[LmConfig, Mapping, str]:
-    shapes = {k: v.shape for k, v in read_header(weights).items()}
-    layout = detect_lm_layout(shapes)
-    cfg = infer_lm_config(shapes, layout, kyutai_config)
-    mapping = lm_mapping(shapes, layout, cfg)
-    check_mapping(mapping, shapes, str(weights))
-    return cfg, mapping, layout
+# -- planning ----------------------------------------------------------------------------
+
+def _lm_plan(source: Source, kc: dict[str, Any] | None
+             ) -> tuple[LmConfig, Mapping, FloatView, str]:
+    """Layout, config, checked mapping and view of the language model in `source`."""
+    keys = source.keys()
+    if is_kyuteye_mlx(keys):
+        layout = KYUTEYE_MLX
+        names = lm_keys(keys)
+        copies = shared_copies(names)
+        names -= {c for c, _ in copies}
+        if "out_norm.weight" not in names:
+            raise WeightsError(f"{source.label}: missing tensor 'out_norm.weight'")
+        spec = infer_quant_spec(source, names, "text_linear.weight",
+                                source.info("out_norm.weight").shape[0])
+        view = FloatView(source, names, spec)
+        try:
+            cfg = infer_kyuteye_config(view.shapes, kc)
+        except WeightsError as e:
+            raise WeightsError(f"{source.label}: {e}") from None
+        mapping = kyuteye_mapping(view.shapes, cfg)
+        mapping.copies = copies
+    else:
+        try:
+            layout = detect_lm_layout(keys)
+            view = FloatView(source, keys, None)
+            cfg = infer_lm_config(view.shapes, layout, kc)
+        except WeightsError as e:
+            raise WeightsError(f"{source.label}: {e}") from None
+        mapping = lm_mapping(view.shapes, layout, cfg)
+    check_mapping(mapping, view.shapes, source.label)
+    bad = [f"{c} {list(source.info(c).shape)} vs {o} {list(source.info(o).shape)}"
+           for c, o in mapping.copies
+           if (source.info(c).shape, source.info(c).dtype)
+           != (source.info(o).shape, source.info(o).dtype)]
+    if bad:
+        raise WeightsError(f"{source.label}: mis-shaped copies of shared tensors: "
+                           + "; ".join(bad))
+    return cfg, mapping, view, layout
 
 
-def write_lm(out_dir: Path, opts: ConvertOptions, kc: dict[str, Any] | None, cfg: LmConfig,
-             mapping: Mapping, layout: str) -> dict[str, Any]:
-    """Writes the LM tensors; returns the LM's part of config.json."""
-    dtype = DTYPES[opts.dtype]
-    sources = mx.load(str(opts.moshi_weights))
-    tensors = dict(converted_lm(mapping, sources, cfg, dtype, opts.quantization))
-    mx.save_safetensors(str(out_dir / LM_WEIGHTS), tensors)
+def check_copies(source: Source, copies: list[tuple[str, str]]) -> None:
+    """Every stored copy of a shared tensor holds exactly the original's data."""
+    differ = [c for c, o in copies if not source.same_bytes(c, o)]
+    if differ:
+        raise WeightsError(
+            f"{source.label}: {len(differ)} copies of shared tensors differ from the original "
+            f"(the cross-attention is shared by all layers, the depformer norms by all "
+            f"steps): {', '.join(differ[:4])}{' ...' if len(differ) > 4 else ''}")
+
+
+def _lm_part(cfg: LmConfig, mapping: Mapping, view: FloatView, dtype_name: str,
+             quant: Quantization | None, tower_title: str) -> Part:
+    qpaths = quantized_paths(LM(cfg), quant.group_size) if quant else set()
+    jobs = entry_jobs(mapping.entries, view, DTYPES[dtype_name], quant, qpaths)
+    return Part("model", "language model", jobs, view, list(mapping.copies),
+                {k: tower_title for k in mapping.ignored})
+
+
+def _lm_section(cfg: LmConfig, dtype_name: str, quant: Quantization | None) -> dict[str, Any]:
     return {
         "model_type": "moshivis" if cfg.cross_attention else "moshi",
         "lm": cfg.to_dict(),
-        "dtype": opts.dtype,
-        "quantization": opts.quantization.to_dict() if opts.quantization else None,
-        "generation": generation_defaults(kc),
-        "source": {"layout": layout, "lm_weights": Path(opts.moshi_weights).name},
+        "dtype": dtype_name,
+        "quantization": quant.to_dict() if quant else None,
     }
 
 
-def write_mimi(out_dir: Path, weights: Path, cfg: MimiConfig, mapping: Mapping) -> dict[str, Any]:
-    """Writes mimi.safetensors, always float32 and never quantized (the codec is small and its
-    numerics matter); returns the config's `mimi` section."""
-    tensors = converted_mimi(mapping, mx.load(str(weights)), str(weights))
-    mx.save_safetensors(str(out_dir / MIMI_WEIGHTS), tensors)
-    return cfg.to_dict()
+def _manifest_doc(path: Path) -> dict[str, Any]:
+    try:
+        doc = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+    return doc if isinstance(doc, dict) else {}
 
 
-def convert(opts: ConvertOptions) -> Path:
-    """Writes the bundle; returns its path."""
-    if opts.moshi_weights is None and opts.mimi_weights is None and opts.vision_weights is None:
-        raise WeightsError("nothing to convert: give --moshi-weights, --mimi-weights "
-                           "and/or --vision-weights")
-    if opts.dtype not in DTYPES:
+def plan_conversion(opts: ConvertOptions) -> Plan:
+    """The whole conversion, from headers (or a manifest) only; raises on any bad input."""
+    if opts.dtype is not None and opts.dtype not in DTYPES:
         raise WeightsError(f"unknown dtype {opts.dtype!r} (choose from {', '.join(DTYPES)})")
-    # Every part is planned from the headers first: bad inputs fail before anything is written.
+    if opts.bundle is not None:
+        return _plan_bundle(opts)
+    dtype_name = opts.dtype or "bfloat16"
+    quant = opts.quantization
     kc = read_kyutai_config(opts.kyutai_config)
-    lm = plan_lm(Path(opts.moshi_weights), kc) if opts.moshi_weights is not None else None
-    mimi = plan_mimi(Path(opts.mimi_weights), opts.mimi_config) if opts.mimi_weights else None
-    vision = plan_bundle_vision(opts)
-    if lm is not None and vision is not None and lm[0].cross_attention \
-            and lm[0].image_dim != vision.cfg.dim:
-        raise WeightsError(f"the language model takes {lm[0].image_dim}-wide image tokens, "
-                           f"the vision tower makes {vision.cfg.dim}")
-    with staging_dir(opts.out, opts.force) as tmp:
-        config: dict[str, Any] = {}
-        if lm is not None:
-            config.update(write_lm(tmp, opts, kc, *lm))
-        if mimi is not None:
-            config["mimi"] = write_mimi(tmp, Path(opts.mimi_weights), *mimi)
-            config.setdefault("source", {})["mimi_weights"] = Path(opts.mimi_weights).name
-        if vision is not None:
-            quant = opts.quantization.to_dict() if opts.quantization else None
-            config["vision"] = write_vision(tmp, vision, opts.dtype, DTYPES[opts.dtype],
-                                            vision_quantization(quant, opts.vision_float))
-        write_config(tmp, config)
-    return Path(opts.out)
+    vision_hf = read_vision_config(opts.vision_config)
+    mimi_config: Path | MimiConfig | None = opts.mimi_config
+    weights = (opts.moshi_weights, opts.mimi_weights, opts.vision_weights)
+    lm_src = mimi_src = vision_src = None
+    if opts.manifest is not None:
+        if any(w is not None for w in weights):
+            raise WeightsError("--manifest describes the weights: give no weights files with it")
+        src = Source.from_manifest(opts.manifest)
+        doc = _manifest_doc(opts.manifest)
+        keys = src.keys()
+        if is_kyuteye_mlx(keys) or {"text_emb.weight", "llm.text_emb.weight"} & keys:
+            lm_src = src
+            kc = kc if kc is not None else doc.get("lm_kwargs")
+        if is_mimi(keys):
+            mimi_src = src
+            if mimi_config is None and isinstance(doc.get("mimi_config"), dict):
+                mimi_config = MimiConfig.from_kyutai(doc["mimi_config"])
+        if has_vision_tower(src):
+            vision_src = src
+            if vision_hf is None and isinstance(doc.get("hf_config"), dict):
+                vision_hf = doc["hf_config"]
+        if lm_src is None and mimi_src is None and vision_src is None:
+            raise WeightsError(f"{opts.manifest}: neither a language model, a Mimi codec nor "
+                               f"a SigLIP tower")
+    else:
+        if all(w is None for w in weights):
+            raise WeightsError("nothing to convert: give --hf-repo, --bundle, or --moshi-weights, "
+                               "--mimi-weights and/or --vision-weights")
+        if opts.moshi_weights is not None:
+            lm_src = _open(opts.moshi_weights)
+        if opts.mimi_weights is not None:
+            mimi_src = _open(opts.mimi_weights)
+        if opts.vision_weights is not None:
+            vision_src = _open(opts.vision_weights)
+        elif lm_src is not None and has_vision_tower(lm_src):
+            vision_src = lm_src
+    if vision_src is None and opts.vision_config is not None:
+        raise WeightsError("--vision-config given but no vision tower to convert "
+                           "(give --vision-weights)")
+    tokenizer = Path(opts.tokenizer) if opts.tokenizer is not None else None
+    if tokenizer is not None:
+        check_tokenizer(tokenizer)
+
+    parts: list[Part] = []
+    checks: list[Callable[[], None]] = []
+    found: list[str] = []
+    config: dict[str, Any] = {}
+    source_info: dict[str, Any] = dict(opts.origin)
+    # Every part is planned before anything is written: bad inputs fail first.
+    lm = _lm_plan(lm_src, kc) if lm_src is not None else None
+    vision = plan_vision(vision_src, vision_hf) if vision_src is not None else None
+    mimi = plan_mimi(mimi_src, mimi_config) if mimi_src is not None else None
+    if lm is not None:
+        cfg, mapping, view, layout = lm
+        if vision is not None and cfg.cross_attention and cfg.image_dim != vision.cfg.dim:
+            raise WeightsError(f"the language model takes {cfg.image_dim}-wide image tokens, "
+                               f"the vision tower makes {vision.cfg.dim}")
+        tower_title = "image encoder" if vision is not None and vision.source is lm_src \
+            else "nothing (not converted)"
+        parts.append(_lm_part(cfg, mapping, view, dtype_name, quant, tower_title))
+        if mapping.copies and lm_src.has_data:
+            checks.append(lambda: check_copies(lm_src, mapping.copies))
+        config.update(_lm_section(cfg, dtype_name, quant))
+        config["generation"] = generation_defaults(kc)
+        kind = "MoshiVis" if cfg.cross_attention else "Moshi"
+        quantized = f", stored {view.spec.label}" if view.spec else ""
+        found.append(f"language model: {kind}, {layout} layout{quantized} ({lm_src.label})")
+        source_info.update({"layout": layout, "lm_weights": Path(lm_src.label).name})
+        if opts.kyutai_config is not None:
+            source_info["kyutai_config"] = Path(opts.kyutai_config).name
+    if vision is not None:
+        vquant = vision_quantization(quant.to_dict() if quant else None, opts.vision_float)
+        parts.append(vision_part(vision, DTYPES[dtype_name], vquant))
+        config["vision"] = vision_section(vision, dtype_name, vquant)
+        found.append(f"image encoder: SigLIP, {vision.layout} layout ({vision.source.label})")
+    if mimi is not None:
+        mcfg, mmapping, mview = mimi
+        parts.append(mimi_part(mmapping, mview))
+        if mimi_src.has_data:
+            checks.append(lambda: check_codebooks_trained(mmapping, mview, mimi_src.label))
+        config["mimi"] = mcfg.to_dict()
+        source_info["mimi_weights"] = Path(mimi_src.label).name
+        found.append(f"Mimi codec ({mimi_src.label})")
+    if tokenizer is not None:
+        source_info["tokenizer"] = tokenizer.name
+    config["tokenizer"] = TOKENIZER_NAME if tokenizer is not None else None
+    config["source"] = source_info
+    config["converter"] = _converter()
+    return Plan(parts, config, tokenizer, checks, found)
 
 
-# -- the SigLIP image encoder (see vision_convert) ---------------------------------------
+def _open(weights: Path | Source) -> Source:
+    """A weights file's validated table (or a table already read: a remote header)."""
+    return weights if isinstance(weights, Source) else Source.from_files([Path(weights)])
 
-def plan_bundle_vision(opts: ConvertOptions) -> VisionPlan | None:
-    """The tower to convert: --vision-weights, else the one stored with MoshiVis' LM."""
-    source = opts.vision_weights
-    if source is None and opts.moshi_weights is not None:
-        if has_vision_tower(Path(opts.moshi_weights)):
-            source = Path(opts.moshi_weights)
-    if source is None:
-        if opts.vision_config is not None:
-            raise WeightsError("--vision-config given but no vision tower to convert "
-                               "(give --vision-weights)")
-        return None
-    return plan_vision(Path(source), read_vision_config(opts.vision_config))
+
+def _label(x: Path | Source | None) -> str | None:
+    return x.label if isinstance(x, Source) else (str(x) if x is not None else None)
+
+
+def _converter() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        v = version("moshivis-mlx")
+    except PackageNotFoundError:
+        v = "unknown"
+    return {"name": "moshivis-convert", "version": v}
+
+
+def _bundle_source(bundle: Path, stem: str) -> Source:
+    try:
+        return Source.from_files(weight_files(bundle, stem), f"{bundle}/{stem}.safetensors")
+    except BundleError as e:
+        raise WeightsError(str(e)) from None
+
+
+def _plan_bundle(opts: ConvertOptions) -> Plan:
+    """One of our bundles, converted as a whole (re-quantized, dequantized, re-typed)."""
+    others = {"--moshi-weights": opts.moshi_weights, "--mimi-weights": opts.mimi_weights,
+              "--vision-weights": opts.vision_weights, "--config": opts.kyutai_config,
+              "--mimi-config": opts.mimi_config, "--vision-config": opts.vision_config,
+              "--tokenizer": opts.tokenizer, "--manifest": opts.manifest}
+    given = [k for k, v in others.items() if v is not None]
+    if given:
+        raise WeightsError(f"--bundle converts a bundle as it is: {', '.join(given)} cannot "
+                           f"be combined with it")
+    bundle = Path(opts.bundle)
+    try:
+        bcfg = read_config(bundle)
+    except BundleError as e:
+        raise WeightsError(str(e)) from None
+    quant = opts.quantization
+    config = {k: v for k, v in bcfg.items() if k != "format_version"}
+    parts: list[Part] = []
+    found: list[str] = []
+    if "lm" in bcfg:
+        source = _bundle_source(bundle, "model")
+        dtype_name = opts.dtype or bcfg.get("dtype") or "bfloat16"
+        q = bcfg.get("quantization")
+        view = FloatView(source, source.keys(), QuantSpec(**q) if q else None)
+        try:
+            cfg = LmConfig.from_dict(bcfg["lm"])
+        except (TypeError, ValueError) as e:
+            raise WeightsError(f"{bundle}/config.json: invalid lm section ({e})") from None
+        names = expected_lm_tensors(cfg, None)
+        mapping = Mapping([Entry(k, k, v) for k, v in names.items()], [])
+        check_mapping(mapping, view.shapes, source.label)
+        parts.append(_lm_part(cfg, mapping, view, dtype_name, quant, ""))
+        config.update(_lm_section(cfg, dtype_name, quant))
+        found.append(f"language model: {config['model_type']}, bundle layout"
+                     + (f", stored {view.spec.label}" if view.spec else ""))
+    if bcfg.get("vision"):
+        section = bcfg["vision"]
+        source = _bundle_source(bundle, "vision")
+        try:
+            vcfg = SiglipConfig.from_dict(section["siglip"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise WeightsError(f"{bundle}/config.json: invalid vision section ({e})") from None
+        vplan: VisionPlan = plan_bundle_vision(source, vcfg, section.get("quantization"))
+        vdtype = opts.dtype or section.get("dtype") or "bfloat16"
+        vquant = vision_quantization(quant.to_dict() if quant else None, opts.vision_float)
+        parts.append(vision_part(vplan, DTYPES[vdtype], vquant))
+        config["vision"] = {**vision_section(vplan, vdtype, vquant),
+                            "source": section.get("source")}
+        found.append("image encoder: SigLIP, bundle layout")
+    if "mimi" in bcfg:
+        source = _bundle_source(bundle, "mimi")
+        view = FloatView(source, source.keys(), None)
+        parts.append(Part("mimi", "Mimi codec", copy_jobs(view, sorted(view.shapes)), view))
+        found.append("Mimi codec (copied)")
+    if not parts:
+        raise WeightsError(f"{bundle}: the bundle holds no model")
+    tokenizer = bundle / TOKENIZER_NAME
+    tokenizer = tokenizer if tokenizer.exists() else None
+    config["tokenizer"] = TOKENIZER_NAME if tokenizer is not None else None
+    config["source"] = {**opts.origin, "layout": BUNDLE, "bundle": bundle.name,
+                        "from": bcfg.get("source")}
+    config["converter"] = _converter()
+    return Plan(parts, config, tokenizer, [], found)
+
+
+# -- doing -------------------------------------------------------------------------------
+
+def convert(opts: ConvertOptions, progress: Progress | None = None) -> Path:
+    """Writes the bundle; returns its path."""
+    if opts.manifest is not None:
+        raise WeightsError("a manifest holds no data: use it with --dry-run")
+    if opts.out is None:
+        raise WeightsError("no output directory given (--out DIR)")
+    out = Path(opts.out)
+    if out.exists() and not opts.force:
+        raise WeightsError(f"{out} already exists (use --force to replace it)")
+    plan = plan_conversion(opts)
+    for check in plan.checks:
+        check()
+    with staging_dir(out, opts.force) as tmp:
+        for part in plan.parts:
+            write_part(part, tmp, opts.shard_size, progress)
+        if plan.tokenizer is not None:
+            shutil.copyfile(plan.tokenizer, tmp / TOKENIZER_NAME)
+        write_config(tmp, plan.config)
+    return out
+
+
+def size_table(opts: ConvertOptions) -> list[tuple[str, int]]:
+    """The bundle's size at bfloat16, q8 and q4 (group size of `opts`), and as asked."""
+    group = opts.quantization.group_size if opts.quantization else 64
+    rows = []
+    for label, bits in SIZE_PRESETS:
+        q = Quantization(bits, group) if bits else None
+        name = label if bits is None else f"{label} (group {group})"
+        rows.append((name, plan_conversion(replace(opts, dtype="bfloat16", quantization=q)).nbytes))
+    return rows
+
+
+def dry_run(opts: ConvertOptions) -> list[str]:
+    """The plan in words: every source tensor, its destination, dtype and size; totals."""
+    plan = plan_conversion(opts)
+    source = opts.origin.get("hf_repo") or _label(
+        opts.manifest or opts.bundle or opts.moshi_weights or opts.mimi_weights
+        or opts.vision_weights)
+    lines = [f"plan for {source} (headers only, nothing written)"]
+    lines += [f"  {f}" for f in plan.found]
+    for part in plan.parts:
+        lines += describe_part(part, opts.shard_size)
+    if plan.tokenizer is not None:
+        lines.append(f"tokenizer -> {TOKENIZER_NAME} (copied from {plan.tokenizer})")
+    q = opts.quantization
+    if any(p.stem != "mimi" for p in plan.parts):
+        what = f"{q.label}" if q else "no quantization"
+        dtype = plan.config.get("dtype") or plan.config.get("vision", {}).get("dtype")
+        lines.append(f"this conversion ({dtype}, {what}): {human(plan.nbytes)}")
+    else:
+        lines.append(f"this conversion (Mimi is always float32): {human(plan.nbytes)}")
+    lines.append("bundle size: " + " | ".join(f"{name} {human(n)}"
+                                              for name, n in size_table(opts)))
+    return lines

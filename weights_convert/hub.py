@@ -6,30 +6,70 @@
 A bundle already in the cache is used as is. Otherwise the repository's files are
 downloaded (or found in the Hugging Face cache) and converted; when that is impossible
 (offline, unknown repository) the error names the files to fetch and what to do next.
+
+Which files: as Kyutai's own loader (moshi.models.loaders) decides. The repository's
+`config.json`, when it has one, names them (`moshi_name`, `mimi_name`, `tokenizer_name`,
+`mimi_config_name`) and gives the model's settings; without one the released 7B files and
+settings apply. A repository (or a folder) holding one of our bundles is converted as a
+bundle. `resolve_repo` does this for `moshivis-convert --hf-repo` too.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
-import shutil
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+from moshivis_mlx.bundle import FORMAT_VERSION, BundleError, read_config
 
 from .convert import ConvertOptions, Quantization, convert
-from .safetensors_io import WeightsError
+from .plan import Progress
+from .safetensors_io import WeightsError, check_table
+from .source import Source
 
 LM_FILE = "model.safetensors"
 MIMI_FILE = "tokenizer-e351c8d8-checkpoint125.safetensors"
 TOKENIZER_FILE = "tokenizer_spm_32k_3.model"
 CONFIG_FILE = "config.json"
 REPO_FILES = [LM_FILE, MIMI_FILE, TOKENIZER_FILE]
+BUNDLE_PATTERNS = ["config.json", "*.safetensors", "*.safetensors.index.json", "tokenizer.model"]
 QUANTIZATIONS = {"8": Quantization(8, 64), "4": Quantization(4, 32), "none": None}
 
 
-class HubError(Exception):
+class HubError(WeightsError):
     """The model could not be obtained; the message says how to get it by hand."""
 
+
+@dataclass
+class RepoFiles:
+    """Local paths of a repository's files (what ConvertOptions needs)."""
+
+    repo: str
+    moshi_weights: Path | Source | None = None
+    mimi_weights: Path | Source | None = None
+    tokenizer: Path | None = None
+    kyutai_config: Path | None = None
+    mimi_config: Path | None = None
+    bundle: Path | None = None
+    revision: str | None = None
+    names: dict[str, str] = field(default_factory=dict)
+
+    def options(self, **kw: Any) -> ConvertOptions:
+        origin = {"hf_repo": self.repo}
+        if self.revision:
+            origin["revision"] = self.revision
+        return ConvertOptions(
+            moshi_weights=self.moshi_weights, mimi_weights=self.mimi_weights,
+            tokenizer=self.tokenizer, kyutai_config=self.kyutai_config,
+            mimi_config=self.mimi_config, bundle=self.bundle, origin=origin, **kw)
+
+
+# -- the cache of converted bundles ---------------------------------------------------------
 
 def cache_root() -> Path:
     """$MOSHIVIS_MLX_CACHE, else $XDG_CACHE_HOME/moshivis-mlx, else ~/.cache/moshivis-mlx."""
@@ -40,20 +80,40 @@ def cache_root() -> Path:
     return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "moshivis-mlx"
 
 
+def _q_name(quantize: str) -> str:
+    return "bf16" if quantize == "none" else f"q{quantize}"
+
+
 def bundle_path(repo: str, quantize: str) -> Path:
-    q = "bf16" if quantize == "none" else f"q{quantize}"
-    return cache_root() / f"{repo.replace('/', '--')}-{q}"
+    return cache_root() / f"{repo.replace('/', '--')}-{_q_name(quantize)}"
 
 
 def _is_complete(bundle: Path) -> bool:
-    return (bundle / "config.json").exists() and (bundle / "tokenizer.model").exists()
+    """A finished conversion (made in a temporary directory, renamed when complete) of
+    the format this version reads."""
+    if not (bundle / "tokenizer.model").exists():
+        return False
+    try:
+        read_config(bundle)
+    except BundleError:
+        return False
+    return True
 
 
-def _manual_steps(repo: str) -> str:
-    return (f"fetch {', '.join(REPO_FILES)} from https://huggingface.co/{repo} into a folder "
-            f"F, convert with: moshivis-convert --moshi-weights F/{LM_FILE} --mimi-weights "
-            f"F/{MIMI_FILE} --out DIR; cp F/{TOKENIZER_FILE} DIR/tokenizer.model; then run "
-            f"with --weights DIR")
+# -- finding a repository's files ------------------------------------------------------------
+
+def _hub():
+    import huggingface_hub
+
+    try:
+        from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+    except ImportError:  # huggingface-hub < 0.24
+        from huggingface_hub.utils import EntryNotFoundError, LocalEntryNotFoundError
+    return huggingface_hub, EntryNotFoundError, LocalEntryNotFoundError
+
+
+class _NotReachable(Exception):
+    """Offline, or the Hub cannot be reached, and the file is not cached."""
 
 
 def _why(e: Exception) -> str:
@@ -64,57 +124,319 @@ def _why(e: Exception) -> str:
         return "the repository is gated: accept its terms on huggingface.co and log in"
     if name == "RepositoryNotFoundError":
         return "no such repository (or it needs a login: huggingface-cli login)"
-    if name in ("LocalEntryNotFoundError", "ConnectionError", "ConnectError", "OfflineModeIsEnabled"
-                ) or "offline" in text.lower() or "connect" in text.lower():
-        return "offline, or huggingface.co cannot be reached, and the files are not cached"
-    return f"{name}: {text[:120]}"
+    if name == "RevisionNotFoundError":
+        return "no such revision"
+    return f"{name}: {text[:160]}"
 
 
-def download(repo: str) -> Path:
-    """The repository's files, from the Hugging Face cache or the network."""
+def _is_network_error(e: Exception) -> bool:
+    name = type(e).__name__
+    text = str(e).lower()
+    return (isinstance(e, (ConnectionError, TimeoutError))
+            or name in ("LocalEntryNotFoundError", "OfflineModeIsEnabled", "ConnectError",
+                        "ConnectTimeout", "ReadTimeout", "ProxyError")
+            or "offline" in text or "connect" in text)
+
+
+def _fetch(repo: str, filename: str, optional: bool = False) -> Path | None:
+    """A file of `repo`: from the HF cache or downloaded (HF's progress bar). None when the
+    repository has no such file and it is `optional`."""
+    hub, EntryNotFoundError, LocalEntryNotFoundError = _hub()
     try:
-        from huggingface_hub import snapshot_download
+        return Path(hub.hf_hub_download(repo, filename))
+    except LocalEntryNotFoundError:
+        cached = hub.try_to_load_from_cache(repo, filename)
+        if cached is not None and not isinstance(cached, str) and optional:
+            return None  # the cache remembers that the repository has no such file
+        raise _NotReachable() from None
+    except EntryNotFoundError:
+        if optional:
+            return None
+        raise HubError(f"{repo} has no file {filename}") from None
+    except Exception as e:  # HTTP errors, unknown repository, no connection
+        if _is_network_error(e):
+            raise _NotReachable() from None
+        raise HubError(f"cannot download {filename} from {repo}: {_why(e)}") from None
 
-        local = snapshot_download(repo, allow_patterns=REPO_FILES + [CONFIG_FILE])
-    except Exception as e:  # offline, unknown repo, HTTP errors: all end the same way
-        raise HubError(f"cannot download {repo}: {_why(e)}") from None
-    local = Path(local)
-    missing = [f for f in REPO_FILES if not (local / f).exists()]
+
+def remote_header(repo: str, filename: str) -> Source:
+    """The validated tensor table of a safetensors file of `repo`, reading only its header
+    (an HTTP range request): what --dry-run needs, without the download."""
+    hub, _, _ = _hub()
+    label = f"hf://{repo}/{filename}"
+    try:
+        meta = hub.HfApi().parse_safetensors_file_metadata(repo, filename)
+    except Exception as e:
+        if _is_network_error(e):
+            raise _NotReachable() from None
+        raise HubError(f"cannot read the header of {label}: {_why(e)}") from None
+    header = {name: {"dtype": t.dtype, "shape": list(t.shape),
+                     "data_offsets": list(t.data_offsets)} for name, t in meta.tensors.items()}
+    table = check_table(label, header, 1 << 62)
+    return Source(label, {k: (None, v) for k, v in table.items()}, has_data=False)
+
+
+def _manual_steps(repo: str, files: list[str]) -> str:
+    return (f"fetch {', '.join(files)} from https://huggingface.co/{repo} into a folder F "
+            f"(config.json too if the repository has one), then run moshivis-convert "
+            f"--hf-repo F --out DIR (or moshivis-mlx --weights DIR)")
+
+
+def _offline(repo: str, files: list[str]) -> HubError:
+    return HubError(f"cannot download {repo}: offline, or huggingface.co cannot be reached, "
+                    f"and the files are not in the Hugging Face cache; to do it by hand, "
+                    + _manual_steps(repo, files))
+
+
+def _repo_names(raw: dict[str, Any] | None) -> dict[str, str | None]:
+    """The file names a Kyutai config.json gives (Kyutai's loader's keys, or kyuteye's)."""
+    raw = raw or {}
+    return {
+        "moshi": raw.get("moshi_name") or raw.get("model") or LM_FILE,
+        "mimi": raw.get("mimi_name") or raw.get("mimi_codec") or MIMI_FILE,
+        "tokenizer": raw.get("tokenizer_name") or raw.get("text_tokenizer") or TOKENIZER_FILE,
+        "mimi_config": raw.get("mimi_config_name"),
+    }
+
+
+def _is_bundle_config(raw: Any) -> bool:
+    return isinstance(raw, dict) and "format_version" in raw and any(
+        k in raw for k in ("lm", "mimi", "vision"))
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise HubError(f"{path}: unreadable config ({e})") from None
+
+
+def _revision(path: Path) -> str | None:
+    """The commit of a file in the HF cache (…/snapshots/<commit>/name)."""
+    parts = Path(path).parts
+    if "snapshots" in parts:
+        i = len(parts) - 1 - parts[::-1].index("snapshots")
+        if i + 1 < len(parts):
+            return parts[i + 1]
+    return None
+
+
+def _override(value: str | Path | None, repo: str, local_dir: Path | None) -> str | Path | None:
+    """A file option given with --hf-repo: a local path, `hf://owner/repo/file`, or the name
+    of a file of the repository (as Kyutai's loader reads them)."""
+    if value is None:
+        return None
+    text = str(value)
+    if text.startswith("hf://") or Path(text).exists():
+        return value
+    if local_dir is not None:
+        return local_dir / text
+    return f"hf://{repo}/{text}"
+
+
+def _resolve(spec: str | Path, missing: list[str], headers_only: bool = False
+             ) -> Path | Source | None:
+    """A local path, or an hf:// file fetched (or only its header); unreachable ones are
+    added to `missing`."""
+    text = str(spec)
+    if not text.startswith("hf://"):
+        return Path(text)
+    parts = text[len("hf://"):].split("/")
+    if len(parts) < 3:
+        raise HubError(f"{text}: expected hf://owner/repo/file")
+    repo, name = "/".join(parts[:2]), "/".join(parts[2:])
+    try:
+        if headers_only and name.endswith(".safetensors"):
+            cached = _hub()[0].try_to_load_from_cache(repo, name)
+            return Path(cached) if isinstance(cached, str) else remote_header(repo, name)
+        return _fetch(repo, name)
+    except _NotReachable:
+        missing.append(text)
+        return None
+
+
+def resolve_repo(repo: str, moshi_weights: str | Path | None = None,
+                 mimi_weights: str | Path | None = None, tokenizer: str | Path | None = None,
+                 config: str | Path | None = None, mimi_config: str | Path | None = None,
+                 prefer_lm: list[str] | None = None, headers_only: bool = False) -> RepoFiles:
+    """The local files of `repo` (a Hugging Face repository, or a folder holding its
+    files), downloading what is not cached. Options override the repository's files.
+    `prefer_lm`: language-model files to try before the configured one (e.g. Kyutai's
+    `model.q8.safetensors` in its MLX repositories). `headers_only` (a dry run): weights
+    not cached are not downloaded, only their headers are read, and the tokenizer is left
+    out."""
+    local_dir = Path(repo).expanduser() if Path(repo).expanduser().is_dir() else None
+    files = RepoFiles(repo=str(local_dir) if local_dir else repo)
+    missing: list[str] = []
+
+    # config.json: optional (Kyutai's loader assumes the 7B model without one).
+    if config is not None:
+        cfg_path = _resolve(_override(config, repo, local_dir), missing)
+    elif local_dir is not None:
+        cfg_path = local_dir / CONFIG_FILE if (local_dir / CONFIG_FILE).exists() else None
+    else:
+        try:
+            cfg_path = _fetch(repo, CONFIG_FILE, optional=True)
+        except _NotReachable:
+            missing.append(CONFIG_FILE)
+            cfg_path = None
+    raw = _read_json(cfg_path) if cfg_path is not None else None
+    if _is_bundle_config(raw):
+        return _bundle_repo(repo, local_dir, cfg_path, files)
+    files.kyutai_config = cfg_path
+    names = _repo_names(raw)
+    files.names = {k: v for k, v in names.items() if v}
+
+    def get(name: str) -> Path | Source | None:
+        if local_dir is not None:
+            return local_dir / name
+        try:
+            if headers_only and name.endswith(".safetensors"):
+                cached = _hub()[0].try_to_load_from_cache(repo, name)
+                return Path(cached) if isinstance(cached, str) else remote_header(repo, name)
+            return _fetch(repo, name)
+        except _NotReachable:
+            missing.append(name)
+            return None
+
+    # The language model: an override, else the preferred files that exist, else the named.
+    if moshi_weights is not None:
+        files.moshi_weights = _resolve(_override(moshi_weights, repo, local_dir), missing,
+                                       headers_only)
+    else:
+        for name in (prefer_lm or []):
+            if local_dir is not None:
+                if (local_dir / name).exists():
+                    files.moshi_weights = local_dir / name
+                    break
+                continue
+            try:
+                found = _fetch(repo, name, optional=True)
+            except (_NotReachable, HubError):
+                continue
+            if found is not None:
+                files.moshi_weights = found
+                break
+        if files.moshi_weights is None:
+            files.moshi_weights = get(names["moshi"])
+    files.mimi_weights = (_resolve(_override(mimi_weights, repo, local_dir), missing,
+                                   headers_only)
+                          if mimi_weights is not None else get(names["mimi"]))
+    if tokenizer is not None:
+        files.tokenizer = _resolve(_override(tokenizer, repo, local_dir), missing)
+    elif not headers_only or local_dir is not None:
+        files.tokenizer = get(names["tokenizer"])
+    if mimi_config is not None:
+        files.mimi_config = _resolve(_override(mimi_config, repo, local_dir), missing)
+    elif names["mimi_config"]:
+        files.mimi_config = get(names["mimi_config"])
     if missing:
-        raise HubError(f"{repo} does not have {', '.join(missing)} (is it a PyTorch Moshi / "
-                       f"MoshiVis repository?)")
-    return local
+        needed = [n for n in missing if n != CONFIG_FILE] or [CONFIG_FILE]
+        raise _offline(repo, needed)
+    if local_dir is not None:
+        absent = [p.name for p in (files.moshi_weights, files.mimi_weights, files.tokenizer,
+                                   files.mimi_config) if p is not None and not p.exists()]
+        if absent:
+            raise HubError(f"{local_dir} has no {', '.join(absent)} (a folder given as "
+                           f"--hf-repo holds the repository's files)")
+    if isinstance(files.moshi_weights, Path):
+        files.revision = _revision(files.moshi_weights)
+    return files
 
 
-def bundle_for_repo(repo: str, quantize: str = "8",
+def _bundle_repo(repo: str, local_dir: Path | None, cfg_path: Path, files: RepoFiles
+                 ) -> RepoFiles:
+    """A repository (or folder) holding one of our bundles."""
+    if local_dir is not None:
+        files.bundle = local_dir
+        return files
+    hub, _, _ = _hub()
+    try:
+        files.bundle = Path(hub.snapshot_download(repo, allow_patterns=BUNDLE_PATTERNS))
+    except Exception as e:
+        if _is_network_error(e):
+            raise _offline(repo, ["config.json", "*.safetensors", "tokenizer.model"]) from None
+        raise HubError(f"cannot download {repo}: {_why(e)}") from None
+    files.revision = _revision(cfg_path)
+    return files
+
+
+# -- converted once, reused afterwards -------------------------------------------------------
+
+def _stage(stage: Callable[[str], AbstractContextManager] | None):
+    return stage or (lambda description: nullcontext())
+
+
+def _prefer_quantized(repo: str, quant: Quantization | None) -> list[str] | None:
+    """Kyutai's MLX repositories also hold the model quantized (q8: groups of 64, q4: groups
+    of 32, as kyuteye_mlx loads them): when those are the quantization asked for, the
+    quantized file is half (a quarter) of the download and is copied exactly."""
+    if quant is None or "mlx" not in repo.rsplit("/", 1)[-1].lower():
+        return None
+    return [f"model.q{quant.bits}.safetensors"]
+
+
+def bundle_for_repo(repo: str, quantize: str = "8", progress: Progress | None = None,
                     stage: Callable[[str], AbstractContextManager] | None = None) -> Path:
     """The converted bundle for `repo` at `quantize` ("8", "4" or "none"), made if needed.
 
     `stage(description)`, if given, wraps the download and the conversion (a progress
-    display); the download shows Hugging Face's own progress bars.
+    display); the download shows Hugging Face's own progress bars, the conversion calls
+    `progress(what, done_bytes, total_bytes)`.
     """
     if quantize not in QUANTIZATIONS:
         raise ValueError(f"quantize must be one of {', '.join(QUANTIZATIONS)}, got {quantize!r}")
     out = bundle_path(repo, quantize)
     if _is_complete(out):
         return out
-    stage = stage or (lambda description: nullcontext())
-    try:
-        with stage(f"download {repo}"):
-            local = download(repo)
-    except HubError as e:
-        raise HubError(f"{e}; to do it by hand, {_manual_steps(repo)}") from None
-    config = local / CONFIG_FILE
+    stage = _stage(stage)
+    quant = QUANTIZATIONS[quantize]
+    with stage(f"download {repo}"):
+        files = resolve_repo(repo, prefer_lm=_prefer_quantized(repo, quant))
     try:
         with stage(f"convert (once) to {out.name}"):
-            _convert(local, out, quantize, config if config.exists() else None)
-    except (WeightsError, OSError) as e:
+            convert(files.options(out=out, quantization=quant, force=True), progress)
+    except WeightsError as e:
+        if isinstance(e, HubError):
+            raise
+        raise HubError(f"cannot convert {repo}: {' '.join(str(e).split())}") from None
+    except OSError as e:
         raise HubError(f"cannot convert {repo}: {' '.join(str(e).split())}") from None
     return out
 
 
-def _convert(local: Path, out: Path, quantize: str, config: Path | None) -> None:
-    convert(ConvertOptions(
-        out=out, moshi_weights=local / LM_FILE, mimi_weights=local / MIMI_FILE,
-        kyutai_config=config, quantization=QUANTIZATIONS[quantize], force=True))
-    shutil.copyfile(local / TOKENIZER_FILE, out / "tokenizer.model")
+def bundle_for_files(moshi_weights: str | Path, mimi_weights: str | Path,
+                     tokenizer: str | Path, config: str | Path | None = None,
+                     quantize: str = "8", progress: Progress | None = None,
+                     stage: Callable[[str], AbstractContextManager] | None = None,
+                     vision_weights: str | Path | None = None,
+                     mimi_config: str | Path | None = None) -> Path:
+    """The converted bundle for local Kyutai files, made once into the cache (keyed by the
+    files' paths, sizes and modification times, and the quantization)."""
+    if quantize not in QUANTIZATIONS:
+        raise ValueError(f"quantize must be one of {', '.join(QUANTIZATIONS)}, got {quantize!r}")
+    paths = [Path(p).expanduser() for p in (moshi_weights, mimi_weights, tokenizer)]
+    extra = [Path(p).expanduser() for p in (config, vision_weights, mimi_config) if p is not None]
+    key = hashlib.sha256(f"format {FORMAT_VERSION} {quantize}".encode())
+    for p in paths + extra:
+        try:
+            st = p.stat()
+        except OSError:
+            raise HubError(f"{p}: no such file") from None
+        key.update(f"\n{p.resolve()} {st.st_size} {st.st_mtime_ns}".encode())
+    out = cache_root() / f"local-{paths[0].stem}-{key.hexdigest()[:12]}-{_q_name(quantize)}"
+    if _is_complete(out):
+        return out
+    opts = ConvertOptions(out=out, moshi_weights=paths[0], mimi_weights=paths[1],
+                          tokenizer=paths[2], kyutai_config=Path(config) if config else None,
+                          vision_weights=Path(vision_weights) if vision_weights else None,
+                          mimi_config=Path(mimi_config) if mimi_config else None,
+                          quantization=QUANTIZATIONS[quantize], force=True)
+    try:
+        with _stage(stage)(f"convert (once) to {out.name}"):
+            convert(opts, progress)
+    except (WeightsError, OSError) as e:
+        if isinstance(e, HubError):
+            raise
+        raise HubError(f"cannot convert {paths[0]}: {' '.join(str(e).split())}") from None
+    return out

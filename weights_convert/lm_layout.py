@@ -13,7 +13,7 @@ and the manifest checks, so what is printed is what is done.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from moshivis_mlx.models.lm import DepformerConfig, LmConfig
@@ -35,7 +35,10 @@ class Entry:
 class Mapping:
     entries: list[Entry]
     ignored: list[str]
-    """Source tensors deliberately not used (copies of the shared cross-attention)."""
+    """Source tensors deliberately not used here (another part of the bundle takes them)."""
+    copies: list[tuple[str, str]] = field(default_factory=list)
+    """(copy, original): stored copies of one shared tensor (the cross-attention under every
+    layer). Only the original is converted; each copy must hold exactly its data."""
 
 
 MOSHI_PT = "moshi-pytorch"
@@ -48,9 +51,14 @@ def detect_lm_layout(keys: set[str] | list[str]) -> str:
         return MOSHIVIS_PT
     if "text_emb.weight" in keys and "emb.0.weight" in keys:
         return MOSHI_PT
+    if any(re.fullmatch(r"depformer\.\d+\.emb\.weight", k) for k in keys):
+        raise WeightsError(
+            "this is Kyutai's Rust (candle) layout; convert the PyTorch or MLX release of the "
+            "same model instead (kyutai/moshika-vis-pytorch-bf16, kyutai/moshika-vis-mlx)")
     raise WeightsError(
         "unrecognised language-model checkpoint: expected Kyutai's Moshi "
-        "(text_emb.weight, emb.0.weight, ...) or MoshiVis (llm.text_emb.weight, ...) keys")
+        "(text_emb.weight, emb.0.weight, ...), MoshiVis (llm.text_emb.weight, ...) or MLX "
+        "(audio_embs.0.weight, depformer.slices.0...) keys")
 
 
 def _count(keys: set[str], pattern: str) -> int:
@@ -90,26 +98,19 @@ def _shape(shapes: dict[str, tuple[int, ...]], key: str) -> tuple[int, ...]:
     return tuple(shapes[key])
 
 
-def infer_lm_config(
-    shapes: dict[str, tuple[int, ...]],
-    layout: str,
-    kyutai_config: dict[str, Any] | None = None,
-) -> LmConfig:
-    """Everything the shapes determine comes from them; the rest from Kyutai's config
-    (flat `lm_kwargs` style, MoshiVis extras allowed) or else the 7B defaults."""
-    kc = dict(kyutai_config or {})
+def count_indices(keys: set[str], pattern: str) -> int:
+    """How many contiguous indices 0..n-1 the regex `pattern` (one group) finds among keys."""
+    return _count(keys, pattern)
+
+
+def _measure_pytorch(shapes: dict[str, tuple[int, ...]], layout: str) -> dict[str, Any]:
+    """What Kyutai's PyTorch layouts tell of the model through their tensor shapes."""
     n = _names(layout)
     keys = set(shapes)
     text_rows, dim = _shape(shapes, n["text_emb"])
-    n_q = _count(keys, re.escape(n["audio_emb"]).replace(r"\{i\}", r"(\d+)"))
-    card = _shape(shapes, n["audio_emb"].format(i=0))[0] - 1
     layer = n["layer"]
-    num_layers = _count(keys, re.escape(layer).replace(r"\{l\}", r"(\d+)") + r"norm1\.alpha")
-    ffn_hidden = _shape(shapes, layer.format(l=0) + "gating.linear_out.weight")[1]
     dep_q = _count(keys, re.escape(n["heads"]).replace(r"\{k\}", r"(\d+)"))
     dep_dim = _shape(shapes, n["depformer_in"].format(k=0))[0]
-    dep_layers = _count(keys, r"depformer\.layers\.(\d+)\.norm1\.alpha")
-    n_in = _count(keys, r"depformer_in\.(\d+)\.weight")
     dep_in_rows = _shape(shapes, "depformer.layers.0.self_attn.in_proj_weight")[0]
     weights_per_step = dep_in_rows // (3 * dep_dim)
     if weights_per_step not in (1, dep_q):
@@ -117,19 +118,55 @@ def infer_lm_config(
     dep_gating = "depformer.layers.0.gating.0.linear_out.weight"
     if weights_per_step == 1:
         dep_gating = "depformer.layers.0.gating.linear_out.weight"
-    dep_ffn_hidden = _shape(shapes, dep_gating)[1]
     cross = layout == MOSHIVIS_PT
-    xa_gate_hidden, image_dim = 0, 1152
+    m = {
+        "dim": dim,
+        "text_rows": text_rows,
+        "text_card": _shape(shapes, n["text_linear"])[0],
+        "n_q": _count(keys, re.escape(n["audio_emb"]).replace(r"\{i\}", r"(\d+)")),
+        "card": _shape(shapes, n["audio_emb"].format(i=0))[0] - 1,
+        "num_layers": _count(keys, re.escape(layer).replace(r"\{l\}", r"(\d+)") + r"norm1\.alpha"),
+        "ffn_hidden": _shape(shapes, layer.format(l=0) + "gating.linear_out.weight")[1],
+        "dep_q": dep_q,
+        "dep_dim": dep_dim,
+        "dep_layers": _count(keys, r"depformer\.layers\.(\d+)\.norm1\.alpha"),
+        "dep_ffn_hidden": _shape(shapes, dep_gating)[1],
+        "weights_per_step": weights_per_step > 1,
+        "multi_linear": _count(keys, r"depformer_in\.(\d+)\.weight") > 1,
+        "cross_attention": cross,
+    }
     if cross:
-        xa_gate_hidden = _shape(shapes, layer.format(l=0) + "cross_attention.gate.alpha.0.weight")[0]
-        image_dim = _shape(shapes, "image_prefix.proj_xa.weight")[1]
+        m["xa_gate_hidden"] = _shape(
+            shapes, layer.format(l=0) + "cross_attention.gate.alpha.0.weight")[0]
+        m["image_dim"] = _shape(shapes, "image_prefix.proj_xa.weight")[1]
+    return m
+
+
+def infer_lm_config(
+    shapes: dict[str, tuple[int, ...]],
+    layout: str,
+    kyutai_config: dict[str, Any] | None = None,
+) -> LmConfig:
+    """Everything the shapes determine comes from them; the rest from Kyutai's config
+    (flat `lm_kwargs` style, MoshiVis extras allowed) or else the 7B defaults."""
+    return config_from_measured(_measure_pytorch(shapes, layout), kyutai_config)
+
+
+def config_from_measured(m: dict[str, Any], kyutai_config: dict[str, Any] | None) -> LmConfig:
+    """The LM config from measured sizes (`_measure_pytorch` and its kin) and Kyutai's config:
+    where both give a size they must agree; the config alone gives heads, context, delays."""
+    kc = dict(kyutai_config or {})
 
     def pick(key: str, inferred: Any) -> Any:
         if key in kc and kc[key] is not None and kc[key] != inferred:
             raise WeightsError(f"config says {key}={kc[key]} but the weights have {inferred}")
         return inferred
 
+    if m["text_rows"] != m["text_card"] + 1:
+        raise WeightsError(f"the text embedding has {m['text_rows']} rows but the text output "
+                           f"{m['text_card']}: expected one more (the initial token)")
     defaults = LmConfig()
+    dim, dep_dim = m["dim"], m["dep_dim"]
     num_heads = kc.get("num_heads") or (defaults.num_heads if dim == defaults.dim else None)
     dep_heads = kc.get("depformer_num_heads") or (
         defaults.depformer.num_heads if dep_dim == defaults.depformer.dim else None)
@@ -138,32 +175,34 @@ def infer_lm_config(
             f"the number of attention heads cannot be read from the weights (dim {dim}, "
             f"depformer dim {dep_dim}): pass Kyutai's config.json with num_heads and "
             f"depformer_num_heads")
-    card = pick("audio_card", pick("card", card))
+    card = pick("audio_card", pick("card", m["card"]))
+    cross = m["cross_attention"]
     return LmConfig(
         dim=pick("dim", dim),
         num_heads=int(num_heads),
-        num_layers=pick("num_layers", num_layers),
-        ffn_hidden=ffn_hidden,
+        num_layers=pick("num_layers", m["num_layers"]),
+        ffn_hidden=m["ffn_hidden"],
         context=int(kc.get("context") or defaults.context),
         max_period=float(kc.get("max_period") or defaults.max_period),
-        text_card=pick("text_card", text_rows - 1),
+        text_card=pick("text_card", m["text_card"]),
         card=card,
-        n_q=pick("n_q", n_q),
-        dep_q=pick("dep_q", dep_q),
+        n_q=pick("n_q", m["n_q"]),
+        dep_q=pick("dep_q", m["dep_q"]),
         delays=list(kc.get("delays") or defaults.delays),
         text_padding_id=int(kc.get("existing_text_padding_id", kc.get("padding_token_id", 3))),
         end_of_text_padding_id=int(kc.get("existing_text_end_padding_id", 0)),
         depformer=DepformerConfig(
             dim=pick("depformer_dim", dep_dim),
             num_heads=int(dep_heads),
-            num_layers=pick("depformer_num_layers", dep_layers),
-            ffn_hidden=dep_ffn_hidden,
-            weights_per_step=weights_per_step > 1,
-            multi_linear=n_in > 1,
+            num_layers=pick("depformer_num_layers", m["dep_layers"]),
+            ffn_hidden=m["dep_ffn_hidden"],
+            weights_per_step=m["weights_per_step"],
+            multi_linear=m["multi_linear"],
         ),
         cross_attention=cross,
-        image_dim=image_dim,
-        xa_gate_hidden=xa_gate_hidden if cross else defaults.xa_gate_hidden,
+        image_dim=m.get("image_dim", defaults.image_dim) if cross else defaults.image_dim,
+        xa_gate_hidden=m.get("xa_gate_hidden", defaults.xa_gate_hidden) if cross
+        else defaults.xa_gate_hidden,
     )
 
 
@@ -195,6 +234,7 @@ def lm_mapping(shapes: dict[str, tuple[int, ...]], layout: str, cfg: LmConfig) -
             add(dst + "xa_gate.linear_in.weight", src + "cross_attention.gate.alpha.0.weight", (g, d))
             add(dst + "xa_gate.linear_out.weight", src + "cross_attention.gate.alpha.2.weight", (d, g))
     ignored: list[str] = []
+    copies: list[tuple[str, str]] = []
     if cfg.cross_attention:
         xa = n["layer"].format(l=0) + "cross_attention.mha."
         add("xa.q_proj.weight", xa + "in_proj_weight", (d, d), (0, d))
@@ -208,7 +248,7 @@ def lm_mapping(shapes: dict[str, tuple[int, ...]], layout: str, cfg: LmConfig) -
             for name in ("in_proj_weight", "out_proj.weight"):
                 key = n["layer"].format(l=l) + "cross_attention.mha." + name
                 if key in shapes:
-                    ignored.append(key)
+                    copies.append((key, xa + name))
         # The SigLIP tower stored with the model is the image encoder's (vision_layout).
         ignored += [k for k in shapes if k.startswith("image_prefix.enc.")]
 
@@ -235,13 +275,14 @@ def lm_mapping(shapes: dict[str, tuple[int, ...]], layout: str, cfg: LmConfig) -
             add(fd + "linear_out.weight", fs + "linear_out.weight", (dd, dep.ffn_hidden))
     for k in range(cfg.dep_q):
         add(f"depformer.heads.{k}.weight", n["heads"].format(k=k), (cfg.card, dd))
-    return Mapping(entries, ignored)
+    return Mapping(entries, ignored, copies)
 
 
 def check_mapping(mapping: Mapping, shapes: dict[str, tuple[int, ...]], what: str) -> None:
     """Every source tensor used or deliberately ignored, every entry's source present and of
     a shape that gives the destination; else one error listing all the problems."""
     used = {e.src for e in mapping.entries} | set(mapping.ignored)
+    used |= {c for c, _ in mapping.copies}
     missing = sorted({e.src for e in mapping.entries if e.src not in shapes})
     unexpected = sorted(set(shapes) - used)
     bad = []
@@ -256,13 +297,19 @@ def check_mapping(mapping: Mapping, shapes: dict[str, tuple[int, ...]], what: st
             bad.append(f"{e.src} {list(src)} -> {e.dst} {list(e.shape)}")
     problems = []
     if missing:
-        problems.append(f"missing tensors: {', '.join(missing)}")
+        problems.append(f"missing tensors: {listing(missing, ', ')}")
     if unexpected:
-        problems.append(f"unexpected tensors: {', '.join(unexpected)}")
+        problems.append(f"unexpected tensors: {listing(unexpected, ', ')}")
     if bad:
-        problems.append(f"mis-shaped tensors: {'; '.join(bad)}")
+        problems.append(f"mis-shaped tensors: {listing(bad, '; ')}")
     if problems:
         raise WeightsError(f"{what}: " + " | ".join(problems))
+
+
+def listing(items: list[str], sep: str, limit: int = 8) -> str:
+    """The first `limit` items and how many more (an error message stays readable)."""
+    head = sep.join(items[:limit])
+    return head if len(items) <= limit else f"{head}{sep}... ({len(items) - limit} more)"
 
 
 def _numel(shape: tuple[int, ...]) -> int:

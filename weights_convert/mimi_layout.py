@@ -25,8 +25,10 @@ import mlx.core as mx
 
 from moshivis_mlx.models.mimi import MimiConfig
 
-from .lm_layout import Entry, Mapping, check_mapping
-from .safetensors_io import WeightsError, read_header
+from .lm_layout import Entry, Mapping, check_mapping, listing
+from .plan import Part, entry_jobs
+from .safetensors_io import WeightsError
+from .source import FloatView, Source
 
 CODEBOOK_EPS = 1e-5
 
@@ -161,7 +163,11 @@ def mimi_mapping(cfg: MimiConfig) -> Mapping:
 def check_mimi_mapping(mapping: Mapping, shapes: dict[str, tuple[int, ...]], what: str) -> None:
     """As `check_mapping` (all used, none missing), and every source shape exact."""
     aux = [e.aux for e in mapping.entries if e.aux]
-    check_mapping(Mapping(mapping.entries, mapping.ignored + aux), shapes, what)
+    try:
+        check_mapping(Mapping(mapping.entries, mapping.ignored + aux), shapes, what)
+    except WeightsError as e:
+        raise WeightsError(f"{e} (if this is another Mimi, pass its config with "
+                           f"--mimi-config)") from None
     bad = []
     for e in mapping.entries:
         if tuple(shapes[e.src]) != e.src_shape:
@@ -173,10 +179,11 @@ def check_mimi_mapping(mapping: Mapping, shapes: dict[str, tuple[int, ...]], wha
                 bad.append(f"{e.aux} is {list(shapes[e.aux])}, expected {list(e.src_shape[:1])}")
     if bad:
         raise WeightsError(f"{what}: the tensors do not match the Mimi config (pass the "
-                           f"checkpoint's config with --mimi-config): " + "; ".join(bad))
+                           f"checkpoint's config with --mimi-config): " + listing(bad, "; "))
 
 
-def convert_mimi_tensor(e: MimiEntry, sources: dict[str, mx.array]) -> mx.array:
+def convert_mimi_tensor(e: MimiEntry, sources) -> mx.array:
+    """`sources[name]` gives a source tensor (a dict, or a `FloatView`)."""
     a = sources[e.src].astype(mx.float32)
     if e.op == "conv":
         a = a.transpose(0, 2, 1)
@@ -192,22 +199,36 @@ def convert_mimi_tensor(e: MimiEntry, sources: dict[str, mx.array]) -> mx.array:
     return a.reshape(e.shape)
 
 
-def plan_mimi(weights: Path, config: Path | None) -> tuple[MimiConfig, Mapping]:
-    """The config and the checked mapping, from the header only."""
-    cfg = read_mimi_config(config)
-    shapes = {k: v.shape for k, v in read_header(weights).items()}
+def is_mimi(keys: set[str]) -> bool:
+    """Whether a checkpoint looks like Kyutai's Mimi (its first conv and its quantizer)."""
+    return "encoder.model.0.conv.conv.weight" in keys and any(
+        k.startswith("quantizer.rvq_first.") for k in keys)
+
+
+def plan_mimi(source: Source, config: Path | MimiConfig | None) -> tuple[MimiConfig, Mapping,
+                                                                          FloatView]:
+    """The config, the checked mapping and the source view, from the header only."""
+    cfg = config if isinstance(config, MimiConfig) else read_mimi_config(config)
+    view = FloatView(source, source.keys(), None)
     mapping = mimi_mapping(cfg)
-    check_mimi_mapping(mapping, shapes, str(weights))
-    return cfg, mapping
+    check_mimi_mapping(mapping, view.shapes, source.label)
+    return cfg, mapping, view
 
 
-def converted_mimi(mapping: Mapping, sources: dict[str, mx.array], what: str
-                   ) -> dict[str, mx.array]:
-    """Our Mimi's tensors (float32). Refuses checkpoints with an untrained codebook."""
+def check_codebooks_trained(mapping: Mapping, view: FloatView, what: str) -> None:
+    """Refuses checkpoints with an untrained codebook (`_initialized` is 0)."""
     for key in mapping.ignored:
-        untrained = key in sources and not mx.any(sources[key] != 0).item()
-        if key.endswith("._initialized") and untrained:
-            raise WeightsError(
-                f"{what}: {key} is 0: this codebook was never trained (is this a "
-                f"freshly initialised model rather than a released checkpoint?)")
-    return {e.dst: convert_mimi_tensor(e, sources) for e in mapping.entries}
+        if key.endswith("._initialized") and key in view:
+            if not mx.any(view[key] != 0).item():
+                raise WeightsError(
+                    f"{what}: {key} is 0: this codebook was never trained (is this a "
+                    f"freshly initialised model rather than a released checkpoint?)")
+
+
+def mimi_part(mapping: Mapping, view: FloatView) -> Part:
+    """The jobs writing `mimi.safetensors`: always float32, never quantized (the codec is
+    small and its numerics matter)."""
+    dropped = {k: "must be non-zero, a trained codebook (checked when converting)"
+               for k in mapping.ignored}
+    return Part("mimi", "Mimi codec", entry_jobs(mapping.entries, view, mx.float32, None, set()),
+                view, dropped=dropped)

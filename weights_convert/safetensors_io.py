@@ -1,8 +1,14 @@
-"""Reading safetensors files safely, without torch.
+"""Reading and writing safetensors files safely, without torch.
 
 The header is parsed and validated before any tensor data is touched: a truncated file,
 overlapping or out-of-range offsets, sizes that disagree with shapes, or absurd shapes
-are reported with the file and tensor names. Tensor data is then read lazily by MLX.
+are reported with the file and tensor names. Tensors are then read one at a time
+(`read_tensor`), so a conversion never holds more than the tensor it is working on.
+
+`SafetensorsWriter` writes a file whose table of contents is known in advance (a
+conversion plan): the header first, then each tensor as it is computed, so a shard of
+any size costs the memory of one tensor. A manifest (names, shapes and dtypes of a
+released checkpoint, no data) is read into the same validated table (`read_manifest`).
 """
 
 from __future__ import annotations
@@ -12,8 +18,10 @@ import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
 
 import mlx.core as mx
+import numpy as np
 
 ITEMSIZE = {
     "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1,
@@ -24,6 +32,26 @@ ITEMSIZE = {
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 MAX_ELEMENTS = 1 << 36  # no single tensor of a 7B model comes near this
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle")
+
+# safetensors dtype codes <-> MLX and NumPy (bfloat16 travels through NumPy as uint16).
+MX_DTYPES = {
+    "BOOL": mx.bool_, "U8": mx.uint8, "I8": mx.int8, "U16": mx.uint16, "I16": mx.int16,
+    "F16": mx.float16, "BF16": mx.bfloat16, "U32": mx.uint32, "I32": mx.int32,
+    "F32": mx.float32, "U64": mx.uint64, "I64": mx.int64,
+}
+NP_DTYPES = {
+    "BOOL": np.bool_, "U8": np.uint8, "I8": np.int8, "U16": np.uint16, "I16": np.int16,
+    "F16": np.float16, "BF16": np.uint16, "U32": np.uint32, "I32": np.int32,
+    "F32": np.float32, "U64": np.uint64, "I64": np.int64, "F64": np.float64,
+}
+DTYPE_NAMES = {
+    "BOOL": "bool", "U8": "uint8", "I8": "int8", "U16": "uint16", "I16": "int16",
+    "F16": "float16", "BF16": "bfloat16", "U32": "uint32", "I32": "int32", "F32": "float32",
+    "U64": "uint64", "I64": "int64", "F64": "float64", "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
+}
+CODES = {name: code for code, name in DTYPE_NAMES.items()}
+COMPARE_CHUNK = 4 << 20
 
 
 class WeightsError(ValueError):
@@ -37,6 +65,8 @@ class TensorInfo:
     shape: tuple[int, ...]
     start: int
     end: int
+    data_start: int = 0
+    """Where the data section begins in the file (the offsets are relative to it)."""
 
     @property
     def nbytes(self) -> int:
@@ -45,6 +75,18 @@ class TensorInfo:
     @property
     def numel(self) -> int:
         return math.prod(self.shape)
+
+    @property
+    def dtype_name(self) -> str:
+        return DTYPE_NAMES.get(self.dtype, self.dtype)
+
+
+def dtype_code(dtype: mx.Dtype) -> str:
+    """The safetensors code of an MLX dtype."""
+    for code, d in MX_DTYPES.items():
+        if d == dtype:
+            return code
+    raise WeightsError(f"cannot store dtype {dtype} in safetensors")
 
 
 def refuse_pickle(path: Path) -> None:
@@ -77,19 +119,30 @@ def read_header(path: str | Path) -> dict[str, TensorInfo]:
         raise WeightsError(f"{path}: not a safetensors file (header is not JSON: {e})") from None
     if not isinstance(header, dict):
         raise WeightsError(f"{path}: not a safetensors file (header is not a table)")
-    header.pop("__metadata__", None)
-    data_size = size - 8 - n
+    return check_table(path, header, size - 8 - n, 8 + n)
+
+
+def check_table(where: str | Path, header: dict, data_size: int, data_start: int = 0
+                ) -> dict[str, TensorInfo]:
+    """A validated tensor table from a parsed safetensors header (`data_size`: the bytes
+    after the header; the header of a remote file is checked with a size it cannot reach)."""
     tensors: dict[str, TensorInfo] = {}
     for name, entry in header.items():
-        tensors[name] = _check_entry(path, name, entry, data_size)
-    spans = sorted(tensors.values(), key=lambda t: (t.start, t.end))
-    for a, b in zip(spans, spans[1:]):
-        if b.start < a.end:
-            raise WeightsError(f"{path}: tensors {a.name!r} and {b.name!r} overlap in the file")
+        if name != "__metadata__":
+            tensors[name] = _check_entry(where, name, entry, data_size, data_start)
+    _check_overlaps(where, tensors.values())
     return tensors
 
 
-def _check_entry(path: Path, name: str, entry: object, data_size: int) -> TensorInfo:
+def _check_overlaps(path: str | Path, tensors: Iterable[TensorInfo]) -> None:
+    spans = sorted((t for t in tensors if t.end > t.start), key=lambda t: (t.start, t.end))
+    for a, b in zip(spans, spans[1:]):
+        if b.start < a.end:
+            raise WeightsError(f"{path}: tensors {a.name!r} and {b.name!r} overlap in the file")
+
+
+def _check_entry(path: str | Path, name: str, entry: object, data_size: int,
+                 data_start: int = 0) -> TensorInfo:
     where = f"{path}: tensor {name!r}"
     if not isinstance(entry, dict):
         raise WeightsError(f"{where}: malformed header entry")
@@ -111,10 +164,129 @@ def _check_entry(path: Path, name: str, entry: object, data_size: int) -> Tensor
             f"{where}: {end - start} bytes in the file for shape {shape} of {dtype}")
     if end > data_size:
         raise WeightsError(f"{where}: data runs past the end of the file (truncated download?)")
-    return TensorInfo(name, dtype, tuple(shape), start, end)
+    return TensorInfo(name, dtype, tuple(shape), start, end, data_start)
 
 
 def load_tensors(path: str | Path) -> dict[str, mx.array]:
     """All tensors of a (validated) file as lazy MLX arrays: data is read when evaluated."""
     read_header(path)
     return mx.load(str(path))
+
+
+def read_tensor(path: str | Path, info: TensorInfo) -> mx.array:
+    """One tensor of a file whose header `read_header` validated, read now (only its bytes)."""
+    if info.dtype not in MX_DTYPES:
+        raise WeightsError(f"{path}: tensor {info.name!r}: cannot convert dtype {info.dtype_name}")
+    with open(path, "rb") as f:
+        f.seek(info.data_start + info.start)
+        data = np.fromfile(f, dtype=NP_DTYPES[info.dtype], count=info.numel)
+    if data.size != info.numel:
+        raise WeightsError(f"{path}: tensor {info.name!r}: file ends early (truncated?)")
+    a = mx.array(data.reshape(info.shape))
+    return a.view(mx.bfloat16) if info.dtype == "BF16" else a
+
+
+def same_bytes(path_a: str | Path, a: TensorInfo, path_b: str | Path, b: TensorInfo) -> bool:
+    """Whether two stored tensors hold exactly the same data (compared in bounded chunks)."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    with open(path_a, "rb") as fa, open(path_b, "rb") as fb:
+        fa.seek(a.data_start + a.start)
+        fb.seek(b.data_start + b.start)
+        left = a.nbytes
+        while left:
+            n = min(left, COMPARE_CHUNK)
+            if fa.read(n) != fb.read(n):
+                return False
+            left -= n
+    return True
+
+
+def read_manifest(path: str | Path) -> dict[str, TensorInfo]:
+    """The tensor table of a manifest: `{"tensors": {name: [[shape...], "dtype"]}, ...}`.
+
+    A manifest describes a released checkpoint without its data; it is validated like a
+    header (known dtypes, sane shapes) and gets the offsets the file would have."""
+    path = Path(path)
+    try:
+        doc = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise WeightsError(f"{path}: no such manifest") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise WeightsError(f"{path}: not a manifest (invalid JSON: {e})") from None
+    table = doc.get("tensors") if isinstance(doc, dict) else None
+    if not isinstance(table, dict) or not table:
+        raise WeightsError(f"{path}: not a manifest (expected a non-empty \"tensors\" table)")
+    tensors: dict[str, TensorInfo] = {}
+    offset = 0
+    for name, value in table.items():
+        if (not isinstance(value, (list, tuple)) or len(value) != 2
+                or not isinstance(value[1], str)):
+            raise WeightsError(f"{path}: tensor {name!r}: expected [[shape...], \"dtype\"]")
+        shape, dtype = value
+        code = CODES.get(dtype, dtype if dtype in ITEMSIZE else None)
+        if code is None:
+            raise WeightsError(f"{path}: tensor {name!r}: unknown dtype {dtype!r}")
+        sane = isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)
+        nbytes = math.prod(shape) * ITEMSIZE[code] if sane else 0
+        entry = {"dtype": code, "shape": shape, "data_offsets": [offset, offset + nbytes]}
+        tensors[name] = _check_entry(path, name, entry, 1 << 62)
+        offset += nbytes
+    return tensors
+
+
+class SafetensorsWriter:
+    """Writes a safetensors file whose tensors (names, dtypes, shapes, order) are known in
+    advance: the header goes first, then each tensor as it is produced, so the file can be
+    far larger than memory. Every tensor is checked against the plan."""
+
+    def __init__(self, path: str | Path, plan: list[tuple[str, str, tuple[int, ...]]],
+                 metadata: dict[str, str] | None = None):
+        self.path = Path(path)
+        self.plan = list(plan)
+        header: dict[str, object] = {"__metadata__": dict(metadata or {"format": "mlx"})}
+        offset = 0
+        for name, code, shape in self.plan:
+            nbytes = math.prod(shape) * ITEMSIZE[code]
+            header[name] = {"dtype": code, "shape": list(shape),
+                            "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned
+        self.size = 8 + len(raw) + offset
+        self._next = 0
+        self._file = open(self.path, "wb")
+        self._file.write(struct.pack("<Q", len(raw)))
+        self._file.write(raw)
+
+    def write(self, name: str, array: mx.array) -> None:
+        if self._next >= len(self.plan):
+            raise RuntimeError(f"{self.path.name}: {name} is not in the plan")
+        want, code, shape = self.plan[self._next]
+        if (name, code, tuple(shape)) != (want, dtype_code(array.dtype), tuple(array.shape)):
+            raise RuntimeError(f"{self.path.name}: expected {want} {code} {list(shape)}, got "
+                               f"{name} {dtype_code(array.dtype)} {list(array.shape)}")
+        array = mx.contiguous(array)
+        mx.eval(array)
+        self._file.write(memoryview(array))
+        self._next += 1
+
+    def close(self) -> None:
+        if self._file.closed:
+            return
+        try:
+            if self._next != len(self.plan):
+                raise RuntimeError(f"{self.path.name}: {len(self.plan) - self._next} tensors "
+                                   f"were never written")
+            self._file.flush()
+        finally:
+            self._file.close()
+
+    def __enter__(self) -> "SafetensorsWriter":
+        return self
+
+    def __exit__(self, kind, value, tb) -> None:
+        if kind is None:
+            self.close()
+        else:
+            self._file.close()

@@ -7,6 +7,9 @@ bfloat16). Layers whose input width the group size does not divide stay float: w
 PaliGemma2 tower that is each MLP's output projection (4304 inputs) and, always, the patch
 convolution and the norms. `--vision-float` keeps the whole tower in the bundle's dtype,
 as Kyutai's own MLX checkpoints do.
+
+A quantized source tower (one of our bundles; Kyutai's quantizer can also quantize it) is
+dequantized, or copied packed when it already has the target's bits and group size.
 """
 
 from __future__ import annotations
@@ -14,18 +17,20 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from moshivis_mlx.bundle import VISION_WEIGHTS, quantizable, quantize_model
+from moshivis_mlx.bundle import quantizable, quantize_model
 from moshivis_mlx.models.siglip import SiglipConfig, SiglipVision
 
 from .lm_layout import Entry, Mapping, check_mapping
-from .safetensors_io import WeightsError, read_header
+from .plan import Part, entry_jobs
+from .safetensors_io import WeightsError
+from .source import FloatView, QuantSpec, Source, infer_quant_spec
 from .vision_layout import (
-    VisionEntry,
+    PATCH,
     check_vision_config,
     detect_vision_layout,
     find_tower,
@@ -34,14 +39,24 @@ from .vision_layout import (
     vision_mapping,
 )
 
+BUNDLE = "bundle"
+# The weight that tells how a quantized tower is stored (its input width is the patch
+# convolution's output width, which is never quantized).
+QUANT_ANCHOR = "encoder.layers.0.self_attn.q_proj.weight"
+
 
 @dataclass
 class VisionPlan:
-    weights: Path
+    source: Source
     layout: str
     prefix: str
     cfg: SiglipConfig
     mapping: Mapping
+    view: FloatView
+
+    @property
+    def weights(self) -> str:
+        return self.source.label
 
 
 def read_vision_config(path: Path | None) -> dict[str, Any] | None:
@@ -58,24 +73,38 @@ def read_vision_config(path: Path | None) -> dict[str, Any] | None:
     return cfg
 
 
-def has_vision_tower(weights: Path) -> bool:
-    return find_tower(read_header(weights)) is not None
+def has_vision_tower(source: Source) -> bool:
+    return find_tower(source.keys()) is not None
 
 
-def plan_vision(weights: Path, hf_config: dict[str, Any] | None) -> VisionPlan:
-    shapes = {k: v.shape for k, v in read_header(weights).items()}
-    prefix, layout = detect_vision_layout(shapes)
-    if any(k.startswith(prefix) and k.endswith(".scales") for k in shapes):
-        raise WeightsError(f"{weights}: the vision tower is quantized; convert from a float "
-                           f"(bfloat16 or float32) checkpoint")
-    cfg = vision_config_from(hf_config)
+def plan_vision(source: Source, hf_config: dict[str, Any] | None) -> VisionPlan:
+    """The tower in `source` (any known layout, float or quantized): config and mapping,
+    checked against the header (every tower tensor used, every shape right)."""
+    keys = source.keys()
+    prefix, layout = detect_vision_layout(keys)
+    names = set(tower_shapes(source.shapes(), prefix))
+    patch = source.info(prefix + PATCH).shape
+    spec = infer_quant_spec(source, names, prefix + QUANT_ANCHOR, patch[0])
+    view = FloatView(source, names, spec)
     try:
-        check_vision_config(shapes, prefix, cfg)
-        mapping = vision_mapping(shapes, prefix, cfg)
+        cfg = vision_config_from(hf_config)
+        check_vision_config(view.shapes, prefix, cfg)
+        mapping = vision_mapping(view.shapes, prefix, cfg)
     except WeightsError as e:
-        raise WeightsError(f"{weights}: {e}") from None
-    check_mapping(mapping, tower_shapes(shapes, prefix), str(weights))
-    return VisionPlan(Path(weights), layout, prefix, cfg, mapping)
+        raise WeightsError(f"{source.label}: {e}") from None
+    check_mapping(mapping, view.shapes, source.label)
+    return VisionPlan(source, layout, prefix, cfg, mapping, view)
+
+
+def plan_bundle_vision(source: Source, cfg: SiglipConfig, quant: dict[str, int] | None
+                       ) -> VisionPlan:
+    """The tower of one of our bundles: our names already, maybe quantized."""
+    spec = QuantSpec(**quant) if quant else None
+    view = FloatView(source, source.keys(), spec)
+    names = expected_vision_tensors(cfg, None)
+    mapping = Mapping([Entry(k, k, v) for k, v in names.items()], [])
+    check_mapping(mapping, view.shapes, source.label)
+    return VisionPlan(source, BUNDLE, "", cfg, mapping, view)
 
 
 def vision_quantization(bundle_quant: dict[str, int] | None, keep_float: bool
@@ -86,36 +115,16 @@ def vision_quantization(bundle_quant: dict[str, int] | None, keep_float: bool
     return {"bits": max(8, bundle_quant["bits"]), "group_size": bundle_quant["group_size"]}
 
 
-def _source(entry: Entry, sources: dict[str, mx.array]) -> mx.array:
-    a = sources[entry.src]
-    if entry.rows is not None:
-        a = a[entry.rows[0]: entry.rows[1]]
-    if isinstance(entry, VisionEntry) and entry.perm is not None:
-        a = a.transpose(entry.perm)
-    return a.reshape(entry.shape)
-
-
-def converted_vision(plan: VisionPlan, sources: dict[str, mx.array], dtype: mx.Dtype,
-                     quant: dict[str, int] | None) -> Iterator[tuple[str, mx.array]]:
-    """Destination tensors one by one, lazily; entries sharing a destination are concatenated."""
-    groups: dict[str, list[Entry]] = {}
-    for e in plan.mapping.entries:
-        groups.setdefault(e.dst, []).append(e)
+def vision_part(plan: VisionPlan, dtype: mx.Dtype, quant: dict[str, int] | None) -> Part:
+    """The jobs writing `vision.safetensors`."""
+    spec = QuantSpec(**quant) if quant else None
     qpaths: set[str] = set()
-    if quant:
+    if spec:
         qpaths = {path for path, m in SiglipVision(plan.cfg).named_modules()
-                  if quantizable(m, quant["group_size"])}
-    for dst, entries in groups.items():
-        parts = [_source(e, sources) for e in entries]
-        a = (parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=0)).astype(dtype)
-        module = dst.rsplit(".", 1)[0]
-        if dst.endswith(".weight") and module in qpaths:
-            w, scales, biases = mx.quantize(a, group_size=quant["group_size"], bits=quant["bits"])
-            yield dst, w
-            yield f"{module}.scales", scales
-            yield f"{module}.biases", biases
-        else:
-            yield dst, a
+                  if quantizable(m, spec.group_size)}
+    jobs = entry_jobs(plan.mapping.entries, plan.view, dtype, spec, qpaths)
+    dropped = {k: "not used (HF's pooling head, position ids)" for k in plan.mapping.ignored}
+    return Part("vision", "image encoder", jobs, plan.view, dropped=dropped)
 
 
 def expected_vision_tensors(cfg: SiglipConfig, quant: dict[str, int] | None
@@ -127,15 +136,12 @@ def expected_vision_tensors(cfg: SiglipConfig, quant: dict[str, int] | None
     return {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
 
 
-def write_vision(out_dir: Path, plan: VisionPlan, dtype_name: str, dtype: mx.Dtype,
-                 quant: dict[str, int] | None) -> dict[str, Any]:
-    """Writes `vision.safetensors` into `out_dir`; returns the `vision` section of config.json."""
-    sources = mx.load(str(plan.weights))
-    tensors = dict(converted_vision(plan, sources, dtype, quant))
-    mx.save_safetensors(str(out_dir / VISION_WEIGHTS), tensors)
+def vision_section(plan: VisionPlan, dtype_name: str, quant: dict[str, int] | None
+                   ) -> dict[str, Any]:
+    """The `vision` section of config.json."""
     return {
         "siglip": plan.cfg.to_dict(),
         "dtype": dtype_name,
         "quantization": quant,
-        "source": {"layout": plan.layout, "weights": plan.weights.name},
+        "source": {"layout": plan.layout, "weights": Path(plan.weights).name},
     }

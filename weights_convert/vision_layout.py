@@ -31,7 +31,7 @@ from .safetensors_io import WeightsError
 HF_SIGLIP = "hf-siglip"
 HF_PALIGEMMA = "hf-paligemma"
 MOSHIVIS_PT = "moshivis-pytorch"
-KYUTEYE_MLX = "moshivis-mlx"
+KYUTEYE_MLX = "kyuteye-mlx"
 
 PREFIXES: list[tuple[str, str]] = [
     ("image_prefix.enc.model.", MOSHIVIS_PT),
