@@ -14,9 +14,10 @@ from __future__ import annotations
 import json
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -24,9 +25,9 @@ import numpy as np
 
 from .bundle import load_lm, quantize_model
 from .generate import DEFAULT_XA_START, Generator
-from .models.lm import LM, PRESETS, LmConfig
 from .image import ImageEncoder
 from .models import siglip
+from .models.lm import LM, PRESETS, LmConfig
 from .models.mimi import Mimi, MimiConfig
 from .sampling import kyutai_audio_sampler, kyutai_text_sampler
 
@@ -243,8 +244,10 @@ def summary(report: dict[str, Any]) -> str:
 
 def compare(a: dict[str, Any], b: dict[str, Any]) -> str:
     """A side-by-side table of two reports."""
-    lines = [f"A: {a['config']} {a['quant']} on {a['machine']['device']} (mlx {a['machine']['mlx']})",
-             f"B: {b['config']} {b['quant']} on {b['machine']['device']} (mlx {b['machine']['mlx']})",
+    def title(r: dict[str, Any]) -> str:
+        return f"{r['config']} {r['quant']} on {r['machine']['device']} (mlx {r['machine']['mlx']})"
+
+    lines = [f"A: {title(a)}", f"B: {title(b)}",
              f"{'scenario':10s} {'stat':5s} {'A ms':>9s} {'B ms':>9s} {'B/A':>7s}"]
     for name in a["scenarios"]:
         if name not in b["scenarios"]:

@@ -13,8 +13,9 @@ skeleton is quantized before loading, so the float model is never materialised.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn

@@ -15,8 +15,8 @@ its window, the token history holds `max_delay + 1` frames, and nothing else gro
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import mlx.core as mx
 import numpy as np
@@ -41,7 +41,8 @@ class StepOutput:
 class Generator:
     """Drives an `LM` one frame at a time.
 
-    gen = Generator(lm, text_sampler=Sampler(temperature=0.0), audio_sampler=Sampler(temperature=0.0))
+    gen = Generator(lm, text_sampler=Sampler(temperature=0.0),
+                    audio_sampler=Sampler(temperature=0.0))
     gen.set_image(siglip_tokens)    # once per image; None removes it
     out = gen.step(user_codes)      # the user's 8 Mimi codes of this frame
     """
@@ -179,7 +180,7 @@ class Generator:
         user_codes: Sequence[int] | np.ndarray | mx.array,
         force_text: int | None = None,
         force_audio: Sequence[int] | None = None,
-    ) -> "PendingStep":
+    ) -> PendingStep:
         """Submits a step and returns at once; `.result()` waits for its output.
 
         The step's graph only depends on the previous step's tokens as arrays, so a
@@ -192,7 +193,8 @@ class Generator:
         forced_tokens = None
         if forced:
             if force_text is None or force_audio is None or len(force_audio) != self.lm.cfg.dep_q:
-                raise ValueError(f"teacher forcing needs the text token and {self.lm.cfg.dep_q} codes")
+                raise ValueError(
+                    f"teacher forcing needs the text token and {self.lm.cfg.dep_q} codes")
             forced_tokens = mx.array([force_text, *force_audio], dtype=mx.int32)
 
         outputs = self._step_fn(cross, forced)(

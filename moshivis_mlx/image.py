@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Union
 
 import mlx.core as mx
 import numpy as np
@@ -28,7 +28,7 @@ MAX_PIXELS = 100_000_000
 MEAN, STD = 0.5, 0.5
 """SigLIP's normalisation: x/255 in [0, 1] -> (x - 0.5) / 0.5 in [-1, 1]."""
 
-ImageInput = Union[str, os.PathLike, Image.Image]
+ImageInput = str | os.PathLike | Image.Image
 
 
 class ImageError(ValueError):

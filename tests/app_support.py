@@ -22,7 +22,7 @@ APP = [sys.executable, "-m", "cli.app"]
 
 # -- models and media -------------------------------------------------------------------
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def demo_bundle() -> Path:
     """The tiny random-weight bundle the demo uses (LM, Mimi, SigLIP, tokenizer), built
     once per test run."""

@@ -99,8 +99,8 @@ class ReferenceRun:
                          check=True)
         self.text_logits: list[np.ndarray] = []
         self.audio_logits: list[np.ndarray] = []
-        self.gen.on_text_logits_hook = lambda l: self.text_logits.append(
-            l.detach().float().numpy().reshape(-1))
+        self.gen.on_text_logits_hook = lambda logits: self.text_logits.append(
+            logits.detach().float().numpy().reshape(-1))
         original = lm.forward_depformer
         self._step_audio: list[np.ndarray] = []
 

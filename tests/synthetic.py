@@ -36,7 +36,8 @@ def shrink(shapes: dict[str, tuple[int, ...]], sizes: dict[int, int], layers: in
     """Keeps layers < `layers` (< `depformer_layers` for the depformer), maps every size."""
     out = {}
     for k, shape in shapes.items():
-        m = re.search(r"(depformer\.(?:slices\.\d+\.transformer\.)?layers|transformer\.layers)\.(\d+)\.", k)
+        m = re.search(r"(depformer\.(?:slices\.\d+\.transformer\.)?layers|transformer\.layers)"
+                      r"\.(\d+)\.", k)
         if m:
             limit = depformer_layers if m.group(1).startswith("depformer") else layers
             if int(m.group(2)) >= limit:
@@ -58,7 +59,8 @@ def random_tensors(shapes: dict[str, tuple[int, ...]], seed: int = 0) -> dict[st
     return out
 
 
-def tiny_moshivis_pt_tensors(duplicate_shared: bool = False, seed: int = 0) -> dict[str, np.ndarray]:
+def tiny_moshivis_pt_tensors(duplicate_shared: bool = False,
+                             seed: int = 0) -> dict[str, np.ndarray]:
     """The LM part of kyutai/moshika-vis-pytorch-bf16, tiny (the SigLIP tower left out)."""
     shapes = {k: v for k, v in manifest_shapes("moshivis.pt.json").items()
               if not k.startswith("image_prefix.enc.")}

@@ -14,7 +14,8 @@ from moshivis_mlx import bench
 @pytest.fixture(scope="module")
 def report_path(tmp_path_factory):
     d = tmp_path_factory.mktemp("bench")
-    rc = bench_main(["--config", "tiny", "--quant", "bf16", "--steps", "6", "--warmup", "2", "--codec-frames", "3", "--image-encodes", "1",
+    rc = bench_main(["--config", "tiny", "--quant", "bf16", "--steps", "6", "--warmup", "2",
+                     "--codec-frames", "3", "--image-encodes", "1",
                      "--json", str(d / "r.json"), "--plot", str(d / "r.png")])
     assert rc == 0
     return d / "r.json"

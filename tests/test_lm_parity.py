@@ -64,7 +64,8 @@ def compare(pt_lm, gen, steps, seed=1):
     return worst_text, worst_audio
 
 
-@pytest.mark.parametrize("context,steps", [(100, 24), (7, 30)], ids=["long-context", "sliding-window"])
+@pytest.mark.parametrize("context,steps", [(100, 24), (7, 30)],
+                         ids=["long-context", "sliding-window"])
 def test_streaming_matches_pytorch(tmp_path, context, steps):
     """Identical tokens and logits within 1e-4; with context 7 the window slides 23 times."""
     pt_lm, bundle = convert_reference(tmp_path, tiny_lm_kwargs(context=context))
@@ -108,7 +109,8 @@ def test_moshivis_layout_backbone_matches_pytorch(tmp_path):
     pt_lm = build_moshi_lm(kw, seed=4)
     weights = tmp_path / "model.safetensors"
     save_released(pt_lm, weights, {
-        "transformer.": "llm.transformer.", "text_emb.": "llm.text_emb.", "out_norm.": "llm.out_norm.",
+        "transformer.": "llm.transformer.", "text_emb.": "llm.text_emb.",
+        "out_norm.": "llm.out_norm.",
         "text_linear.": "llm.text_linear.", "emb.": "audio_emb.", "linears.": "audio_linears."})
     sd = load_file(str(weights))
     d, g = kw["dim"], kw["dim"] // 8
@@ -118,8 +120,9 @@ def test_moshivis_layout_backbone_matches_pytorch(tmp_path):
         sd[p + "norm_cross.alpha"] = torch.ones(1, 1, d)
         sd[p + "cross_attention.gate.alpha.0.weight"] = torch.randn(g, d, generator=gen)
         sd[p + "cross_attention.gate.alpha.2.weight"] = torch.randn(d, g, generator=gen)
-    sd["llm.transformer.layers.0.cross_attention.mha.in_proj_weight"] = torch.randn(3 * d, d, generator=gen)
-    sd["llm.transformer.layers.0.cross_attention.mha.out_proj.weight"] = torch.randn(d, d, generator=gen)
+    mha = "llm.transformer.layers.0.cross_attention.mha."
+    sd[mha + "in_proj_weight"] = torch.randn(3 * d, d, generator=gen)
+    sd[mha + "out_proj.weight"] = torch.randn(d, d, generator=gen)
     sd["image_prefix.proj_xa.weight"] = torch.randn(d, 48, generator=gen)
     sd["image_prefix.proj_xa.bias"] = torch.randn(d, generator=gen)
     sd["image_prefix.norm_xa.alpha"] = torch.ones(1, 1, d)
@@ -127,7 +130,8 @@ def test_moshivis_layout_backbone_matches_pytorch(tmp_path):
     config = tmp_path / "config.json"
     config.write_text(json.dumps(kw))
     out = tmp_path / "bundle"
-    assert convert_main(["--moshi-weights", str(weights), "--config", str(config), "--out", str(out),
+    assert convert_main(["--moshi-weights", str(weights), "--config", str(config),
+                         "--out", str(out),
                          "--dtype", "float32", "--no-quantize"]) == 0
     gen_ = greedy_generator(out)
     assert gen_.lm.cfg.cross_attention

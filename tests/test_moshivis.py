@@ -186,7 +186,6 @@ def test_shared_projections_stored_once_in_the_bundle(tmp_path):
     """Converting a MoshiVis checkpoint whose shared module appears under every layer keeps
     one copy: one q/kv/out projection in the bundle, per-layer gates and norms."""
     from safetensors.numpy import save_file
-
     from synthetic import TINY_LM_CONFIG, tiny_moshivis_pt_tensors
 
     tensors = tiny_moshivis_pt_tensors(duplicate_shared=True)

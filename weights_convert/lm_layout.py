@@ -220,8 +220,8 @@ def lm_mapping(shapes: dict[str, tuple[int, ...]], layout: str, cfg: LmConfig) -
         add(f"audio_emb.{i}.weight", n["audio_emb"].format(i=i), (cfg.card + 1, d))
     add("text_linear.weight", n["text_linear"], (cfg.text_card, d))
     add("out_norm.weight", n["out_norm"], (d,))
-    for l in range(cfg.num_layers):
-        src, dst = n["layer"].format(l=l), f"transformer.layers.{l}."
+    for i in range(cfg.num_layers):
+        src, dst = n["layer"].format(l=i), f"transformer.layers.{i}."
         add(dst + "self_attn.in_proj.weight", src + "self_attn.in_proj_weight", (3 * d, d))
         add(dst + "self_attn.out_proj.weight", src + "self_attn.out_proj.weight", (d, d))
         add(dst + "norm1.weight", src + "norm1.alpha", (d,))
@@ -231,8 +231,9 @@ def lm_mapping(shapes: dict[str, tuple[int, ...]], layout: str, cfg: LmConfig) -
         if cfg.cross_attention:
             g = cfg.xa_gate_hidden
             add(dst + "norm_cross.weight", src + "norm_cross.alpha", (d,))
-            add(dst + "xa_gate.linear_in.weight", src + "cross_attention.gate.alpha.0.weight", (g, d))
-            add(dst + "xa_gate.linear_out.weight", src + "cross_attention.gate.alpha.2.weight", (d, g))
+            gate = src + "cross_attention.gate.alpha."
+            add(dst + "xa_gate.linear_in.weight", gate + "0.weight", (g, d))
+            add(dst + "xa_gate.linear_out.weight", gate + "2.weight", (d, g))
     ignored: list[str] = []
     copies: list[tuple[str, str]] = []
     if cfg.cross_attention:
@@ -244,9 +245,9 @@ def lm_mapping(shapes: dict[str, tuple[int, ...]], layout: str, cfg: LmConfig) -
         add("image_prefix.proj_xa.bias", "image_prefix.proj_xa.bias", (d,))
         add("image_prefix.norm_xa.weight", "image_prefix.norm_xa.alpha", (d,))
         # The shared module may also be saved under every layer: those are copies.
-        for l in range(1, cfg.num_layers):
+        for i in range(1, cfg.num_layers):
             for name in ("in_proj_weight", "out_proj.weight"):
-                key = n["layer"].format(l=l) + "cross_attention.mha." + name
+                key = n["layer"].format(l=i) + "cross_attention.mha." + name
                 if key in shapes:
                     copies.append((key, xa + name))
         # The SigLIP tower stored with the model is the image encoder's (vision_layout).
@@ -259,8 +260,8 @@ def lm_mapping(shapes: dict[str, tuple[int, ...]], layout: str, cfg: LmConfig) -
     add("depformer.text_emb.weight", n["depformer_text_emb"], (cfg.text_card + 1, dd))
     for k in range(cfg.dep_q - 1):
         add(f"depformer.audio_emb.{k}.weight", n["depformer_emb"].format(k=k), (cfg.card + 1, dd))
-    for l in range(dep.num_layers):
-        src, dst = n["dep_layer"].format(l=l), f"depformer.transformer.layers.{l}."
+    for i in range(dep.num_layers):
+        src, dst = n["dep_layer"].format(l=i), f"depformer.transformer.layers.{i}."
         add(dst + "norm1.weight", src + "norm1.alpha", (dd,))
         add(dst + "norm2.weight", src + "norm2.alpha", (dd,))
         for k in range(steps):

@@ -16,9 +16,9 @@ from __future__ import annotations
 import json
 import math
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 import mlx.core as mx
 import numpy as np
@@ -282,7 +282,7 @@ class SafetensorsWriter:
         finally:
             self._file.close()
 
-    def __enter__(self) -> "SafetensorsWriter":
+    def __enter__(self) -> SafetensorsWriter:
         return self
 
     def __exit__(self, kind, value, tb) -> None:

@@ -10,9 +10,9 @@ float values (dequantized in float32) or, to copy them unchanged, the packed tri
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import mlx.core as mx
 
@@ -48,7 +48,7 @@ class Source:
         self.has_data = has_data
 
     @classmethod
-    def from_files(cls, paths: list[Path], label: str | None = None) -> "Source":
+    def from_files(cls, paths: list[Path], label: str | None = None) -> Source:
         tensors: dict[str, tuple[Path | None, TensorInfo]] = {}
         for path in paths:
             for name, info in read_header(path).items():
@@ -58,7 +58,7 @@ class Source:
         return cls(label or ", ".join(str(p) for p in paths), tensors, True)
 
     @classmethod
-    def from_manifest(cls, path: Path) -> "Source":
+    def from_manifest(cls, path: Path) -> Source:
         return cls(str(path), {k: (None, v) for k, v in read_manifest(path).items()}, False)
 
     def keys(self) -> set[str]:

@@ -79,7 +79,7 @@ def _wait_ready(worker: ModelWorker) -> None:
             ev = worker.events.get(timeout=0.1)
         except queue.Empty:
             if not worker.running:
-                raise AppError("the model thread stopped while loading")
+                raise AppError("the model thread stopped while loading") from None
             continue
         if isinstance(ev, ReadyEvent):
             return

@@ -15,7 +15,7 @@ class ConfigBase:
     default. `nested` names the fields that are themselves configs.
     """
 
-    nested: ClassVar[dict[str, type["ConfigBase"]]] = {}
+    nested: ClassVar[dict[str, type[ConfigBase]]] = {}
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)  # type: ignore[call-overload]

@@ -9,8 +9,9 @@ codebooks one after another, each sub-step seeing `h` and the token sampled just
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, ClassVar
+from typing import ClassVar
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -234,7 +235,8 @@ class LM(nn.Module):
     def image_kv(self, image_tokens: mx.array) -> tuple[mx.array, mx.array]:
         """SigLIP tokens [B, N, image_dim] -> cross-attention keys and values."""
         if not self.cfg.cross_attention:
-            raise ValueError("this model has no cross-attention (plain Moshi): it cannot take an image")
+            raise ValueError(
+                "this model has no cross-attention (plain Moshi): it cannot take an image")
         prefix = self.image_prefix(image_tokens.astype(self.dtype))
         return self.xa.image_kv(prefix)
 
@@ -254,7 +256,7 @@ class LM(nn.Module):
         cross: CrossAttentionInput | None = None,
         pos: mx.array | None = None,
     ) -> tuple[mx.array, mx.array]:
-        """Temporal transformer: tokens [B, 17, T] -> (h after out_norm [B, T, dim], text logits)."""
+        """Temporal transformer: tokens [B, 17, T] -> (h [B, T, dim] after out_norm, logits)."""
         x = self.embed_streams(tokens)
         h = self.out_norm(self.transformer(x, caches, cross, pos))
         return h, self.text_linear(h)

@@ -99,7 +99,7 @@ class MimiConfig(ConfigBase):
     # -- our bundle format ------------------------------------------------------------
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "MimiConfig":
+    def from_dict(cls, d: dict[str, Any]) -> MimiConfig:
         cfg = super().from_dict(d)
         cfg.validate()
         return cfg
@@ -107,7 +107,7 @@ class MimiConfig(ConfigBase):
     # -- Kyutai's format (`mimi_config` of moshi.models.loaders) ----------------------
 
     @classmethod
-    def from_kyutai(cls, d: dict[str, Any]) -> "MimiConfig":
+    def from_kyutai(cls, d: dict[str, Any]) -> MimiConfig:
         """Reads Kyutai's Mimi config dict; settings Mimi never uses are refused, not ignored."""
         try:
             s, q, t = dict(d["seanet"]), dict(d["quantizer"]), dict(d["transformer"])
@@ -177,12 +177,12 @@ class MimiConfig(ConfigBase):
     # -- presets ----------------------------------------------------------------------
 
     @classmethod
-    def released(cls) -> "MimiConfig":
+    def released(cls) -> MimiConfig:
         """Kyutai's released Mimi (tokenizer-e351c8d8-checkpoint125), 32 codebooks."""
         return cls()
 
     @classmethod
-    def tiny(cls, context: int = 250) -> "MimiConfig":
+    def tiny(cls, context: int = 250) -> MimiConfig:
         """Mimi's exact structure (24 kHz, 12.5 Hz, ratios 8-6-5-4, split RVQ) at a tiny
         width, for tests."""
         return cls(
@@ -349,10 +349,10 @@ class Mimi(nn.Module):
 
     # -- streams ----------------------------------------------------------------------------
 
-    def streaming_encoder(self, num_codebooks: int | None = None) -> "StreamingEncoder":
+    def streaming_encoder(self, num_codebooks: int | None = None) -> StreamingEncoder:
         return StreamingEncoder(self, self._check_num_codebooks(num_codebooks))
 
-    def streaming_decoder(self) -> "StreamingDecoder":
+    def streaming_decoder(self) -> StreamingDecoder:
         return StreamingDecoder(self)
 
 

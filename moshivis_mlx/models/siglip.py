@@ -12,8 +12,9 @@ everywhere); only the patch and position embeddings are specific to images.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -78,7 +79,7 @@ class SiglipConfig(ConfigBase):
 
 
     @classmethod
-    def from_hf(cls, d: dict[str, Any]) -> "SiglipConfig":
+    def from_hf(cls, d: dict[str, Any]) -> SiglipConfig:
         """From HF's `SiglipVisionConfig` JSON (or a SigLIP / PaliGemma config holding one
         under `vision_config`). Keys it leaves out take HF's defaults; keys we have no use
         for (projection_dim, vision_use_head, ...) are ignored."""

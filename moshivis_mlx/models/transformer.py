@@ -57,7 +57,7 @@ class TransformerConfig(ConfigBase):
 
 
 class RMSNorm(nn.Module):
-    """x / sqrt(mean(x^2) + eps) * w, in float32 whatever the model dtype (Kyutai's rms_norm_f32)."""
+    """x / sqrt(mean(x^2) + eps) * w, in float32 whatever the dtype (Kyutai's rms_norm_f32)."""
 
     def __init__(self, dims: int, eps: float = 1e-8):
         super().__init__()
@@ -197,7 +197,9 @@ class RingKVCache:
         mask = (delta >= 0) & (delta < self.context)
         return keys, values, mx.array(mask)
 
-    def _update_at(self, k: mx.array, v: mx.array, pos: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+    def _update_at(
+        self, k: mx.array, v: mx.array, pos: mx.array
+    ) -> tuple[mx.array, mx.array, mx.array]:
         """One position `pos` (int32 scalar array), written in place; fixed shapes."""
         if k.shape[2] != 1:
             raise ValueError("a position given as an array writes one step at a time")
@@ -242,7 +244,8 @@ class Attention(nn.Module):
         mask: mx.array | str | None,
         offset: int | mx.array,
     ) -> mx.array:
-        """`offset`: position of x's first step (an int32 array selects the cache's fixed-shape path)."""
+        """`offset`: position of x's first step; an int32 array selects the cache's
+        fixed-shape path."""
         b, t, d = x.shape
         qkv = self.in_proj(x).reshape(b, t, 3, self.num_heads, self.head_dim)
         qkv = qkv.transpose(2, 0, 3, 1, 4)
@@ -327,7 +330,8 @@ class TransformerLayer(nn.Module):
         n = cfg.weights_per_step
         if n > 0:
             self.self_attn = [Attention(cfg) for _ in range(n)]
-            self.ffn = [FeedForward(cfg.d_model, cfg.ffn_hidden, cfg.ffn, cfg.bias) for _ in range(n)]
+            self.ffn = [FeedForward(cfg.d_model, cfg.ffn_hidden, cfg.ffn, cfg.bias)
+                        for _ in range(n)]
         else:
             self.self_attn = Attention(cfg)
             self.ffn = FeedForward(cfg.d_model, cfg.ffn_hidden, cfg.ffn, cfg.bias)
