@@ -63,7 +63,7 @@ from .plan import (
     human,
     write_part,
 )
-from .safetensors_io import WeightsError
+from .safetensors_io import WeightsError, read_json_config
 from .source import FloatView, QuantSpec, Source, infer_quant_spec
 from .vision_convert import (
     VisionPlan,
@@ -131,14 +131,7 @@ class Plan:
 def read_kyutai_config(path: Path | None) -> dict[str, Any] | None:
     if path is None:
         return None
-    try:
-        cfg = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise WeightsError(f"{path}: no such config file") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise WeightsError(f"{path}: invalid JSON ({e})") from None
-    if not isinstance(cfg, dict):
-        raise WeightsError(f"{path}: expected a JSON object")
+    cfg = read_json_config(path)
     if "format_version" in cfg:
         raise WeightsError(f"{path}: this is the config of a moshivis-mlx bundle; convert the "
                            f"bundle with --bundle DIR")

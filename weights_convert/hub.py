@@ -245,13 +245,21 @@ def _resolve(spec: str | Path, missing: list[str], headers_only: bool = False
     if len(parts) < 3:
         raise HubError(f"{text}: expected hf://owner/repo/file")
     repo, name = "/".join(parts[:2]), "/".join(parts[2:])
+    return _get(repo, name, headers_only, missing, text)
+
+
+def _get(repo: str, name: str, headers_only: bool, missing: list[str],
+         label: str | None = None) -> Path | Source | None:
+    """A repository file, downloaded unless cached; with `headers_only`, weights not in
+    the cache are only read remotely up to their header. Unreachable: None, and the file
+    is added to `missing`."""
     try:
         if headers_only and name.endswith(".safetensors"):
             cached = _hub()[0].try_to_load_from_cache(repo, name)
             return Path(cached) if isinstance(cached, str) else remote_header(repo, name)
         return _fetch(repo, name)
     except _NotReachable:
-        missing.append(text)
+        missing.append(label or name)
         return None
 
 
@@ -290,14 +298,7 @@ def resolve_repo(repo: str, moshi_weights: str | Path | None = None,
     def get(name: str) -> Path | Source | None:
         if local_dir is not None:
             return local_dir / name
-        try:
-            if headers_only and name.endswith(".safetensors"):
-                cached = _hub()[0].try_to_load_from_cache(repo, name)
-                return Path(cached) if isinstance(cached, str) else remote_header(repo, name)
-            return _fetch(repo, name)
-        except _NotReachable:
-            missing.append(name)
-            return None
+        return _get(repo, name, headers_only, missing)
 
     # The language model: an override, else the preferred files that exist, else the named.
     if moshi_weights is not None:

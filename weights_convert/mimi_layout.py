@@ -17,7 +17,6 @@ The mapping is derived from the config alone and checked against the file's head
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from moshivis_mlx.models.mimi import MimiConfig
 
 from .lm_layout import Entry, Mapping, check_mapping, listing
 from .plan import Part, entry_jobs
-from .safetensors_io import WeightsError
+from .safetensors_io import WeightsError, read_json_config
 from .source import FloatView, Source
 
 CODEBOOK_EPS = 1e-5
@@ -49,16 +48,9 @@ def read_mimi_config(path: Path | None) -> MimiConfig:
     """Kyutai's Mimi config JSON (bare, or under a `mimi_config` key); None: the released one."""
     if path is None:
         return MimiConfig.released()
-    try:
-        d = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise WeightsError(f"{path}: no such config file") from None
-    except json.JSONDecodeError as e:
-        raise WeightsError(f"{path}: invalid JSON ({e})") from None
-    if isinstance(d, dict) and isinstance(d.get("mimi_config"), dict):
+    d = read_json_config(path)
+    if isinstance(d.get("mimi_config"), dict):
         d = d["mimi_config"]
-    if not isinstance(d, dict):
-        raise WeightsError(f"{path}: expected a JSON object")
     try:
         return MimiConfig.from_kyutai(d)
     except (ValueError, KeyError, TypeError) as e:

@@ -97,6 +97,19 @@ def refuse_pickle(path: Path) -> None:
             f"safetensors' convert script on a trusted machine")
 
 
+def read_json_config(path: str | Path, expected: str = "a JSON object") -> dict:
+    """A JSON config file as a dict; a WeightsError naming the file otherwise."""
+    try:
+        cfg = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise WeightsError(f"{path}: no such config file") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise WeightsError(f"{path}: invalid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise WeightsError(f"{path}: expected {expected}")
+    return cfg
+
+
 def read_header(path: str | Path) -> dict[str, TensorInfo]:
     """Validated tensor table of a safetensors file (reads only the header)."""
     path = Path(path)

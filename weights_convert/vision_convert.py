@@ -14,7 +14,6 @@ dequantized, or copied packed when it already has the target's bits and group si
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ from moshivis_mlx.models.siglip import SiglipConfig, SiglipVision
 
 from .lm_layout import Entry, Mapping, check_mapping
 from .plan import Part, entry_jobs
-from .safetensors_io import WeightsError
+from .safetensors_io import WeightsError, read_json_config
 from .source import FloatView, QuantSpec, Source, infer_quant_spec
 from .vision_layout import (
     PATCH,
@@ -62,15 +61,7 @@ class VisionPlan:
 def read_vision_config(path: Path | None) -> dict[str, Any] | None:
     if path is None:
         return None
-    try:
-        cfg = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise WeightsError(f"{path}: no such config file") from None
-    except json.JSONDecodeError as e:
-        raise WeightsError(f"{path}: invalid JSON ({e})") from None
-    if not isinstance(cfg, dict):
-        raise WeightsError(f"{path}: expected a JSON object (HF's SiglipVisionConfig)")
-    return cfg
+    return read_json_config(path, "a JSON object (HF's SiglipVisionConfig)")
 
 
 def has_vision_tower(source: Source) -> bool:

@@ -215,11 +215,9 @@ def _terminal_loop(ui: TerminalUI, worker: ModelWorker, console: Console,
             ui.render(), console=console, screen=True, auto_refresh=False,
             redirect_stderr=False) as live:
         while True:
-            fatal = _drain(worker, ui)
-            if fatal is not None:
-                return fatal
-            if not worker.running:
-                return AppError("the model thread stopped unexpectedly")
+            failure = _worker_failure(worker, ui)
+            if failure is not None:
+                return failure
             for k in keys.read(1.0 / FPS):
                 action = ui.key(k)
                 if action is None:
@@ -238,10 +236,18 @@ def _terminal_loop(ui: TerminalUI, worker: ModelWorker, console: Console,
 
 def _plain_loop(ui: PlainUI, worker: ModelWorker) -> BaseException | None:
     while True:
-        fatal = _drain(worker, ui)
-        if fatal is not None:
-            return fatal
-        if not worker.running:
-            return AppError("the model thread stopped unexpectedly")
+        failure = _worker_failure(worker, ui)
+        if failure is not None:
+            return failure
         time.sleep(0.05)
+
+
+def _worker_failure(worker: ModelWorker, ui: TerminalUI | PlainUI) -> BaseException | None:
+    """Shows the worker's news; what ends the session, if anything."""
+    fatal = _drain(worker, ui)
+    if fatal is not None:
+        return fatal
+    if not worker.running:
+        return AppError("the model thread stopped unexpectedly")
+    return None
 
