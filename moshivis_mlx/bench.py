@@ -224,11 +224,12 @@ def time_codec(tiny: bool, frames: int, seed: int, warmup: int = 5) -> dict[str,
 def summary(report: dict[str, Any]) -> str:
     lines = [f"{report['config']} {report['quant']} on {report['machine']['device']} "
              f"(mlx {report['machine']['mlx']}), {report['steps']} steps"
-             f"{' pipelined' if report.get('pipelined') else ''}, load {report['load_s']:.1f} s"]
+             f"{' pipelined' if report.get('pipelined') else ''}, load {report['load_s']:.1f} s, "
+             f"weights {_size(report['weights_gb'])}"]
     for name, s in report["scenarios"].items():
         lines.append(f"  {name:9s} p50 {s['p50']:7.2f}  p90 {s['p90']:7.2f}  p99 {s['p99']:7.2f}  "
                      f"max {s['max']:7.2f} ms  first {s['first_step_ms']:8.1f} ms  "
-                     f"peak {s['peak_memory_gb']:.2f} GB")
+                     f"peak {_size(s['peak_memory_gb'])}")
     sc = report["scenarios"]
     if "moshi" in sc and "moshivis" in sc:
         lines.append(f"  image adds {sc['moshivis']['p50'] - sc['moshi']['p50']:+.2f} ms at p50")
@@ -240,6 +241,10 @@ def summary(report: dict[str, Any]) -> str:
         if key in report:
             lines.append(f"  {label}: {report[key]:.2f} ms")
     return "\n".join(lines)
+
+
+def _size(gb: float) -> str:
+    return f"{gb:.2f} GB" if gb >= 1 else f"{gb * 1e3:.1f} MB"
 
 
 def compare(a: dict[str, Any], b: dict[str, Any]) -> str:
