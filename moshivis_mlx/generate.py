@@ -81,6 +81,8 @@ class Generator:
         self.last_text_logits: mx.array | None = None
         self.last_audio_logits: mx.array | None = None
         self.last_tokens: list[int] = []
+        self._epoch = 0
+        """Counts resets: a step submitted before a reset can no longer be collected."""
         self.reset()
 
     # -- state ---------------------------------------------------------------------------
@@ -95,7 +97,7 @@ class Generator:
         for c in self.caches:
             c.reset()
         self._step = 0
-        self._epoch = getattr(self, "_epoch", 0) + 1
+        self._epoch += 1
         self._pending: deque[PendingStep] = deque()
         keep = self.max_delay + 1
         self._prev_generated: mx.array | None = None
