@@ -131,6 +131,31 @@ class Generator:
         if reset:
             self.reset()
 
+    def warm_up(self, steps: int = 2, image_tokens: int | None = None) -> None:
+        """Runs once each variant of the step a conversation will use, so none compiles
+        mid-conversation: the step without the image and, for MoshiVis, the step with an
+        image of `image_tokens` tokens (default: the current image's). Then starts afresh.
+        """
+        image_kv, xa_start = self.image_kv, self.xa_start
+        silence = np.zeros(self.num_user_codes, dtype=np.int32)
+        try:
+            self.image_kv = None
+            for _ in range(steps):
+                self.step(silence)
+            if image_kv is not None:
+                image_tokens = image_kv[0].shape[2]
+            if self.lm.cfg.cross_attention and image_tokens:
+                if image_kv is None:
+                    self.set_image(mx.zeros((image_tokens, self.lm.cfg.image_dim)))
+                else:
+                    self.image_kv = image_kv
+                self.xa_start = 0
+                for _ in range(steps):
+                    self.step(silence)
+        finally:
+            self.image_kv, self.xa_start = image_kv, xa_start
+            self.reset()
+
     # -- one step --------------------------------------------------------------------------
 
     def _check_codes(self, user_codes: Sequence[int] | np.ndarray | mx.array) -> np.ndarray:

@@ -170,3 +170,23 @@ def test_reset_discards_pending_steps(lm):
     with pytest.raises(RuntimeError, match="reset"):
         h.result()
     assert g.step([0] * 8) is None
+
+
+def test_warm_up_compiles_every_variant_and_starts_afresh(lm):
+    def make():
+        return Generator(lm, Sampler(temperature=1.0, seed=2), Sampler(temperature=1.0, seed=3),
+                         xa_start=3)
+
+    codes = np.random.default_rng(2).integers(0, lm.cfg.card, size=(6, 8))
+    image = mx.random.normal((5, lm.cfg.image_dim), key=mx.random.key(4))
+    cold = make()
+    cold.set_image(image)
+    expected = [cold.step(c) for c in codes]
+
+    warm = make()
+    warm.warm_up(image_tokens=5)  # no image yet: one may come later
+    assert len(warm._step_fns) == 2 and warm.step_index == 0 and warm.image_kv is None
+    warm.set_image(image)
+    variants = dict(warm._step_fns)
+    assert [warm.step(c) for c in codes] == expected
+    assert warm._step_fns == variants  # nothing compiled during the conversation

@@ -49,12 +49,14 @@ def _terminate_as_interrupt(signum, frame):  # SIGTERM / SIGHUP end the session 
     raise KeyboardInterrupt
 
 
-def warm_up(stream: Stream, steps: int = WARMUP_STEPS) -> None:
+def warm_up(stream: Stream, steps: int = WARMUP_STEPS, image_tokens: int | None = None) -> None:
     """A few steps on silence so the first real frame does not pay for compilation and
-    allocation; then a fresh conversation."""
+    allocation, the step with an image included (it first runs at `xa_start`, and an image
+    may come later with `i`); then a fresh conversation."""
     silence = np.zeros(FRAME_SIZE, dtype=np.float32)
     for _ in range(steps):
         stream.step(silence)
+    stream.gen.warm_up(image_tokens=image_tokens)
     stream.reset()
     stream.frames = 0
 
@@ -68,7 +70,7 @@ def _prepare(args: argparse.Namespace, steps: Steps, picture: Any, info: dict[st
         with steps.step(f"image {os.path.basename(args.image)}"):
             stream.set_image(models.vision.encode_image(picture))
     with steps.step("warm-up"):
-        warm_up(stream)
+        warm_up(stream, image_tokens=models.vision.config.num_tokens if models.vision else None)
     return stream, (image_encoder(models) if models.vision is not None else None)
 
 
