@@ -29,7 +29,6 @@ from .models.siglip import SiglipConfig, SiglipVision
 FORMAT_VERSION = 1
 CONFIG_NAME = "config.json"
 LM_WEIGHTS = "model.safetensors"
-LM_INDEX = "model.safetensors.index.json"
 MIMI_WEIGHTS = "mimi.safetensors"
 VISION_WEIGHTS = "vision.safetensors"
 

@@ -68,8 +68,3 @@ class TextTokenizer:
 
 def starts_word(piece: str) -> bool:
     return piece.startswith(WORD_START)
-
-
-def piece_text(piece: str) -> str:
-    """A piece as display text: the word-start mark becomes a space."""
-    return piece.replace(WORD_START, " ")

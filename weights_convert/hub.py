@@ -36,7 +36,6 @@ LM_FILE = "model.safetensors"
 MIMI_FILE = "tokenizer-e351c8d8-checkpoint125.safetensors"
 TOKENIZER_FILE = "tokenizer_spm_32k_3.model"
 CONFIG_FILE = "config.json"
-REPO_FILES = [LM_FILE, MIMI_FILE, TOKENIZER_FILE]
 BUNDLE_PATTERNS = ["config.json", "*.safetensors", "*.safetensors.index.json", "tokenizer.model"]
 QUANTIZATIONS = {"8": Quantization(8, 64), "4": Quantization(4, 32), "none": None}
 

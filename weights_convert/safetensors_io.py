@@ -180,12 +180,6 @@ def _check_entry(path: str | Path, name: str, entry: object, data_size: int,
     return TensorInfo(name, dtype, tuple(shape), start, end, data_start)
 
 
-def load_tensors(path: str | Path) -> dict[str, mx.array]:
-    """All tensors of a (validated) file as lazy MLX arrays: data is read when evaluated."""
-    read_header(path)
-    return mx.load(str(path))
-
-
 def read_tensor(path: str | Path, info: TensorInfo) -> mx.array:
     """One tensor of a file whose header `read_header` validated, read now (only its bytes)."""
     if info.dtype not in MX_DTYPES:

@@ -71,10 +71,6 @@ class Source:
         names = self.tensors if names is None else names
         return {k: self.tensors[k][1].shape for k in names}
 
-    def file_of(self, name: str) -> str:
-        path = self.tensors[name][0]
-        return str(path) if path is not None else self.label
-
     def read(self, name: str) -> mx.array:
         path, info = self.tensors[name]
         if path is None:

@@ -44,7 +44,3 @@ class ImageInputError(AppError):
 
 class AudioFileInputError(AppError):
     exit_code = EXIT_AUDIO_FILE
-
-
-class UsageError(AppError):
-    exit_code = EXIT_USAGE
