@@ -139,7 +139,7 @@ def read_kyutai_config(path: Path | None) -> dict[str, Any] | None:
     return {**cfg, **cfg.get("lm_kwargs", {})}
 
 
-def generation_defaults(kyutai_config: dict[str, Any] | None) -> dict[str, Any]:
+def kyutai_generation_defaults(kyutai_config: dict[str, Any] | None) -> dict[str, Any]:
     """Kyutai's sampling defaults, or its config's `lm_gen_config`; xa_start from the config
     when it gives a step number."""
     kc = kyutai_config or {}
@@ -354,7 +354,7 @@ def plan_conversion(opts: ConvertOptions) -> Plan:
         if mapping.copies and lm_src.has_data:
             checks.append(lambda: check_copies(lm_src, mapping.copies))
         config.update(_lm_section(cfg, dtype_name, quant))
-        config["generation"] = generation_defaults(kc)
+        config["generation"] = kyutai_generation_defaults(kc)
         kind = "MoshiVis" if cfg.cross_attention else "Moshi"
         quantized = f", stored {view.spec.label}" if view.spec else ""
         found.append(f"language model: {kind}, {layout} layout{quantized} ({lm_src.label})")
