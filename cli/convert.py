@@ -9,9 +9,9 @@ from dataclasses import replace
 from pathlib import Path
 
 from moshivis_mlx.bundle import BundleError, read_config
-from weights_convert.convert import ConvertOptions, Quantization, convert, dry_run
-from weights_convert.plan import human
-from weights_convert.safetensors_io import WeightsError
+from moshivis_mlx.weights_convert.convert import ConvertOptions, Quantization, convert, dry_run
+from moshivis_mlx.weights_convert.plan import human
+from moshivis_mlx.weights_convert.safetensors_io import WeightsError
 
 EPILOG = """examples:
   moshivis-convert --hf-repo kyutai/moshika-vis-pytorch-bf16 --out moshika-vis-q8
@@ -128,7 +128,7 @@ def options_from(args: argparse.Namespace) -> ConvertOptions:
         return Path(x) if x is not None else None
 
     if args.hf_repo:
-        from weights_convert.hub import resolve_repo
+        from moshivis_mlx.weights_convert.hub import resolve_repo
 
         files = resolve_repo(args.hf_repo, moshi_weights=args.moshi_weights,
                              mimi_weights=args.mimi_weights, tokenizer=args.tokenizer,

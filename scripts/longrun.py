@@ -64,7 +64,7 @@ def main() -> int:
         print(f"writing {args.steps} frames ({args.steps * 0.08 / 60:.1f} min) of input ...",
               flush=True)
         make_input(inp, args.steps)
-        cmd = [sys.executable, "-m", "cli.app", "--weights", str(bundle),
+        cmd = [sys.executable, "-m", "moshivis_mlx.cli.app", "--weights", str(bundle),
                "--image", str(SAMPLE_IMAGE), "--input-wav", str(inp),
                "--output-wav", str(tmp / "output.wav"), "--transcript", str(tmp / "t.json"),
                "--seed", "0"]

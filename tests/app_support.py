@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
-APP = [sys.executable, "-m", "cli.app"]
+APP = [sys.executable, "-m", "moshivis_mlx.cli.app"]
 
 
 # -- models and media -------------------------------------------------------------------
@@ -74,8 +74,8 @@ def run_app(*args: str, cwd: Path | None = None, timeout: float = 180,
 
 
 def run_main(*args: str) -> int:
-    """cli.app.main in this process (for tests that replace the audio backend)."""
-    from cli.app import main
+    """moshivis_mlx.cli.app.main in this process (for tests that replace the audio backend)."""
+    from moshivis_mlx.cli.app import main
 
     try:
         return main(list(args))

@@ -188,7 +188,7 @@ def quantize_kyuteye(tensors: dict, bits: int, group_size: int, num_layers: int)
 def tiny_mimi_tensors(seed: int = 2) -> tuple[dict[str, np.ndarray], dict]:
     """A tiny Mimi in Kyutai's released layout (random, codebooks trained) and its config."""
     from moshivis_mlx.models.mimi import MimiConfig
-    from weights_convert.mimi_layout import mimi_mapping
+    from moshivis_mlx.weights_convert.mimi_layout import mimi_mapping
 
     cfg = MimiConfig.tiny()
     rng = np.random.default_rng(seed)
@@ -233,7 +233,7 @@ def fake_hf_repo(hf_cache: Path, repo: str, files: dict[str, bytes | Path],
 
 def pt_shapes(cfg, layout: str = "moshi-pytorch") -> dict[str, tuple[int, ...]]:
     """Every tensor name and shape of Kyutai's PyTorch layout for an LM config."""
-    from weights_convert.lm_layout import lm_mapping
+    from moshivis_mlx.weights_convert.lm_layout import lm_mapping
 
     shapes: dict[str, tuple[int, ...]] = {}
     for e in lm_mapping({}, layout, cfg).entries:
@@ -251,7 +251,7 @@ def write_big_checkpoint(path: Path, shapes: dict[str, tuple[int, ...]], seed: i
     from one 4 MB block. Returns the file's size."""
     import mlx.core as mx
 
-    from weights_convert.safetensors_io import SafetensorsWriter
+    from moshivis_mlx.weights_convert.safetensors_io import SafetensorsWriter
 
     block = np.random.default_rng(seed).standard_normal(1 << 21).astype(np.float32)
     plan = [(k, "BF16", tuple(s)) for k, s in sorted(shapes.items())]

@@ -7,7 +7,7 @@ import json
 import pytest
 from PIL import Image
 
-from cli.bench import main as bench_main
+from moshivis_mlx.cli.bench import main as bench_main
 from moshivis_mlx import bench
 
 

@@ -38,7 +38,7 @@ from synthetic import (
     to_kyuteye_mlx,
 )
 
-from cli.convert import main as convert_main
+from moshivis_mlx.cli.convert import main as convert_main
 from moshivis_mlx import Generator, Sampler, load_lm, load_mimi, load_vision
 from moshivis_mlx.bundle import read_config
 
@@ -469,7 +469,7 @@ def test_existing_output_needs_force(work, configs):
 
 def test_interrupted_conversion_leaves_nothing(work, configs, sources, monkeypatch):
     """Ctrl-C in the middle of writing: exit 130, one line, no bundle, no partial files."""
-    from weights_convert import safetensors_io
+    from moshivis_mlx.weights_convert import safetensors_io
 
     original = safetensors_io.SafetensorsWriter.write
     calls = []
@@ -489,7 +489,7 @@ def test_interrupted_conversion_leaves_nothing(work, configs, sources, monkeypat
 
 
 def test_full_disk_leaves_nothing(work, configs, sources, monkeypatch):
-    from weights_convert import safetensors_io
+    from moshivis_mlx.weights_convert import safetensors_io
 
     def full(self, name, array):
         raise OSError(28, "No space left on device")
@@ -518,11 +518,11 @@ def test_other_refusals(work, configs, sources):
 
 def test_progress_bars(work, configs):
     """On a terminal the conversion shows one bar per part (rich), up to the part's size."""
-    from cli.convert import RichProgress
+    from moshivis_mlx.cli.convert import RichProgress
 
     err = io.StringIO()
     with contextlib.redirect_stderr(err), RichProgress() as progress:
-        from weights_convert.convert import ConvertOptions, convert
+        from moshivis_mlx.weights_convert.convert import ConvertOptions, convert
 
         convert(ConvertOptions(out=work / "with_bars", mimi_weights=configs["mimi"],
                                mimi_config=configs["mimi_config"]), progress)
@@ -536,7 +536,7 @@ def test_progress_bars(work, configs):
 # Linux: VmHWM (ru_maxrss would include the parent's peak, kept across fork and exec);
 # macOS: ru_maxrss, in bytes there.
 PEAK_PROBE = """import os, resource, sys
-from cli.convert import main
+from moshivis_mlx.cli.convert import main
 rc = main(sys.argv[1:])
 if os.path.exists("/proc/self/status"):
     kb = int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0])
@@ -591,7 +591,7 @@ def test_manifests_are_validated_and_debug_shows_the_traceback(work):
                                            "x": [[2], "complex64"]}}))
     rc, _, err = run("--dry-run", "--manifest", bad)
     assert rc == 1 and err.count("\n") == 1 and "absurd shape" in err and str(bad) in err
-    from weights_convert.safetensors_io import WeightsError
+    from moshivis_mlx.weights_convert.safetensors_io import WeightsError
 
     with pytest.raises(WeightsError, match="absurd shape"):
         convert_main(["--dry-run", "--manifest", str(bad), "--debug"])

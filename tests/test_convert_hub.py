@@ -1,6 +1,6 @@
 """Converting from Hugging Face: Kyutai's repositories read from a Hugging Face cache made
 here (tests never reach the network), offline failures, and the app's convert-once cache
-(weights_convert.hub)."""
+(moshivis_mlx.weights_convert.hub)."""
 
 from __future__ import annotations
 
@@ -29,8 +29,8 @@ from test_lm_parity import LOGIT_TOL, compare, greedy_generator
 
 from moshivis_mlx import load_mimi
 from moshivis_mlx.bundle import read_config
-from weights_convert import hub
-from weights_convert.hub import HubError, bundle_for_files, bundle_for_repo, resolve_repo
+from moshivis_mlx.weights_convert import hub
+from moshivis_mlx.weights_convert.hub import HubError, bundle_for_files, bundle_for_repo, resolve_repo
 
 ROOT = Path(__file__).resolve().parents[1]
 MIMI = "tokenizer-e351c8d8-checkpoint125.safetensors"
@@ -228,7 +228,7 @@ def test_dry_run_reads_only_the_remote_headers(tmp_path, hf_cache, kyutai_files,
 
     import huggingface_hub
 
-    from weights_convert.safetensors_io import read_header
+    from moshivis_mlx.weights_convert.safetensors_io import read_header
 
     d = kyutai_files["dir"]
     snap = fake_hf_repo(hf_cache, "kyutai/moshiko-pytorch-bf16", {

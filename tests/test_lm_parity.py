@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from reference import ReferenceRun, build_moshi_lm, save_released, tiny_lm_kwargs
 
-from cli.convert import main as convert_main
+from moshivis_mlx.cli.convert import main as convert_main
 from moshivis_mlx import Generator, Sampler, load_lm
 
 LOGIT_TOL = 1e-4

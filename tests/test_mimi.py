@@ -21,10 +21,10 @@ from mlx.utils import tree_flatten
 from reference import build_moshi_lm, released_state_dict, save_released, tiny_lm_kwargs
 from safetensors.torch import save_file
 
-from cli.convert import main as convert_main
+from moshivis_mlx.cli.convert import main as convert_main
 from moshivis_mlx import Mimi, MimiConfig, load_mimi
 from moshivis_mlx.bundle import BundleError, load_lm
-from weights_convert.mimi_layout import check_mimi_mapping, mimi_mapping
+from moshivis_mlx.weights_convert.mimi_layout import check_mimi_mapping, mimi_mapping
 
 MANIFEST = Path(__file__).parent / "data" / "manifests" / "mimi.pt.json"
 SR = 24000

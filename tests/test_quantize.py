@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from reference import build_moshi_lm, save_released, tiny_lm_kwargs
 
-from cli.convert import main as convert_main
+from moshivis_mlx.cli.convert import main as convert_main
 from moshivis_mlx import LM, Generator, LmConfig, Sampler, load_lm
 from moshivis_mlx.bundle import quantize_model, save_lm
 from moshivis_mlx.models.lm import DepformerConfig

@@ -22,20 +22,20 @@ from PIL import Image, ImageFile
 from safetensors.torch import save_file
 from transformers import SiglipVisionConfig, SiglipVisionModel
 
-from cli.convert import main as convert_main
+from moshivis_mlx.cli.convert import main as convert_main
 from moshivis_mlx import Generator, ImageError, Sampler, load_image, load_lm, load_vision
 from moshivis_mlx.bundle import BundleError, quantize_model
 from moshivis_mlx.image import preprocess
 from moshivis_mlx.models import lm as lm_models
 from moshivis_mlx.models import siglip
-from weights_convert.lm_layout import (
+from moshivis_mlx.weights_convert.lm_layout import (
     MOSHIVIS_PT,
     check_mapping,
     infer_lm_config,
     lm_mapping,
 )
-from weights_convert.vision_convert import expected_vision_tensors
-from weights_convert.vision_layout import tower_shapes, vision_mapping
+from moshivis_mlx.weights_convert.vision_convert import expected_vision_tensors
+from moshivis_mlx.weights_convert.vision_layout import tower_shapes, vision_mapping
 
 torch.set_num_threads(1)
 

@@ -136,7 +136,7 @@ def build_demo_bundle(out: Path, seed: int = 0) -> Path:
 
 def demo_bundle(root: Path | None = None) -> tuple[Path, bool]:
     """The cached demo bundle (generated if missing); and whether it was just made."""
-    from weights_convert.hub import cache_root
+    from moshivis_mlx.weights_convert.hub import cache_root
 
     path = (root or cache_root()) / f"demo-tiny-v{DEMO_VERSION}"
     if (path / "config.json").exists():

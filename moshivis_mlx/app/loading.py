@@ -89,7 +89,7 @@ def resolve_bundle(args: argparse.Namespace, steps: Steps) -> Path:
                                "give a bundle made by moshivis-convert with --weights DIR, "
                                "or leave --weights out to download Kyutai's model")
         return path
-    from weights_convert.hub import HubError, bundle_for_repo
+    from moshivis_mlx.weights_convert.hub import HubError, bundle_for_repo
 
     @contextmanager
     def stage(description: str) -> Iterator[None]:
