@@ -23,8 +23,11 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="moshivis-7b", choices=["moshivis-7b", "moshi-7b", "tiny"],
                    help="model size (default: moshivis-7b)")
-    p.add_argument("--quant", default="q8", choices=["bf16", "q8", "q4"],
-                   help="weights: bfloat16, or 8/4-bit blockwise quantized, group 64 (default q8)")
+    from moshivis_mlx.quant import PRESETS
+
+    presets = ", ".join(f"{k} = {v.bits}-bit/group {v.group_size}" for k, v in PRESETS.items() if v)
+    p.add_argument("--quant", default="q8", choices=list(PRESETS),
+                   help=f"weights: bf16, or blockwise quantized ({presets}; default q8)")
     p.add_argument("--weights", type=Path, metavar="DIR", help="time a real bundle instead")
     p.add_argument("--steps", type=int, default=3750, help="timed steps (default 3750 = 5 minutes)")
     p.add_argument("--warmup", type=int, default=32, help="untimed steps first (compilation)")

@@ -23,16 +23,17 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .bundle import load_lm, quantize_model
-from .generate import DEFAULT_XA_START, Generator
+from .bundle import load_lm
+from .generate import Generator
 from .image import ImageEncoder
 from .models import siglip
 from .models.lm import LM, PRESETS, LmConfig
 from .models.mimi import Mimi, MimiConfig
-from .sampling import kyutai_audio_sampler, kyutai_text_sampler
+from .quant import PRESETS as QUANT_PRESETS
+from .quant import QuantSpec, quantize_model
+from .sampling import KYUTAI_GENERATION, kyutai_audio_sampler, kyutai_text_sampler
 
 BUDGET_MS = 80.0
-QUANTS = {"bf16": None, "q8": (8, 64), "q4": (4, 64)}
 SCENARIOS = ("moshi", "moshivis")
 IMAGE_TOKENS = 1024
 
@@ -71,9 +72,8 @@ def random_lm(cfg: LmConfig, quant: str, dtype: mx.Dtype = mx.bfloat16) -> LM:
     """
     lm = LM(cfg)
     lm.set_dtype(dtype)
-    if QUANTS[quant]:
-        bits, group = QUANTS[quant]
-        quantize_model(lm, bits, group)
+    if QUANT_PRESETS[quant]:
+        quantize_model(lm, QUANT_PRESETS[quant])
     for _, module in lm.named_modules():
         if not module.children():
             mx.eval(module.parameters())
@@ -157,7 +157,8 @@ def run(opts: BenchOptions, progress: Callable[[str, int], Callable[[], None]] |
         t0 = time.perf_counter()
         gen.step(codes[0])
         first = (time.perf_counter() - t0) * 1e3
-        warm = max(opts.warmup, DEFAULT_XA_START + 8)  # compile both variants before timing
+        # Compile both variants before timing.
+        warm = max(opts.warmup, KYUTAI_GENERATION.xa_start + 8)
         for t in range(1, warm):
             gen.step(codes[t % len(codes)])
         mx.reset_peak_memory()
@@ -182,8 +183,8 @@ def time_image_encoder(tiny: bool, quant: str, runs: int) -> dict[str, float]:
     cfg = siglip.tiny() if tiny else siglip.paligemma2_448()
     model = siglip.SiglipVision(cfg)
     model.set_dtype(mx.bfloat16)
-    if QUANTS[quant]:
-        quantize_model(model, 8, QUANTS[quant][1])
+    if QUANT_PRESETS[quant]:
+        quantize_model(model, QuantSpec(8, QUANT_PRESETS[quant].group_size))
     mx.eval(model.parameters())
     encoder = ImageEncoder(model)
     pixels = np.random.default_rng(0).integers(0, 256, (480, 640, 3), dtype=np.uint8)

@@ -21,10 +21,13 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from .errors import BundleError
 from .image import ImageEncoder
 from .models.lm import LM, LmConfig
 from .models.mimi import Mimi, MimiConfig
 from .models.siglip import SiglipConfig, SiglipVision
+from .quant import QuantSpec, quantize_model
+from .sampling import GenerationConfig
 
 FORMAT_VERSION = 1
 CONFIG_NAME = "config.json"
@@ -33,10 +36,6 @@ MIMI_WEIGHTS = "mimi.safetensors"
 VISION_WEIGHTS = "vision.safetensors"
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
-
-
-class BundleError(ValueError):
-    """A bundle directory that cannot be used (the message says what to do)."""
 
 
 def read_config(bundle: str | Path) -> dict[str, Any]:
@@ -63,28 +62,6 @@ def write_config(bundle: str | Path, cfg: dict[str, Any]) -> None:
     (Path(bundle) / CONFIG_NAME).write_text(json.dumps(cfg, indent=2) + "\n")
 
 
-def quantizable(module: nn.Module, group_size: int) -> bool:
-    """Linear and embedding layers whose input width the group size divides."""
-    if not hasattr(module, "to_quantized"):
-        return False
-    weight = getattr(module, "weight", None)
-    return weight is not None and weight.shape[-1] % group_size == 0
-
-
-def quantize_model(model: nn.Module, bits: int, group_size: int,
-                   predicate: Callable[[str, nn.Module], bool] | None = None) -> None:
-    """Blockwise affine quantization of every quantizable layer, in place (norms stay float)."""
-    if bits not in (4, 8):
-        raise ValueError(f"bits must be 4 or 8, got {bits}")
-    if group_size not in (32, 64, 128):
-        raise ValueError(f"group size must be 32, 64 or 128, got {group_size}")
-
-    def pred(path: str, m: nn.Module) -> bool:
-        return quantizable(m, group_size) and (predicate is None or predicate(path, m))
-
-    nn.quantize(model, group_size=group_size, bits=bits, class_predicate=pred)
-
-
 def weight_files(bundle: Path, stem: str) -> list[Path]:
     """`stem.safetensors`, or the shards listed by `stem.safetensors.index.json`."""
     single = bundle / f"{stem}.safetensors"
@@ -103,9 +80,9 @@ def load_weights_into(model: nn.Module, files: list[Path], quantization: dict | 
     weights: dict[str, mx.array] = {}
     for f in files:
         weights.update(mx.load(str(f)))
-    if quantization:
-        quantize_model(model, quantization["bits"], quantization["group_size"],
-                       lambda path, m: f"{path}.scales" in weights)
+    spec = QuantSpec.from_dict(quantization)
+    if spec is not None:
+        quantize_model(model, spec, lambda path, m: f"{path}.scales" in weights)
     try:
         model.load_weights(list(weights.items()), strict=True)
     except ValueError as e:
@@ -114,10 +91,12 @@ def load_weights_into(model: nn.Module, files: list[Path], quantization: dict | 
 
 
 def _model_config(bundle: Path, section: str, parse: Callable[[dict], Any], what: str,
-                  hint: str) -> tuple[dict[str, Any], Any]:
+                  hint: str, required: bool = True) -> tuple[dict[str, Any], Any]:
     """A model's section of config.json and its parsed config, or a BundleError saying why."""
     cfg = read_config(bundle)
     if not cfg.get(section):
+        if not required:
+            return cfg, None
         raise BundleError(f"{bundle}: the bundle holds no {what} ({hint})")
     try:
         return cfg, parse(cfg[section])
@@ -177,5 +156,8 @@ def load_vision(bundle: str | Path) -> ImageEncoder:
     return ImageEncoder(model)
 
 
-def generation_defaults(bundle: str | Path) -> dict[str, Any]:
-    return dict(read_config(bundle).get("generation", {}))
+def load_generation(bundle: str | Path) -> GenerationConfig:
+    """The bundle's sampling defaults (Kyutai's where it stores none)."""
+    _, gen = _model_config(Path(bundle), "generation", GenerationConfig.from_dict,
+                           "generation settings", "", required=False)
+    return gen or GenerationConfig()

@@ -19,6 +19,7 @@ import mlx.core as mx
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from .errors import ImageError, one_line
 from .models.siglip import SiglipConfig, SiglipVision
 
 MAX_PIXELS = 100_000_000
@@ -31,13 +32,8 @@ MEAN, STD = 0.5, 0.5
 ImageInput = str | os.PathLike | Image.Image
 
 
-class ImageError(ValueError):
-    """An image that cannot be used; the message is one line and names the file."""
-
-
 def _one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split()) or type(e).__name__
-    return text[:200]
+    return one_line(e, 200)
 
 
 @contextmanager

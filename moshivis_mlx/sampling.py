@@ -9,8 +9,11 @@ is a pure function of (logits, key) that a compiled step can contain.
 from __future__ import annotations
 
 import secrets
+from dataclasses import dataclass
 
 import mlx.core as mx
+
+from .models.config import ConfigBase
 
 
 class Sampler:
@@ -84,11 +87,38 @@ class Sampler:
         return self.sample(logits, self.next_key())
 
 
+@dataclass
+class GenerationConfig(ConfigBase):
+    """How a conversation is sampled: one sampler per stream, and when the image starts to
+    count. The defaults are Kyutai's; a bundle stores its own under `generation` in
+    config.json, which every tool reads (and the command line may override)."""
+
+    text_temperature: float = 0.7
+    text_top_k: int = 25
+    text_top_p: float = 0.0
+    audio_temperature: float = 0.8
+    audio_top_k: int = 250
+    audio_top_p: float = 0.0
+    xa_start: int = 16
+    """Steps before the cross-attention is applied (the model first hears, then looks)."""
+
+    def text_sampler(self, seed: int | None = None) -> Sampler:
+        return Sampler(self.text_temperature, self.text_top_k, self.text_top_p, seed)
+
+    def audio_sampler(self, seed: int | None = None) -> Sampler:
+        """Seeded with `seed + 1`: the two streams never share a random sequence."""
+        return Sampler(self.audio_temperature, self.audio_top_k, self.audio_top_p,
+                       None if seed is None else seed + 1)
+
+
+KYUTAI_GENERATION = GenerationConfig()
+
+
 def kyutai_text_sampler(seed: int | None = None) -> Sampler:
-    """Kyutai's default for text: temperature 0.7, top-k 25."""
-    return Sampler(temperature=0.7, top_k=25, seed=seed)
+    """Kyutai's default for text (temperature 0.7, top-k 25)."""
+    return KYUTAI_GENERATION.text_sampler(seed)
 
 
 def kyutai_audio_sampler(seed: int | None = None) -> Sampler:
-    """Kyutai's default for audio: temperature 0.8, top-k 250."""
-    return Sampler(temperature=0.8, top_k=250, seed=None if seed is None else seed + 1)
+    """Kyutai's default for audio (temperature 0.8, top-k 250)."""
+    return KYUTAI_GENERATION.audio_sampler(seed)

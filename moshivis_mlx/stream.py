@@ -19,11 +19,36 @@ import mlx.core as mx
 import numpy as np
 
 from .generate import Generator
+from .models.mimi import MimiConfig
 from .text import TextTokenizer
 
-SAMPLE_RATE = 24000
-FRAME_SIZE = 1920
-FRAME_SECONDS = FRAME_SIZE / SAMPLE_RATE  # 80 ms: the real-time budget of one step
+
+@dataclass(frozen=True)
+class FrameGeometry:
+    """The audio a frame holds, as the codec defines it."""
+
+    sample_rate: int
+    frame_size: int
+
+    @classmethod
+    def of(cls, cfg: MimiConfig) -> FrameGeometry:
+        return cls(cfg.sample_rate, cfg.frame_size)
+
+    @property
+    def frame_seconds(self) -> float:
+        """The duration of a frame: the real-time budget of one whole frame."""
+        return self.frame_size / self.sample_rate
+
+    @property
+    def budget_ms(self) -> float:
+        return 1e3 * self.frame_seconds
+
+
+RELEASED = FrameGeometry.of(MimiConfig())
+"""The released Mimi's frames (24 kHz, 1920 samples: 80 ms). Audio devices are opened with
+it before a model is loaded; a stream checks its codec agrees."""
+SAMPLE_RATE, FRAME_SIZE, FRAME_SECONDS = RELEASED.sample_rate, RELEASED.frame_size, \
+    RELEASED.frame_seconds
 
 
 @dataclass
@@ -33,7 +58,7 @@ class StepResult:
     step: int
     """Frames processed by this stream before this one (not reset by `reset`)."""
     pcm: np.ndarray
-    """FRAME_SIZE float32 samples of the model's voice (silence until it has spoken)."""
+    """One frame of float32 samples of the model's voice (silence until it has spoken)."""
     text_token: int | None
     piece: str | None
     """The text piece of this frame ("▁" starts a word), None for padding."""
@@ -56,16 +81,14 @@ class Stream:
     """
 
     def __init__(self, mimi, gen: Generator, tokenizer: TextTokenizer | None = None):
-        if mimi.sample_rate != SAMPLE_RATE or mimi.frame_size != FRAME_SIZE:
-            raise ValueError(f"the stream runs at {SAMPLE_RATE} Hz in frames of {FRAME_SIZE}; "
-                             f"this Mimi has {mimi.sample_rate} Hz / {mimi.frame_size}")
+        self.geometry = FrameGeometry.of(mimi.cfg)
         self.mimi = mimi
         self.gen = gen
         self.tokenizer = tokenizer
         self.encoder = mimi.streaming_encoder(gen.num_user_codes)
         self.decoder = mimi.streaming_decoder()
         self.frames = 0
-        self._silence = np.zeros(FRAME_SIZE, dtype=np.float32)
+        self._silence = np.zeros(self.geometry.frame_size, dtype=np.float32)
 
     def set_image(self, tokens: mx.array | None) -> None:
         """Switch images mid-conversation (None: no image); the conversation goes on."""
@@ -80,8 +103,8 @@ class Stream:
     def step(self, pcm: np.ndarray) -> StepResult:
         """One frame of the user's audio (FRAME_SIZE float32 samples in [-1, 1])."""
         pcm = np.asarray(pcm, dtype=np.float32).reshape(-1)
-        if pcm.shape[0] != FRAME_SIZE:
-            raise ValueError(f"a frame is {FRAME_SIZE} samples, got {pcm.shape[0]}")
+        if pcm.shape[0] != self.geometry.frame_size:
+            raise ValueError(f"a frame is {self.geometry.frame_size} samples, got {pcm.shape[0]}")
 
         t0 = time.perf_counter()
         user_codes = np.asarray(self.encoder.step(pcm)).reshape(-1)

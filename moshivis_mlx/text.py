@@ -1,7 +1,8 @@
 """Text tokens -> the pieces of the transcript.
 
 Moshi's text stream emits one SentencePiece token per 80 ms frame. Most frames carry
-the padding token (3) or the end-of-padding marker (0); neither is a word. A piece that
+the padding token or the end-of-padding marker (their ids are the language model's
+config: `LmConfig.text_padding_id`, `end_of_text_padding_id`); neither is a word. A piece that
 starts with "▁" begins a new word, the others continue the current one.
 """
 
@@ -9,14 +10,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .errors import TokenizerError
+
 TOKENIZER_NAME = "tokenizer.model"
 WORD_START = "\u2581"  # ▁
-TEXT_PADDING_ID = 3
-END_OF_PADDING_ID = 0
-
-
-class TokenizerError(ValueError):
-    """No usable tokenizer (the message says where it is expected)."""
 
 
 def find_tokenizer(bundle: str | Path) -> Path:
@@ -36,8 +33,8 @@ def find_tokenizer(bundle: str | Path) -> Path:
 class TextTokenizer:
     """SentencePiece pieces for the model's text tokens; None for tokens that are not text."""
 
-    def __init__(self, path: str | Path, padding_ids: tuple[int, ...] = (TEXT_PADDING_ID,
-                                                                         END_OF_PADDING_ID)):
+    def __init__(self, path: str | Path, padding_ids: tuple[int, ...]):
+        """`padding_ids`: the model's padding and end-of-padding ids (from its config)."""
         import sentencepiece
 
         self.path = Path(path)

@@ -187,8 +187,9 @@ def quantize_kyuteye(tensors: dict, bits: int, group_size: int, num_layers: int)
 
 def tiny_mimi_tensors(seed: int = 2) -> tuple[dict[str, np.ndarray], dict]:
     """A tiny Mimi in Kyutai's released layout (random, codebooks trained) and its config."""
+    from moshivis_mlx.weights_convert.mimi_layout import mimi_config_to_kyutai, mimi_mapping
+
     from moshivis_mlx.models.mimi import MimiConfig
-    from moshivis_mlx.weights_convert.mimi_layout import mimi_mapping
 
     cfg = MimiConfig.tiny()
     rng = np.random.default_rng(seed)
@@ -201,7 +202,7 @@ def tiny_mimi_tensors(seed: int = 2) -> tuple[dict[str, np.ndarray], dict]:
             out[e.aux] = (0.5 + rng.random(e.src_shape[:1])).astype(np.float32)
     for k in mapping.ignored:
         out[k] = np.ones((1,), np.float32)
-    return out, cfg.to_kyutai()
+    return out, mimi_config_to_kyutai(cfg)
 
 
 FAKE_TOKENIZER = b"\x0a\x0b\x0a\x05<unk>\x15\x00\x00\x00\x00" + bytes(range(32))
@@ -250,7 +251,6 @@ def write_big_checkpoint(path: Path, shapes: dict[str, tuple[int, ...]], seed: i
     """A bfloat16 checkpoint written tensor by tensor (never whole in memory): random values
     from one 4 MB block. Returns the file's size."""
     import mlx.core as mx
-
     from moshivis_mlx.weights_convert.safetensors_io import SafetensorsWriter
 
     block = np.random.default_rng(seed).standard_normal(1 << 21).astype(np.float32)

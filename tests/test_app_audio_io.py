@@ -15,7 +15,7 @@ from app_support import FakeSoundDevice, PortAudioError
 
 from moshivis_mlx.app import audio as audio_mod
 from moshivis_mlx.app.audio import AudioIO, OutputFifo, device_error, list_devices
-from moshivis_mlx.app.errors import EXIT_AUDIO_DEVICE, AudioDeviceError
+from moshivis_mlx.errors import EXIT_AUDIO_DEVICE, AudioDeviceError
 from moshivis_mlx.stream import FRAME_SIZE
 
 

@@ -15,14 +15,14 @@ from app_support import FakeSoundDevice, app_env, demo_bundle, run_app, run_main
 
 from moshivis_mlx.app import audio as audio_mod
 from moshivis_mlx.app.demo import SAMPLE_IMAGE, SAMPLE_SPEECH
-from moshivis_mlx.app.errors import (
+from moshivis_mlx.app.wav import read_wav
+from moshivis_mlx.errors import (
     EXIT_AUDIO_DEVICE,
     EXIT_AUDIO_FILE,
     EXIT_IMAGE,
     EXIT_USAGE,
     EXIT_WEIGHTS,
 )
-from moshivis_mlx.app.wav import read_wav
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +113,7 @@ def test_bad_image_in_live_mode_fails_before_opening_devices(tmp_path, bundle, m
 def test_debug_shows_the_traceback(tmp_path, bundle):
     r = run_app(*file_mode(bundle, tmp_path, "--image", str(tmp_path / "missing.png"),
                            "--debug"))
-    assert r.returncode != 0 and "Traceback" in r.stderr and "ImageInputError" in r.stderr
+    assert r.returncode != 0 and "Traceback" in r.stderr and "ImageError" in r.stderr
 
 
 # -- audio files ----------------------------------------------------------------------------

@@ -25,8 +25,9 @@ from moshivis_mlx.text import TextTokenizer, find_tokenizer
 @pytest.fixture(scope="module")
 def parts():
     bundle = demo_bundle()
-    return (load_lm(bundle), load_mimi(bundle), load_vision(bundle),
-            TextTokenizer(find_tokenizer(bundle)))
+    lm = load_lm(bundle)
+    return (lm, load_mimi(bundle), load_vision(bundle),
+            TextTokenizer(find_tokenizer(bundle), lm.cfg.text_padding_ids))
 
 
 def make_stream(parts, seed=0, xa_start=2):

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
+from moshivis_mlx.cli.bench import main as bench_main
 from PIL import Image
 
-from moshivis_mlx.cli.bench import main as bench_main
 from moshivis_mlx import bench
 
 

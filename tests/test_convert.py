@@ -20,6 +20,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
+from moshivis_mlx.cli.convert import main as convert_main
 from safetensors.numpy import save_file
 from synthetic import (
     FAKE_TOKENIZER,
@@ -38,7 +39,6 @@ from synthetic import (
     to_kyuteye_mlx,
 )
 
-from moshivis_mlx.cli.convert import main as convert_main
 from moshivis_mlx import Generator, Sampler, load_lm, load_mimi, load_vision
 from moshivis_mlx.bundle import read_config
 

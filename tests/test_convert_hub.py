@@ -13,6 +13,13 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
+from moshivis_mlx.weights_convert import hub
+from moshivis_mlx.weights_convert.hub import (
+    HubError,
+    bundle_for_files,
+    bundle_for_repo,
+    resolve_repo,
+)
 from reference import build_moshi_lm, save_released, tiny_lm_kwargs
 from safetensors.numpy import save_file
 from synthetic import (
@@ -29,8 +36,6 @@ from test_lm_parity import LOGIT_TOL, compare, greedy_generator
 
 from moshivis_mlx import load_mimi
 from moshivis_mlx.bundle import read_config
-from moshivis_mlx.weights_convert import hub
-from moshivis_mlx.weights_convert.hub import HubError, bundle_for_files, bundle_for_repo, resolve_repo
 
 ROOT = Path(__file__).resolve().parents[1]
 MIMI = "tokenizer-e351c8d8-checkpoint125.safetensors"
@@ -227,7 +232,6 @@ def test_dry_run_reads_only_the_remote_headers(tmp_path, hf_cache, kyutai_files,
     from types import SimpleNamespace
 
     import huggingface_hub
-
     from moshivis_mlx.weights_convert.safetensors_io import read_header
 
     d = kyutai_files["dir"]

@@ -8,13 +8,18 @@ from __future__ import annotations
 
 import pytest
 from mlx.utils import tree_flatten
+from moshivis_mlx.weights_convert.convert import Quantization, expected_lm_tensors
+from moshivis_mlx.weights_convert.lm_layout import (
+    check_mapping,
+    detect_lm_layout,
+    infer_lm_config,
+    lm_mapping,
+)
+from moshivis_mlx.weights_convert.safetensors_io import WeightsError
 from synthetic import manifest, manifest_shapes
 
 from moshivis_mlx import LM
 from moshivis_mlx.models.lm import moshi_7b, moshivis_7b
-from moshivis_mlx.weights_convert.convert import Quantization, expected_lm_tensors
-from moshivis_mlx.weights_convert.lm_layout import check_mapping, detect_lm_layout, infer_lm_config, lm_mapping
-from moshivis_mlx.weights_convert.safetensors_io import WeightsError
 
 CASES = {
     "moshi_7b_lm.pt.json": (moshi_7b, "moshi-pytorch"),

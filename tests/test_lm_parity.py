@@ -12,9 +12,9 @@ import json
 import mlx.core as mx
 import numpy as np
 import pytest
+from moshivis_mlx.cli.convert import main as convert_main
 from reference import ReferenceRun, build_moshi_lm, save_released, tiny_lm_kwargs
 
-from moshivis_mlx.cli.convert import main as convert_main
 from moshivis_mlx import Generator, Sampler, load_lm
 
 LOGIT_TOL = 1e-4

@@ -18,13 +18,18 @@ import numpy as np
 import pytest
 import torch
 from mlx.utils import tree_flatten
+from moshivis_mlx.cli.convert import main as convert_main
+from moshivis_mlx.weights_convert.mimi_layout import (
+    check_mimi_mapping,
+    mimi_config_from_kyutai,
+    mimi_config_to_kyutai,
+    mimi_mapping,
+)
 from reference import build_moshi_lm, released_state_dict, save_released, tiny_lm_kwargs
 from safetensors.torch import save_file
 
-from moshivis_mlx.cli.convert import main as convert_main
 from moshivis_mlx import Mimi, MimiConfig, load_mimi
 from moshivis_mlx.bundle import BundleError, load_lm
-from moshivis_mlx.weights_convert.mimi_layout import check_mimi_mapping, mimi_mapping
 
 MANIFEST = Path(__file__).parent / "data" / "manifests" / "mimi.pt.json"
 SR = 24000
@@ -41,7 +46,7 @@ def build_torch_mimi(cfg: MimiConfig, seed: int = 0):
     from moshi.models import loaders
 
     torch.manual_seed(seed)
-    model = loaders.get_mimi(None, mimi_config=cfg.to_kyutai(), device="cpu",
+    model = loaders.get_mimi(None, mimi_config=mimi_config_to_kyutai(cfg), device="cpu",
                              num_codebooks=NUM_CODEBOOKS)
     gen = torch.Generator().manual_seed(seed)
 
@@ -81,7 +86,7 @@ def save_released_mimi(model, cfg: MimiConfig, folder: Path) -> tuple[Path, Path
     """The model as Kyutai's released files: safetensors (released names) + config JSON."""
     weights, config = folder / "mimi.safetensors", folder / "mimi_config.json"
     save_file(released_state_dict(model), str(weights))
-    config.write_text(json.dumps(cfg.to_kyutai()))
+    config.write_text(json.dumps(mimi_config_to_kyutai(cfg)))
     return weights, config
 
 
@@ -267,9 +272,9 @@ def test_lm_and_mimi_in_one_bundle(reference, work):
 
 def test_released_config_maps_onto_the_released_checkpoint():
     manifest = json.loads(MANIFEST.read_text())
-    cfg = MimiConfig.from_kyutai(manifest["mimi_config"])
+    cfg = mimi_config_from_kyutai(manifest["mimi_config"])
     assert cfg == MimiConfig.released()
-    assert cfg.to_kyutai() == manifest["mimi_config"]
+    assert mimi_config_to_kyutai(cfg) == manifest["mimi_config"]
     shapes = {k: tuple(v[0]) for k, v in manifest["tensors"].items()}
     assert {v[1] for v in manifest["tensors"].values()} == {"float32"}
     mapping = mimi_mapping(cfg)

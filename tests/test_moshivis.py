@@ -8,11 +8,11 @@ import json
 import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
+from moshivis_mlx.weights_convert.convert import ConvertOptions, convert
 
 from moshivis_mlx import LM, Generator, Sampler, load_lm
 from moshivis_mlx.models.lm import tiny
 from moshivis_mlx.models.transformer import CrossAttention, CrossAttentionInput
-from moshivis_mlx.weights_convert.convert import ConvertOptions, convert
 
 VISION_ONLY = ("xa.", "image_prefix.", "norm_cross.", "xa_gate.")
 

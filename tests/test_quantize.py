@@ -8,12 +8,13 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
+from moshivis_mlx.cli.convert import main as convert_main
 from reference import build_moshi_lm, save_released, tiny_lm_kwargs
 
-from moshivis_mlx.cli.convert import main as convert_main
 from moshivis_mlx import LM, Generator, LmConfig, Sampler, load_lm
-from moshivis_mlx.bundle import quantize_model, save_lm
+from moshivis_mlx.bundle import save_lm
 from moshivis_mlx.models.lm import DepformerConfig
+from moshivis_mlx.quant import QuantSpec, quantize_model
 
 # Teacher-forced greedy agreement of the q8 tiny model with its float version over 50 steps
 # (measured 0.953 for this seed; random tiny models have small logit margins, so this is a
@@ -92,7 +93,7 @@ def test_quantized_bundle_loads_without_the_float_model(tmp_path):
                    depformer=DepformerConfig(dim=256, num_heads=4, num_layers=2, ffn_hidden=512))
     lm = LM(cfg)
     float_bytes = sum(v.nbytes for _, v in nn.utils.tree_flatten(lm.parameters()))
-    quantize_model(lm, 8, 64)
+    quantize_model(lm, QuantSpec(8, 64))
     save_lm(lm, tmp_path, quantization={"bits": 8, "group_size": 64})
     del lm
     mx.clear_cache()

@@ -18,16 +18,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageFile
-from safetensors.torch import save_file
-from transformers import SiglipVisionConfig, SiglipVisionModel
-
 from moshivis_mlx.cli.convert import main as convert_main
-from moshivis_mlx import Generator, ImageError, Sampler, load_image, load_lm, load_vision
-from moshivis_mlx.bundle import BundleError, quantize_model
-from moshivis_mlx.image import preprocess
-from moshivis_mlx.models import lm as lm_models
-from moshivis_mlx.models import siglip
 from moshivis_mlx.weights_convert.lm_layout import (
     MOSHIVIS_PT,
     check_mapping,
@@ -35,7 +26,21 @@ from moshivis_mlx.weights_convert.lm_layout import (
     lm_mapping,
 )
 from moshivis_mlx.weights_convert.vision_convert import expected_vision_tensors
-from moshivis_mlx.weights_convert.vision_layout import tower_shapes, vision_mapping
+from moshivis_mlx.weights_convert.vision_layout import (
+    siglip_config_from_hf,
+    tower_shapes,
+    vision_mapping,
+)
+from PIL import Image, ImageFile
+from safetensors.torch import save_file
+from transformers import SiglipVisionConfig, SiglipVisionModel
+
+from moshivis_mlx import Generator, ImageError, Sampler, load_image, load_lm, load_vision
+from moshivis_mlx.bundle import BundleError
+from moshivis_mlx.image import preprocess
+from moshivis_mlx.models import lm as lm_models
+from moshivis_mlx.models import siglip
+from moshivis_mlx.quant import QuantSpec, quantize_model
 
 torch.set_num_threads(1)
 
@@ -249,7 +254,7 @@ def test_presets_build():
     full = siglip.PRESETS["paligemma2-448"]()
     assert (full.num_tokens, full.dim, full.num_layers) == (1024, 1152, 27)
     hf = json.loads((MANIFESTS / "siglip_paligemma2_448.json").read_text())["hf_config"]
-    assert siglip.SiglipConfig.from_hf(hf) == full
+    assert siglip_config_from_hf(hf) == full
 
 
 # -- a MoshiVis checkpoint: LM and tower in one file, and the image path into the LM ----
@@ -455,7 +460,7 @@ def test_full_size_quantization_leaves_the_mlp_output_float():
     assert names["encoder.layers.26.ffn.linear_out.weight"] == (1152, 4304)
     assert "embeddings.patch.scales" not in names
     model = siglip.SiglipVision(cfg)  # the loader's predicate quantizes exactly those
-    quantize_model(model, 8, 64, lambda path, m: f"{path}.scales" in names)
+    quantize_model(model, QuantSpec(8, 64), lambda path, m: f"{path}.scales" in names)
 
 
 # -- image files ------------------------------------------------------------------------

@@ -27,24 +27,24 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from moshivis_mlx.bundle import (
-    DTYPES,
-    BundleError,
-    quantizable,
-    read_config,
-    weight_files,
-    write_config,
-)
-from moshivis_mlx.generate import DEFAULT_XA_START
+from moshivis_mlx.bundle import DTYPES, read_config, weight_files, write_config
+from moshivis_mlx.errors import BundleError
 from moshivis_mlx.models.lm import LM, LmConfig
 from moshivis_mlx.models.mimi import MimiConfig
 from moshivis_mlx.models.siglip import SiglipConfig
+from moshivis_mlx.quant import quantize_model, quantized_paths
+from moshivis_mlx.sampling import GenerationConfig
 
 from .lm_layout import Entry, Mapping, check_mapping, detect_lm_layout, infer_lm_config, lm_mapping
-from .mimi_layout import check_codebooks_trained, is_mimi, mimi_part, plan_mimi
+from .mimi_layout import (
+    check_codebooks_trained,
+    is_mimi,
+    mimi_config_from_kyutai,
+    mimi_part,
+    plan_mimi,
+)
 from .mlx_layout import (
     KYUTEYE_MLX,
     infer_kyuteye_config,
@@ -140,31 +140,26 @@ def read_kyutai_config(path: Path | None) -> dict[str, Any] | None:
 
 
 def kyutai_generation_defaults(kyutai_config: dict[str, Any] | None) -> dict[str, Any]:
-    """Kyutai's sampling defaults, or its config's `lm_gen_config`; xa_start from the config
-    when it gives a step number."""
+    """The bundle's generation settings: Kyutai's config's `lm_gen_config` and `xa_start`
+    where it gives them, else Kyutai's defaults."""
     kc = kyutai_config or {}
+    d = GenerationConfig()
     xa_start = kc.get("xa_start")
     gen = kc.get("lm_gen_config") if isinstance(kc.get("lm_gen_config"), dict) else {}
-    return {
-        "text_temperature": float(gen.get("temp_text", 0.7)),
-        "text_top_k": int(gen.get("top_k_text", 25)),
-        "audio_temperature": float(gen.get("temp", 0.8)),
-        "audio_top_k": int(gen.get("top_k", 250)),
-        "xa_start": xa_start if isinstance(xa_start, int) else DEFAULT_XA_START,
-    }
-
-
-def quantized_paths(model: nn.Module, group_size: int) -> set[str]:
-    """Module paths (e.g. 'transformer.layers.0.ffn.linear_in') that get quantized."""
-    return {path for path, m in model.named_modules() if quantizable(m, group_size)}
+    return GenerationConfig(
+        text_temperature=float(gen.get("temp_text", d.text_temperature)),
+        text_top_k=int(gen.get("top_k_text", d.text_top_k)),
+        audio_temperature=float(gen.get("temp", d.audio_temperature)),
+        audio_top_k=int(gen.get("top_k", d.audio_top_k)),
+        xa_start=xa_start if isinstance(xa_start, int) else d.xa_start,
+    ).to_dict()
 
 
 def expected_lm_tensors(cfg: LmConfig, quant: Quantization | None) -> dict[str, tuple[int, ...]]:
     """Names and shapes of a bundle's LM tensors, from the model skeleton (nothing allocated)."""
     model = LM(cfg)
     if quant:
-        from moshivis_mlx.bundle import quantize_model
-        quantize_model(model, quant.bits, quant.group_size)
+        quantize_model(model, quant)
     return {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
 
 
@@ -307,7 +302,7 @@ def plan_conversion(opts: ConvertOptions) -> Plan:
         if is_mimi(keys):
             mimi_src = src
             if mimi_config is None and isinstance(doc.get("mimi_config"), dict):
-                mimi_config = MimiConfig.from_kyutai(doc["mimi_config"])
+                mimi_config = mimi_config_from_kyutai(doc["mimi_config"])
         if has_vision_tower(src):
             vision_src = src
             if vision_hf is None and isinstance(doc.get("hf_config"), dict):

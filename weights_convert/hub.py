@@ -25,9 +25,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from moshivis_mlx.bundle import FORMAT_VERSION, BundleError, read_config
+from moshivis_mlx.bundle import FORMAT_VERSION, read_config
+from moshivis_mlx.errors import BundleError
+from moshivis_mlx.quant import PRESETS, QuantSpec
 
-from .convert import ConvertOptions, Quantization, convert
+from .convert import ConvertOptions, convert
 from .plan import Progress
 from .safetensors_io import WeightsError, check_table
 from .source import Source
@@ -37,7 +39,8 @@ MIMI_FILE = "tokenizer-e351c8d8-checkpoint125.safetensors"
 TOKENIZER_FILE = "tokenizer_spm_32k_3.model"
 CONFIG_FILE = "config.json"
 BUNDLE_PATTERNS = ["config.json", "*.safetensors", "*.safetensors.index.json", "tokenizer.model"]
-QUANTIZATIONS = {"8": Quantization(8, 64), "4": Quantization(4, 32), "none": None}
+QUANTIZATIONS = {"8": PRESETS["q8"], "4": PRESETS["q4"], "none": PRESETS["bf16"]}
+"""The app's -q values -> the project's quantization presets."""
 
 
 class HubError(WeightsError):
@@ -367,7 +370,7 @@ def _stage(stage: Callable[[str], AbstractContextManager] | None):
     return stage or (lambda description: nullcontext())
 
 
-def _prefer_quantized(repo: str, quant: Quantization | None) -> list[str] | None:
+def _prefer_quantized(repo: str, quant: QuantSpec | None) -> list[str] | None:
     """Kyutai's MLX repositories also hold the model quantized (q8: groups of 64, q4: groups
     of 32, as kyuteye_mlx loads them): when those are the quantization asked for, the
     quantized file is half (a quarter) of the download and is copied exactly."""

@@ -19,10 +19,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import mlx.core as mx
 
 from moshivis_mlx.models.mimi import MimiConfig
+from moshivis_mlx.models.quantizer import QuantizerConfig
+from moshivis_mlx.models.seanet import SeanetConfig
+from moshivis_mlx.models.transformer import TransformerConfig
 
 from .lm_layout import Entry, Mapping, check_mapping, listing
 from .plan import Part, entry_jobs
@@ -44,6 +48,84 @@ class MimiEntry(Entry):
     """Second source: the cluster usage of a 'codebook' entry."""
 
 
+# -- Kyutai's Mimi config (`mimi_config` of moshi.models.loaders) ------------------------
+
+def _require(section: dict[str, Any], name: str, **expected: Any) -> None:
+    """Pops each key, checking it has the only value Mimi supports (absent is fine)."""
+    for key, want in expected.items():
+        got = section.pop(key, want)
+        if got != want:
+            raise ValueError(f"unsupported Mimi setting {name}.{key}={got!r} (expected {want!r})")
+
+
+def mimi_config_from_kyutai(d: dict[str, Any]) -> MimiConfig:
+    """Reads Kyutai's Mimi config dict; settings Mimi never uses are refused, not ignored."""
+    try:
+        s, q, t = dict(d["seanet"]), dict(d["quantizer"]), dict(d["transformer"])
+    except (KeyError, TypeError):
+        raise ValueError("a Kyutai Mimi config needs 'seanet', 'quantizer' and "
+                         "'transformer' sections") from None
+    _require(s, "seanet", causal=True, activation="ELU", norm="none", pad_mode="constant",
+             true_skip=True)
+    if s.pop("activation_params", {"alpha": 1.0}) != {"alpha": 1.0}:
+        raise ValueError("unsupported Mimi setting seanet.activation_params (ELU alpha 1 only)")
+    s.pop("disable_norm_outer_blocks", None)  # no norm at all
+    seanet = SeanetConfig.from_dict(s)
+    quantizer = QuantizerConfig.from_dict(q)
+    _require(t, "transformer", causal=True, gating="none", norm="layer_norm",
+             positional_embedding="rope")
+    t.pop("conv_layout", None)  # a PyTorch tensor-layout detail
+    layer_scale = t.pop("layer_scale", None)
+    in_dim = t.pop("input_dimension", seanet.dimension)
+    out_dims = t.pop("output_dimensions", [seanet.dimension])
+    keys = {"d_model", "num_heads", "num_layers", "dim_feedforward", "context", "max_period"}
+    unknown = set(t) - keys
+    if unknown:
+        raise ValueError(f"unsupported Mimi transformer settings: {sorted(unknown)}")
+    if in_dim != t["d_model"] or list(out_dims) != [t["d_model"]]:
+        raise ValueError("projected Mimi transformers (input_dimension or "
+                         "output_dimensions != d_model) are not supported")
+    transformer = TransformerConfig(
+        d_model=t["d_model"], num_heads=t["num_heads"], num_layers=t["num_layers"],
+        ffn_hidden=t.get("dim_feedforward", 2048), ffn="gelu", norm="layer_norm",
+        norm_eps=1e-5, bias=False, causal=True, context=t.get("context"), rope=True,
+        max_period=float(t.get("max_period", 10000)), layer_scale=layer_scale is not None)
+    channels = d.get("channels", seanet.channels)
+    if channels != seanet.channels:
+        raise ValueError(f"channels {channels} != seanet.channels {seanet.channels}")
+    cfg = MimiConfig(sample_rate=int(d["sample_rate"]), frame_rate=float(d["frame_rate"]),
+              seanet=seanet, quantizer=quantizer, transformer=transformer)
+    cfg.validate()
+    return cfg
+
+def mimi_config_to_kyutai(cfg: MimiConfig) -> dict[str, Any]:
+    """Kyutai's Mimi config dict for this model (e.g. for `loaders.get_mimi`)."""
+    s, q, t = cfg.seanet, cfg.quantizer, cfg.transformer
+    seanet = {
+        "channels": s.channels, "dimension": s.dimension, "causal": True,
+        "n_filters": s.n_filters, "n_residual_layers": s.n_residual_layers,
+        "activation": "ELU", "compress": s.compress, "dilation_base": s.dilation_base,
+        "disable_norm_outer_blocks": 0, "kernel_size": s.kernel_size,
+        "residual_kernel_size": s.residual_kernel_size,
+        "last_kernel_size": s.last_kernel_size, "norm": "none", "pad_mode": "constant",
+        "ratios": list(s.ratios), "true_skip": True,
+    }
+    quantizer = q.to_dict()
+    if quantizer["n_q_semantic"] == 1:
+        del quantizer["n_q_semantic"]  # Kyutai's default; its released config omits it
+    transformer = {
+        "d_model": t.d_model, "num_heads": t.num_heads, "num_layers": t.num_layers,
+        "causal": True, "layer_scale": 0.01 if t.layer_scale else None,
+        "context": t.context, "conv_layout": True, "max_period": t.max_period,
+        "gating": "none", "norm": "layer_norm", "positional_embedding": "rope",
+        "dim_feedforward": t.ffn_hidden, "input_dimension": s.dimension,
+        "output_dimensions": [s.dimension],
+    }
+    return {"sample_rate": cfg.sample_rate, "channels": s.channels,
+            "frame_rate": cfg.frame_rate, "seanet": seanet, "quantizer": quantizer,
+            "transformer": transformer}
+
+
 def read_mimi_config(path: Path | None) -> MimiConfig:
     """Kyutai's Mimi config JSON (bare, or under a `mimi_config` key); None: the released one."""
     if path is None:
@@ -52,7 +134,7 @@ def read_mimi_config(path: Path | None) -> MimiConfig:
     if isinstance(d.get("mimi_config"), dict):
         d = d["mimi_config"]
     try:
-        return MimiConfig.from_kyutai(d)
+        return mimi_config_from_kyutai(d)
     except (ValueError, KeyError, TypeError) as e:
         raise WeightsError(f"{path}: not a usable Mimi config: {e}") from None
 

@@ -23,6 +23,8 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
+from moshivis_mlx.errors import WeightsError
+
 ITEMSIZE = {
     "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1,
     "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
@@ -52,10 +54,6 @@ DTYPE_NAMES = {
 }
 CODES = {name: code for code, name in DTYPE_NAMES.items()}
 COMPARE_CHUNK = 4 << 20
-
-
-class WeightsError(ValueError):
-    """A weights file that cannot be used; the message names the file and the tensor."""
 
 
 @dataclass(frozen=True)

@@ -11,31 +11,16 @@ float values (dequantized in float32) or, to copy them unchanged, the packed tri
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
 
+from moshivis_mlx.quant import BITS as SUPPORTED_BITS
+from moshivis_mlx.quant import GROUP_SIZES as SUPPORTED_GROUPS
+from moshivis_mlx.quant import QuantSpec
+
 from .safetensors_io import TensorInfo, WeightsError, read_header, read_manifest, read_tensor
 from .safetensors_io import same_bytes as _same_bytes
-
-SUPPORTED_BITS = (4, 8)
-SUPPORTED_GROUPS = (32, 64, 128)
-
-
-@dataclass(frozen=True)
-class QuantSpec:
-    """MLX affine quantization: `bits` per weight, one scale and bias per `group_size`."""
-
-    bits: int = 8
-    group_size: int = 64
-
-    @property
-    def label(self) -> str:
-        return f"q{self.bits}/g{self.group_size}"
-
-    def to_dict(self) -> dict[str, int]:
-        return {"bits": self.bits, "group_size": self.group_size}
 
 
 class Source:

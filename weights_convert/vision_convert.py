@@ -21,13 +21,13 @@ from typing import Any
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from moshivis_mlx.bundle import quantizable, quantize_model
 from moshivis_mlx.models.siglip import SiglipConfig, SiglipVision
+from moshivis_mlx.quant import QuantSpec, quantizable, quantize_model
 
 from .lm_layout import Entry, Mapping, check_mapping
 from .plan import Part, entry_jobs
 from .safetensors_io import WeightsError, read_json_config
-from .source import FloatView, QuantSpec, Source, infer_quant_spec
+from .source import FloatView, Source, infer_quant_spec
 from .vision_layout import (
     PATCH,
     check_vision_config,
@@ -123,7 +123,7 @@ def expected_vision_tensors(cfg: SiglipConfig, quant: dict[str, int] | None
     """Names and shapes of a bundle's vision tensors, from the skeleton (nothing allocated)."""
     model = SiglipVision(cfg)
     if quant:
-        quantize_model(model, quant["bits"], quant["group_size"])
+        quantize_model(model, QuantSpec(quant["bits"], quant["group_size"]))
     return {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
 
 

@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import AudioDeviceError
 from ..stream import FRAME_SECONDS, FRAME_SIZE, SAMPLE_RATE
-from .errors import AudioDeviceError
 from .resample import Resampler
 
 MAX_INPUT_BACKLOG = 3

@@ -94,6 +94,7 @@ def build_demo_bundle(out: Path, seed: int = 0) -> Path:
     from ..models.lm import LM, tiny
     from ..models.siglip import SiglipVision
     from ..models.siglip import tiny as siglip_tiny
+    from ..sampling import GenerationConfig
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -102,9 +103,9 @@ def build_demo_bundle(out: Path, seed: int = 0) -> Path:
         mx.random.seed(seed)
         lm = LM(tiny(cross_attention=True))
         mx.eval(lm.parameters())
-        save_lm(lm, tmp, extra_config={"generation": {
-            "text_temperature": 0.7, "text_top_k": 25, "audio_temperature": 0.8,
-            "audio_top_k": 250, "xa_start": 2}})
+        # Kyutai's sampling; the image counts from step 2 (the demo question is short).
+        generation = GenerationConfig(xa_start=2)
+        save_lm(lm, tmp, extra_config={"generation": generation.to_dict()})
 
         mimi, mimi_cfg = _random_mimi(seed + 1)
         mx.save_safetensors(str(tmp / "mimi.safetensors"), dict(tree_flatten(mimi.parameters())))

@@ -18,12 +18,12 @@ import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
+from ..errors import MoshivisError
 from ..stream import FRAME_SECONDS, FRAME_SIZE, SAMPLE_RATE, Stream
-from .errors import AppError, AudioFileInputError
 from .loading import Steps, load_models, load_picture, make_generator, resolve_bundle
 from .resample import Resampler
 from .transcript import Transcript, TranscriptWriter
-from .wav import AudioFileError, WavReader, WavWriter
+from .wav import WavReader, WavWriter
 
 
 class InputFrames:
@@ -35,10 +35,7 @@ class InputFrames:
     BLOCK = 1 << 16
 
     def __init__(self, path: str | Path):
-        try:
-            self.reader = WavReader(path)
-        except AudioFileError as e:
-            raise AudioFileInputError(str(e)) from None
+        self.reader = WavReader(path)
         rate = self.reader.sample_rate
         self.resampler = Resampler(rate, SAMPLE_RATE)
         self.samples = round(self.reader.frames * SAMPLE_RATE / rate)
@@ -71,7 +68,7 @@ class InputFrames:
 def _writable(path: Path, what: str) -> None:
     parent = path.expanduser().resolve().parent
     if not parent.is_dir():
-        raise AppError(f"cannot write {what} {path}: directory {parent} does not exist")
+        raise MoshivisError(f"cannot write {what} {path}: directory {parent} does not exist")
 
 
 def process(stream: Stream, frames: InputFrames, out: WavWriter, transcript: Transcript,

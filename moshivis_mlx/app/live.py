@@ -26,9 +26,9 @@ import numpy as np
 from rich.console import Console
 from rich.live import Live
 
+from ..errors import MoshivisError
 from ..stream import FRAME_SIZE, Stream
 from .audio import AudioIO, parse_device
-from .errors import AppError
 from .loading import (
     Steps,
     image_encoder,
@@ -81,7 +81,7 @@ def _wait_ready(worker: ModelWorker) -> None:
             ev = worker.events.get(timeout=0.1)
         except queue.Empty:
             if not worker.running:
-                raise AppError("the model thread stopped while loading") from None
+                raise MoshivisError("the model thread stopped while loading") from None
             continue
         if isinstance(ev, ReadyEvent):
             return
@@ -126,7 +126,7 @@ def run_live(args: argparse.Namespace, console: Console) -> int:
         except OSError as e:
             worker.stop()
             audio.close()
-            raise AppError(f"cannot record the session in {record_dir} ({e.strerror or e})",
+            raise MoshivisError(f"cannot record the session in {record_dir} ({e.strerror or e})",
                            "pick another directory with --record DIR, or use --no-record"
                            ) from None
         if args.image:
@@ -152,7 +152,7 @@ def run_live(args: argparse.Namespace, console: Console) -> int:
             fatal = _plain_loop(ui, worker)
     except KeyboardInterrupt:
         pass
-    except AppError as e:
+    except MoshivisError as e:
         fatal = e
     finally:
         worker.stop()
@@ -250,6 +250,6 @@ def _worker_failure(worker: ModelWorker, ui: TerminalUI | PlainUI) -> BaseExcept
     if fatal is not None:
         return fatal
     if not worker.running:
-        return AppError("the model thread stopped unexpectedly")
+        return MoshivisError("the model thread stopped unexpectedly")
     return None
 

@@ -1,7 +1,7 @@
 """From the command line to ready models: find (or download and convert) the bundle,
 load the language model, Mimi, the image encoder and the tokenizer, with progress.
 
-Every failure a user can fix becomes a `WeightsError` / `ImageInputError` with a one-line
+Every failure a user can fix becomes a `WeightsError` / `ImageError` with a one-line
 message saying what to do.
 """
 
@@ -18,7 +18,7 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-from .errors import ImageInputError, WeightsError
+from ..errors import WeightsError
 
 
 class Steps:
@@ -113,7 +113,7 @@ class Models:
     mimi: Any
     vision: Any | None
     tokenizer: Any
-    generation: dict[str, Any]
+    generation: Any
 
 
 def _bundle_error(e: Exception, bundle: Path) -> WeightsError:
@@ -123,7 +123,8 @@ def _bundle_error(e: Exception, bundle: Path) -> WeightsError:
 
 def load_models(bundle: Path, want_vision: bool, steps: Steps) -> Models:
     from .. import load_lm, load_mimi
-    from ..bundle import BundleError, generation_defaults, read_config
+    from ..bundle import load_generation, read_config
+    from ..errors import BundleError
     from ..text import TextTokenizer, TokenizerError, find_tokenizer
 
     try:
@@ -148,45 +149,39 @@ def load_models(bundle: Path, want_vision: bool, steps: Steps) -> Models:
             with steps.step("image encoder"):
                 vision = load_vision(bundle)
         with steps.step("tokenizer"):
-            tokenizer = TextTokenizer(find_tokenizer(bundle))
+            tokenizer = TextTokenizer(find_tokenizer(bundle), lm.cfg.text_padding_ids)
     except (BundleError, TokenizerError, ValueError, OSError) as e:
         if isinstance(e, WeightsError):
             raise
         raise _bundle_error(e, bundle) from None
-    return Models(bundle, lm, mimi, vision, tokenizer, generation_defaults(bundle))
+    return Models(bundle, lm, mimi, vision, tokenizer, load_generation(bundle))
 
 
 def make_generator(models: Models, args: argparse.Namespace):
     """The generator with Kyutai's sampling defaults (from the bundle), overridden by the
     command line."""
-    from .. import Generator, Sampler
+    from dataclasses import replace
+
+    from .. import Generator
 
     g = models.generation
-
-    def pick(cli: Any, key: str, default: Any) -> Any:
-        return cli if cli is not None else g.get(key, default)
-
-    seed = args.seed
-    text = Sampler(temperature=pick(args.text_temperature, "text_temperature", 0.7),
-                   top_k=pick(args.top_k, "text_top_k", 25),
-                   top_p=pick(args.top_p, "text_top_p", 0.0), seed=seed)
-    audio = Sampler(temperature=pick(args.audio_temperature, "audio_temperature", 0.8),
-                    top_k=pick(args.top_k, "audio_top_k", 250),
-                    top_p=pick(args.top_p, "audio_top_p", 0.0),
-                    seed=None if seed is None else seed + 1)
-    xa_start = pick(args.xa_start, "xa_start", 16)
-    return Generator(models.lm, text_sampler=text, audio_sampler=audio, xa_start=xa_start)
+    over = {"text_temperature": args.text_temperature, "audio_temperature": args.audio_temperature,
+            "text_top_k": args.top_k, "audio_top_k": args.top_k, "text_top_p": args.top_p,
+            "audio_top_p": args.top_p, "xa_start": args.xa_start}
+    g = replace(g, **{k: v for k, v in over.items() if v is not None})
+    return Generator(models.lm, text_sampler=g.text_sampler(args.seed),
+                     audio_sampler=g.audio_sampler(args.seed), xa_start=g.xa_start)
 
 
 def load_picture(path: str | Path):
-    """An image file -> a decoded RGB picture (PIL); ImageInputError with a one-line
+    """An image file -> a decoded RGB picture (PIL); ImageError with a one-line
     message for anything that is not a usable image."""
     from ..image import ImageError, load_image
 
     try:
         return load_image(path)
     except ImageError as e:
-        raise ImageInputError(str(e), "give a JPEG or PNG photo") from None
+        raise ImageError(str(e), "give a JPEG or PNG photo") from None
 
 
 def image_encoder(models: Models):

@@ -7,7 +7,7 @@ import sys
 
 from rich.console import Console
 
-from .errors import EXIT_ERROR, EXIT_INTERRUPTED, AppError
+from ..errors import EXIT_ERROR, EXIT_INTERRUPTED, MoshivisError
 
 PROG = "moshivis-mlx"
 
@@ -41,7 +41,7 @@ def run_cli(args: argparse.Namespace) -> int:
     console = Console(highlight=False, soft_wrap=True)
     try:
         return run(args, console)
-    except AppError as e:
+    except MoshivisError as e:
         if args.debug:
             raise
         error_line(str(e))

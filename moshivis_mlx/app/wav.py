@@ -16,13 +16,11 @@ from typing import BinaryIO
 
 import numpy as np
 
+from ..errors import AudioFileError
+
 PCM, IEEE_FLOAT, EXTENSIBLE = 0x0001, 0x0003, 0xFFFE
 FORMAT_NAMES = {0x0002: "MS ADPCM", 0x0006: "A-law", 0x0007: "mu-law", 0x0011: "IMA ADPCM",
                 0x0055: "MP3"}
-
-
-class AudioFileError(ValueError):
-    """An audio file that cannot be used; the message is one line and names the file."""
 
 
 def _chunks(f: BinaryIO, size: int):

@@ -79,6 +79,11 @@ class LmConfig(ConfigBase):
     def audio_initial_token(self) -> int:
         return self.card
 
+    @property
+    def text_padding_ids(self) -> tuple[int, int]:
+        """The text tokens that are not words: padding and end-of-padding."""
+        return (self.text_padding_id, self.end_of_text_padding_id)
+
     def transformer_config(self) -> TransformerConfig:
         return TransformerConfig(
             d_model=self.dim,

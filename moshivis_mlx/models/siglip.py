@@ -14,34 +14,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
 
 from .config import ConfigBase
 from .transformer import Transformer, TransformerConfig
-
-# HF `hidden_act` names -> our FFN kinds. SigLIP checkpoints use the tanh approximation.
-HF_ACTIVATIONS = {
-    "gelu_pytorch_tanh": "gelu_tanh",
-    "gelu_new": "gelu_tanh",
-    "gelu_fast": "gelu_tanh",
-    "gelu": "gelu",
-}
-
-# HF SiglipVisionConfig defaults, for keys a config file leaves out (as HF itself does).
-HF_DEFAULTS = {
-    "hidden_size": 768,
-    "intermediate_size": 3072,
-    "num_hidden_layers": 12,
-    "num_attention_heads": 12,
-    "num_channels": 3,
-    "image_size": 224,
-    "patch_size": 16,
-    "hidden_act": "gelu_pytorch_tanh",
-    "layer_norm_eps": 1e-6,
-}
 
 
 @dataclass
@@ -77,30 +55,6 @@ class SiglipConfig(ConfigBase):
     def num_tokens(self) -> int:
         return self.grid * self.grid
 
-
-    @classmethod
-    def from_hf(cls, d: dict[str, Any]) -> SiglipConfig:
-        """From HF's `SiglipVisionConfig` JSON (or a SigLIP / PaliGemma config holding one
-        under `vision_config`). Keys it leaves out take HF's defaults; keys we have no use
-        for (projection_dim, vision_use_head, ...) are ignored."""
-        if isinstance(d.get("vision_config"), dict):
-            d = d["vision_config"]
-        c = {**HF_DEFAULTS, **{k: v for k, v in d.items() if v is not None}}
-        act = c["hidden_act"]
-        if act not in HF_ACTIVATIONS:
-            raise ValueError(f"unsupported hidden_act {act!r} "
-                             f"(expected one of {', '.join(HF_ACTIVATIONS)})")
-        return cls(
-            dim=int(c["hidden_size"]),
-            num_heads=int(c["num_attention_heads"]),
-            num_layers=int(c["num_hidden_layers"]),
-            ffn_hidden=int(c["intermediate_size"]),
-            ffn=HF_ACTIVATIONS[act],
-            norm_eps=float(c["layer_norm_eps"]),
-            image_size=int(c["image_size"]),
-            patch_size=int(c["patch_size"]),
-            num_channels=int(c["num_channels"]),
-        )
 
     def transformer_config(self) -> TransformerConfig:
         return TransformerConfig(

@@ -1,0 +1,132 @@
+"""Errors a user can fix, and the one place they are turned into one line and an exit code.
+
+Every error the project raises for a bad input or environment (a missing file, a broken
+checkpoint, an unreadable image, a microphone that vanished) is a `MoshivisError`: a
+message saying what happened, optionally what to do, always printed on one line. The
+entry points run through `guard`, which prints `prog: error: <message>` and returns the
+error's exit code; a traceback is shown only with --debug. Anything else is a bug and is
+reported as one.
+
+They are `ValueError`s: each is about something the caller gave.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_AUDIO_DEVICE = 3
+EXIT_WEIGHTS = 4
+EXIT_IMAGE = 5
+EXIT_AUDIO_FILE = 6
+EXIT_INTERRUPTED = 130
+
+
+def one_line(text: object, limit: int | None = None) -> str:
+    """`text` (or an exception's message) with its whitespace collapsed to single spaces,
+    cut at `limit` characters."""
+    s = " ".join(str(text).split())
+    if not s and isinstance(text, BaseException):
+        s = type(text).__name__
+    if limit is not None and len(s) > limit:
+        s = s[: limit - 3].rstrip() + "..."
+    return s
+
+
+class MoshivisError(ValueError):
+    """A failure with a one-line explanation and, where there is one, its fix."""
+
+    exit_code = EXIT_ERROR
+
+    def __init__(self, message: str, fix: str | None = None):
+        super().__init__(message)
+        self.message = one_line(message)
+        self.fix = one_line(fix) if fix else None
+
+    def __str__(self) -> str:
+        return f"{self.message}; {self.fix}" if self.fix else self.message
+
+
+class UsageError(MoshivisError):
+    """Options that contradict each other or cannot be used together."""
+
+    exit_code = EXIT_USAGE
+
+
+class AudioDeviceError(MoshivisError):
+    exit_code = EXIT_AUDIO_DEVICE
+
+
+class WeightsError(MoshivisError):
+    """Weights, checkpoints, bundles, configs and conversions that cannot be used."""
+
+    exit_code = EXIT_WEIGHTS
+
+
+class BundleError(WeightsError):
+    """A bundle directory that cannot be used (the message says what to do)."""
+
+
+class TokenizerError(WeightsError):
+    """No usable text tokenizer (the message says where it is expected)."""
+
+
+class ImageError(MoshivisError):
+    """An image that cannot be used; the message names the file."""
+
+    exit_code = EXIT_IMAGE
+
+
+class AudioFileError(MoshivisError):
+    """An audio file that cannot be used; the message names the file."""
+
+    exit_code = EXIT_AUDIO_FILE
+
+
+def error_line(prog: str, message: object) -> None:
+    print(f"{prog}: error: {one_line(message)}", file=sys.stderr, flush=True)
+
+
+def environment_message(e: OSError) -> str:
+    """An OSError (disk full, read-only, permission denied, ...) as the user needs it:
+    what failed and on which path."""
+    what = e.strerror or one_line(e)
+    names = [str(n) for n in (e.filename, e.filename2) if n]
+    return f"{' -> '.join(names)}: {what}" if names else what
+
+
+def guard(prog: str, run: Callable[[], int], debug: bool = False,
+          exit_code: Callable[[MoshivisError], int] | None = None,
+          interrupted: str = "interrupted", internal_exit: int = EXIT_ERROR) -> int:
+    """Runs `run()` with the project's error policy and returns the exit status.
+
+    A `MoshivisError` or an `OSError` (the environment: disk full, read-only, a path that
+    vanished) is one line on stderr and its exit code (`exit_code(e)` to override); Ctrl-C
+    is one line and 130; anything else is a bug, said so in one line. `debug` re-raises.
+    """
+    try:
+        return run()
+    except MoshivisError as e:
+        if debug:
+            raise
+        error_line(prog, e)
+        return exit_code(e) if exit_code is not None else e.exit_code
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"{prog}: {interrupted}", file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
+    except OSError as e:
+        if debug:
+            raise
+        error_line(prog, environment_message(e))
+        return EXIT_ERROR
+    except Exception as e:  # a bug: say so briefly, the traceback is one flag away
+        if debug:
+            raise
+        error_line(prog, f"internal error: {type(e).__name__}: {one_line(e, 300)} (run again "
+                         f"with --debug for the traceback, and please report it)")
+        return internal_exit
