@@ -8,6 +8,12 @@
 * Step s yields nothing at s = 0 (the acoustic delay); afterwards the tokens generated
   at step s - max_delay + d for each model row, so the 8 codes form one frame again.
 
+The state of a conversation is explicit and lives on the device: the caches (keys, values
+and their position, all arrays), and the last `max_delay + 1` frames of generated tokens,
+user codes and gates. The host only counts steps. So a step is one compiled function of
+arrays, a caller can chain frames without reading anything back (`step_async`), and a
+batch of B independent conversations steps together (`batch_size`).
+
 A conversation has no step limit: the temporal transformer's cache is a ring buffer of
 its window, the token history holds `max_delay + 1` frames, and nothing else grows.
 """
@@ -23,19 +29,52 @@ import numpy as np
 
 from .models.lm import LM
 from .models.transformer import CrossAttentionInput
-from .sampling import Sampler, kyutai_audio_sampler, kyutai_text_sampler
+from .sampling import KYUTAI_GENERATION, Sampler
 
-DEFAULT_XA_START = 16
+DEFAULT_XA_START = KYUTAI_GENERATION.xa_start
+
+Codes = Sequence[int] | np.ndarray | mx.array
 
 
-@dataclass
+@dataclass(eq=False)
 class StepOutput:
-    """One frame of the model's output, its delays undone."""
+    """One frame of the model's output, its delays undone, for each conversation of the
+    batch."""
 
-    text_token: int
-    audio_codes: list[int]
-    gate: float | None
-    """Mean cross-attention gate of the step that produced `text_token` (None: no image)."""
+    text: np.ndarray
+    """[B] the text tokens."""
+    audio: np.ndarray
+    """[B, dep_q] the model's Mimi codes."""
+    gates: np.ndarray | None
+    """[B] the mean cross-attention gate of the step that produced the text token (None:
+    the image was not attended to)."""
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, StepOutput):
+            return NotImplemented
+        same_gates = (self.gates is None) == (other.gates is None) and (
+            self.gates is None or np.array_equal(self.gates, other.gates))
+        return (np.array_equal(self.text, other.text)
+                and np.array_equal(self.audio, other.audio) and same_gates)
+
+    def _single(self) -> None:
+        if len(self.text) != 1:
+            raise ValueError(f"a batch of {len(self.text)}: use .text, .audio and .gates")
+
+    @property
+    def text_token(self) -> int:
+        self._single()
+        return int(self.text[0])
+
+    @property
+    def audio_codes(self) -> list[int]:
+        self._single()
+        return self.audio[0].tolist()
+
+    @property
+    def gate(self) -> float | None:
+        self._single()
+        return None if self.gates is None else float(self.gates[0])
 
 
 class Generator:
@@ -45,6 +84,10 @@ class Generator:
                     audio_sampler=Sampler(temperature=0.0))
     gen.set_image(siglip_tokens)    # once per image; None removes it
     out = gen.step(user_codes)      # the user's 8 Mimi codes of this frame
+
+    With `batch_size=B`, user codes are [B, 8] and every output has a leading B; the B
+    conversations share the image (or each has its own: tokens [B, N, D]) and the samplers
+    (one random key per step draws for all of them).
     """
 
     def __init__(
@@ -55,15 +98,17 @@ class Generator:
         xa_start: int = DEFAULT_XA_START,
         keep_logits: bool = False,
         compiled: bool = True,
+        batch_size: int = 1,
     ):
         self.lm = lm
         cfg = lm.cfg
-        self.text_sampler = text_sampler or kyutai_text_sampler()
-        self.audio_sampler = audio_sampler or kyutai_audio_sampler()
+        self.text_sampler = text_sampler or KYUTAI_GENERATION.text_sampler()
+        self.audio_sampler = audio_sampler or KYUTAI_GENERATION.audio_sampler()
         self.xa_start = xa_start
         self.keep_logits = keep_logits
         self.compiled = compiled
         """Compile the step (fixed shapes: one trace serves the whole conversation)."""
+        self.batch_size = batch_size
         self.gate_override: float | None = None
         """Replace every cross-attention gate by this constant (research: 0.0 removes the image)."""
 
@@ -71,16 +116,20 @@ class Generator:
         self.num_user_codes = cfg.n_q - cfg.dep_q
         self.delays = list(cfg.delays)
         self.max_delay = max(self.delays)
-        initial = [cfg.text_initial_token] + [cfg.audio_initial_token] * cfg.n_q
-        self._initial = np.array(initial, dtype=np.int32)
-        self._initial_model = mx.array(self._initial[: self.num_model_rows])
+        self._initial = lm.initial_tokens()
+        # Which rows still take their initial token at step s (s > max_delay: none).
+        self._use_initial = [mx.array([s <= d for d in self.delays])
+                             for s in range(self.max_delay + 2)]
 
-        self.caches = lm.make_cache()
+        self.caches = lm.make_cache(batch_size)
         self._step_fns: dict[tuple, Callable[..., list[mx.array]]] = {}
         self.image_kv: tuple[mx.array, mx.array] | None = None
         self.last_text_logits: mx.array | None = None
+        """[B, text_card] of the last collected step (with `keep_logits`)."""
         self.last_audio_logits: mx.array | None = None
-        self.last_tokens: list[int] = []
+        """[B, dep_q, card] of the last collected step (with `keep_logits`)."""
+        self.last_tokens: np.ndarray | None = None
+        """[B, 1 + dep_q] generated at the last collected step, delays not undone."""
         self._epoch = 0
         """Counts resets: a step submitted before a reset can no longer be collected."""
         self.reset()
@@ -100,15 +149,22 @@ class Generator:
         self._epoch += 1
         self._pending: deque[PendingStep] = deque()
         keep = self.max_delay + 1
-        self._prev_generated: mx.array | None = None
-        self._generated: deque[list[int]] = deque(maxlen=keep)
-        self._gates: deque[float | None] = deque(maxlen=keep)
-        self._user: deque[np.ndarray] = deque(maxlen=keep)
+        b = self.batch_size
+        # The last `keep` steps' generated tokens [B, 1 + dep_q], gates [B] and user codes
+        # [B, n_user], newest last; before the first step, the initial tokens.
+        initial = mx.broadcast_to(self._initial[None], (b, self._initial.shape[0]))
+        self._generated: deque[mx.array] = deque([initial[:, : self.num_model_rows]] * keep,
+                                                 maxlen=keep)
+        self._gates: deque[mx.array] = deque([mx.zeros((b,))] * keep, maxlen=keep)
+        self._user: deque[mx.array] = deque([initial[:, self.num_model_rows:]] * keep,
+                                            maxlen=keep)
+        self._attended: deque[bool] = deque([False] * keep, maxlen=keep)
         self.text_sampler.reset()
         self.audio_sampler.reset()
 
     def set_image(self, tokens: mx.array | np.ndarray | None, reset: bool = False) -> None:
-        """Condition on an image: SigLIP tokens [N, D] or [1, N, D]; None for no image.
+        """Condition on an image: SigLIP tokens [N, D], [1, N, D] or [B, N, D]; None for
+        no image.
 
         The cross-attention keys and values are computed here, once per image. With
         `reset` the conversation restarts, otherwise it goes on with the new image.
@@ -119,13 +175,18 @@ class Generator:
             tokens = mx.array(tokens) if not isinstance(tokens, mx.array) else tokens
             if tokens.ndim == 2:
                 tokens = tokens[None]
-            if tokens.ndim != 3 or tokens.shape[0] != 1:
-                raise ValueError(f"image tokens must be [N, D] or [1, N, D], got {tokens.shape}")
+            if tokens.ndim != 3 or tokens.shape[0] not in (1, self.batch_size):
+                raise ValueError(f"image tokens must be [N, D], [1, N, D] or "
+                                 f"[{self.batch_size}, N, D], got {tokens.shape}")
             if tokens.shape[-1] != self.lm.cfg.image_dim:
                 raise ValueError(
                     f"image tokens have width {tokens.shape[-1]}, the model expects "
                     f"{self.lm.cfg.image_dim}")
             keys, values = self.lm.image_kv(tokens)
+            if keys.shape[0] != self.batch_size:
+                shape = (self.batch_size, *keys.shape[1:])
+                keys, values = mx.broadcast_to(keys, shape), mx.broadcast_to(values, shape)
+            keys, values = mx.contiguous(keys), mx.contiguous(values)
             mx.eval(keys, values)
             self.image_kv = (keys, values)
         if reset:
@@ -137,7 +198,7 @@ class Generator:
         image of `image_tokens` tokens (default: the current image's). Then starts afresh.
         """
         image_kv, xa_start = self.image_kv, self.xa_start
-        silence = np.zeros(self.num_user_codes, dtype=np.int32)
+        silence = np.zeros((self.batch_size, self.num_user_codes), dtype=np.int32)
         try:
             self.image_kv = None
             for _ in range(steps):
@@ -158,43 +219,42 @@ class Generator:
 
     # -- one step --------------------------------------------------------------------------
 
-    def _check_codes(self, user_codes: Sequence[int] | np.ndarray | mx.array) -> np.ndarray:
-        codes = np.asarray(user_codes).reshape(-1)
-        if codes.size < self.num_user_codes:
-            raise ValueError(f"expected {self.num_user_codes} user codes, got {codes.size}")
-        codes = codes[: self.num_user_codes]
+    def _user_codes(self, user_codes: Codes) -> mx.array:
+        """[B, n_user] int32. Host values are checked; device arrays (a Mimi encoder's
+        output) are trusted for their values, so nothing is read back."""
+        b, n = self.batch_size, self.num_user_codes
+        if isinstance(user_codes, mx.array):
+            codes = user_codes.reshape(b, -1)[:, :n]
+            if codes.shape[1] != n:
+                raise ValueError(f"expected {n} user codes, got {user_codes.shape}")
+            return codes.astype(mx.int32)
+        codes = np.asarray(user_codes)
+        if codes.size < b * n:
+            want = f"{n}" if b == 1 else f"{b} x {n}"
+            raise ValueError(f"expected {want} user codes, got shape {list(codes.shape)}")
+        codes = codes.reshape(b, -1)[:, :n]
         if not np.issubdtype(codes.dtype, np.integer):
             raise ValueError(f"user codes must be integers, got {codes.dtype}")
         card = self.lm.cfg.card
         if codes.min() < -1 or codes.max() >= card:
             raise ValueError(f"user codes must be in [0, {card}) (or -1 for a zero embedding)")
-        return codes.astype(np.int32)
+        return mx.array(codes.astype(np.int32))
 
-    def _input_tokens(self) -> mx.array:
-        """The [1, 17, 1] input column of the current step."""
-        s = self._step
-        d = self.delays
-        n = self.num_model_rows
-        model_init = [s <= d[r] for r in range(n)]
-        if self._prev_generated is None or all(model_init):
-            model = self._initial_model
-        elif any(model_init):
-            model = mx.where(mx.array(model_init), self._initial_model, self._prev_generated)
-        else:
-            model = self._prev_generated
-        user = np.empty(self.num_user_codes, dtype=np.int32)
-        for i in range(self.num_user_codes):
-            r = n + i
-            user[i] = self._initial[r] if s <= d[r] else self._user[-1 - d[r]][i]
-        tokens = mx.concatenate([model, mx.array(user)])
-        return tokens.reshape(1, -1, 1)
+    def _forced(self, force_text: object, force_audio: object) -> mx.array | None:
+        """The teacher-forced tokens of this step [B, 1 + dep_q], or None."""
+        if force_text is None and force_audio is None:
+            return None
+        dep_q, b = self.lm.cfg.dep_q, self.batch_size
+        if force_text is None or force_audio is None:
+            raise ValueError(f"teacher forcing needs the text token and {dep_q} codes")
+        text = np.asarray(force_text, dtype=np.int64).reshape(b, 1)
+        audio = np.asarray(force_audio, dtype=np.int64)
+        if audio.size != b * dep_q:
+            raise ValueError(f"teacher forcing needs the text token and {dep_q} codes")
+        return mx.array(np.concatenate([text, audio.reshape(b, dep_q)], axis=1), dtype=mx.int32)
 
-    def step(
-        self,
-        user_codes: Sequence[int] | np.ndarray | mx.array,
-        force_text: int | None = None,
-        force_audio: Sequence[int] | None = None,
-    ) -> StepOutput | None:
+    def step(self, user_codes: Codes, force_text: object = None,
+             force_audio: object = None) -> StepOutput | None:
         """Feed the user's codes of one frame; returns the model's frame (None at step 0).
 
         `force_text` / `force_audio` replace the sampled tokens of this step (teacher
@@ -202,66 +262,40 @@ class Generator:
         """
         return self.step_async(user_codes, force_text, force_audio).result()
 
-    def step_async(
-        self,
-        user_codes: Sequence[int] | np.ndarray | mx.array,
-        force_text: int | None = None,
-        force_audio: Sequence[int] | None = None,
-    ) -> PendingStep:
-        """Submits a step and returns at once; `.result()` waits for its output.
+    def step_async(self, user_codes: Codes, force_text: object = None,
+                   force_audio: object = None) -> PendingStep:
+        """Submits a step and returns at once, nothing evaluated; `.result()` evaluates.
 
-        The step's graph only depends on the previous step's tokens as arrays, so a
-        caller holding the next frame's codes can submit it before collecting this one:
-        building step n+1 on the host overlaps with computing step n on the device.
+        The step's graph depends on earlier steps only through arrays, so a caller holding
+        the next frame's codes can submit it before collecting this one (file mode), and a
+        caller can feed `pending.tokens` on to the Mimi decoder without reading it back.
         """
-        self._user.append(self._check_codes(user_codes))
-        cross = self.image_kv is not None and self._step >= self.xa_start
-        forced = force_text is not None or force_audio is not None
-        forced_tokens = None
-        if forced:
-            if force_text is None or force_audio is None or len(force_audio) != self.lm.cfg.dep_q:
-                raise ValueError(
-                    f"teacher forcing needs the text token and {self.lm.cfg.dep_q} codes")
-            forced_tokens = mx.array([force_text, *force_audio], dtype=mx.int32)
-
-        outputs = self._step_fn(cross, forced)(
-            self._input_tokens(),
-            mx.array(self._step, dtype=mx.int32),
-            self.text_sampler.next_key(),
-            self.audio_sampler.next_key(),
-            self.image_kv if cross else None,
-            forced_tokens,
-        )
-        mx.async_eval(outputs)  # the one evaluation of the step
-        for c in self.caches:
-            c.offset += 1
-        self._prev_generated = outputs[0]
-        pending = PendingStep(self, self._step, outputs, cross, self._epoch)
+        s = self._step
+        self._user.append(self._user_codes(user_codes))
+        cross = self.image_kv is not None and s >= self.xa_start
+        forced = self._forced(force_text, force_audio)
+        outputs = self._step_fn(cross, forced is not None)(
+            list(self._generated), list(self._gates), list(self._user),
+            self._use_initial[min(s, self.max_delay + 1)],
+            self.text_sampler.next_key(), self.audio_sampler.next_key(),
+            self.image_kv if cross else None, forced)
+        generated, gate, tokens, out_gate = outputs[:4]
+        self._generated.append(generated)
+        self._gates.append(gate)
+        self._attended.append(cross)
+        attended = self._attended[-1 - self.max_delay + self.delays[0]]
+        pending = PendingStep(self, s, outputs, tokens if s >= self.max_delay else None,
+                              out_gate if attended else None, self._epoch)
         self._pending.append(pending)
         self._step += 1
         return pending
 
-    def _collect(self, upto: PendingStep) -> None:
-        """Materialises submitted steps in order, up to and including `upto`."""
-        while self._pending and upto.output is _NOT_READY:
-            p = self._pending.popleft()
-            mx.eval(p.outputs)
-            tokens = p.outputs[0].tolist()
-            self.last_tokens = tokens
-            """Text token and codes generated at the last collected step, delays not undone."""
-            if self.keep_logits:
-                self.last_text_logits, self.last_audio_logits = p.outputs[2], p.outputs[3]
-            self._generated.append(tokens)
-            self._gates.append(p.outputs[1].item() if p.cross else None)
-            p.output = self._output(p.index)
-            p.outputs = []
-
     def _step_fn(self, cross: bool, forced: bool) -> Callable[..., list[mx.array]]:
         """The step function of this variant, compiled once and kept.
 
-        Everything that changes the traced graph is part of the key; the position, the
-        random keys, the tokens and the image are array inputs, so one compiled function
-        serves every step of a conversation.
+        Everything that changes the traced graph is part of the key; the position (in the
+        caches), the random keys, the tokens and the image are arrays, so one compiled
+        function serves every step of a conversation.
         """
         key = (cross, forced, self.keep_logits, self.gate_override, self.compiled,
                self.text_sampler.settings, self.audio_sampler.settings)
@@ -278,40 +312,58 @@ class Generator:
         lm, caches = self.lm, self.caches
         text_sampler, audio_sampler = self.text_sampler, self.audio_sampler
         keep_logits, gate_override = self.keep_logits, self.gate_override
-        dep_q = lm.cfg.dep_q
+        dep_q, delays, max_delay = lm.cfg.dep_q, self.delays, self.max_delay
+        n_model, initial = self.num_model_rows, self._initial
+        batch = self.batch_size
 
-        def step(tokens, pos, text_key, audio_key, image, forced_tokens):
+        def input_tokens(generated, user, use_initial):
+            """The [B, 17, 1] input column: model rows from the last step, user rows as
+            delayed; the rows still within their delay (`use_initial`) get their initial
+            token."""
+            cols = [generated[-1][:, r] if r < n_model else user[-1 - d][:, r - n_model]
+                    for r, d in enumerate(delays)]
+            column = mx.where(use_initial[None], initial[None], mx.stack(cols, axis=1))
+            return column[:, :, None]
+
+        def step(generated, gates, user, use_initial, text_key, audio_key, image, forced_tokens):
             xa = CrossAttentionInput(lm.xa, *image, force_gate=gate_override) if cross else None
-            h, text_logits = lm.forward_text(tokens, caches, xa, pos)
+            tokens_in = input_tokens(generated, user, use_initial)
+            h, text_logits = lm.forward_text(tokens_in, caches, xa)
             text_logits = text_logits[:, 0]
             if forced:
-                text = forced_tokens[:1]
-                codes = iter(forced_tokens[1:, None])
+                text = forced_tokens[:, 0]
+                codes = iter(forced_tokens[:, 1:].T)
                 sample = lambda logits: next(codes)  # noqa: E731
             else:
                 text = text_sampler.sample(text_logits, text_key)
                 keys = iter(mx.random.split(audio_key, dep_q))
                 sample = lambda logits: audio_sampler.sample(logits, next(keys))  # noqa: E731
-            depformer_caches = lm.depformer.make_cache(lm.dtype)
+            depformer_caches = lm.depformer.make_cache(batch, lm.dtype)
             audio, audio_logits = lm.depformer(h, text, sample, depformer_caches)
-            generated = mx.concatenate([text[:, None], audio], axis=1)[0].astype(mx.int32)
-            gate = mx.mean(mx.stack(xa.gates)) if cross else mx.zeros(())
-            outputs = [generated, gate]
+            now = mx.concatenate([text[:, None], audio], axis=1).astype(mx.int32)
+            gate = xa.mean_gate()[:, 0] if cross else mx.zeros((batch,))
+            # The frame this step completes: row r as generated at step s - max_delay + d[r].
+            history = [*generated[1:], now]
+            tokens = mx.stack([history[-1 - max_delay + d][:, r]
+                               for r, d in enumerate(delays[:n_model])], axis=1)
+            out_gate = [*gates[1:], gate][-1 - max_delay + delays[0]]
+            outputs = [now, gate, tokens, out_gate]
             if keep_logits:
-                outputs += [text_logits[0], mx.stack(audio_logits, axis=1)[0]]
+                outputs += [text_logits, mx.stack(audio_logits, axis=1)]
             return outputs
 
         return step
 
-    def _output(self, s: int) -> StepOutput | None:
-        """The model frame of step s, from the generated history (s is the newest entry)."""
-        if s < self.max_delay:
-            return None
-        # Token of model row r generated at step s - max_delay + d[r].
-        rows = [self._generated[-1 - self.max_delay + self.delays[r]][r]
-                for r in range(self.num_model_rows)]
-        gate = self._gates[-1 - self.max_delay + self.delays[0]]
-        return StepOutput(text_token=rows[0], audio_codes=rows[1:], gate=gate)
+    def _collect(self, upto: PendingStep) -> None:
+        """Materialises submitted steps in order, up to and including `upto`."""
+        while self._pending and upto.output is _NOT_READY:
+            p = self._pending.popleft()
+            mx.eval(p.outputs)
+            self.last_tokens = np.array(p.outputs[0])
+            if self.keep_logits:
+                self.last_text_logits, self.last_audio_logits = p.outputs[4], p.outputs[5]
+            p.output = p.host_output()
+            p.outputs = []
 
 
 _NOT_READY = object()
@@ -320,17 +372,30 @@ _NOT_READY = object()
 class PendingStep:
     """A submitted step of a `Generator`; `result()` waits for its output.
 
-    Steps are collected in the order they were submitted, whichever handle asks first.
+    `tokens` [B, 1 + dep_q] (text, then the dep_q codes) and `gate` [B] are the frame it
+    completes as device arrays, not evaluated (None while the acoustic delay holds the
+    frame back, or the image was not attended): a caller can hand them on (to the Mimi
+    decoder) and evaluate everything once. Steps are collected in the order they were
+    submitted, whichever handle asks first.
     """
 
-    def __init__(self, gen: Generator, index: int, outputs: list[mx.array], cross: bool,
-                 epoch: int):
+    def __init__(self, gen: Generator, index: int, outputs: list[mx.array],
+                 tokens: mx.array | None, gate: mx.array | None, epoch: int):
         self._gen = gen
         self.index = index
         self.outputs = outputs
-        self.cross = cross
+        self.tokens = tokens
+        self.gate = gate
         self.epoch = epoch
         self.output: object = _NOT_READY
+
+    def host_output(self) -> StepOutput | None:
+        """The evaluated frame on the host (None at the first steps)."""
+        if self.tokens is None:
+            return None
+        tokens = np.array(self.tokens)
+        gates = None if self.gate is None else np.array(self.gate)
+        return StepOutput(text=tokens[:, 0], audio=tokens[:, 1:], gates=gates)
 
     def result(self) -> StepOutput | None:
         if self.output is _NOT_READY:

@@ -36,7 +36,7 @@ def test_model_frame_is_undelayed(lm):
     raw = []
     for t in range(6):
         out = gen.step([t] * 8)
-        raw.append(gen.last_tokens)
+        raw.append(gen.last_tokens[0].tolist())
         if t:
             assert out.text_token == raw[t - 1][0]
             assert out.audio_codes[0] == raw[t - 1][1]

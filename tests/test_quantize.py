@@ -45,10 +45,10 @@ def teacher_forced_agreement(reference: Generator, other: Generator, steps: int)
     agree = []
     for t in range(steps):
         reference.step(codes[:, t])
-        tokens = reference.last_tokens
+        tokens = reference.last_tokens[0]
         other.step(codes[:, t], force_text=tokens[0], force_audio=tokens[1:])
         mine = [int(mx.argmax(other.last_text_logits))]
-        mine += np.array(mx.argmax(other.last_audio_logits, axis=-1)).tolist()
+        mine += np.array(mx.argmax(other.last_audio_logits[0], axis=-1)).tolist()
         agree.append(np.array(mine) == np.array(tokens))
     return np.array(agree)
 

@@ -182,8 +182,15 @@ class Depformer(nn.Module):
         self.transformer = Transformer(cfg.depformer_transformer_config())
         self.heads = [nn.Linear(d.dim, cfg.card, bias=False) for _ in range(cfg.dep_q)]
 
-    def make_cache(self, dtype: mx.Dtype) -> list[RingKVCache]:
-        return self.transformer.make_cache(dtype=dtype)
+    def make_cache(self, batch: int, dtype: mx.Dtype) -> list[RingKVCache]:
+        return self.transformer.make_cache(batch=batch, dtype=dtype)
+
+    def _input(self, k: int, h: mx.array, prev: mx.array) -> mx.array:
+        """Sub-step k's input: its projection of h plus the embedding of the token before
+        (the text token for k = 0, codebook k - 1 after)."""
+        table = self.text_emb if k == 0 else self.audio_emb[k - 1]
+        proj = self.in_proj[k] if len(self.in_proj) > 1 else self.in_proj[0]
+        return proj(h) + embed(table, prev)
 
     def __call__(
         self,
@@ -192,28 +199,83 @@ class Depformer(nn.Module):
         sample: Callable[[mx.array], mx.array],
         caches: list[RingKVCache],
     ) -> tuple[mx.array, list[mx.array]]:
-        """h [B, 1, dim], text_token [B] -> codes [B, dep_q] and the logits of each sub-step.
-
-        The caches are reset here: the depth transformer starts afresh every frame.
-        """
-        for c in caches:
-            c.reset()
+        """One frame, streaming: h [B, 1, dim], text_token [B] -> codes [B, dep_q] and the
+        logits of each sub-step. The caches must be fresh: the depth transformer starts
+        afresh every frame."""
         prev = text_token
         codes, logits = [], []
         for k, head in enumerate(self.heads):
-            table = self.text_emb if k == 0 else self.audio_emb[k - 1]
-            proj = self.in_proj[k] if len(self.in_proj) > 1 else self.in_proj[0]
-            x = proj(h) + embed(table, prev[:, None])
-            y = self.transformer(x, caches)
+            y = self.transformer(self._input(k, h, prev[:, None]), caches, step=k)
             step_logits = head(y)[:, 0]
             prev = sample(step_logits)
             codes.append(prev)
             logits.append(step_logits)
         return mx.stack(codes, axis=1), logits
 
+    def forward(self, h: mx.array, prev_tokens: mx.array) -> mx.array:
+        """Every frame at once, teacher-forced: h [B, T, dim] and the input token of each
+        sub-step prev_tokens [B, dep_q, T] -> logits [B, dep_q, T, card]."""
+        b, t, _ = h.shape
+        n = len(self.heads)
+        x = mx.stack([self._input(k, h, prev_tokens[:, k]) for k in range(n)], axis=2)
+        y = self.transformer(x.reshape(b * t, n, -1))  # position k: sub-step k's weights
+        return mx.stack([head(y[:, k]).reshape(b, t, -1) for k, head in enumerate(self.heads)],
+                        axis=1)
+
+
+@dataclass
+class LMOutput:
+    """The teacher-forced forward's logits, aligned with the codes given (as Kyutai's
+    `LMOutput`): position t of each row scores that row's token at time t."""
+
+    text_logits: mx.array
+    """[B, 1, T, text_card]"""
+    audio_logits: mx.array
+    """[B, dep_q, T, card]; NaN where the acoustic delay leaves no prediction"""
+    text_mask: mx.array
+    """[B, 1, T] bool: where a text token was given (not -1)"""
+    audio_mask: mx.array
+    """[B, dep_q, T] bool: valid predictions of given tokens"""
+    gates: mx.array | None = None
+    """[B, T] the cross-attention gate of each step, averaged (None: no image)"""
+
+
+def delay_streams(codes: mx.array, delays: list[int], initial: mx.array) -> mx.array:
+    """[B, K, T] -> row k shifted right by delays[k], the first steps its initial token."""
+    rows = []
+    for k, d in enumerate(delays):
+        row = codes[:, k]
+        if d > 0:
+            fill = mx.broadcast_to(initial[k], (row.shape[0], d)).astype(row.dtype)
+            row = mx.concatenate([fill, row[:, : row.shape[1] - d]], axis=1)
+        rows.append(row)
+    return mx.stack(rows, axis=1)
+
+
+def undelay_logits(logits: mx.array, delays: list[int]) -> tuple[mx.array, mx.array]:
+    """[B, K, T, V] -> row k shifted left by delays[k] (NaN past the end), and the mask of
+    the positions that hold a prediction [B, K, T]."""
+    b, _, t, v = logits.shape
+    rows, masks = [], []
+    for k, d in enumerate(delays):
+        row = logits[:, k]
+        valid = mx.ones((b, t), dtype=mx.bool_)
+        if d > 0:
+            nan = mx.full((b, d, v), float("nan"), dtype=row.dtype)
+            row = mx.concatenate([row[:, d:], nan], axis=1)
+            valid = mx.concatenate([valid[:, d:], mx.zeros((b, d), dtype=mx.bool_)], axis=1)
+        rows.append(row)
+        masks.append(valid)
+    return mx.stack(rows, axis=1), mx.stack(masks, axis=1)
+
 
 class LM(nn.Module):
-    """The Moshi (or MoshiVis, with `cfg.cross_attention`) language model."""
+    """The Moshi (or MoshiVis, with `cfg.cross_attention`) language model.
+
+    Two ways to run it: one frame at a time with caches (`forward_text` + the depformer,
+    driven by `Generator`), or teacher-forced over a whole token sequence (`forward`, in
+    Kyutai's training layout: what training and scoring use).
+    """
 
     def __init__(self, cfg: LmConfig):
         super().__init__()
@@ -237,6 +299,12 @@ class LM(nn.Module):
     def make_cache(self, batch: int = 1) -> list[RingKVCache]:
         return self.transformer.make_cache(batch=batch, dtype=self.dtype)
 
+    def initial_tokens(self) -> mx.array:
+        """[1 + n_q] the token each stream starts with (text start, then audio initial)."""
+        cfg = self.cfg
+        return mx.array([cfg.text_initial_token] + [cfg.audio_initial_token] * cfg.n_q,
+                        dtype=mx.int32)
+
     def image_kv(self, image_tokens: mx.array) -> tuple[mx.array, mx.array]:
         """SigLIP tokens [B, N, image_dim] -> cross-attention keys and values."""
         if not self.cfg.cross_attention:
@@ -259,9 +327,38 @@ class LM(nn.Module):
         tokens: mx.array,
         caches: list[RingKVCache] | None,
         cross: CrossAttentionInput | None = None,
-        pos: mx.array | None = None,
     ) -> tuple[mx.array, mx.array]:
         """Temporal transformer: tokens [B, 17, T] -> (h [B, T, dim] after out_norm, logits)."""
         x = self.embed_streams(tokens)
-        h = self.out_norm(self.transformer(x, caches, cross, pos))
+        h = self.out_norm(self.transformer(x, caches, cross))
         return h, self.text_linear(h)
+
+    def forward(self, codes: mx.array, image_tokens: mx.array | None = None,
+                force_gate: float | None = None) -> LMOutput:
+        """Teacher-forced logits for a whole sequence, as Kyutai's `LMModel.forward`.
+
+        `codes` [B, 1 + n_q, T]: every stream's tokens, not delayed (row 0 text, rows
+        1..dep_q the model's codebooks, the rest the user's); -1 gives a zero embedding and
+        no loss. The streams are delayed here, the initial tokens put first, and the logits
+        undelayed again, so `out.text_logits[:, 0, t]` scores `codes[:, 0, t]`. With
+        `image_tokens` [B, N, image_dim] (SigLIP's) every step attends to the image.
+        """
+        cfg = self.cfg
+        b, k, t = codes.shape
+        if k != 1 + cfg.n_q:
+            raise ValueError(f"codes must have {1 + cfg.n_q} streams, got {k}")
+        initial = self.initial_tokens()
+        delayed = delay_streams(codes, cfg.delays, initial)
+        start = mx.broadcast_to(initial[None, :, None], (b, k, 1)).astype(codes.dtype)
+        sequence = mx.concatenate([start, delayed], axis=2)
+        cross = None
+        if image_tokens is not None:
+            cross = CrossAttentionInput(self.xa, *self.image_kv(image_tokens), force_gate)
+        h, text_logits = self.forward_text(sequence[:, :, :-1], None, cross)
+        audio_logits = self.depformer.forward(h, sequence[:, : cfg.dep_q, 1:])
+        audio_logits, audio_mask = undelay_logits(audio_logits, cfg.delays[1: 1 + cfg.dep_q])
+        audio_mask = audio_mask & (codes[:, 1: 1 + cfg.dep_q] != -1)
+        text_logits, text_mask = undelay_logits(text_logits[:, None], cfg.delays[:1])
+        text_mask = text_mask & (codes[:, :1] != -1)
+        return LMOutput(text_logits, audio_logits, text_mask, audio_mask,
+                        cross.mean_gate() if cross is not None else None)

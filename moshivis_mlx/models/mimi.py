@@ -301,7 +301,7 @@ class StreamingEncoder:
 
     def state_arrays(self) -> list[mx.array]:
         arrays = state_arrays(self.seanet_state) + self.downsample_state.arrays()
-        return arrays + [a for c in self.caches for a in (c.keys, c.values)]
+        return arrays + [a for c in self.caches for a in c.state]
 
     def step(self, pcm: Array) -> Array:
         """`frame_size` samples (float or int16, NumPy or MLX) -> [K] int32 codes, same kind."""
@@ -333,7 +333,7 @@ class StreamingDecoder:
 
     def state_arrays(self) -> list[mx.array]:
         arrays = self.upsample_state.arrays() + state_arrays(self.seanet_state)
-        return arrays + [a for c in self.caches for a in (c.keys, c.values)]
+        return arrays + [a for c in self.caches for a in c.state]
 
     def step(self, codes: Array) -> Array:
         """[K] (or [K, 1]) codes -> `frame_size` float32 samples, NumPy or MLX as given."""

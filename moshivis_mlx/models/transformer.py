@@ -113,16 +113,18 @@ class FeedForward(nn.Module):
 
 
 class RingKVCache:
-    """Keys and values of the last `context` positions, in a buffer allocated once.
+    """Keys and values of the last `context` positions, in a buffer allocated once, and the
+    position of the next write.
 
     Slot `p % capacity` holds position p, so memory is flat however long a conversation
-    runs. `chunk` is the largest number of positions given in one call: the capacity is
-    `context + chunk - 1` so that every query of a chunk still sees its whole window.
+    runs. Every call writes exactly `chunk` positions (1 for the language model, 2 for
+    Mimi's 25 Hz transformers at 12.5 Hz frames); the capacity is the smallest multiple of
+    `chunk` that is at least `context + chunk - 1`, so that every query of a chunk still
+    sees its whole window and a chunk never straddles the end of the buffer.
 
-    Two ways to write: `update(k, v)` tracks the position on the host and attends only to
-    the filled slots (shapes vary while the buffer fills); `update(k, v, pos)` takes the
-    position as an array and always attends to the whole buffer with a mask, so a step
-    has fixed shapes and can be compiled once (the temporal transformer's fast path).
+    The keys, the values and the position are all arrays (`state`): a step has fixed shapes,
+    attends to the whole buffer under a mask, and can be compiled once; the host never
+    tracks where the cache is.
     """
 
     def __init__(
@@ -136,12 +138,11 @@ class RingKVCache:
     ):
         self.context = context
         self.chunk = chunk
-        self.capacity = context + chunk - 1
+        self.capacity = -(-(context + chunk - 1) // chunk) * chunk
         shape = (batch, num_heads, self.capacity, head_dim)
-        self.state = [mx.zeros(shape, dtype=dtype), mx.zeros(shape, dtype=dtype)]
-        """[keys, values], a list so that a compiled step can carry them as its state."""
-        self.offset = 0
-        """Absolute position of the next write, i.e. the number of positions seen."""
+        self.state = [mx.zeros(shape, dtype=dtype), mx.zeros(shape, dtype=dtype),
+                      mx.zeros((), dtype=mx.int32)]
+        """[keys, values, position]: a list, so that a compiled step can carry it as state."""
 
     @property
     def keys(self) -> mx.array:
@@ -151,66 +152,42 @@ class RingKVCache:
     def values(self) -> mx.array:
         return self.state[1]
 
+    @property
+    def position(self) -> mx.array:
+        """The absolute position of the next write (the positions seen), an int32 array."""
+        return self.state[2]
+
+    @property
+    def offset(self) -> int:
+        """`position` read on the host (a synchronisation: for tests and inspection)."""
+        return self.position.item()
+
     def reset(self) -> None:
-        # Stale slots are never read: only slots holding positions < offset are attended.
-        self.offset = 0
+        # Stale slots are never read: the mask only lets through positions < position.
+        self.state[2] = mx.zeros((), dtype=mx.int32)
 
     @property
     def nbytes(self) -> int:
         return self.keys.nbytes + self.values.nbytes
 
-    def update(
-        self, k: mx.array, v: mx.array, pos: mx.array | None = None
-    ) -> tuple[mx.array, mx.array, mx.array | None]:
-        """Writes the new keys/values [B, H, T, D]; returns what the T queries attend to.
-
-        Returns (keys, values, mask): mask is None when every returned key is visible to
-        every query, else a boolean array broadcasting to [T, S].
-        """
-        if pos is not None:
-            return self._update_at(k, v, pos)
+    def update(self, k: mx.array, v: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+        """Writes the keys/values [B, H, chunk, D] of the next positions; returns what their
+        queries attend to: (keys, values, mask), the mask [chunk, capacity] boolean."""
         t = k.shape[2]
-        if t > self.chunk:
-            raise ValueError(f"{t} positions in one call, cache was made for at most {self.chunk}")
-        start, cap = self.offset, self.capacity
-        first = start % cap
-        n1 = min(t, cap - first)
-        self.keys[:, :, first : first + n1, :] = k[:, :, :n1]
-        self.values[:, :, first : first + n1, :] = v[:, :, :n1]
-        if n1 < t:
-            self.keys[:, :, : t - n1, :] = k[:, :, n1:]
-            self.values[:, :, : t - n1, :] = v[:, :, n1:]
-        end = self.offset = start + t
-
-        if end <= cap:
-            keys, values = self.keys[:, :, :end], self.values[:, :, :end]
-            pos_k = np.arange(end)
-        else:
-            keys, values = self.keys, self.values
-            slots = np.arange(cap)
-            # The newest position held by each slot.
-            pos_k = end - 1 - ((end - 1 - slots) % cap)
-        if t == 1 and end - pos_k.min() <= self.context:
-            return keys, values, None
-        pos_q = np.arange(start, end)[:, None]
-        delta = pos_q - pos_k[None, :]
-        mask = (delta >= 0) & (delta < self.context)
-        return keys, values, mx.array(mask)
-
-    def _update_at(
-        self, k: mx.array, v: mx.array, pos: mx.array
-    ) -> tuple[mx.array, mx.array, mx.array]:
-        """One position `pos` (int32 scalar array), written in place; fixed shapes."""
-        if k.shape[2] != 1:
-            raise ValueError("a position given as an array writes one step at a time")
-        cap = self.capacity
+        if t != self.chunk:
+            raise ValueError(f"this cache takes {self.chunk} positions per call, got {t}")
+        cap, pos = self.capacity, self.position
         slot = (pos % cap).reshape(1)
-        self.state[0] = mx.slice_update(self.state[0], k, start_indices=slot, axes=(2,))
-        self.state[1] = mx.slice_update(self.state[1], v, start_indices=slot, axes=(2,))
-        # The newest position held by each slot; negative: never written.
-        pos_k = pos - (pos - mx.arange(cap, dtype=pos.dtype)) % cap
-        mask = (pos_k >= 0) & (pos - pos_k < self.context)
-        return self.state[0], self.state[1], mask
+        keys = mx.slice_update(self.keys, k, start_indices=slot, axes=(2,))
+        values = mx.slice_update(self.values, v, start_indices=slot, axes=(2,))
+        end = pos + t
+        # In place: a compiled step holds on to this very list.
+        self.state[0], self.state[1], self.state[2] = keys, values, end
+        # The newest position each slot holds; negative: never written.
+        pos_k = (end - 1) - (end - 1 - mx.arange(cap, dtype=pos.dtype)) % cap
+        delta = (pos + mx.arange(t, dtype=pos.dtype))[:, None] - pos_k[None, :]
+        mask = (pos_k >= 0)[None, :] & (delta >= 0) & (delta < self.context)
+        return keys, values, mask
 
 
 def window_mask(t: int, causal: bool, context: int | None) -> mx.array | str | None:
@@ -237,19 +214,23 @@ class Attention(nn.Module):
         self.in_proj = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=cfg.bias)
         self.out_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
 
-    def __call__(
+    def qkv(self, x: mx.array) -> mx.array:
+        """x [B, T, D] -> q, k, v stacked [3, B, H, T, head_dim]."""
+        b, t, _ = x.shape
+        qkv = self.in_proj(x).reshape(b, t, 3, self.num_heads, self.head_dim)
+        return qkv.transpose(2, 0, 3, 1, 4)
+
+    def attend(
         self,
-        x: mx.array,
+        qkv: mx.array,
         cache: RingKVCache | None,
         mask: mx.array | str | None,
         offset: int | mx.array,
     ) -> mx.array:
-        """`offset`: position of x's first step; an int32 array selects the cache's
-        fixed-shape path."""
-        b, t, d = x.shape
-        qkv = self.in_proj(x).reshape(b, t, 3, self.num_heads, self.head_dim)
-        qkv = qkv.transpose(2, 0, 3, 1, 4)
+        """q, k, v [3, B, H, T, head_dim] -> the attention output [B, T, D], before out_proj.
+        `offset`: the position of the first step (an int32 array when streaming)."""
         q, k, v = qkv[0], qkv[1], qkv[2]
+        b, _, t, _ = q.shape
         if self.rope:
             # Interleaved ("traditional") RoPE, the absolute position as offset.
             q = mx.fast.rope(q, self.head_dim, traditional=True, base=self.max_period,
@@ -257,9 +238,18 @@ class Attention(nn.Module):
             k = mx.fast.rope(k, self.head_dim, traditional=True, base=self.max_period,
                              scale=1.0, offset=offset)
         if cache is not None:
-            k, v, mask = cache.update(k, v, offset if isinstance(offset, mx.array) else None)
+            k, v, mask = cache.update(k, v)
         y = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
-        return self.out_proj(y.transpose(0, 2, 1, 3).reshape(b, t, d))
+        return y.transpose(0, 2, 1, 3).reshape(b, t, -1)
+
+    def __call__(
+        self,
+        x: mx.array,
+        cache: RingKVCache | None,
+        mask: mx.array | str | None,
+        offset: int | mx.array,
+    ) -> mx.array:
+        return self.out_proj(self.attend(self.qkv(x), cache, mask, offset))
 
 
 class CrossAttention(nn.Module):
@@ -309,8 +299,9 @@ class CrossAttentionGate(nn.Module):
 class CrossAttentionInput:
     """What the layers need to attend to an image: the shared module and the image's K/V.
 
-    `gates` collects each layer's mean gate value, for display (the paper's Figure 7).
-    `force_gate` replaces every gate by a constant (0 turns the image off exactly).
+    `gates` collects each layer's gate, averaged over the channels ([B, T] per layer): how
+    much each step looked at the image (the paper's Figure 7). `force_gate` replaces every
+    gate by a constant (0 turns the image off exactly).
     """
 
     attention: CrossAttention
@@ -319,9 +310,18 @@ class CrossAttentionInput:
     force_gate: float | None = None
     gates: list[mx.array] = field(default_factory=list)
 
+    def mean_gate(self) -> mx.array:
+        """The gate averaged over the layers, [B, T]."""
+        return mx.mean(mx.stack(self.gates), axis=0)
+
 
 class TransformerLayer(nn.Module):
-    """x += attn(norm1 x); [x += g * xa(norm_cross x)]; x += ffn(norm2 x)."""
+    """x += attn(norm1 x); [x += g * xa(norm_cross x)]; x += ffn(norm2 x).
+
+    With weights per step (the depth transformer), sub-step k uses weight set k: either one
+    sub-step at a time (`step=k`, streaming), or a whole sequence of sub-steps at once
+    (`step=None`, training: position k goes through weight set k).
+    """
 
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
@@ -348,19 +348,30 @@ class TransformerLayer(nn.Module):
         x: mx.array,
         cache: RingKVCache | None,
         mask: mx.array | str | None,
-        offset: int,
-        step: int = 0,
+        offset: int | mx.array,
+        step: int | None = 0,
         cross: CrossAttentionInput | None = None,
     ) -> mx.array:
-        per_step = isinstance(self.self_attn, list)
-        attn = self.self_attn[step] if per_step else self.self_attn
-        ffn = self.ffn[step] if per_step else self.ffn
-
-        y = attn(self.norm1(x), cache, mask, offset)
+        h = self.norm1(x)
+        if not isinstance(self.self_attn, list):
+            y = self.self_attn(h, cache, mask, offset)
+        elif step is not None:
+            y = self.self_attn[step](h, cache, mask, offset)
+        else:
+            attn = self.self_attn
+            qkv = mx.concatenate([a.qkv(h[:, k: k + 1]) for k, a in enumerate(attn)], axis=3)
+            y = attn[0].attend(qkv, cache, mask, offset)
+            y = mx.concatenate([a.out_proj(y[:, k: k + 1]) for k, a in enumerate(attn)], axis=1)
         x = x + (self.layer_scale_1(y) if self.has_layer_scale else y)
         if cross is not None:
             x = self.cross_attention_block(x, cross)
-        y = ffn(self.norm2(x))
+        h = self.norm2(x)
+        if not isinstance(self.ffn, list):
+            y = self.ffn(h)
+        elif step is not None:
+            y = self.ffn[step](h)
+        else:
+            y = mx.concatenate([f(h[:, k: k + 1]) for k, f in enumerate(self.ffn)], axis=1)
         return x + (self.layer_scale_2(y) if self.has_layer_scale else y)
 
     def cross_attention_block(self, x: mx.array, cross: CrossAttentionInput) -> mx.array:
@@ -370,7 +381,7 @@ class TransformerLayer(nn.Module):
             gate = self.xa_gate(y)
         else:
             gate = mx.full(y.shape, cross.force_gate, dtype=y.dtype)
-        cross.gates.append(gate.astype(mx.float32).mean())
+        cross.gates.append(gate.astype(mx.float32).mean(axis=-1))
         return x + gate * y
 
 
@@ -378,7 +389,7 @@ class Transformer(nn.Module):
     """A stack of `TransformerLayer`s.
 
     Called with `caches` (one `RingKVCache` per layer) it streams: positions continue
-    from the caches' offset. Without caches it processes a whole sequence at once.
+    from the caches' position. Without caches it processes a whole sequence at once.
     """
 
     def __init__(self, cfg: TransformerConfig):
@@ -401,21 +412,16 @@ class Transformer(nn.Module):
         x: mx.array,
         caches: list[RingKVCache] | None = None,
         cross: CrossAttentionInput | None = None,
-        pos: mx.array | None = None,
+        step: int | None = None,
     ) -> mx.array:
-        """With `pos` (an int32 scalar array: the step's position) the caches take their
-        fixed-shape path, for a step compiled once whatever the position."""
-        mask = None  # with caches, each cache gives its own
+        """x [B, T, D]. With weights per step, `step` is the sub-step of a streamed call
+        (None: x is a whole sequence of sub-steps, position k using weight set k)."""
         if caches is None:
-            offset = 0
-            mask = window_mask(x.shape[1], self.cfg.causal, self.cfg.context)
-        elif pos is not None:
-            offset = pos
+            offset, mask = 0, window_mask(x.shape[1], self.cfg.causal, self.cfg.context)
         else:
-            offset = caches[0].offset
-        # With weights per step, position t uses weight set t (the depth transformer
-        # restarts its caches every frame, so its offset is the sub-step).
-        step = caches[0].offset if self.cfg.weights_per_step and caches else 0
+            offset, mask = caches[0].position, None  # each cache gives its own mask
+        if not self.cfg.weights_per_step:
+            step = 0
         for i, layer in enumerate(self.layers):
             x = layer(x, None if caches is None else caches[i], mask, offset, step, cross)
         return x
