@@ -163,10 +163,10 @@ def test_forward_matches_kyutais_lmmodel_forward(tmp_path):
     """Kyutai's LMModel.forward (moshi 0.2.13, fp32) on random codes with zero tokens, batch
     2: logits within 1e-4, the same masks, NaN in the same places."""
     torch = pytest.importorskip("torch")
+    from moshivis_mlx.weights_convert.convert import ConvertOptions, convert
     from reference import build_moshi_lm, save_released, tiny_lm_kwargs
 
     from moshivis_mlx import load_lm
-    from moshivis_mlx.weights_convert.convert import ConvertOptions, convert
 
     kwargs = tiny_lm_kwargs(context=7)
     pt = build_moshi_lm(kwargs, seed=3)
