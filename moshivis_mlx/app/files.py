@@ -16,11 +16,11 @@ from pathlib import Path
 
 import numpy as np
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from ..errors import MoshivisError
+from ..progress import Counter, Steps
 from ..stream import FRAME_SECONDS, FRAME_SIZE, SAMPLE_RATE, Stream
-from .loading import Steps, load_models, load_picture, make_generator, resolve_bundle
+from .loading import load_models, load_picture, make_generator, resolve_bundle
 from .resample import Resampler
 from .transcript import Transcript, TranscriptWriter
 from .wav import WavReader, WavWriter
@@ -75,27 +75,18 @@ def process(stream: Stream, frames: InputFrames, out: WavWriter, transcript: Tra
             console: Console) -> int:
     """Runs every frame through the stream; returns the frames done (an interrupt leaves
     `out` and `transcript` holding everything before it)."""
-    columns = [TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/"
-               "{task.total} frames"), TextColumn("{task.fields[speed]}"), TimeRemainingColumn()]
     t0 = time.perf_counter()
     total = frames.frames
     done = 0
-    with Progress(*columns, console=console, transient=True,
-                  disable=not console.is_terminal) as progress:
-        task = progress.add_task("model", total=total, speed="")
-        next_note = 0.25
+    with Counter(console, unit="frames", quarters=True) as bar:
+        task = bar.add("model", total)
         for i, (frame, valid) in enumerate(frames):
             result = stream.step(frame)
             out.write(result.pcm[:valid])
             transcript.add(result.piece, i * FRAME_SECONDS, result.gate, result.step)
             done = i + 1
-            if i % 8 == 0 or done == total:
-                speed = done * FRAME_SECONDS / max(time.perf_counter() - t0, 1e-9)
-                progress.update(task, completed=done, speed=f"{speed:.1f}x real time")
-            if not console.is_terminal and done / total >= next_note:
-                console.print(f"  {100 * done // total}% ({done}/{total} frames)",
-                              highlight=False)
-                next_note += 0.25
+            speed = done * FRAME_SECONDS / max(time.perf_counter() - t0, 1e-9)
+            bar.update(task, done, rate=f"{speed:.1f}x real time")
     return done
 
 

@@ -27,10 +27,10 @@ from rich.console import Console
 from rich.live import Live
 
 from ..errors import MoshivisError
+from ..progress import Steps
 from ..stream import FRAME_SIZE, Stream
 from .audio import AudioIO, parse_device
 from .loading import (
-    Steps,
     image_encoder,
     load_models,
     load_picture,

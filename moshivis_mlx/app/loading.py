@@ -8,73 +8,14 @@ message saying what to do.
 from __future__ import annotations
 
 import argparse
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
-from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
 from ..errors import WeightsError
-
-
-class Steps:
-    """A progress bar over the loading steps (plain lines when not on a terminal)."""
-
-    def __init__(self, console: Console, total: int):
-        self.console = console
-        self.total = total
-        self.progress: Progress | None = None
-        if console.is_terminal:
-            self.progress = Progress(SpinnerColumn(), TextColumn("{task.description:<28}"),
-                                     BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                                     TimeElapsedColumn(), console=console, transient=True)
-            self.task = self.progress.add_task("loading", total=total)
-
-    def __enter__(self) -> Steps:
-        if self.progress is not None:
-            self.progress.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.progress is not None:
-            self.progress.stop()
-
-    @contextmanager
-    def step(self, description: str) -> Iterator[None]:
-        t0 = time.perf_counter()
-        if self.progress is not None:
-            task = self.progress.tasks[0]
-            if task.completed >= (task.total or 0):  # a step nobody counted (a download)
-                self.progress.update(self.task, total=task.completed + 1)
-            self.progress.update(self.task, description=description)
-        else:
-            self.console.print(f"{description} ...", highlight=False)
-        yield
-        if self.progress is not None:
-            self.progress.advance(self.task)
-            self.progress.console.print(f"[green]\u2713[/] {description} "
-                                        f"[bright_black]({time.perf_counter() - t0:.1f} s)[/]")
-
-    def pause(self):
-        """Hides the bar while something else (a download's own bars) prints."""
-        return _Paused(self.progress)
-
-
-class _Paused:
-    def __init__(self, progress: Progress | None):
-        self.progress = progress
-
-    def __enter__(self):
-        if self.progress is not None:
-            self.progress.stop()
-
-    def __exit__(self, *exc):
-        if self.progress is not None:
-            self.progress.start()
+from ..progress import Steps
 
 
 def resolve_bundle(args: argparse.Namespace, steps: Steps) -> Path:
@@ -93,12 +34,9 @@ def resolve_bundle(args: argparse.Namespace, steps: Steps) -> Path:
 
     @contextmanager
     def stage(description: str) -> Iterator[None]:
-        with steps.step(description):
-            if description.startswith("download"):
-                with steps.pause():  # Hugging Face shows its own progress bars
-                    yield
-            else:
-                yield
+        # Hugging Face shows its own progress bars while it downloads.
+        with steps.step(description, own_output=description.startswith("download")):
+            yield
 
     try:
         return bundle_for_repo(args.hf_repo, args.quantize or "8", stage=stage)
