@@ -52,13 +52,6 @@ def load_backend() -> Any:
     return sounddevice
 
 
-def parse_device(spec: str | None) -> int | str | None:
-    """--input-device / --output-device: a device number or part of its name."""
-    if spec is None or spec == "":
-        return None
-    return int(spec) if spec.strip().isdigit() else spec
-
-
 def list_devices(backend: Any | None = None) -> str:
     """The text of --list-devices."""
     sd = backend or load_backend()

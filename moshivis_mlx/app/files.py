@@ -8,7 +8,6 @@ the input: frame i of the output is what the model said while frame i was heard.
 
 from __future__ import annotations
 
-import argparse
 import math
 import time
 from collections.abc import Iterator
@@ -20,7 +19,8 @@ from rich.console import Console
 from ..errors import MoshivisError
 from ..progress import Counter, Steps
 from ..stream import FRAME_SECONDS, FRAME_SIZE, SAMPLE_RATE, Stream
-from .loading import load_models, load_picture, make_generator, resolve_bundle
+from .opening import load_picture, open_stream, opening_steps
+from .options import AppOptions
 from .resample import Resampler
 from .transcript import Transcript, TranscriptWriter
 from .wav import WavReader, WavWriter
@@ -90,35 +90,29 @@ def process(stream: Stream, frames: InputFrames, out: WavWriter, transcript: Tra
     return done
 
 
-def run_file(args: argparse.Namespace, console: Console) -> int:
-    out_path = Path(args.output_wav)
-    transcript_path = Path(args.transcript) if args.transcript else None
+def run_file(opts: AppOptions, console: Console) -> int:
+    out_path = opts.output_wav
+    transcript_path = opts.transcript
     _writable(out_path, "the output")
     if transcript_path is not None:
         _writable(transcript_path, "the transcript")
-    frames = InputFrames(args.input_wav)
+    frames = InputFrames(opts.input_wav)
     try:
-        picture = load_picture(args.image) if args.image else None
-        with Steps(console, 3 + 2 * (picture is not None)) as steps:
-            bundle = resolve_bundle(args, steps)
-            models = load_models(bundle, want_vision=picture is not None, steps=steps)
-            stream = Stream(models.mimi, make_generator(models, args), models.tokenizer)
-            if picture is not None:
-                with steps.step(f"image {Path(args.image).name}"):
-                    stream.set_image(models.vision.encode_image(picture))
-        return _run(args, console, stream, frames, out_path, transcript_path)
+        picture = load_picture(opts.image) if opts.image else None
+        with Steps(console, opening_steps(picture is not None, picture is not None)) as steps:
+            opened = open_stream(opts.model, steps, picture is not None, opts.image, picture)
+        return _run(opts, console, opened.stream, frames, out_path, transcript_path)
     finally:
         frames.close()
 
 
-def _run(args: argparse.Namespace, console: Console, stream: Stream, frames: InputFrames,
+def _run(opts: AppOptions, console: Console, stream: Stream, frames: InputFrames,
          out_path: Path, transcript_path: Path | None) -> int:
     writer = None
     if transcript_path is not None:
         writer = TranscriptWriter(transcript_path, {
             "sample_rate": SAMPLE_RATE, "frame_seconds": FRAME_SECONDS,
-            "input": str(args.input_wav), "output": str(out_path),
-            "image": str(args.image) if args.image else None})
+            "input": opts.input_wav, "output": str(out_path), "image": opts.image})
     transcript = Transcript(keep=1, on_word=writer.write_word if writer else None)
     t0 = time.perf_counter()
     interrupted = False

@@ -11,7 +11,6 @@ any error in the model thread (which is then reported after saving).
 
 from __future__ import annotations
 
-import argparse
 import os
 import queue
 import signal
@@ -19,7 +18,6 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -29,14 +27,9 @@ from rich.live import Live
 from ..errors import MoshivisError
 from ..progress import Steps
 from ..stream import FRAME_SIZE, Stream
-from .audio import AudioIO, parse_device
-from .loading import (
-    image_encoder,
-    load_models,
-    load_picture,
-    make_generator,
-    resolve_bundle,
-)
+from .audio import AudioIO
+from .opening import image_encoder, load_picture, open_stream, opening_steps
+from .options import AppOptions
 from .recorder import SessionRecorder, default_session_dir
 from .ui import KeyReader, PlainUI, TerminalUI
 from .worker import FatalEvent, ModelWorker, ReadyEvent
@@ -61,17 +54,14 @@ def warm_up(stream: Stream, steps: int = WARMUP_STEPS, image_tokens: int | None 
     stream.frames = 0
 
 
-def _prepare(args: argparse.Namespace, steps: Steps, picture: Any, info: dict[str, Any]):
+def _prepare(opts: AppOptions, steps: Steps, picture: Any, info: dict[str, Any]):
     """Loading and warm-up; runs on the model thread (see worker.py)."""
-    bundle = info["bundle"] = resolve_bundle(args, steps)
-    models = load_models(bundle, not args.no_image, steps)
-    stream = Stream(models.mimi, make_generator(models, args), models.tokenizer)
-    if picture is not None:
-        with steps.step(f"image {os.path.basename(args.image)}"):
-            stream.set_image(models.vision.encode_image(picture))
+    opened = open_stream(opts.model, steps, not opts.no_image, opts.image, picture)
+    info["bundle"] = opened.bundle
+    vision = opened.vision
     with steps.step("warm-up"):
-        warm_up(stream, image_tokens=models.vision.config.num_tokens if models.vision else None)
-    return stream, (image_encoder(models) if models.vision is not None else None)
+        warm_up(opened.stream, image_tokens=vision.config.num_tokens if vision else None)
+    return opened.stream, (image_encoder(vision) if vision is not None else None)
 
 
 def _wait_ready(worker: ModelWorker) -> None:
@@ -89,19 +79,18 @@ def _wait_ready(worker: ModelWorker) -> None:
             raise ev.error
 
 
-def run_live(args: argparse.Namespace, console: Console) -> int:
+def run_live(opts: AppOptions, console: Console) -> int:
     interactive = console.is_terminal and sys.stdin.isatty()
-    want_vision = not args.no_image
-    n_steps = 5 + want_vision + (args.image is not None)
-    picture = load_picture(args.image) if args.image else None
-    with Steps(console, n_steps) as steps:
+    want_vision = not opts.no_image
+    picture = load_picture(opts.image) if opts.image else None
+    with Steps(console, 2 + opening_steps(want_vision, picture is not None)) as steps:
         # The devices first: a missing microphone (or macOS asking for permission) should
         # not wait until a 7B model has loaded.
         with steps.step("audio devices"):
-            audio = AudioIO(parse_device(args.input_device), parse_device(args.output_device))
+            audio = AudioIO(opts.input_device, opts.output_device)
             audio.open()
         info: dict[str, Any] = {}
-        worker = ModelWorker(lambda: _prepare(args, steps, picture, info), audio)
+        worker = ModelWorker(lambda: _prepare(opts, steps, picture, info), audio)
         try:
             worker.start()
             _wait_ready(worker)
@@ -112,12 +101,12 @@ def run_live(args: argparse.Namespace, console: Console) -> int:
     stream = worker.stream
 
     recorder = None
-    if not args.no_record:
-        record_dir = Path(args.record) if args.record else default_session_dir()
+    if opts.record:
+        record_dir = opts.record_dir or default_session_dir()
         try:
             recorder = SessionRecorder(record_dir, {
                 "bundle": str(info["bundle"]),
-                "image": str(args.image) if args.image else None,
+                "image": opts.image,
                 "devices": audio.description,
                 "sampling": {"text": repr(stream.gen.text_sampler),
                              "audio": repr(stream.gen.audio_sampler),
@@ -129,8 +118,8 @@ def run_live(args: argparse.Namespace, console: Console) -> int:
             raise MoshivisError(f"cannot record the session in {record_dir} ({e.strerror or e})",
                            "pick another directory with --record DIR, or use --no-record"
                            ) from None
-        if args.image:
-            recorder.add_event("image", path=str(args.image))
+        if opts.image:
+            recorder.add_event("image", path=opts.image)
 
     fatal: BaseException | None = None
     old_handlers = {}
@@ -142,10 +131,10 @@ def run_live(args: argparse.Namespace, console: Console) -> int:
         audio.start()
         worker.begin(recorder)
         if interactive:
-            ui = TerminalUI(os.path.basename(args.image) if args.image else None, picture,
+            ui = TerminalUI(os.path.basename(opts.image) if opts.image else None, picture,
                             str(recorder.dir) if recorder else None, audio.description,
                             image_enabled=want_vision)
-            fatal = _terminal_loop(ui, worker, console, args.debug)
+            fatal = _terminal_loop(ui, worker, console, opts.debug)
         else:
             ui = PlainUI()
             ui.print(f"listening ({audio.description}); Ctrl-C to stop")

@@ -1,5 +1,6 @@
-"""From the command line to ready models: find (or download and convert) the bundle,
-load the language model, Mimi, the image encoder and the tokenizer, with progress.
+"""The opening sequence, the same for live mode, file mode and the demo: find (or download
+and convert once) the bundle, load the language model, Mimi, the image encoder when
+wanted and the tokenizer, build the generator and the stream, set the first image.
 
 Every failure a user can fix becomes a `WeightsError` / `ImageError` with a one-line
 message saying what to do.
@@ -7,24 +8,56 @@ message saying what to do.
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import WeightsError
+from ..errors import BundleError, ImageError, TokenizerError, WeightsError
+from ..image import ImageEncoder
 from ..progress import Steps
+from ..stream import Stream
+from .options import ModelOptions
 
 
-def resolve_bundle(args: argparse.Namespace, steps: Steps) -> Path:
+@dataclass
+class Opened:
+    """A stream ready for a conversation, and what it was made from."""
+
+    bundle: Path
+    stream: Stream
+    vision: ImageEncoder | None
+    """The image encoder (None: not loaded, images are off)."""
+
+
+def opening_steps(want_vision: bool, first_image: bool) -> int:
+    """The steps `open_stream` shows (a download and a conversion add theirs)."""
+    return 3 + want_vision + first_image
+
+
+def open_stream(opts: ModelOptions, steps: Steps, want_vision: bool,
+                image: str | None = None, picture: Any = None) -> Opened:
+    """Bundle -> models -> generator -> stream, with `picture` (decoded from `image`) as
+    the first image if given. Runs on the thread that will step the stream."""
+    from ..bundle import load_generation
+
+    bundle = resolve_bundle(opts, steps)
+    lm, mimi, vision, tokenizer = load_models(bundle, want_vision, steps)
+    stream = Stream(mimi, make_generator(lm, opts, load_generation(bundle)), tokenizer)
+    if picture is not None:
+        with steps.step(f"image {Path(image).name}"):
+            stream.set_image(vision.encode_image(picture))
+    return Opened(bundle, stream, vision)
+
+
+def resolve_bundle(opts: ModelOptions, steps: Steps) -> Path:
     """The bundle directory: --weights, or --hf-repo downloaded and converted once."""
-    if args.weights is not None:
-        if args.quantize is not None:
-            steps.console.print(f"note: -q {args.quantize} is ignored: the bundle in "
-                                f"{args.weights} is used as it was converted", highlight=False)
-        path = Path(args.weights).expanduser()
+    if opts.weights is not None:
+        if opts.quantize is not None:
+            steps.console.print(f"note: -q {opts.quantize} is ignored: the bundle in "
+                                f"{opts.weights} is used as it was converted", highlight=False)
+        path = opts.weights.expanduser()
         if not path.exists():
             raise WeightsError(f"weights directory {path} does not exist",
                                "give a bundle made by moshivis-convert with --weights DIR, "
@@ -39,19 +72,9 @@ def resolve_bundle(args: argparse.Namespace, steps: Steps) -> Path:
             yield
 
     try:
-        return bundle_for_repo(args.hf_repo, args.quantize or "8", stage=stage)
+        return bundle_for_repo(opts.hf_repo, opts.quantize or "8", stage=stage)
     except HubError as e:
         raise WeightsError(str(e)) from None
-
-
-@dataclass
-class Models:
-    bundle: Path
-    lm: Any
-    mimi: Any
-    vision: Any | None
-    tokenizer: Any
-    generation: Any
 
 
 def _bundle_error(e: Exception, bundle: Path) -> WeightsError:
@@ -59,11 +82,11 @@ def _bundle_error(e: Exception, bundle: Path) -> WeightsError:
                         "convert them again with moshivis-convert, or use --hf-repo")
 
 
-def load_models(bundle: Path, want_vision: bool, steps: Steps) -> Models:
+def load_models(bundle: Path, want_vision: bool, steps: Steps):
+    """(language model, Mimi, image encoder or None, tokenizer) of a bundle."""
     from .. import load_lm, load_mimi
-    from ..bundle import load_generation, read_config
-    from ..errors import BundleError
-    from ..text import TextTokenizer, TokenizerError, find_tokenizer
+    from ..bundle import load_vision, read_config
+    from ..text import TextTokenizer, find_tokenizer
 
     try:
         cfg = read_config(bundle)
@@ -82,8 +105,6 @@ def load_models(bundle: Path, want_vision: bool, steps: Steps) -> Models:
             if not lm.cfg.cross_attention:
                 raise WeightsError(f"the model in {bundle} is plain Moshi (no cross-attention)",
                                    "use a MoshiVis bundle, or run with --no-image")
-            from ..bundle import load_vision
-
             with steps.step("image encoder"):
                 vision = load_vision(bundle)
         with steps.step("tokenizer"):
@@ -92,29 +113,23 @@ def load_models(bundle: Path, want_vision: bool, steps: Steps) -> Models:
         if isinstance(e, WeightsError):
             raise
         raise _bundle_error(e, bundle) from None
-    return Models(bundle, lm, mimi, vision, tokenizer, load_generation(bundle))
+    return lm, mimi, vision, tokenizer
 
 
-def make_generator(models: Models, args: argparse.Namespace):
-    """The generator with Kyutai's sampling defaults (from the bundle), overridden by the
-    command line."""
-    from dataclasses import replace
-
+def make_generator(lm, opts: ModelOptions, defaults):
+    """The generator with the bundle's sampling settings (Kyutai's), overridden by the
+    options."""
     from .. import Generator
 
-    g = models.generation
-    over = {"text_temperature": args.text_temperature, "audio_temperature": args.audio_temperature,
-            "text_top_k": args.top_k, "audio_top_k": args.top_k, "text_top_p": args.top_p,
-            "audio_top_p": args.top_p, "xa_start": args.xa_start}
-    g = replace(g, **{k: v for k, v in over.items() if v is not None})
-    return Generator(models.lm, text_sampler=g.text_sampler(args.seed),
-                     audio_sampler=g.audio_sampler(args.seed), xa_start=g.xa_start)
+    g = opts.generation(defaults)
+    return Generator(lm, text_sampler=g.text_sampler(opts.seed),
+                     audio_sampler=g.audio_sampler(opts.seed), xa_start=g.xa_start)
 
 
 def load_picture(path: str | Path):
     """An image file -> a decoded RGB picture (PIL); ImageError with a one-line
     message for anything that is not a usable image."""
-    from ..image import ImageError, load_image
+    from ..image import load_image
 
     try:
         return load_image(path)
@@ -122,11 +137,11 @@ def load_picture(path: str | Path):
         raise ImageError(str(e), "give a JPEG or PNG photo") from None
 
 
-def image_encoder(models: Models):
+def image_encoder(vision: ImageEncoder):
     """path -> (image tokens, decoded picture)."""
 
     def encode(path: str):
         picture = load_picture(path)
-        return models.vision.encode_image(picture), picture
+        return vision.encode_image(picture), picture
 
     return encode
