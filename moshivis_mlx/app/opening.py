@@ -1,6 +1,7 @@
 """The opening sequence, the same for live mode, file mode and the demo: find (or download
 and convert once) the bundle, load the language model, Mimi, the image encoder when
-wanted and the tokenizer, build the generator and the stream, set the first image.
+wanted and the tokenizer, build the generator and the stream, set the first image, and
+make the session around it.
 
 Every failure a user can fix becomes a `WeightsError` / `ImageError` with a one-line
 message saying what to do.
@@ -14,32 +15,30 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import BundleError, ImageError, TokenizerError, WeightsError
-from ..image import ImageEncoder
+from ..errors import BundleError, TokenizerError, WeightsError
 from ..progress import Steps
 from ..stream import Stream
 from .options import ModelOptions
+from .session import Session
 
 
 @dataclass
 class Opened:
-    """A stream ready for a conversation, and what it was made from."""
+    """A session ready to talk, and the bundle it was made from."""
 
     bundle: Path
-    stream: Stream
-    vision: ImageEncoder | None
-    """The image encoder (None: not loaded, images are off)."""
+    session: Session
 
 
 def opening_steps(want_vision: bool, first_image: bool) -> int:
-    """The steps `open_stream` shows (a download and a conversion add theirs)."""
+    """The steps `open_session` shows (a download and a conversion add theirs)."""
     return 3 + want_vision + first_image
 
 
-def open_stream(opts: ModelOptions, steps: Steps, want_vision: bool,
-                image: str | None = None, picture: Any = None) -> Opened:
-    """Bundle -> models -> generator -> stream, with `picture` (decoded from `image`) as
-    the first image if given. Runs on the thread that will step the stream."""
+def open_session(opts: ModelOptions, steps: Steps, want_vision: bool,
+                 image: str | None = None, picture: Any = None) -> Opened:
+    """Bundle -> models -> generator -> stream -> session, with `picture` (decoded from
+    `image`) as the first image if given. Runs on the thread that will step the stream."""
     from ..bundle import load_generation
 
     bundle = resolve_bundle(opts, steps)
@@ -48,7 +47,7 @@ def open_stream(opts: ModelOptions, steps: Steps, want_vision: bool,
     if picture is not None:
         with steps.step(f"image {Path(image).name}"):
             stream.set_image(vision.encode_image(picture))
-    return Opened(bundle, stream, vision)
+    return Opened(bundle, Session(stream, vision))
 
 
 def resolve_bundle(opts: ModelOptions, steps: Steps) -> Path:
@@ -124,24 +123,3 @@ def make_generator(lm, opts: ModelOptions, defaults):
     g = opts.generation(defaults)
     return Generator(lm, text_sampler=g.text_sampler(opts.seed),
                      audio_sampler=g.audio_sampler(opts.seed), xa_start=g.xa_start)
-
-
-def load_picture(path: str | Path):
-    """An image file -> a decoded RGB picture (PIL); ImageError with a one-line
-    message for anything that is not a usable image."""
-    from ..image import load_image
-
-    try:
-        return load_image(path)
-    except ImageError as e:
-        raise ImageError(str(e), "give a JPEG or PNG photo") from None
-
-
-def image_encoder(vision: ImageEncoder):
-    """path -> (image tokens, decoded picture)."""
-
-    def encode(path: str):
-        picture = load_picture(path)
-        return vision.encode_image(picture), picture
-
-    return encode
