@@ -18,8 +18,10 @@ from moshivis_mlx.app.transcript import Transcript, TranscriptWriter
 from moshivis_mlx.app.ui import GateScale, PlainUI, TerminalUI, clean_path, thumbnail
 from moshivis_mlx.bundle import load_vision
 from moshivis_mlx.image import load_image
-from moshivis_mlx.stream import FRAME_SIZE, Stream
+from moshivis_mlx.stream import RELEASED, Stream
 from moshivis_mlx.text import TextTokenizer, find_tokenizer
+
+FRAME_SIZE = RELEASED.frame_size
 
 
 @pytest.fixture(scope="module")
