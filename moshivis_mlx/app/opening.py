@@ -3,8 +3,9 @@ and convert once) the bundle, load the language model, Mimi, the image encoder w
 wanted and the tokenizer, build the generator and the stream, set the first image, and
 make the session around it.
 
-Every failure a user can fix becomes a `WeightsError` / `ImageError` with a one-line
-message saying what to do.
+Every failure a user can fix becomes a `WeightsError` with a one-line message saying
+what to do. The first image is decoded by the caller (`session.load_picture`) before any
+of this: a bad file should not wait for a 7B model to load.
 """
 
 from __future__ import annotations
@@ -15,9 +16,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..bundle import load_generation, load_lm, load_mimi, load_vision, read_config
 from ..errors import BundleError, TokenizerError, WeightsError
+from ..generate import Generator
+from ..image import ImageEncoder
+from ..models.lm import LM
+from ..models.mimi import Mimi
 from ..progress import Steps
+from ..sampling import GenerationConfig
 from ..stream import Stream
+from ..text import TextTokenizer, find_tokenizer
 from .options import ModelOptions
 from .session import Session
 
@@ -39,8 +47,6 @@ def open_session(opts: ModelOptions, steps: Steps, want_vision: bool,
                  image: str | None = None, picture: Any = None) -> Opened:
     """Bundle -> models -> generator -> stream -> session, with `picture` (decoded from
     `image`) as the first image if given. Runs on the thread that will step the stream."""
-    from ..bundle import load_generation
-
     bundle = resolve_bundle(opts, steps)
     lm, mimi, vision, tokenizer = load_models(bundle, want_vision, steps)
     stream = Stream(mimi, make_generator(lm, opts, load_generation(bundle)), tokenizer)
@@ -81,12 +87,9 @@ def _bundle_error(e: Exception, bundle: Path) -> WeightsError:
                         "convert them again with moshivis-convert, or use --hf-repo")
 
 
-def load_models(bundle: Path, want_vision: bool, steps: Steps):
-    """(language model, Mimi, image encoder or None, tokenizer) of a bundle."""
-    from .. import load_lm, load_mimi
-    from ..bundle import load_vision, read_config
-    from ..text import TextTokenizer, find_tokenizer
-
+def load_models(bundle: Path, want_vision: bool, steps: Steps
+                ) -> tuple[LM, Mimi, ImageEncoder | None, TextTokenizer]:
+    """The bundle's language model, Mimi, image encoder (if wanted) and tokenizer."""
     try:
         cfg = read_config(bundle)
     except BundleError as e:
@@ -115,11 +118,9 @@ def load_models(bundle: Path, want_vision: bool, steps: Steps):
     return lm, mimi, vision, tokenizer
 
 
-def make_generator(lm, opts: ModelOptions, defaults):
+def make_generator(lm: LM, opts: ModelOptions, defaults: GenerationConfig) -> Generator:
     """The generator with the bundle's sampling settings (Kyutai's), overridden by the
     options."""
-    from .. import Generator
-
     g = opts.generation(defaults)
     return Generator(lm, text_sampler=g.text_sampler(opts.seed),
                      audio_sampler=g.audio_sampler(opts.seed), xa_start=g.xa_start)
