@@ -1,9 +1,11 @@
 """The conversation session on the real tiny models: frames and commands in, events out,
-opened by the same sequence as live mode, file mode and the demo."""
+opened by the same sequence as live mode, file mode and the demo, from typed options."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,6 +25,7 @@ from moshivis_mlx.app.session import (
     load_picture,
 )
 from moshivis_mlx.progress import Steps
+from moshivis_mlx.sampling import GenerationConfig
 from moshivis_mlx.stream import RELEASED, StepResult
 
 FRAMES = 10
@@ -150,3 +153,20 @@ def test_without_an_image_encoder():
     assert events[0].level == "warning" and "--no-image" in events[0].text
     assert all(e.gate is None for f in speech_like(4) for e in session.feed(f)
                if isinstance(e, Piece))
+
+
+def test_the_command_line_becomes_typed_options():
+    from moshivis_mlx.cli.app import build_parser, options_from
+
+    args = build_parser().parse_args([
+        "--weights", "~/b", "--input-device", "3", "--output-device", "usb", "--no-record",
+        "--top-k", "5", "--text-temperature", "0.5", "--seed", "1"])
+    opts = options_from(args)
+    assert opts.model.weights == Path("~/b") and opts.model.seed == 1
+    assert opts.input_device == 3 and opts.output_device == "usb"
+    assert not opts.record and opts.record_dir is None and opts.input_wav is None
+    g = opts.model.generation(GenerationConfig(xa_start=2))
+    assert g.text_top_k == g.audio_top_k == 5 and g.text_temperature == 0.5
+    assert g.audio_temperature == 0.8 and g.xa_start == 2  # the bundle's where not given
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        opts.image = "x.jpg"  # modes derive their options with dataclasses.replace
