@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from moshivis_mlx.app.options import AppOptions
 
 DESCRIPTION = """\
 Talk with your Mac about a picture: Kyutai's MoshiVis listens to the microphone, looks at
@@ -40,6 +45,13 @@ def quantize_arg(q: str) -> str:
     return q
 
 
+def device_arg(spec: str) -> int | str | None:
+    """--input-device / --output-device: a device number or part of its name."""
+    if spec.strip() == "":
+        return None
+    return int(spec) if spec.strip().isdigit() else spec
+
+
 def build_parser() -> argparse.ArgumentParser:
     # Nothing heavy is imported before the arguments are parsed: --help is instant.
     p = argparse.ArgumentParser(prog="moshivis-mlx", description=DESCRIPTION, epilog=EPILOG,
@@ -62,9 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     a = p.add_argument_group("audio (live mode)")
     a.add_argument("--list-devices", action="store_true",
                    help="list microphones and speakers, then exit")
-    a.add_argument("--input-device", metavar="DEV",
+    a.add_argument("--input-device", metavar="DEV", type=device_arg,
                    help="microphone: number or part of the name (default: the system's)")
-    a.add_argument("--output-device", metavar="DEV",
+    a.add_argument("--output-device", metavar="DEV", type=device_arg,
                    help="speaker: number or part of the name (default: the system's)")
     a.add_argument("--record", metavar="DIR",
                    help="save the session here (default: ./moshivis-sessions/<date-time>/)")
@@ -117,13 +129,31 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error("--xa-start must be >= 0")
 
 
+def options_from(args: argparse.Namespace) -> AppOptions:
+    """The parsed command line as the app's typed options (the only place that reads it)."""
+    from moshivis_mlx.app.options import AppOptions, ModelOptions
+
+    model = ModelOptions(
+        hf_repo=args.hf_repo, weights=Path(args.weights) if args.weights else None,
+        quantize=args.quantize, text_temperature=args.text_temperature,
+        audio_temperature=args.audio_temperature, top_k=args.top_k, top_p=args.top_p,
+        xa_start=args.xa_start, seed=args.seed)
+    return AppOptions(
+        model=model, image=args.image, no_image=args.no_image,
+        input_device=args.input_device, output_device=args.output_device,
+        record=not args.no_record, record_dir=Path(args.record) if args.record else None,
+        input_wav=args.input_wav, output_wav=Path(args.output_wav) if args.output_wav else None,
+        transcript=Path(args.transcript) if args.transcript else None,
+        demo=args.demo, list_devices=args.list_devices, debug=args.debug)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = build_parser()
     args = p.parse_args(argv)
     check_args(p, args)
     from moshivis_mlx.app.main import run_cli
 
-    return run_cli(args)
+    return run_cli(options_from(args))
 
 
 if __name__ == "__main__":

@@ -85,22 +85,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run_with_progress(bench, opts):
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-    )
+    from moshivis_mlx.progress import Counter
 
-    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TimeRemainingColumn()]
-    with Progress(*columns, transient=True) as prog:
+    with Counter() as bars:
         def progress(label, total):
-            task = prog.add_task(label, total=total)
-            return lambda: prog.advance(task)
+            task = bars.add(label, total)
+            return lambda: bars.advance(task)
 
-        prog.console.print(f"building {opts.config if not opts.weights else opts.weights} ...")
+        bars.console.print(f"building {opts.config if not opts.weights else opts.weights} ...")
         return bench.run(opts, progress)
 
 

@@ -47,8 +47,6 @@ class FrameGeometry:
 RELEASED = FrameGeometry.of(MimiConfig())
 """The released Mimi's frames (24 kHz, 1920 samples: 80 ms). Audio devices are opened with
 it before a model is loaded; a stream checks its codec agrees."""
-SAMPLE_RATE, FRAME_SIZE, FRAME_SECONDS = RELEASED.sample_rate, RELEASED.frame_size, \
-    RELEASED.frame_seconds
 
 
 @dataclass

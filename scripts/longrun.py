@@ -27,7 +27,9 @@ sys.path.insert(0, str(REPO))
 
 from moshivis_mlx.app.demo import SAMPLE_IMAGE, SAMPLE_SPEECH, demo_bundle  # noqa: E402
 from moshivis_mlx.app.wav import WavWriter, read_wav  # noqa: E402
-from moshivis_mlx.stream import FRAME_SIZE, SAMPLE_RATE  # noqa: E402
+from moshivis_mlx.stream import RELEASED  # noqa: E402
+
+SAMPLE_RATE, FRAME_SIZE = RELEASED.sample_rate, RELEASED.frame_size
 
 
 def rss_mb(pid: int) -> float | None:

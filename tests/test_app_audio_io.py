@@ -16,7 +16,9 @@ from app_support import FakeSoundDevice, PortAudioError
 from moshivis_mlx.app import audio as audio_mod
 from moshivis_mlx.app.audio import AudioIO, OutputFifo, device_error, list_devices
 from moshivis_mlx.errors import EXIT_AUDIO_DEVICE, AudioDeviceError
-from moshivis_mlx.stream import FRAME_SIZE
+from moshivis_mlx.stream import RELEASED
+
+FRAME_SIZE = RELEASED.frame_size
 
 
 def dominant_hz(x: np.ndarray, rate: int) -> float:

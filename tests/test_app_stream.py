@@ -13,13 +13,15 @@ from rich.console import Console
 
 from moshivis_mlx import Generator, Sampler, load_lm, load_mimi
 from moshivis_mlx.app.demo import SAMPLE_IMAGE
+from moshivis_mlx.app.session import ImageChanged, Piece, Stats
 from moshivis_mlx.app.transcript import Transcript, TranscriptWriter
 from moshivis_mlx.app.ui import GateScale, PlainUI, TerminalUI, clean_path, thumbnail
-from moshivis_mlx.app.worker import ImageEvent, StepEvent
 from moshivis_mlx.bundle import load_vision
 from moshivis_mlx.image import load_image
-from moshivis_mlx.stream import FRAME_SIZE, StepResult, Stream
+from moshivis_mlx.stream import RELEASED, Stream
 from moshivis_mlx.text import TextTokenizer, find_tokenizer
+
+FRAME_SIZE = RELEASED.frame_size
 
 
 @pytest.fixture(scope="module")
@@ -141,10 +143,11 @@ def test_thumbnail_keeps_the_aspect_ratio():
     assert len(tall.plain.split("\n")) == 16
 
 
-def _step(t, piece, gate=None):
-    r = StepResult(step=round(t / 0.08), pcm=np.zeros(FRAME_SIZE, np.float32), text_token=4,
-                   piece=piece, gate=gate, encode_ms=3.0, model_ms=10.0, decode_ms=4.0)
-    return StepEvent(r, t, level=0.1, backlog=0, dropped=0, underruns=0)
+def _step(t, piece, gate=None, level=0.1):
+    """A session step's events for the displays: its text piece (if any), then its stats."""
+    step = round(t / 0.08)
+    text = [Piece(step, t, piece, gate)] if piece else []
+    return text + [Stats(step, t, encode_ms=3.0, model_ms=10.0, decode_ms=4.0, level=level)]
 
 
 def test_terminal_ui_keys_and_prompt():
@@ -164,8 +167,9 @@ def test_terminal_ui_keys_and_prompt():
     assert clean_path("photo\\ 1.jpg") == "photo 1.jpg"
 
     for i, p in enumerate(["\u2581hello", "\u2581wor", "ld"]):
-        ui.handle(_step(0.08 * (i + 1), p, gate=0.02 + 0.01 * i))
-    ui.handle(ImageEvent("b.png", load_image(SAMPLE_IMAGE).rotate(90)))
+        for ev in _step(0.08 * (i + 1), p, gate=0.02 + 0.01 * i):
+            ui.handle(ev)
+    ui.handle(ImageChanged("b.png", load_image(SAMPLE_IMAGE).rotate(90)))
     console = Console(width=100, height=30, record=True, color_system=None)
     console.print(ui.render())
     screen = console.export_text()
@@ -178,7 +182,8 @@ def test_plain_lines():
     ui = PlainUI(out=out, status_every=1.0)
     t = 0.0
     for p in ["\u2581Hello", "\u2581there", ","] + [None] * 14 + ["\u2581bye"]:
-        ui.handle(_step(t, p))
+        for ev in _step(t, p):
+            ui.handle(ev)
         t += 0.08
     ui.close()
     lines = out.getvalue().splitlines()
@@ -194,7 +199,6 @@ def test_macos_silent_microphone_hint(monkeypatch):
     out = io.StringIO()
     plain = PlainUI(out=out)
     for i in range(40):
-        ev = _step(0.08 * i, None)
-        ev.level = 0.0
-        plain.handle(ev)
+        for ev in _step(0.08 * i, None, level=0.0):
+            plain.handle(ev)
     assert out.getvalue().count("Privacy & Security > Microphone") == 1

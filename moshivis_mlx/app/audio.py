@@ -3,11 +3,14 @@
 The audio callbacks run on PortAudio's real-time thread. They only copy: the input
 callback puts the block on a bounded queue (or counts it as dropped when the model
 thread is behind), the output callback takes what is ready from a FIFO (or plays
-silence and counts an underrun). Resampling, mixing down and everything else happens on
-the model thread, in `read_frame` and `write_frame`.
+silence and counts an underrun). Resampling and assembling frames happen on the side of
+whoever reads and writes the frames (live mode: the model thread), in `read_frame` and
+`write_frame`. Opening, starting, checking and closing the devices are the main thread's.
 
 Devices that cannot run at 24 kHz mono are opened at their own rate and channel count;
-the conversion is done here, so the rest of the app only ever sees 1920-sample frames.
+the conversion is done here, so the rest of the app only ever sees frames of the model's
+geometry (1920 samples at 24 kHz: `stream.RELEASED`, the devices open before a model is
+loaded).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import AudioDeviceError
-from ..stream import FRAME_SECONDS, FRAME_SIZE, SAMPLE_RATE
+from ..stream import RELEASED, FrameGeometry
 from .resample import Resampler
 
 MAX_INPUT_BACKLOG = 3
@@ -50,13 +53,6 @@ def load_backend() -> Any:
             "install it (Debian/Ubuntu: sudo apt install libportaudio2; macOS: pip install "
             "--force-reinstall sounddevice)") from None
     return sounddevice
-
-
-def parse_device(spec: str | None) -> int | str | None:
-    """--input-device / --output-device: a device number or part of its name."""
-    if spec is None or spec == "":
-        return None
-    return int(spec) if spec.strip().isdigit() else spec
 
 
 def list_devices(backend: Any | None = None) -> str:
@@ -161,15 +157,18 @@ class AudioIO:
     """Opens the microphone and the speaker and moves 24 kHz frames through them.
 
     audio = AudioIO(input_device, output_device); audio.open(); audio.start()
-    frame = audio.read_frame(timeout)   # model thread: 1920 samples, or None
-    audio.write_frame(pcm)              # model thread: 1920 samples of the model's voice
+    frame = audio.read_frame(timeout)   # the reader: 1920 samples, or None
+    audio.write_frame(pcm)              # the writer: 1920 samples of the model's voice
+    audio.check()                       # the main thread: raises if a device failed
     """
 
     def __init__(self, input_device: int | str | None = None,
                  output_device: int | str | None = None, backend: Any | None = None,
                  max_input_backlog: int = MAX_INPUT_BACKLOG,
-                 max_output_backlog: int = MAX_OUTPUT_BACKLOG):
+                 max_output_backlog: int = MAX_OUTPUT_BACKLOG,
+                 geometry: FrameGeometry = RELEASED):
         self.sd = backend or load_backend()
+        self.geometry = geometry
         self.input_device = input_device
         self.output_device = output_device
         self.max_input_backlog = max_input_backlog
@@ -191,15 +190,16 @@ class AudioIO:
         self._pending = np.zeros(0, dtype=np.float32)
         self._lock = threading.Lock()  # guards open/close only, never taken by callbacks
 
-    # -- opening ------------------------------------------------------------------------
+    # -- the main thread: open, start, close -----------------------------------------------
 
     def _settings(self, kind: str) -> tuple[int, int]:
         """(sample rate, channels) for a device: 24 kHz mono if it can, else its own."""
         sd, device = self.sd, getattr(self, f"{kind}_device")
         check = sd.check_input_settings if kind == "input" else sd.check_output_settings
+        rate = self.geometry.sample_rate
         try:
-            check(device=device, samplerate=SAMPLE_RATE, channels=1, dtype="float32")
-            return SAMPLE_RATE, 1
+            check(device=device, samplerate=rate, channels=1, dtype="float32")
+            return rate, 1
         except Exception:
             pass
         try:
@@ -223,12 +223,13 @@ class AudioIO:
         sd = self.sd
         self.in_rate, self.in_channels = self._settings("input")
         self.out_rate, self.out_channels = self._settings("output")
-        self.in_resampler = Resampler(self.in_rate, SAMPLE_RATE)
-        self.out_resampler = Resampler(SAMPLE_RATE, self.out_rate)
+        rate, seconds = self.geometry.sample_rate, self.geometry.frame_seconds
+        self.in_resampler = Resampler(self.in_rate, rate)
+        self.out_resampler = Resampler(rate, self.out_rate)
         try:
             self.input_stream = sd.InputStream(
                 device=self.input_device, samplerate=self.in_rate, channels=self.in_channels,
-                dtype="float32", blocksize=round(self.in_rate * FRAME_SECONDS),
+                dtype="float32", blocksize=round(self.in_rate * seconds),
                 callback=self._on_input)
         except Exception as e:
             raise device_error(e, "input", self.input_device) from None
@@ -236,7 +237,7 @@ class AudioIO:
             self.output_stream = sd.OutputStream(
                 device=self.output_device, samplerate=self.out_rate,
                 channels=self.out_channels, dtype="float32",
-                blocksize=round(self.out_rate * FRAME_SECONDS), callback=self._on_output)
+                blocksize=round(self.out_rate * seconds), callback=self._on_output)
         except Exception as e:
             self.close()
             raise device_error(e, "output", self.output_device) from None
@@ -276,12 +277,13 @@ class AudioIO:
                 name = self.sd.query_devices(dev, kind)["name"]
             except Exception:
                 pass
-            conv = "" if rate == SAMPLE_RATE and ch == 1 else f" {rate} Hz x{ch}, converted"
+            native = rate == self.geometry.sample_rate and ch == 1
+            conv = "" if native else f" {rate} Hz x{ch}, converted"
             return f"{name or 'default'}{conv}"
         return (f"mic: {one('input', self.in_rate, self.in_channels)} | "
                 f"speaker: {one('output', self.out_rate, self.out_channels)}")
 
-    # -- the audio thread -----------------------------------------------------------------
+    # -- the audio thread ------------------------------------------------------------------
 
     def _on_input(self, indata, frames, time_info, status) -> None:
         try:
@@ -313,13 +315,14 @@ class AudioIO:
             self._callback_error = e
             outdata.fill(0)
 
-    # -- the model thread ------------------------------------------------------------------
+    # -- the frames' reader and writer (live mode: the model thread) -----------------------
 
     def read_frame(self, timeout: float = 0.1) -> np.ndarray | None:
         """The next 80 ms of microphone audio at 24 kHz (1920 samples), or None if none
-        arrived within `timeout`. When the model thread is behind, stale frames are
-        dropped so that the conversation keeps real time."""
-        while len(self._pending) < FRAME_SIZE:
+        arrived within `timeout`. When the reader is behind, stale frames are dropped so
+        that the conversation keeps real time."""
+        size = self.geometry.frame_size
+        while len(self._pending) < size:
             try:
                 block = self._in_q.get(timeout=timeout)
             except queue.Empty:
@@ -331,7 +334,7 @@ class AudioIO:
                 except queue.Empty:
                     break
             self._pending = np.concatenate([self._pending, self.in_resampler.process(block)])
-        frame, self._pending = self._pending[:FRAME_SIZE], self._pending[FRAME_SIZE:]
+        frame, self._pending = self._pending[:size], self._pending[size:]
         return frame
 
     @property
@@ -343,8 +346,9 @@ class AudioIO:
         """Queues the model's 24 kHz frame for the speaker."""
         if not self._primed:
             self._primed = True
+            silence = np.zeros(round(self.out_rate * self.geometry.frame_seconds), np.float32)
             for _ in range(OUTPUT_PREBUFFER):
-                self.fifo.push(np.zeros(round(self.out_rate * FRAME_SECONDS), np.float32))
+                self.fifo.push(silence)
         out = self.out_resampler.process(np.clip(pcm, -1.0, 1.0))
         if len(out):
             self.fifo.push(out.astype(np.float32, copy=False))
@@ -352,6 +356,8 @@ class AudioIO:
     @property
     def dropped(self) -> int:
         return self.dropped_input + self.dropped_backlog
+
+    # -- the main thread: are the devices still there? -------------------------------------
 
     def check(self) -> None:
         """Raises AudioDeviceError if a stream died or the microphone stopped delivering

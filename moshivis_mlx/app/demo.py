@@ -10,13 +10,15 @@ that everything runs, end to end, on this machine.
 
 from __future__ import annotations
 
-import argparse
 import io
 import shutil
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 from rich.console import Console
+
+from .options import AppOptions
 
 ASSETS = Path(__file__).parent / "assets"
 SAMPLE_IMAGE = ASSETS / "sample.jpg"
@@ -151,7 +153,7 @@ def demo_bundle(root: Path | None = None) -> tuple[Path, bool]:
     return build_demo_bundle(path), True
 
 
-def run_demo(args: argparse.Namespace, console: Console) -> int:
+def run_demo(opts: AppOptions, console: Console) -> int:
     from .files import run_file
 
     console.print("[bold]moshivis-mlx offline demo[/]: the real pipeline (Mimi -> MoshiVis -> "
@@ -160,18 +162,17 @@ def run_demo(args: argparse.Namespace, console: Console) -> int:
         bundle, made = demo_bundle()
     console.print(f"{'made' if made else 'using'} the demo model: {bundle}", highlight=False)
     DEMO_OUTPUT.mkdir(exist_ok=True)
-    args.weights = str(bundle)
-    args.image = args.image or str(SAMPLE_IMAGE)
-    args.input_wav = args.input_wav or str(SAMPLE_SPEECH)
-    args.output_wav = args.output_wav or str(DEMO_OUTPUT / "answer.wav")
-    args.transcript = args.transcript or str(DEMO_OUTPUT / "transcript.json")
-    if args.seed is None:
-        args.seed = 0
-    console.print(f"question: {args.input_wav}\nimage:    {args.image}", highlight=False)
-    code = run_file(args, console)
-    console.print(f"\noutputs in {Path(args.output_wav).parent}/: the model's audio "
-                  f"({Path(args.output_wav).name}) and its words with gate values "
-                  f"({Path(args.transcript).name}).", highlight=False)
+    seed = opts.model.seed if opts.model.seed is not None else 0
+    opts = replace(
+        opts, model=replace(opts.model, weights=bundle, seed=seed),
+        image=opts.image or str(SAMPLE_IMAGE), input_wav=opts.input_wav or str(SAMPLE_SPEECH),
+        output_wav=opts.output_wav or DEMO_OUTPUT / "answer.wav",
+        transcript=opts.transcript or DEMO_OUTPUT / "transcript.json")
+    console.print(f"question: {opts.input_wav}\nimage:    {opts.image}", highlight=False)
+    code = run_file(opts, console)
+    console.print(f"\noutputs in {opts.output_wav.parent}/: the model's audio "
+                  f"({opts.output_wav.name}) and its words with gate values "
+                  f"({opts.transcript.name}).", highlight=False)
     console.print("[yellow]The weights are random, so the answer is noise[/]: this shows the "
                   "pipeline runs end to end. For the real model, on a Mac: "
                   "[bold]moshivis-mlx --image photo.jpg[/]")

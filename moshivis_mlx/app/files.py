@@ -1,14 +1,14 @@
-"""File mode: a WAV of the user in, a WAV of the model out, through the same `Stream`
+"""File mode: a WAV of the user in, a WAV of the model out, through the same `Session`
 as live mode, as fast as the machine allows.
 
 Any WAV goes in (PCM 8/16/24/32-bit or float, any rate, any channels): it is mixed down
-to mono and resampled to 24 kHz. The output is 24 kHz mono 16-bit and exactly as long as
-the input: frame i of the output is what the model said while frame i was heard.
+to mono and resampled to the model's rate (24 kHz). The output is 24 kHz mono 16-bit and
+exactly as long as the input: frame i of the output is what the model said while frame i
+was heard.
 """
 
 from __future__ import annotations
 
-import argparse
 import math
 import time
 from collections.abc import Iterator
@@ -16,37 +16,41 @@ from pathlib import Path
 
 import numpy as np
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from ..errors import MoshivisError
-from ..stream import FRAME_SECONDS, FRAME_SIZE, SAMPLE_RATE, Stream
-from .loading import Steps, load_models, load_picture, make_generator, resolve_bundle
+from ..progress import Counter, Steps
+from ..stream import FrameGeometry
+from .opening import open_session, opening_steps
+from .options import AppOptions
 from .resample import Resampler
+from .session import AudioFrame, Piece, Session, load_picture
 from .transcript import Transcript, TranscriptWriter
 from .wav import WavReader, WavWriter
 
 
 class InputFrames:
-    """A WAV file as 24 kHz mono frames, read and resampled block by block.
+    """A WAV file as mono frames of the model's geometry, read and resampled block by block.
 
-    `samples` is the input's length at 24 kHz; the last frame is zero-padded.
+    `samples` is the input's length at the model's rate; the last frame is zero-padded.
     """
 
     BLOCK = 1 << 16
 
-    def __init__(self, path: str | Path):
-        self.reader = WavReader(path)
-        rate = self.reader.sample_rate
-        self.resampler = Resampler(rate, SAMPLE_RATE)
-        self.samples = round(self.reader.frames * SAMPLE_RATE / rate)
-        self.frames = math.ceil(self.samples / FRAME_SIZE)
+    def __init__(self, reader: WavReader, geometry: FrameGeometry):
+        self.reader = reader
+        self.frame_size = geometry.frame_size
+        rate = reader.sample_rate
+        self.resampler = Resampler(rate, geometry.sample_rate)
+        self.samples = round(reader.frames * geometry.sample_rate / rate)
+        self.frames = math.ceil(self.samples / self.frame_size)
 
     def __iter__(self) -> Iterator[tuple[np.ndarray, int]]:
-        """(frame of FRAME_SIZE samples, how many of them are real audio)."""
+        """(frame of `frame_size` samples, how many of them are real audio)."""
+        size = self.frame_size
         pending = np.zeros(0, dtype=np.float32)
         flushed = False
         for i in range(self.frames):
-            while len(pending) < FRAME_SIZE and not flushed:
+            while len(pending) < size and not flushed:
                 block = self.reader.read(self.BLOCK)
                 if len(block):
                     more = self.resampler.process(block.mean(axis=1))
@@ -54,15 +58,12 @@ class InputFrames:
                     more = self.resampler.flush()
                     flushed = True
                 pending = np.concatenate([pending, more])
-            valid = min(FRAME_SIZE, self.samples - i * FRAME_SIZE)
-            frame = np.zeros(FRAME_SIZE, dtype=np.float32)
+            valid = min(size, self.samples - i * size)
+            frame = np.zeros(size, dtype=np.float32)
             take = min(valid, len(pending))
             frame[:take] = pending[:take]
-            pending = pending[FRAME_SIZE:]
+            pending = pending[size:]
             yield frame, valid
-
-    def close(self) -> None:
-        self.reader.close()
 
 
 def _writable(path: Path, what: str) -> None:
@@ -71,79 +72,68 @@ def _writable(path: Path, what: str) -> None:
         raise MoshivisError(f"cannot write {what} {path}: directory {parent} does not exist")
 
 
-def process(stream: Stream, frames: InputFrames, out: WavWriter, transcript: Transcript,
+def process(session: Session, frames: InputFrames, out: WavWriter, transcript: Transcript,
             console: Console) -> int:
-    """Runs every frame through the stream; returns the frames done (an interrupt leaves
+    """Runs every frame through the session; returns the frames done (an interrupt leaves
     `out` and `transcript` holding everything before it)."""
-    columns = [TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/"
-               "{task.total} frames"), TextColumn("{task.fields[speed]}"), TimeRemainingColumn()]
+    frame_seconds = session.geometry.frame_seconds
     t0 = time.perf_counter()
-    total = frames.frames
     done = 0
-    with Progress(*columns, console=console, transient=True,
-                  disable=not console.is_terminal) as progress:
-        task = progress.add_task("model", total=total, speed="")
-        next_note = 0.25
-        for i, (frame, valid) in enumerate(frames):
-            result = stream.step(frame)
-            out.write(result.pcm[:valid])
-            transcript.add(result.piece, i * FRAME_SECONDS, result.gate, result.step)
-            done = i + 1
-            if i % 8 == 0 or done == total:
-                speed = done * FRAME_SECONDS / max(time.perf_counter() - t0, 1e-9)
-                progress.update(task, completed=done, speed=f"{speed:.1f}x real time")
-            if not console.is_terminal and done / total >= next_note:
-                console.print(f"  {100 * done // total}% ({done}/{total} frames)",
-                              highlight=False)
-                next_note += 0.25
+    with Counter(console, unit="frames", quarters=True) as bar:
+        task = bar.add("model", frames.frames)
+        for frame, valid in frames:
+            for ev in session.feed(frame):
+                if isinstance(ev, AudioFrame):
+                    out.write(ev.pcm[:valid])
+                elif isinstance(ev, Piece):
+                    transcript.add(ev.text, ev.t, ev.gate, ev.step)
+            done += 1
+            speed = done * frame_seconds / max(time.perf_counter() - t0, 1e-9)
+            bar.update(task, done, rate=f"{speed:.1f}x real time")
     return done
 
 
-def run_file(args: argparse.Namespace, console: Console) -> int:
-    out_path = Path(args.output_wav)
-    transcript_path = Path(args.transcript) if args.transcript else None
+def run_file(opts: AppOptions, console: Console) -> int:
+    out_path = opts.output_wav
+    transcript_path = opts.transcript
     _writable(out_path, "the output")
     if transcript_path is not None:
         _writable(transcript_path, "the transcript")
-    frames = InputFrames(args.input_wav)
+    reader = WavReader(opts.input_wav)  # an unusable input fails before anything loads
     try:
-        picture = load_picture(args.image) if args.image else None
-        with Steps(console, 3 + 2 * (picture is not None)) as steps:
-            bundle = resolve_bundle(args, steps)
-            models = load_models(bundle, want_vision=picture is not None, steps=steps)
-            stream = Stream(models.mimi, make_generator(models, args), models.tokenizer)
-            if picture is not None:
-                with steps.step(f"image {Path(args.image).name}"):
-                    stream.set_image(models.vision.encode_image(picture))
-        return _run(args, console, stream, frames, out_path, transcript_path)
+        picture = load_picture(opts.image) if opts.image else None
+        with Steps(console, opening_steps(picture is not None, picture is not None)) as steps:
+            opened = open_session(opts.model, steps, picture is not None, opts.image, picture)
+        frames = InputFrames(reader, opened.session.geometry)
+        return _run(opts, console, opened.session, frames, out_path, transcript_path)
     finally:
-        frames.close()
+        reader.close()
 
 
-def _run(args: argparse.Namespace, console: Console, stream: Stream, frames: InputFrames,
+def _run(opts: AppOptions, console: Console, session: Session, frames: InputFrames,
          out_path: Path, transcript_path: Path | None) -> int:
+    rate = session.geometry.sample_rate
     writer = None
     if transcript_path is not None:
         writer = TranscriptWriter(transcript_path, {
-            "sample_rate": SAMPLE_RATE, "frame_seconds": FRAME_SECONDS,
-            "input": str(args.input_wav), "output": str(out_path),
-            "image": str(args.image) if args.image else None})
+            "sample_rate": rate, "frame_seconds": session.geometry.frame_seconds,
+            "input": opts.input_wav, "output": str(out_path), "image": opts.image})
     transcript = Transcript(keep=1, on_word=writer.write_word if writer else None)
     t0 = time.perf_counter()
     interrupted = False
-    with WavWriter(out_path, SAMPLE_RATE, 1) as out:
+    with WavWriter(out_path, rate, 1) as out:
         try:
-            done = process(stream, frames, out, transcript, console)
+            done = process(session, frames, out, transcript, console)
         except KeyboardInterrupt:
             interrupted = True
-            done = stream.frames
+            done = session.frames
         samples = out.frames
     elapsed = time.perf_counter() - t0
-    seconds = samples / SAMPLE_RATE
+    seconds = samples / rate
     if writer is not None:
         writer.close(transcript, {"duration_s": round(seconds, 3)})
     speed = seconds / max(elapsed, 1e-9)
-    console.print(f"wrote {out_path} ({seconds:.2f} s at {SAMPLE_RATE} Hz, {done} frames in "
+    console.print(f"wrote {out_path} ({seconds:.2f} s at {rate} Hz, {done} frames in "
                   f"{elapsed:.1f} s: {speed:.1f}x real time)", highlight=False)
     if transcript_path is not None:
         console.print(f"wrote {transcript_path} ({transcript.count} words)", highlight=False)

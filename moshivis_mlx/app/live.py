@@ -1,9 +1,13 @@
 """Live mode: microphone -> model -> speaker, with the terminal UI.
 
-Threads:
-  PortAudio's callbacks  copy 80 ms blocks in and out (audio.py), never wait
-  the model thread       frames -> Stream.step -> speaker FIFO + recording + events
-  the main thread        loads, then draws the UI, reads keys, and on exit saves
+    PortAudio's input callback    copies each 80 ms block onto a bounded queue (audio.py)
+    the model thread              frame -> Session.feed: Mimi encode -> LM step -> Mimi
+                                  decode (worker.py), then the events: the model's frame
+                                  to the speaker FIFO, everything to the recording, the
+                                  rest to the display queue (`_sink` below)
+    PortAudio's output callback   plays what the FIFO holds (audio.py)
+    the main thread               opens, starts, checks and closes the devices; draws the
+                                  display, turns keys into commands; on exit, saves
 
 The session is saved whatever ends it: `q`, Ctrl-C, SIGTERM, a device that vanishes or
 any error in the model thread (which is then reported after saving).
@@ -11,7 +15,6 @@ any error in the model thread (which is then reported after saving).
 
 from __future__ import annotations
 
-import argparse
 import os
 import queue
 import signal
@@ -19,118 +22,116 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
-import numpy as np
 from rich.console import Console
 from rich.live import Live
 
-from ..errors import MoshivisError
-from ..stream import FRAME_SIZE, Stream
-from .audio import AudioIO, parse_device
-from .loading import (
-    Steps,
-    image_encoder,
-    load_models,
-    load_picture,
-    make_generator,
-    resolve_bundle,
-)
+from ..errors import AudioDeviceError, MoshivisError
+from ..progress import Steps
+from .audio import AudioIO
+from .opening import Opened, open_session, opening_steps
+from .options import AppOptions
 from .recorder import SessionRecorder, default_session_dir
+from .session import AudioFrame, Event, load_picture
 from .ui import KeyReader, PlainUI, TerminalUI
-from .worker import FatalEvent, ModelWorker, ReadyEvent
+from .worker import EventSink, ModelWorker
 
-WARMUP_STEPS = 4
 FPS = 12
+MAX_EVENTS = 2000
+"""Events waiting for the display beyond which new ones are dropped (the recording has
+them all)."""
 
 
 def _terminate_as_interrupt(signum, frame):  # SIGTERM / SIGHUP end the session like Ctrl-C
     raise KeyboardInterrupt
 
 
-def warm_up(stream: Stream, steps: int = WARMUP_STEPS, image_tokens: int | None = None) -> None:
-    """A few steps on silence so the first real frame does not pay for compilation and
-    allocation, the step with an image included (it first runs at `xa_start`, and an image
-    may come later with `i`); then a fresh conversation."""
-    silence = np.zeros(FRAME_SIZE, dtype=np.float32)
-    for _ in range(steps):
-        stream.step(silence)
-    stream.gen.warm_up(image_tokens=image_tokens)
-    stream.reset()
-    stream.frames = 0
-
-
-def _prepare(args: argparse.Namespace, steps: Steps, picture: Any, info: dict[str, Any]):
+def _prepare(opts: AppOptions, steps: Steps, want_vision: bool, picture: Any) -> Opened:
     """Loading and warm-up; runs on the model thread (see worker.py)."""
-    bundle = info["bundle"] = resolve_bundle(args, steps)
-    models = load_models(bundle, not args.no_image, steps)
-    stream = Stream(models.mimi, make_generator(models, args), models.tokenizer)
-    if picture is not None:
-        with steps.step(f"image {os.path.basename(args.image)}"):
-            stream.set_image(models.vision.encode_image(picture))
+    opened = open_session(opts.model, steps, want_vision, opts.image, picture)
     with steps.step("warm-up"):
-        warm_up(stream, image_tokens=models.vision.config.num_tokens if models.vision else None)
-    return stream, (image_encoder(models) if models.vision is not None else None)
+        opened.session.warm_up()
+    return opened
 
 
-def _wait_ready(worker: ModelWorker) -> None:
-    """Blocks until the model thread is ready; raises what made it fail."""
-    while True:
-        try:
-            ev = worker.events.get(timeout=0.1)
-        except queue.Empty:
-            if not worker.running:
-                raise MoshivisError("the model thread stopped while loading") from None
-            continue
-        if isinstance(ev, ReadyEvent):
-            return
-        if isinstance(ev, FatalEvent):
-            raise ev.error
+def _sink(audio: AudioIO, recorder: SessionRecorder | None,
+          display: queue.Queue[Event]) -> EventSink:
+    """Where the session's events go; called on the model thread after each step and
+    command. The speaker first: it is the one waiting."""
+
+    def sink(events: list[Event]) -> None:
+        for ev in events:
+            if isinstance(ev, AudioFrame):
+                audio.write_frame(ev.pcm)
+            if recorder is not None:
+                recorder.add(ev, backlog=audio.backlog)
+            if not isinstance(ev, AudioFrame):
+                try:
+                    display.put_nowait(ev)
+                except queue.Full:  # the display is behind; the recording has everything
+                    pass
+
+    return sink
 
 
-def run_live(args: argparse.Namespace, console: Console) -> int:
+def _recorder(opts: AppOptions, opened: Opened, audio: AudioIO) -> SessionRecorder:
+    record_dir = opts.record_dir or default_session_dir()
+    session = opened.session
+    gen = session.stream.gen
+    try:
+        recorder = SessionRecorder(record_dir, session.geometry, {
+            "bundle": str(opened.bundle),
+            "image": opts.image,
+            "devices": audio.description,
+            "sampling": {"text": repr(gen.text_sampler), "audio": repr(gen.audio_sampler),
+                         "xa_start": gen.xa_start},
+        })
+    except OSError as e:
+        raise MoshivisError(f"cannot record the session in {record_dir} ({e.strerror or e})",
+                            "pick another directory with --record DIR, or use --no-record"
+                            ) from None
+    if opts.image:
+        recorder.add_event("image", path=opts.image)
+    return recorder
+
+
+def run_live(opts: AppOptions, console: Console) -> int:
     interactive = console.is_terminal and sys.stdin.isatty()
-    want_vision = not args.no_image
-    n_steps = 5 + want_vision + (args.image is not None)
-    picture = load_picture(args.image) if args.image else None
-    with Steps(console, n_steps) as steps:
+    want_vision = not opts.no_image
+    picture = load_picture(opts.image) if opts.image else None
+    with Steps(console, 2 + opening_steps(want_vision, picture is not None)) as steps:
         # The devices first: a missing microphone (or macOS asking for permission) should
         # not wait until a 7B model has loaded.
         with steps.step("audio devices"):
-            audio = AudioIO(parse_device(args.input_device), parse_device(args.output_device))
+            audio = AudioIO(opts.input_device, opts.output_device)
             audio.open()
-        info: dict[str, Any] = {}
-        worker = ModelWorker(lambda: _prepare(args, steps, picture, info), audio)
+        worker = ModelWorker(lambda: _prepare(opts, steps, want_vision, picture),
+                             audio.read_frame)
         try:
             worker.start()
-            _wait_ready(worker)
+            opened = worker.wait_ready()
         except BaseException:
             worker.stop(timeout=0.5)  # a failed or interrupted load: do not wait for it
             audio.close()
             raise
-    stream = worker.stream
+    session = opened.session
 
     recorder = None
-    if not args.no_record:
-        record_dir = Path(args.record) if args.record else default_session_dir()
-        try:
-            recorder = SessionRecorder(record_dir, {
-                "bundle": str(info["bundle"]),
-                "image": str(args.image) if args.image else None,
-                "devices": audio.description,
-                "sampling": {"text": repr(stream.gen.text_sampler),
-                             "audio": repr(stream.gen.audio_sampler),
-                             "xa_start": stream.gen.xa_start},
-            })
-        except OSError as e:
-            worker.stop()
-            audio.close()
-            raise MoshivisError(f"cannot record the session in {record_dir} ({e.strerror or e})",
-                           "pick another directory with --record DIR, or use --no-record"
-                           ) from None
-        if args.image:
-            recorder.add_event("image", path=str(args.image))
+    try:
+        model, devices = session.geometry, audio.geometry
+        if model != devices:  # the devices were opened for the released Mimi
+            raise MoshivisError(f"the model's codec takes {model.frame_size}-sample frames at "
+                                f"{model.sample_rate} Hz, not {devices.frame_size} at "
+                                f"{devices.sample_rate} Hz: live mode cannot use it",
+                                "use file mode (--input-wav)")
+        if opts.record:
+            recorder = _recorder(opts, opened, audio)
+    except BaseException:
+        worker.stop()
+        audio.close()
+        raise
+    display: queue.Queue[Event] = queue.Queue(maxsize=MAX_EVENTS)
 
     fatal: BaseException | None = None
     old_handlers = {}
@@ -140,16 +141,16 @@ def run_live(args: argparse.Namespace, console: Console) -> int:
     ui: Any = None
     try:
         audio.start()
-        worker.begin(recorder)
+        worker.begin(_sink(audio, recorder, display))
         if interactive:
-            ui = TerminalUI(os.path.basename(args.image) if args.image else None, picture,
+            ui = TerminalUI(os.path.basename(opts.image) if opts.image else None, picture,
                             str(recorder.dir) if recorder else None, audio.description,
-                            image_enabled=want_vision)
-            fatal = _terminal_loop(ui, worker, console, args.debug)
+                            image_enabled=want_vision, geometry=session.geometry)
+            fatal = _terminal_loop(ui, worker, audio, display, console, opts.debug)
         else:
-            ui = PlainUI()
+            ui = PlainUI(geometry=session.geometry)
             ui.print(f"listening ({audio.description}); Ctrl-C to stop")
-            fatal = _plain_loop(ui, worker)
+            fatal = _plain_loop(ui, worker, audio, display)
     except KeyboardInterrupt:
         pass
     except MoshivisError as e:
@@ -165,6 +166,7 @@ def run_live(args: argparse.Namespace, console: Console) -> int:
                    "input_overflows": audio.input_overflows,
                    "output_dropped": audio.fifo.dropped}
         if ui is not None:
+            ui.stats.counters(audio.dropped, audio.underruns)
             summary["latency"] = ui.stats.summary()
         if recorder is not None:
             if fatal is not None:
@@ -179,15 +181,22 @@ def run_live(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
-def _drain(worker: ModelWorker, ui: Any, limit: int = 500) -> BaseException | None:
+def _update(ui: TerminalUI | PlainUI, worker: ModelWorker, audio: AudioIO,
+            display: queue.Queue[Event], limit: int = 500) -> BaseException | None:
+    """Shows the session's news and the audio counters; returns what ends the session, if
+    anything: a device that failed, or the model thread's error."""
     for _ in range(limit):
         try:
-            ev = worker.events.get_nowait()
+            ui.handle(display.get_nowait())
         except queue.Empty:
-            return None
-        if isinstance(ev, FatalEvent):
-            return ev.error
-        ui.handle(ev)
+            break
+    ui.stats.counters(audio.dropped, audio.underruns, audio.backlog)
+    try:
+        audio.check()
+    except AudioDeviceError as e:
+        return e
+    if not worker.running:
+        return worker.error or MoshivisError("the model thread stopped unexpectedly")
     return None
 
 
@@ -211,13 +220,14 @@ def _quiet_stderr(enabled: bool) -> Iterator[None]:
         os.close(devnull)
 
 
-def _terminal_loop(ui: TerminalUI, worker: ModelWorker, console: Console,
+def _terminal_loop(ui: TerminalUI, worker: ModelWorker, audio: AudioIO,
+                   display: queue.Queue[Event], console: Console,
                    debug: bool = False) -> BaseException | None:
     with _quiet_stderr(not debug), KeyReader() as keys, Live(
             ui.render(), console=console, screen=True, auto_refresh=False,
             redirect_stderr=False) as live:
         while True:
-            failure = _worker_failure(worker, ui)
+            failure = _update(ui, worker, audio, display)
             if failure is not None:
                 return failure
             for k in keys.read(1.0 / FPS):
@@ -229,27 +239,18 @@ def _terminal_loop(ui: TerminalUI, worker: ModelWorker, console: Console,
                 if action[0] == "restart":
                     worker.restart()
                 elif action[0] == "mute":
-                    worker.muted = ui.muted = not ui.muted
+                    ui.muted = not ui.muted
+                    worker.mute(ui.muted)
                 elif action[0] == "image":
                     ui.say(f"loading {action[1]} ...")
                     worker.load_image(action[1])
             live.update(ui.render(), refresh=True)
 
 
-def _plain_loop(ui: PlainUI, worker: ModelWorker) -> BaseException | None:
+def _plain_loop(ui: PlainUI, worker: ModelWorker, audio: AudioIO,
+                display: queue.Queue[Event]) -> BaseException | None:
     while True:
-        failure = _worker_failure(worker, ui)
+        failure = _update(ui, worker, audio, display)
         if failure is not None:
             return failure
         time.sleep(0.05)
-
-
-def _worker_failure(worker: ModelWorker, ui: TerminalUI | PlainUI) -> BaseException | None:
-    """Shows the worker's news; what ends the session, if anything."""
-    fatal = _drain(worker, ui)
-    if fatal is not None:
-        return fatal
-    if not worker.running:
-        return MoshivisError("the model thread stopped unexpectedly")
-    return None
-

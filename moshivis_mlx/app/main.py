@@ -1,60 +1,37 @@
-"""Runs a parsed command line; turns every failure into one line and an exit code."""
+"""Runs the app for a command line's options, under the project's error policy."""
 
 from __future__ import annotations
 
-import argparse
-import sys
-
 from rich.console import Console
 
-from ..errors import EXIT_ERROR, EXIT_INTERRUPTED, MoshivisError
+from ..errors import guard
+from .options import AppOptions
 
 PROG = "moshivis-mlx"
 
 
-def run(args: argparse.Namespace, console: Console) -> int:
-    if args.list_devices:
+def run(opts: AppOptions, console: Console) -> int:
+    if opts.list_devices:
         from .audio import list_devices
 
         print(list_devices())
         return 0
-    if args.demo:
+    if opts.demo:
         from .demo import run_demo
 
-        return run_demo(args, console)
-    if args.input_wav:
+        return run_demo(opts, console)
+    if opts.input_wav:
         from .files import run_file
 
-        return run_file(args, console)
+        return run_file(opts, console)
     from .live import run_live
 
-    return run_live(args, console)
+    return run_live(opts, console)
 
 
-def error_line(message: str) -> None:
-    print(f"{PROG}: error: {message}", file=sys.stderr, flush=True)
-
-
-def run_cli(args: argparse.Namespace) -> int:
-    """`run` with the app's error policy: a one-line message and a non-zero exit code,
-    a traceback only with --debug."""
+def run_cli(opts: AppOptions) -> int:
+    """`run` with the project's error policy (errors.guard): a one-line message and the
+    error's exit code, a traceback only with --debug."""
     console = Console(highlight=False, soft_wrap=True)
-    try:
-        return run(args, console)
-    except MoshivisError as e:
-        if args.debug:
-            raise
-        error_line(str(e))
-        return e.exit_code
-    except KeyboardInterrupt:
-        if args.debug:
-            raise
-        error_line("interrupted")
-        return EXIT_INTERRUPTED
-    except Exception as e:  # a bug: say so briefly, the traceback is one flag away
-        if args.debug:
-            raise
-        text = " ".join(str(e).split())[:300]
-        error_line(f"unexpected {type(e).__name__}: {text} (run again with --debug for "
-                   f"the traceback, and please report it)")
-        return EXIT_ERROR
+    return guard(PROG, lambda: run(opts, console), debug=opts.debug,
+                 interrupted="error: interrupted")

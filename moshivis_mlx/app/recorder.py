@@ -1,4 +1,4 @@
-"""Session recording: written while the conversation runs, completed on exit.
+"""Session recording: written from the session's events as they come, completed on exit.
 
     conversation.wav   stereo 16-bit 24 kHz: the user on the left, the model on the right
     transcript.json    the model's words with start/end times (s) and gate values, events
@@ -19,7 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from ..stream import FRAME_SECONDS, SAMPLE_RATE, StepResult
+from ..stream import FrameGeometry
+from .session import AudioFrame, Event, ImageChanged, Piece, Restarted, Stats
 from .transcript import Transcript, TranscriptWriter
 from .wav import WavWriter
 
@@ -39,19 +40,21 @@ def default_session_dir(root: Path = DEFAULT_ROOT) -> Path:
 
 
 class SessionRecorder:
-    """Receives every step (from the model thread) and writes the session files."""
+    """Receives the session's events (on the model thread) and writes the session files."""
 
-    def __init__(self, directory: str | Path, metadata: dict[str, Any] | None = None):
+    def __init__(self, directory: str | Path, geometry: FrameGeometry,
+                 metadata: dict[str, Any] | None = None):
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
+        self.geometry = geometry
         self.metadata = dict(metadata or {})
         self.started = datetime.now().astimezone()
         self._words = TranscriptWriter(self.dir / "transcript.json", {
-            "sample_rate": SAMPLE_RATE, "frame_seconds": FRAME_SECONDS,
+            "sample_rate": geometry.sample_rate, "frame_seconds": geometry.frame_seconds,
             "started": self.started.isoformat(timespec="seconds")})
         self.transcript = Transcript(keep=1, on_word=self._words.write_word)
         self.frames = 0
-        self.wav = WavWriter(self.dir / "conversation.wav", SAMPLE_RATE, channels=2)
+        self.wav = WavWriter(self.dir / "conversation.wav", geometry.sample_rate, channels=2)
         self._latency = open(self.dir / "latency.csv", "w", buffering=1 << 16)
         self._latency.write(LATENCY_HEADER)
         self._stereo = np.zeros((0, 2), dtype=np.float32)
@@ -60,21 +63,35 @@ class SessionRecorder:
 
     @property
     def seconds(self) -> float:
-        return self.frames * FRAME_SECONDS
+        return self.frames * self.geometry.frame_seconds
 
-    def add_step(self, user: np.ndarray, result: StepResult, backlog: int = 0) -> None:
-        """The user's frame as the model heard it, and what the model made of it."""
+    def add(self, event: Event, backlog: int = 0) -> None:
+        """One of the session's events; `backlog`: the frames waiting for the model (the
+        latency row of a step's `Stats` keeps it)."""
+        if isinstance(event, AudioFrame):
+            self.add_audio(event.heard, event.pcm)
+        elif isinstance(event, Piece):
+            self.transcript.add(event.text, event.t, event.gate, event.step)
+        elif isinstance(event, Stats):
+            self.add_stats(event, backlog)
+        elif isinstance(event, ImageChanged):
+            self.add_event("image", path=event.path)
+        elif isinstance(event, Restarted):
+            self.add_event("restart")
+
+    def add_audio(self, user: np.ndarray, model: np.ndarray) -> None:
+        """The user's frame as the model heard it (left), the model's frame (right)."""
         n = len(user)
         if self._stereo.shape[0] != n:
             self._stereo = np.zeros((n, 2), dtype=np.float32)
         self._stereo[:, 0] = user
-        self._stereo[:, 1] = result.pcm
+        self._stereo[:, 1] = model
         self.wav.write(self._stereo)
-        t = self.seconds
-        self.transcript.add(result.piece, t, result.gate, result.step)
-        self._latency.write(f"{result.step},{t:.2f},{result.encode_ms:.3f},{result.model_ms:.3f},"
-                            f"{result.decode_ms:.3f},{result.latency_ms:.3f},{backlog}\n")
         self.frames += 1
+
+    def add_stats(self, s: Stats, backlog: int = 0) -> None:
+        self._latency.write(f"{s.step},{s.t:.2f},{s.encode_ms:.3f},{s.model_ms:.3f},"
+                            f"{s.decode_ms:.3f},{s.latency_ms:.3f},{backlog}\n")
         now = time.monotonic()
         if now - self._last_flush > 1.0:
             self._latency.flush()

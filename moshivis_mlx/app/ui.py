@@ -5,7 +5,8 @@ The terminal UI shows the image as a colour thumbnail, the transcript word by wo
 each word coloured by the cross-attention gate of the moment it was spoken (how much the
 model was looking at the image: the MoshiVis paper's Figure 7, live), and a status line
 with step latency, real-time headroom, dropped frames, underruns and the microphone level.
-Both displays are fed the model thread's events by the main loop in `live.py`.
+Both displays are fed the session's events (session.py) by the main loop in `live.py`,
+and the audio layer's counters (dropped frames, underruns) with them.
 """
 
 from __future__ import annotations
@@ -25,12 +26,12 @@ from rich.layout import Layout
 from rich.panel import Panel
 from rich.text import Text
 
-from ..stream import FRAME_SECONDS
+from ..stream import RELEASED, FrameGeometry
+from .session import ImageChanged, Message, Piece, Restarted, Stats
 from .transcript import Transcript
-from .worker import ImageEvent, MessageEvent, RestartEvent, StepEvent
 
-BUDGET_MS = 1e3 * FRAME_SECONDS
 STATS_SECONDS = 5.0
+SILENT_MIC_SECONDS = 3.0
 THUMB_COLS, THUMB_ROWS = 32, 16
 KEYS_HELP = "i image  r restart  space mute  q quit"
 
@@ -130,24 +131,30 @@ def level_meter(level: float, cells: int = 10) -> Text:
 class LiveStats:
     """Latency percentiles over the last seconds, counters, smoothed microphone level."""
 
-    def __init__(self, seconds: float = STATS_SECONDS):
-        self.latencies: deque[float] = deque(maxlen=max(2, round(seconds / FRAME_SECONDS)))
+    def __init__(self, geometry: FrameGeometry = RELEASED, seconds: float = STATS_SECONDS):
+        self.frame_seconds = geometry.frame_seconds
+        self.budget_ms = geometry.budget_ms
+        self.latencies: deque[float] = deque(maxlen=max(2, round(seconds / self.frame_seconds)))
         self.level = 0.0
         self.zero_frames = 0
         """Consecutive frames of digital silence (exact zeros) from the microphone."""
+        self.silent_mic_frames = round(SILENT_MIC_SECONDS / self.frame_seconds)
         self.dropped = 0
         self.underruns = 0
         self.backlog = 0
         self.t = 0.0
         self.steps = 0
 
-    def add(self, ev: StepEvent) -> None:
-        self.latencies.append(ev.result.latency_ms)
+    def add(self, ev: Stats) -> None:
+        self.latencies.append(ev.latency_ms)
         self.level = max(ev.level, 0.7 * self.level)  # fast attack, slow release
         self.zero_frames = self.zero_frames + 1 if ev.level == 0.0 else 0
-        self.dropped, self.underruns, self.backlog = ev.dropped, ev.underruns, ev.backlog
-        self.t = ev.t + FRAME_SECONDS
+        self.t = ev.t + self.frame_seconds
         self.steps += 1
+
+    def counters(self, dropped: int, underruns: int, backlog: int = 0) -> None:
+        """The audio layer's counts: frames dropped, speaker underruns, frames waiting."""
+        self.dropped, self.underruns, self.backlog = dropped, underruns, backlog
 
     def percentiles(self) -> tuple[float, float] | None:
         if not self.latencies:
@@ -160,17 +167,14 @@ class LiveStats:
         if p is None:
             lat = "step -"
         else:
-            headroom = BUDGET_MS / max(p[1], 1e-3)
+            headroom = self.budget_ms / max(p[1], 1e-3)
             lat = f"step p50 {p[0]:.0f} ms p95 {p[1]:.0f} ms, headroom {headroom:.1f}x"
         return f"{lat}, dropped {self.dropped}, underruns {self.underruns}"
 
 
-SILENT_MIC_FRAMES = round(3.0 / FRAME_SECONDS)
-
-
 def silent_mic_hint(stats: LiveStats) -> str | None:
     """On macOS a microphone the terminal may not use delivers exact zeros, no error."""
-    if sys.platform == "darwin" and stats.zero_frames == SILENT_MIC_FRAMES:
+    if sys.platform == "darwin" and stats.zero_frames == stats.silent_mic_frames:
         return ("the microphone gives pure silence: if macOS blocked it, allow your terminal "
                 "in System Settings > Privacy & Security > Microphone and restart it")
     return None
@@ -214,11 +218,12 @@ class TerminalUI:
     """Full-screen display state; `render()` draws it, `key()` interprets a key press."""
 
     def __init__(self, image_name: str | None, image: Any | None, record_dir: str | None,
-                 devices: str = "", image_enabled: bool = True, keep_words: int = 600):
+                 devices: str = "", image_enabled: bool = True, keep_words: int = 600,
+                 geometry: FrameGeometry = RELEASED):
         self.transcript = Transcript(keep=keep_words, keep_text=False)
         self.gates = GateScale()
         self.view = TranscriptView(self.transcript, self.gates)
-        self.stats = LiveStats()
+        self.stats = LiveStats(geometry)
         self.record_dir = record_dir
         self.devices = devices
         self.image_enabled = image_enabled
@@ -246,23 +251,23 @@ class TerminalUI:
         self._message_until = time.monotonic() + seconds
 
     def handle(self, ev: Any) -> None:
-        if isinstance(ev, StepEvent):
+        """One of the session's events (audio frames are not for the display)."""
+        if isinstance(ev, Piece):
+            self.gates.add(ev.gate)
+            self.transcript.add(ev.text, ev.t, ev.gate, ev.step)
+        elif isinstance(ev, Stats):
             self.stats.add(ev)
             hint = silent_mic_hint(self.stats) if not self.muted else None
             if hint:
                 self.say(hint, "yellow", seconds=20)
-            if ev.result.piece:
-                self.gates.add(ev.result.gate)
-            self.transcript.add(ev.result.piece, ev.t, ev.result.gate, ev.result.step)
-        elif isinstance(ev, ImageEvent):
+        elif isinstance(ev, ImageChanged):
             self.transcript.finish()
-            self.set_image(os.path.basename(ev.path) if ev.path else None,
-                           getattr(ev, "image", None))
+            self.set_image(os.path.basename(ev.path), ev.picture)
             self.say(f"image: {ev.path}", "green")
-        elif isinstance(ev, RestartEvent):
+        elif isinstance(ev, Restarted):
             self.transcript.clear()
             self.say("conversation restarted", "green")
-        elif isinstance(ev, MessageEvent):
+        elif isinstance(ev, Message):
             style = {"error": "bold red", "warning": "yellow"}.get(ev.level, "")
             self.say(ev.text, style)
 
@@ -300,6 +305,7 @@ class TerminalUI:
         """Clock, step latency (p50 / p95 over the last seconds), headroom against the
         80 ms budget, dropped frames, underruns: one line that fits 80 columns."""
         s = self.stats
+        budget = s.budget_ms
         t = Text()
         t.append("\u25cf ", style="red" if not self.muted else "bright_black")
         t.append(f"{format_clock(s.t)}  ")
@@ -309,11 +315,11 @@ class TerminalUI:
         else:
             p50, p95 = p
             t.append(f"step {p50:.0f} ms p50 \u00b7 {p95:.0f} ms p95  ")
-            if p95 <= BUDGET_MS:
-                t.append(f"headroom {BUDGET_MS - p95:.0f}/{BUDGET_MS:.0f} ms",
-                         style="green" if p95 < 0.75 * BUDGET_MS else "yellow")
+            if p95 <= budget:
+                t.append(f"headroom {budget - p95:.0f}/{budget:.0f} ms",
+                         style="green" if p95 < 0.75 * budget else "yellow")
             else:
-                t.append(f"behind real time ({p95:.0f} > {BUDGET_MS:.0f} ms)", style="bold red")
+                t.append(f"behind real time ({p95:.0f} > {budget:.0f} ms)", style="bold red")
             t.append("  ")
         t.append(f"dropped {s.dropped}  ", style="red" if s.dropped else "")
         t.append(f"underruns {s.underruns}", style="red" if s.underruns else "")
@@ -382,14 +388,17 @@ class PlainUI:
     time, a status line every few seconds."""
 
     def __init__(self, out: TextIO | None = None, status_every: float = 10.0,
-                 line_width: int = 72):
+                 line_width: int = 72, geometry: FrameGeometry = RELEASED):
         self.out = out or sys.stdout
-        self.stats = LiveStats()
+        self.stats = LiveStats(geometry)
         self.status_every = status_every
         self.line_width = line_width
+        self.pause_frames = round(1.0 / geometry.frame_seconds)
+        """A pause this long (1 s without text) ends a line."""
         self._line: list[str] = []
         self._line_start = 0.0
         self._quiet_frames = 0
+        self._spoke = False  # this step had a piece of text
         self._next_status = status_every
 
     def print(self, text: str) -> None:
@@ -401,36 +410,38 @@ class PlainUI:
             self._line = []
 
     def handle(self, ev: Any) -> None:
-        if isinstance(ev, StepEvent):
+        """One of the session's events (a step's `Piece`, if any, comes before its `Stats`)."""
+        if isinstance(ev, Piece):
+            text = ev.text.replace("\u2581", " ")
+            if (self._line and text.startswith(" ")
+                    and sum(len(p) for p in self._line) >= self.line_width):
+                self._flush_line()  # a long line ends before a new word
+            if not self._line:
+                self._line_start = ev.t
+                text = text.lstrip()
+            self._line.append(text)
+            self._quiet_frames = 0
+            self._spoke = True
+        elif isinstance(ev, Stats):
             self.stats.add(ev)
             hint = silent_mic_hint(self.stats)
             if hint:
                 self.print(f"[{ev.t:8.2f}s] warning: {hint}")
-            piece = ev.result.piece
-            if piece:
-                text = piece.replace("\u2581", " ")
-                if (self._line and text.startswith(" ")
-                        and sum(len(p) for p in self._line) >= self.line_width):
-                    self._flush_line()  # a long line ends before a new word
-                if not self._line:
-                    self._line_start = ev.t
-                    text = text.lstrip()
-                self._line.append(text)
-                self._quiet_frames = 0
-            else:
+            if not self._spoke:
                 self._quiet_frames += 1
-                if self._quiet_frames == round(1.0 / FRAME_SECONDS):  # a 1 s pause ends a line
+                if self._quiet_frames == self.pause_frames:
                     self._flush_line()
+            self._spoke = False
             if self.stats.t >= self._next_status:
                 self._next_status += self.status_every
                 self.print(f"[{self.stats.t:8.2f}s] status: {self.stats.summary()}")
-        elif isinstance(ev, ImageEvent):
+        elif isinstance(ev, ImageChanged):
             self._flush_line()
             self.print(f"[{self.stats.t:8.2f}s] image: {ev.path}")
-        elif isinstance(ev, RestartEvent):
+        elif isinstance(ev, Restarted):
             self._flush_line()
             self.print(f"[{self.stats.t:8.2f}s] conversation restarted")
-        elif isinstance(ev, MessageEvent):
+        elif isinstance(ev, Message):
             self.print(f"[{self.stats.t:8.2f}s] {ev.level}: {ev.text}")
 
     def close(self) -> None:

@@ -1,10 +1,12 @@
-"""The model thread: microphone frames in, model frames out, events to the display.
+"""The model thread: runs the session, fed with microphone frames and commands.
 
 Everything that touches MLX runs here, from loading the weights to the last step: MLX
 streams belong to the thread that creates them, so arrays are never handed between
-threads. The main thread only draws and reads keys, the audio callbacks only copy. Keys
-become commands on a queue that is read between two frames, so a new image or a restart
-never races with a step.
+threads. The thread owns no device: it takes frames from a source (live mode: the audio
+layer's bounded queue, which drops stale frames when the model falls behind), applies
+the commands the main thread queued, between two frames (so a new image or a restart
+never races with a step), and hands every event to a sink (live mode: the speaker, the
+recording and the display).
 """
 
 from __future__ import annotations
@@ -12,91 +14,48 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
-from ..stream import FRAME_SECONDS, StepResult, Stream
-from .audio import AudioIO
-from .recorder import SessionRecorder
+from ..errors import MoshivisError
+from .opening import Opened
+from .session import Event
 
-MAX_EVENTS = 2000
-
-
-@dataclass
-class StepEvent:
-    result: StepResult
-    t: float
-    """Seconds of conversation (frames since the start x 80 ms)."""
-    level: float
-    """Microphone RMS of the frame (before muting), 0..1."""
-    backlog: int
-    dropped: int
-    underruns: int
-
-
-@dataclass
-class MessageEvent:
-    text: str
-    level: str = "info"  # info | warning | error
-
-
-@dataclass
-class ImageEvent:
-    path: str | None
-    """The image now in use (None: no image)."""
-    image: Any = None
-    """The decoded picture (PIL), for the thumbnail."""
-
-
-@dataclass
-class RestartEvent:
-    pass
-
-
-@dataclass
-class FatalEvent:
-    error: BaseException
-
-
-@dataclass
-class ReadyEvent:
-    """The models are loaded and warmed up; the thread waits for `begin()`."""
+FrameSource = Callable[[float], np.ndarray | None]
+"""source(timeout) -> the next frame of the user's audio, or None if none came in time."""
+EventSink = Callable[[list[Event]], None]
 
 
 class ModelWorker(threading.Thread):
-    """Prepares the models, then runs them on the microphone's frames until `stop()`.
+    """Opens the session (`prepare`, on this thread: loading, warm-up), then feeds it the
+    source's frames until `stop()`, after `begin(sink)`."""
 
-    prepare() -> (stream, encode_image) runs first, on this thread (loading, warm-up);
-    then a `ReadyEvent` is emitted and the thread waits for `begin()`.
-    encode_image(path) -> (tokens, picture) is called for the `i` key (None: no image
-    encoder); it raises for a bad image, which is reported and changes nothing.
-    """
-
-    def __init__(self, prepare: Callable[[], tuple[Stream, Callable[[str], Any] | None]],
-                 audio: AudioIO):
+    def __init__(self, prepare: Callable[[], Opened], source: FrameSource):
         super().__init__(name="moshivis-model", daemon=True)
         self.prepare = prepare
-        self.stream: Stream | None = None
-        self.encode_image: Callable[[str], Any] | None = None
-        self.audio = audio
-        self.recorder: SessionRecorder | None = None
-        self.events: queue.Queue[Any] = queue.Queue(maxsize=MAX_EVENTS)
-        self.commands: queue.Queue[tuple] = queue.Queue()
-        self.muted = False
-        self.frames = 0
-        self.lost_events = 0
-        self._stop_event = threading.Event()
-        self._begin = threading.Event()
+        self.source = source
+        self.opened: Opened | None = None
+        self.error: BaseException | None = None
+        """What ended the thread's work, if it failed."""
+        self.commands: queue.Queue[tuple[str, object]] = queue.Queue()
+        self.ready = threading.Event()
         self.finished = threading.Event()
-        self._silence: np.ndarray | None = None
+        self._sink: EventSink | None = None
+        self._begin = threading.Event()
+        self._stop_event = threading.Event()
 
     # -- called from the main thread --------------------------------------------------------
 
-    def begin(self, recorder: SessionRecorder | None) -> None:
-        """Start the conversation (the audio streams must be running)."""
-        self.recorder = recorder
+    def wait_ready(self) -> Opened:
+        """Blocks until the session is loaded and warmed up; raises what made that fail."""
+        while not self.ready.wait(0.1):
+            if self.finished.is_set():
+                raise self.error or MoshivisError("the model thread stopped while loading")
+        return self.opened
+
+    def begin(self, sink: EventSink) -> None:
+        """Start the conversation; `sink` receives every event, on this thread."""
+        self._sink = sink
         self._begin.set()
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -108,49 +67,23 @@ class ModelWorker(threading.Thread):
         self.commands.put(("image", path))
 
     def restart(self) -> None:
-        self.commands.put(("restart",))
+        self.commands.put(("restart", None))
 
-    # -- this thread -----------------------------------------------------------------------
-
-    def _emit(self, event: Any) -> None:
-        try:
-            self.events.put_nowait(event)
-        except queue.Full:  # the display is not keeping up; the recording has everything
-            self.lost_events += 1
-
-    def _record_event(self, kind: str, **info: Any) -> None:
-        if self.recorder is not None:
-            self.recorder.add_event(kind, **info)
-
-    def _run_command(self, cmd: tuple) -> None:
-        if cmd[0] == "restart":
-            self.stream.reset()
-            self._record_event("restart")
-            self._emit(RestartEvent())
-        elif cmd[0] == "image":
-            path = cmd[1]
-            if self.encode_image is None:
-                self._emit(MessageEvent("this model runs without images (--no-image)", "warning"))
-                return
-            try:
-                tokens, picture = self.encode_image(path)
-            except Exception as e:  # a bad file must not end the conversation
-                self._emit(MessageEvent(str(e), "error"))
-                return
-            self.stream.set_image(tokens)
-            self._record_event("image", path=str(path))
-            self._emit(ImageEvent(str(path), picture))
+    def mute(self, muted: bool) -> None:
+        self.commands.put(("mute", muted))
 
     @property
     def running(self) -> bool:
         """False once the thread's work is over (see `run` for why it never ends)."""
         return not self.finished.is_set()
 
+    # -- this thread -----------------------------------------------------------------------
+
     def run(self) -> None:
         try:
             self._work()
         except BaseException as e:
-            self._emit_fatal(e)
+            self.error = e
         finally:
             self.finished.set()
         # MLX (0.32) can abort the whole process at exit when a thread that used it has
@@ -159,49 +92,28 @@ class ModelWorker(threading.Thread):
         threading.Event().wait()
 
     def _work(self) -> None:
-        self.stream, self.encode_image = self.prepare()
-        self._emit(ReadyEvent())
+        self.opened = self.prepare()
+        session = self.opened.session
+        self.ready.set()
         while not self._begin.wait(0.05):
             if self._stop_event.is_set():
                 return
         while not self._stop_event.is_set():
-            while True:
-                try:
-                    self._run_command(self.commands.get_nowait())
-                except queue.Empty:
-                    break
-            frame = self.audio.read_frame(timeout=0.1)
-            if frame is None:
-                self.audio.check()
-                continue
-            self._step(frame)
-            if self.frames % 13 == 0:
-                self.audio.check()
+            self._run_commands()
+            frame = self.source(0.1)
+            if frame is not None:
+                self._sink(session.feed(frame))
 
-    def _emit_fatal(self, e: BaseException) -> None:
-        # The display must learn about this even if its queue is full.
+    def _run_commands(self) -> None:
+        session = self.opened.session
         while True:
             try:
-                self.events.put_nowait(FatalEvent(e))
+                name, arg = self.commands.get_nowait()
+            except queue.Empty:
                 return
-            except queue.Full:
-                try:
-                    self.events.get_nowait()
-                except queue.Empty:
-                    pass
-
-    def _step(self, frame: np.ndarray) -> None:
-        level = float(np.sqrt(np.mean(frame * frame)))
-        if self.muted:
-            if self._silence is None or len(self._silence) != len(frame):
-                self._silence = np.zeros_like(frame)
-            frame = self._silence
-        result = self.stream.step(frame)
-        self.audio.write_frame(result.pcm)
-        backlog = self.audio.backlog
-        if self.recorder is not None:
-            self.recorder.add_step(frame, result, backlog)
-        t = self.frames * FRAME_SECONDS
-        self.frames += 1
-        self._emit(StepEvent(result, t, level, backlog, self.audio.dropped, self.audio.underruns))
-
+            if name == "restart":
+                self._sink(session.restart())
+            elif name == "image":
+                self._sink(session.set_image(arg))
+            elif name == "mute":
+                self._sink(session.mute(arg))

@@ -1,0 +1,126 @@
+"""The opening sequence, the same for live mode, file mode and the demo: find (or download
+and convert once) the bundle, load the language model, Mimi, the image encoder when
+wanted and the tokenizer, build the generator and the stream, set the first image, and
+make the session around it.
+
+Every failure a user can fix becomes a `WeightsError` with a one-line message saying
+what to do. The first image is decoded by the caller (`session.load_picture`) before any
+of this: a bad file should not wait for a 7B model to load.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..bundle import load_generation, load_lm, load_mimi, load_vision, read_config
+from ..errors import BundleError, TokenizerError, WeightsError
+from ..generate import Generator
+from ..image import ImageEncoder
+from ..models.lm import LM
+from ..models.mimi import Mimi
+from ..progress import Steps
+from ..sampling import GenerationConfig
+from ..stream import Stream
+from ..text import TextTokenizer, find_tokenizer
+from .options import ModelOptions
+from .session import Session
+
+
+@dataclass
+class Opened:
+    """A session ready to talk, and the bundle it was made from."""
+
+    bundle: Path
+    session: Session
+
+
+def opening_steps(want_vision: bool, first_image: bool) -> int:
+    """The steps `open_session` shows (a download and a conversion add theirs)."""
+    return 3 + want_vision + first_image
+
+
+def open_session(opts: ModelOptions, steps: Steps, want_vision: bool,
+                 image: str | None = None, picture: Any = None) -> Opened:
+    """Bundle -> models -> generator -> stream -> session, with `picture` (decoded from
+    `image`) as the first image if given. Runs on the thread that will step the stream."""
+    bundle = resolve_bundle(opts, steps)
+    lm, mimi, vision, tokenizer = load_models(bundle, want_vision, steps)
+    stream = Stream(mimi, make_generator(lm, opts, load_generation(bundle)), tokenizer)
+    if picture is not None:
+        with steps.step(f"image {Path(image).name}"):
+            stream.set_image(vision.encode_image(picture))
+    return Opened(bundle, Session(stream, vision))
+
+
+def resolve_bundle(opts: ModelOptions, steps: Steps) -> Path:
+    """The bundle directory: --weights, or --hf-repo downloaded and converted once."""
+    if opts.weights is not None:
+        if opts.quantize is not None:
+            steps.console.print(f"note: -q {opts.quantize} is ignored: the bundle in "
+                                f"{opts.weights} is used as it was converted", highlight=False)
+        path = opts.weights.expanduser()
+        if not path.exists():
+            raise WeightsError(f"weights directory {path} does not exist",
+                               "give a bundle made by moshivis-convert with --weights DIR, "
+                               "or leave --weights out to download Kyutai's model")
+        return path
+    from moshivis_mlx.weights_convert.hub import HubError, bundle_for_repo
+
+    @contextmanager
+    def stage(description: str) -> Iterator[None]:
+        # Hugging Face shows its own progress bars while it downloads.
+        with steps.step(description, own_output=description.startswith("download")):
+            yield
+
+    try:
+        return bundle_for_repo(opts.hf_repo, opts.quantize or "8", stage=stage)
+    except HubError as e:
+        raise WeightsError(str(e)) from None
+
+
+def _bundle_error(e: Exception, bundle: Path) -> WeightsError:
+    return WeightsError(f"cannot use the weights in {bundle}: {' '.join(str(e).split())}",
+                        "convert them again with moshivis-convert, or use --hf-repo")
+
+
+def load_models(bundle: Path, want_vision: bool, steps: Steps
+                ) -> tuple[LM, Mimi, ImageEncoder | None, TextTokenizer]:
+    """The bundle's language model, Mimi, image encoder (if wanted) and tokenizer."""
+    try:
+        cfg = read_config(bundle)
+    except BundleError as e:
+        raise WeightsError(str(e)) from None
+    try:
+        with steps.step("language model"):
+            lm = load_lm(bundle)
+        with steps.step("Mimi codec"):
+            mimi = load_mimi(bundle)
+        vision = None
+        if want_vision:
+            if not cfg.get("vision"):
+                raise WeightsError(f"{bundle} has no image encoder",
+                                   "use a MoshiVis bundle, or run with --no-image")
+            if not lm.cfg.cross_attention:
+                raise WeightsError(f"the model in {bundle} is plain Moshi (no cross-attention)",
+                                   "use a MoshiVis bundle, or run with --no-image")
+            with steps.step("image encoder"):
+                vision = load_vision(bundle)
+        with steps.step("tokenizer"):
+            tokenizer = TextTokenizer(find_tokenizer(bundle), lm.cfg.text_padding_ids)
+    except (BundleError, TokenizerError, ValueError, OSError) as e:
+        if isinstance(e, WeightsError):
+            raise
+        raise _bundle_error(e, bundle) from None
+    return lm, mimi, vision, tokenizer
+
+
+def make_generator(lm: LM, opts: ModelOptions, defaults: GenerationConfig) -> Generator:
+    """The generator with the bundle's sampling settings (Kyutai's), overridden by the
+    options."""
+    g = opts.generation(defaults)
+    return Generator(lm, text_sampler=g.text_sampler(opts.seed),
+                     audio_sampler=g.audio_sampler(opts.seed), xa_start=g.xa_start)

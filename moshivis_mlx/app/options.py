@@ -1,0 +1,65 @@
+"""What the user asked for, typed: built once from the command line (cli/app.py) and handed
+down as is. Nothing below the entry point sees the argparse namespace; a mode that needs
+other settings (the demo) derives them with `dataclasses.replace`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..sampling import GenerationConfig
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    """Which weights, and how to sample them (None: the bundle's default)."""
+
+    hf_repo: str
+    """The Hugging Face repository to download and convert once (unless `weights`)."""
+    weights: Path | None = None
+    """A bundle directory made by moshivis-convert."""
+    quantize: str | None = None
+    """"8", "4" or "none" when converting `hf_repo`; None: not given (8)."""
+    text_temperature: float | None = None
+    audio_temperature: float | None = None
+    top_k: int | None = None
+    """Text and audio alike."""
+    top_p: float | None = None
+    """Text and audio alike."""
+    xa_start: int | None = None
+    seed: int | None = None
+
+    def generation(self, defaults: GenerationConfig) -> GenerationConfig:
+        """The bundle's sampling settings with the ones given here on top."""
+        over = {"text_temperature": self.text_temperature,
+                "audio_temperature": self.audio_temperature,
+                "text_top_k": self.top_k, "audio_top_k": self.top_k,
+                "text_top_p": self.top_p, "audio_top_p": self.top_p,
+                "xa_start": self.xa_start}
+        return replace(defaults, **{k: v for k, v in over.items() if v is not None})
+
+
+@dataclass(frozen=True)
+class AppOptions:
+    """One run of the app: live mode, file mode (`input_wav`), the demo or the device list."""
+
+    model: ModelOptions
+    image: str | None = None
+    """The picture to start with, as typed (recorded as given)."""
+    no_image: bool = False
+    """Plain Moshi: no image encoder is loaded."""
+    input_device: int | str | None = None
+    """A device number or part of its name (None: the system's)."""
+    output_device: int | str | None = None
+    record: bool = True
+    record_dir: Path | None = None
+    """Where to save a live session (None: ./moshivis-sessions/<date-time>/)."""
+    input_wav: str | None = None
+    """File mode: the user's side of the conversation, as typed (recorded as given)."""
+    output_wav: Path | None = None
+    transcript: Path | None = None
+    demo: bool = False
+    list_devices: bool = False
+    debug: bool = False

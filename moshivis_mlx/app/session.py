@@ -1,0 +1,166 @@
+"""A conversation around one `Stream`, whatever carries its audio.
+
+Commands go in as method calls; each returns the events it caused, in order:
+
+    feed(frame)      -> AudioFrame   the model's frame, and the user's as the model heard it
+                        Piece        the text piece of this frame with its gate (if any)
+                        Stats        what each stage cost, the step, the time, the mic level
+    set_image(path)  -> ImageChanged, or a Message saying why the image was not used
+    restart()        -> Restarted
+    mute(muted)      -> (nothing)
+
+The terminal UI, plain mode, file mode and the session recorder all consume these
+events; nothing here knows about devices, threads or the terminal, so a web or API client
+could drive a session the same way. All calls must come from the thread that created the
+stream (MLX streams belong to their thread).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import ImageError
+from ..image import ImageEncoder
+from ..stream import Stream
+
+WARMUP_STEPS = 4
+
+
+@dataclass
+class AudioFrame:
+    step: int
+    t: float
+    pcm: np.ndarray
+    """One frame of the model's voice (float32; silence until it has spoken)."""
+    heard: np.ndarray
+    """The user's frame as the model heard it (silence while muted)."""
+
+
+@dataclass
+class Piece:
+    step: int
+    t: float
+    text: str
+    """A piece of the model's text ("▁" starts a word)."""
+    gate: float | None
+    """How much the model was looking at the image (None: no image yet)."""
+
+
+@dataclass
+class Stats:
+    step: int
+    """Frames fed to the session before this one (a restart does not reset it)."""
+    t: float
+    """Seconds into the conversation when the frame began."""
+    encode_ms: float
+    model_ms: float
+    decode_ms: float
+    level: float
+    """The microphone's RMS over the frame (before muting), 0..1."""
+
+    @property
+    def latency_ms(self) -> float:
+        return self.encode_ms + self.model_ms + self.decode_ms
+
+
+@dataclass
+class ImageChanged:
+    path: str
+    """The image now in use."""
+    picture: Any = None
+    """The decoded picture (PIL), for a thumbnail."""
+
+
+@dataclass
+class Restarted:
+    pass
+
+
+@dataclass
+class Message:
+    text: str
+    level: str = "info"  # info | warning | error
+
+
+Event = AudioFrame | Piece | Stats | ImageChanged | Restarted | Message
+
+
+def load_picture(path: str | Path):
+    """An image file -> a decoded RGB picture (PIL); ImageError with a one-line
+    message for anything that is not a usable image."""
+    from ..image import load_image
+
+    try:
+        return load_image(path)
+    except ImageError as e:
+        raise ImageError(str(e), "give a JPEG or PNG photo") from None
+
+
+class Session:
+    """One conversation: the user's frames in, the model's voice and words out.
+
+    session = Session(stream, vision)
+    for event in session.feed(frame):   # one frame of the stream's geometry
+        ...
+    """
+
+    def __init__(self, stream: Stream, vision: ImageEncoder | None = None):
+        self.stream = stream
+        self.geometry = stream.geometry
+        self.vision = vision
+        """The image encoder (None: images are off)."""
+        self.frames = 0
+        self.muted = False
+        self._silence = np.zeros(self.geometry.frame_size, dtype=np.float32)
+
+    def feed(self, frame: np.ndarray) -> list[Event]:
+        """One frame of the user's audio -> the model's frame, its text, the step's stats."""
+        frame = np.asarray(frame, dtype=np.float32).reshape(-1)
+        level = float(np.sqrt(np.mean(frame * frame)))
+        heard = self._silence if self.muted else frame
+        result = self.stream.step(heard)
+        step, t = self.frames, self.frames * self.geometry.frame_seconds
+        self.frames += 1
+        events: list[Event] = [AudioFrame(step, t, result.pcm, heard)]
+        if result.piece:
+            events.append(Piece(step, t, result.piece, result.gate))
+        events.append(Stats(step, t, result.encode_ms, result.model_ms, result.decode_ms,
+                            level))
+        return events
+
+    def set_image(self, path: str) -> list[Event]:
+        """Look at another picture from now on; the conversation goes on. A file that
+        cannot be used is reported and changes nothing."""
+        if self.vision is None:
+            return [Message("this model runs without images (--no-image)", "warning")]
+        try:
+            picture = load_picture(path)
+            tokens = self.vision.encode_image(picture)
+        except Exception as e:  # a bad file must not end the conversation
+            return [Message(str(e), "error")]
+        self.stream.set_image(tokens)
+        return [ImageChanged(str(path), picture)]
+
+    def restart(self) -> list[Event]:
+        """A new conversation about the same image."""
+        self.stream.reset()
+        return [Restarted()]
+
+    def mute(self, muted: bool) -> list[Event]:
+        """While muted the model hears silence."""
+        self.muted = muted
+        return []
+
+    def warm_up(self, steps: int = WARMUP_STEPS) -> None:
+        """A few steps on silence, and the step with an image compiled (it first runs at
+        `xa_start`, and an image may come later), so the first real frame does not pay for
+        compilation and allocation; then a fresh conversation."""
+        for _ in range(steps):
+            self.stream.step(self._silence)
+        tokens = self.vision.config.num_tokens if self.vision is not None else None
+        self.stream.gen.warm_up(image_tokens=tokens)
+        self.stream.reset()

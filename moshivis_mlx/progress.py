@@ -1,0 +1,138 @@
+"""Progress displays for the command-line tools: named steps, and counted bars.
+
+`Steps` follows a short sequence of named steps (finding the weights, downloading them,
+loading each model): one bar over the steps on a terminal, a plain line per step
+elsewhere. `Counter` counts frames, steps or bytes, one bar per task, with a rate and the
+time remaining; off a terminal it stays silent or, if asked, prints a line at each
+quarter. Neither knows what is being counted.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    SpinnerColumn,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+
+class Steps:
+    """A progress bar over named steps (plain lines when not on a terminal).
+
+    with Steps(console, 3) as steps:
+        with steps.step("language model"):
+            ...
+    """
+
+    def __init__(self, console: Console, total: int):
+        self.console = console
+        self.progress: Progress | None = None
+        if console.is_terminal:
+            self.progress = Progress(SpinnerColumn(), TextColumn("{task.description:<28}"),
+                                     BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                                     TimeElapsedColumn(), console=console, transient=True)
+            self.task = self.progress.add_task("loading", total=total)
+
+    def __enter__(self) -> Steps:
+        if self.progress is not None:
+            self.progress.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+
+    @contextmanager
+    def step(self, description: str, own_output: bool = False) -> Iterator[None]:
+        """One step, ticked off with its duration when it ends. `own_output`: the step
+        prints its own progress (a download's bars), so the bar is hidden meanwhile."""
+        t0 = time.perf_counter()
+        if self.progress is not None:
+            task = self.progress.tasks[0]
+            if task.completed >= (task.total or 0):  # a step nobody counted (a download)
+                self.progress.update(self.task, total=task.completed + 1)
+            self.progress.update(self.task, description=description)
+        else:
+            self.console.print(f"{description} ...", highlight=False)
+        if own_output and self.progress is not None:
+            self.progress.stop()
+            try:
+                yield
+            finally:
+                self.progress.start()
+        else:
+            yield
+        if self.progress is not None:
+            self.progress.advance(self.task)
+            self.progress.console.print(f"[green]\u2713[/] {description} "
+                                        f"[bright_black]({time.perf_counter() - t0:.1f} s)[/]")
+
+
+class Counter:
+    """Counted progress bars: one per task, with a rate and the time remaining.
+
+    unit: "frames", "steps", ... (shown after the count), "bytes" (sizes), or "" (a bare
+    count). rate: the caller's text for the rate ("3.1x real time"), given to `update`.
+    quarters: when not on a terminal, print a line at each quarter of each task.
+    """
+
+    def __init__(self, console: Console | None = None, unit: str = "",
+                 transient: bool = True, quarters: bool = False):
+        self.console = console or Console()
+        self.unit = unit
+        self.quarters = quarters and not self.console.is_terminal
+        count: ProgressColumn
+        if unit == "bytes":
+            count = DownloadColumn()
+        elif unit:
+            count = TextColumn(f"{{task.completed}}/{{task.total}} {unit}")
+        else:
+            count = MofNCompleteColumn()
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), count,
+                                 TextColumn("{task.fields[rate]}"), TimeRemainingColumn(),
+                                 console=self.console, transient=transient,
+                                 disable=not self.console.is_terminal)
+        self._next_note: dict[TaskID, float] = {}
+
+    def __enter__(self) -> Counter:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.progress.stop()
+
+    def add(self, description: str, total: int) -> TaskID:
+        task = self.progress.add_task(description, total=total, rate="")
+        self._next_note[task] = 0.25
+        return task
+
+    def update(self, task: TaskID, completed: int, rate: str | None = None) -> None:
+        fields = {} if rate is None else {"rate": rate}
+        self.progress.update(task, completed=completed, **fields)
+        if self.quarters:
+            self._note(task, completed)
+
+    def advance(self, task: TaskID, n: int = 1) -> None:
+        self.progress.advance(task, n)
+        if self.quarters:
+            self._note(task, int(self.progress.tasks[task].completed))
+
+    def _note(self, task: TaskID, done: int) -> None:
+        total = self.progress.tasks[task].total or 0
+        if total and done / total >= self._next_note[task]:
+            unit = f" {self.unit}" if self.unit else ""
+            self.console.print(f"  {100 * done // total}% ({done}/{total}{unit})",
+                               highlight=False)
+            self._next_note[task] += 0.25
