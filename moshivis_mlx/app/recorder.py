@@ -24,7 +24,7 @@ from .transcript import Transcript, TranscriptWriter
 from .wav import WavWriter
 
 DEFAULT_ROOT = Path("moshivis-sessions")
-LATENCY_HEADER = "step,t_s,encode_ms,model_ms,decode_ms,total_ms,backlog_frames\n"
+LATENCY_HEADER = "step,t_s,total_ms,host_ms,backlog_frames\n"
 
 
 def default_session_dir(root: Path = DEFAULT_ROOT) -> Path:
@@ -72,8 +72,8 @@ class SessionRecorder:
         self.wav.write(self._stereo)
         t = self.seconds
         self.transcript.add(result.piece, t, result.gate, result.step)
-        self._latency.write(f"{result.step},{t:.2f},{result.encode_ms:.3f},{result.model_ms:.3f},"
-                            f"{result.decode_ms:.3f},{result.latency_ms:.3f},{backlog}\n")
+        self._latency.write(f"{result.step},{t:.2f},{result.latency_ms:.3f},"
+                            f"{result.host_ms:.3f},{backlog}\n")
         self.frames += 1
         now = time.monotonic()
         if now - self._last_flush > 1.0:
