@@ -47,9 +47,13 @@ def read_config(bundle: str | Path) -> dict[str, Any]:
         raise BundleError(f"{bundle}: no {CONFIG_NAME}; is this a moshivis-mlx bundle? "
                           f"(make one with moshivis-convert)")
     try:
-        cfg = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        cfg = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise BundleError(f"{path}: invalid JSON ({e})") from None
+    except OSError as e:
+        raise BundleError(f"{path}: cannot read ({e.strerror or e})") from None
+    if not isinstance(cfg, dict):
+        raise BundleError(f"{path}: expected a JSON object, got {type(cfg).__name__}")
     version = cfg.get("format_version")
     if version != FORMAT_VERSION:
         raise BundleError(f"{path}: bundle format {version}, this version reads {FORMAT_VERSION}; "
@@ -99,9 +103,9 @@ def _model_config(bundle: Path, section: str, parse: Callable[[dict], Any], what
             return cfg, None
         raise BundleError(f"{bundle}: the bundle holds no {what} ({hint})")
     try:
-        return cfg, parse(cfg[section])
+        return cfg, parse(cfg[section], f"{section}.")
     except (KeyError, TypeError, ValueError) as e:
-        raise BundleError(f"{bundle}/{CONFIG_NAME}: invalid {section} section ({e})") from None
+        raise BundleError(f"{bundle}/{CONFIG_NAME}: {e}") from None
 
 
 def load_lm(bundle: str | Path) -> LM:
@@ -148,7 +152,12 @@ def load_vision(bundle: str | Path) -> ImageEncoder:
     `quantization` (None: float), which may differ from the language model's.
     """
     bundle = Path(bundle)
-    cfg, siglip = _model_config(bundle, "vision", lambda v: SiglipConfig.from_dict(v["siglip"]),
+    def parse(v: Any, where: str) -> SiglipConfig:
+        if not isinstance(v, dict) or "siglip" not in v:
+            raise ValueError(f"{where}siglip: missing")
+        return SiglipConfig.from_dict(v["siglip"], where + "siglip.")
+
+    cfg, siglip = _model_config(bundle, "vision", parse,
                                 "image encoder", "add one with moshivis-convert --vision-weights")
     model = SiglipVision(siglip)
     load_weights_into(model, weight_files(bundle, "vision"), cfg["vision"].get("quantization"),

@@ -263,12 +263,13 @@ class Generator:
         return self.step_async(user_codes, force_text, force_audio).result()
 
     def step_async(self, user_codes: Codes, force_text: object = None,
-                   force_audio: object = None) -> PendingStep:
-        """Submits a step and returns at once, nothing evaluated; `.result()` evaluates.
+                   force_audio: object = None, evaluate: bool = True) -> PendingStep:
+        """Submits a step and returns at once; `.result()` waits for its output.
 
         The step's graph depends on earlier steps only through arrays, so a caller holding
-        the next frame's codes can submit it before collecting this one (file mode), and a
-        caller can feed `pending.tokens` on to the Mimi decoder without reading it back.
+        the next frame's codes can submit it before collecting this one (file mode). With
+        `evaluate=False` nothing is scheduled: the caller builds more on `pending.tokens`
+        (the Mimi decoder) and evaluates the whole frame once (`pending.outputs` with it).
         """
         s = self._step
         self._user.append(self._user_codes(user_codes))
@@ -279,6 +280,8 @@ class Generator:
             self._use_initial[min(s, self.max_delay + 1)],
             self.text_sampler.next_key(), self.audio_sampler.next_key(),
             self.image_kv if cross else None, forced)
+        if evaluate:
+            mx.async_eval(outputs)  # the one evaluation of the step
         generated, gate, tokens, out_gate = outputs[:4]
         self._generated.append(generated)
         self._gates.append(gate)
@@ -355,10 +358,10 @@ class Generator:
         return step
 
     def _collect(self, upto: PendingStep) -> None:
-        """Materialises submitted steps in order, up to and including `upto`."""
+        """Materialises submitted steps in order, up to and including `upto` (reading an
+        array waits for its evaluation; nothing more is evaluated here)."""
         while self._pending and upto.output is _NOT_READY:
             p = self._pending.popleft()
-            mx.eval(p.outputs)
             self.last_tokens = np.array(p.outputs[0])
             if self.keep_logits:
                 self.last_text_logits, self.last_audio_logits = p.outputs[4], p.outputs[5]

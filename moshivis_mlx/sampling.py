@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
-from .models.config import ConfigBase
+from .models.config import ConfigBase, check_range
 
 
 class Sampler:
@@ -101,6 +101,14 @@ class GenerationConfig(ConfigBase):
     audio_top_p: float = 0.0
     xa_start: int = 16
     """Steps before the cross-attention is applied (the model first hears, then looks)."""
+
+    def check(self, where: str = "") -> None:
+        for stream in ("text", "audio"):
+            check_range(f"{where}{stream}_temperature", getattr(self, f"{stream}_temperature"),
+                        0.0, 100.0)
+            check_range(f"{where}{stream}_top_k", getattr(self, f"{stream}_top_k"), 0, 1 << 20)
+            check_range(f"{where}{stream}_top_p", getattr(self, f"{stream}_top_p"), 0.0, 1.0)
+        check_range(where + "xa_start", self.xa_start, 0, 1 << 30)
 
     def text_sampler(self, seed: int | None = None) -> Sampler:
         return Sampler(self.text_temperature, self.text_top_k, self.text_top_p, seed)

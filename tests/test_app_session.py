@@ -83,9 +83,7 @@ def test_events_of_each_frame():
         assert stats.t == pytest.approx(i * RELEASED.frame_seconds)
         assert audio.pcm.shape == (RELEASED.frame_size,) and audio.pcm.dtype == np.float32
         np.testing.assert_array_equal(audio.heard, frame)
-        assert stats.encode_ms > 0 and stats.model_ms > 0
-        assert stats.latency_ms == pytest.approx(stats.encode_ms + stats.model_ms
-                                                 + stats.decode_ms)
+        assert 0 < stats.host_ms <= stats.latency_ms
         assert stats.level == pytest.approx(float(np.sqrt(np.mean(frame**2))))
         # One result type per level: the session's events are not the stream's results.
         assert not any(isinstance(getattr(e, f, None), StepResult) for e in events

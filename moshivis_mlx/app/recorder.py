@@ -25,7 +25,7 @@ from .transcript import Transcript, TranscriptWriter
 from .wav import WavWriter
 
 DEFAULT_ROOT = Path("moshivis-sessions")
-LATENCY_HEADER = "step,t_s,encode_ms,model_ms,decode_ms,total_ms,backlog_frames\n"
+LATENCY_HEADER = "step,t_s,total_ms,host_ms,backlog_frames\n"
 
 
 def default_session_dir(root: Path = DEFAULT_ROOT) -> Path:
@@ -90,8 +90,8 @@ class SessionRecorder:
         self.frames += 1
 
     def add_stats(self, s: Stats, backlog: int = 0) -> None:
-        self._latency.write(f"{s.step},{s.t:.2f},{s.encode_ms:.3f},{s.model_ms:.3f},"
-                            f"{s.decode_ms:.3f},{s.latency_ms:.3f},{backlog}\n")
+        self._latency.write(f"{s.step},{s.t:.2f},{s.latency_ms:.3f},{s.host_ms:.3f},"
+                            f"{backlog}\n")
         now = time.monotonic()
         if now - self._last_flush > 1.0:
             self._latency.flush()

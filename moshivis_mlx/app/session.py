@@ -4,7 +4,7 @@ Commands go in as method calls; each returns the events it caused, in order:
 
     feed(frame)      -> AudioFrame   the model's frame, and the user's as the model heard it
                         Piece        the text piece of this frame with its gate (if any)
-                        Stats        what each stage cost, the step, the time, the mic level
+                        Stats        what the frame cost, the step, the time, the mic level
     set_image(path)  -> ImageChanged, or a Message saying why the image was not used
     restart()        -> Restarted
     mute(muted)      -> (nothing)
@@ -56,15 +56,12 @@ class Stats:
     """Frames fed to the session before this one (a restart does not reset it)."""
     t: float
     """Seconds into the conversation when the frame began."""
-    encode_ms: float
-    model_ms: float
-    decode_ms: float
+    latency_ms: float
+    """What the whole frame cost: from the frame given to the model's frame back."""
+    host_ms: float
+    """Of which the host spent building the frame's graph."""
     level: float
     """The microphone's RMS over the frame (before muting), 0..1."""
-
-    @property
-    def latency_ms(self) -> float:
-        return self.encode_ms + self.model_ms + self.decode_ms
 
 
 @dataclass
@@ -128,8 +125,7 @@ class Session:
         events: list[Event] = [AudioFrame(step, t, result.pcm, heard)]
         if result.piece:
             events.append(Piece(step, t, result.piece, result.gate))
-        events.append(Stats(step, t, result.encode_ms, result.model_ms, result.decode_ms,
-                            level))
+        events.append(Stats(step, t, result.latency_ms, result.host_ms, level))
         return events
 
     def set_image(self, path: str) -> list[Event]:

@@ -13,7 +13,9 @@ same output because every conv sees exactly the same left context either way:
 
 States are small objects held by the caller (as the transformer's KV caches are), so a
 model can serve several streams, and their size never changes: a stream costs the same
-at minute 60 as at second 1.
+at minute 60 as at second 1. Their arrays are allocated at the start of the stream with
+their final shapes and kept in a list (`state`) that each call updates in place, so a
+streaming step has fixed shapes and can be compiled once, carrying the states.
 """
 
 from __future__ import annotations
@@ -30,24 +32,27 @@ def elu(x: mx.array) -> mx.array:
 
 
 class ConvState:
-    """Left context of one causal conv: its last input samples ([B, context, C_in])."""
+    """Left context of one causal conv: its last input samples, [B, context, C_in], and
+    whether the stream has started (before that, the padding is zeros or the first
+    sample, as the conv's `pad_mode` says)."""
 
-    def __init__(self) -> None:
-        self.previous: mx.array | None = None
-        """None at the start of a stream (the conv pads with zeros or the first sample)."""
+    def __init__(self, batch: int, context: int, channels: int):
+        self.state = [mx.zeros((batch, context, channels)), mx.array(False)]
 
-    def arrays(self) -> list[mx.array]:
-        return [] if self.previous is None else [self.previous]
+    def reset(self) -> None:
+        self.state[0] = mx.zeros_like(self.state[0])
+        self.state[1] = mx.array(False)
 
 
 class ConvTransposeState:
-    """Overlap of one transposed conv: its last `kernel - stride` outputs, bias excluded."""
+    """Overlap of one transposed conv: its last `kernel - stride` outputs, bias excluded,
+    [B, overlap, C_out] (zeros at the start of a stream: nothing to add yet)."""
 
-    def __init__(self) -> None:
-        self.partial: mx.array | None = None
+    def __init__(self, batch: int, overlap: int, channels: int):
+        self.state = [mx.zeros((batch, overlap, channels))]
 
-    def arrays(self) -> list[mx.array]:
-        return [] if self.partial is None else [self.partial]
+    def reset(self) -> None:
+        self.state[0] = mx.zeros_like(self.state[0])
 
 
 class CausalConv1d(nn.Module):
@@ -79,25 +84,34 @@ class CausalConv1d(nn.Module):
         self.dilation = dilation
         self.groups = groups
         self.pad_mode = pad_mode
+        self.in_channels = in_channels
         self.context = (kernel_size - 1) * dilation + 1 - stride
 
-    def new_state(self) -> ConvState:
-        return ConvState()
+    def new_state(self, batch: int = 1) -> ConvState:
+        return ConvState(batch, max(self.context, 0), self.in_channels)
+
+    def _padding(self, x: mx.array) -> mx.array:
+        """The left padding at the start of a stream (or of a whole clip)."""
+        if self.pad_mode == "replicate":
+            return mx.repeat(x[:, :1], self.context, axis=1)
+        return mx.zeros((x.shape[0], self.context, x.shape[2]), dtype=x.dtype)
 
     def __call__(self, x: mx.array, state: ConvState | None = None) -> mx.array:
-        b, t, c = x.shape
+        t = x.shape[1]
         if t % self.stride:
             raise ValueError(f"input length {t} is not a multiple of the stride {self.stride}")
         if self.context > 0:
-            previous = state.previous if state is not None else None
-            if previous is None:
-                if self.pad_mode == "replicate":
-                    previous = mx.repeat(x[:, :1], self.context, axis=1)
-                else:
-                    previous = mx.zeros((b, self.context, c), dtype=x.dtype)
+            if state is None:
+                previous = self._padding(x)
+            elif self.pad_mode == "replicate":
+                started = state.state[1]
+                previous = mx.where(started, state.state[0].astype(x.dtype), self._padding(x))
+            else:
+                previous = state.state[0].astype(x.dtype)  # zeros at the start
             x = mx.concatenate([previous, x], axis=1)
             if state is not None:
-                state.previous = x[:, -self.context:]
+                state.state[0] = x[:, -self.context:]
+                state.state[1] = mx.array(True)
         y = mx.conv1d(x, self.weight, stride=self.stride, dilation=self.dilation,
                       groups=self.groups)
         if "bias" in self:
@@ -125,19 +139,20 @@ class CausalConvTranspose1d(nn.Module):
             self.bias = mx.zeros((out_channels,))
         self.stride = stride
         self.groups = groups
+        self.out_channels = out_channels
         self.overlap = kernel_size - stride
 
-    def new_state(self) -> ConvTransposeState:
-        return ConvTransposeState()
+    def new_state(self, batch: int = 1) -> ConvTransposeState:
+        return ConvTransposeState(batch, max(self.overlap, 0), self.out_channels)
 
     def __call__(self, x: mx.array, state: ConvTransposeState | None = None) -> mx.array:
         y = mx.conv_transpose1d(x, self.weight, stride=self.stride, groups=self.groups)
         n = self.overlap
         if n > 0:
             if state is not None:
-                if state.partial is not None:
-                    y = mx.concatenate([y[:, :n] + state.partial, y[:, n:]], axis=1)
-                state.partial = y[:, -n:]
+                partial = state.state[0].astype(y.dtype)
+                y = mx.concatenate([y[:, :n] + partial, y[:, n:]], axis=1)
+                state.state[0] = y[:, -n:]
             y = y[:, :-n]
         if "bias" in self:
             y = y + self.bias

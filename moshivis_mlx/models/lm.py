@@ -16,8 +16,11 @@ from typing import ClassVar
 import mlx.core as mx
 import mlx.nn as nn
 
-from .config import ConfigBase
+from .config import ConfigBase, ConfigError, check_divides, check_range
 from .transformer import (
+    MAX_CONTEXT,
+    MAX_LAYERS,
+    MAX_WIDTH,
     CrossAttention,
     CrossAttentionInput,
     RingKVCache,
@@ -66,10 +69,35 @@ class LmConfig(ConfigBase):
     xa_gate_hidden: int = 512
 
     def __post_init__(self) -> None:
+        self.check()
+
+    def check(self, where: str = "") -> None:
         if len(self.delays) != self.n_q + 1:
-            raise ValueError(f"{len(self.delays)} delays for {self.n_q + 1} streams")
-        if self.dim % self.num_heads:
-            raise ValueError(f"dim {self.dim} is not a multiple of num_heads {self.num_heads}")
+            raise ConfigError(f"{where}delays: {len(self.delays)} delays for "
+                              f"{self.n_q + 1} streams (n_q + 1)")
+        for i, d in enumerate(self.delays):
+            check_range(f"{where}delays[{i}]", d, 0, 16)
+        check_range(where + "n_q", self.n_q, 1, 64)
+        check_range(where + "dep_q", self.dep_q, 1, self.n_q)
+        check_range(where + "text_card", self.text_card, 1, 1 << 20)
+        check_range(where + "card", self.card, 1, 1 << 16)
+        check_range(where + "text_padding_id", self.text_padding_id, 0, self.text_card - 1)
+        check_range(where + "end_of_text_padding_id", self.end_of_text_padding_id, 0,
+                    self.text_card - 1)
+        check_range(where + "image_dim", self.image_dim, 1, MAX_WIDTH)
+        check_range(where + "max_period", self.max_period, 1.0, 1e9)
+        check_range(where + "context", self.context, 1, MAX_CONTEXT)
+        d, dp = self.depformer, where + "depformer."
+        for prefix, dim, heads, layers, ffn in (
+                (where, self.dim, self.num_heads, self.num_layers, self.ffn_hidden),
+                (dp, d.dim, d.num_heads, d.num_layers, d.ffn_hidden)):
+            check_range(prefix + "dim", dim, 1, MAX_WIDTH)
+            check_range(prefix + "num_heads", heads, 1, dim)
+            check_divides(prefix + "dim", dim, prefix + "num_heads", heads)
+            check_range(prefix + "num_layers", layers, 1, MAX_LAYERS)
+            check_range(prefix + "ffn_hidden", ffn, 1, 16 * MAX_WIDTH)
+        if self.cross_attention:
+            check_range(where + "xa_gate_hidden", self.xa_gate_hidden, 1, MAX_WIDTH)
 
     @property
     def text_initial_token(self) -> int:

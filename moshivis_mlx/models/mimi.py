@@ -29,11 +29,11 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .config import ConfigBase
+from .config import ConfigBase, ConfigError, check_range
 from .conv import CausalConv1d, CausalConvTranspose1d, ConvState, ConvTransposeState
 from .quantizer import QuantizerConfig, SplitResidualVectorQuantizer
-from .seanet import SeanetConfig, SEANetDecoder, SEANetEncoder, state_arrays
-from .transformer import RingKVCache, Transformer, TransformerConfig
+from .seanet import SeanetConfig, SEANetDecoder, SEANetEncoder, conv_states
+from .transformer import MAX_WIDTH, RingKVCache, Transformer, TransformerConfig
 
 Array = Any  # np.ndarray or mx.array
 
@@ -74,6 +74,31 @@ class MimiConfig(ConfigBase):
         """Transformer positions per frame (2)."""
         return round(self.encoder_frame_rate / self.frame_rate)
 
+    def check(self, where: str = "") -> None:
+        check_range(where + "sample_rate", self.sample_rate, 1000, 192000)
+        check_range(where + "frame_rate", self.frame_rate, 1.0, 1000.0)
+        s, q = self.seanet, self.quantizer
+        check_range(where + "seanet.dimension", s.dimension, 1, MAX_WIDTH)
+        check_range(where + "seanet.n_filters", s.n_filters, 1, 4096)
+        check_range(where + "seanet.n_residual_layers", s.n_residual_layers, 0, 16)
+        if not 1 <= len(s.ratios) <= 8:
+            raise ConfigError(f"{where}seanet.ratios: expected 1 to 8 ratios, got {s.ratios}")
+        for i, r in enumerate(s.ratios):
+            check_range(f"{where}seanet.ratios[{i}]", r, 1, 64)
+        for key in ("kernel_size", "residual_kernel_size", "last_kernel_size"):
+            check_range(f"{where}seanet.{key}", getattr(s, key), 1, 64)
+        check_range(where + "seanet.dilation_base", s.dilation_base, 1, 16)
+        check_range(where + "seanet.compress", s.compress, 1, s.dimension)
+        check_range(where + "quantizer.dimension", q.dimension, 1, MAX_WIDTH)
+        check_range(where + "quantizer.n_q", q.n_q, 2, 64)
+        check_range(where + "quantizer.n_q_semantic", q.n_q_semantic, 1, q.n_q - 1)
+        check_range(where + "quantizer.bins", q.bins, 2, 1 << 16)
+        self.transformer.check(where + "transformer.")
+        try:
+            self.validate()
+        except ValueError as e:
+            raise ConfigError(f"{where.rstrip('.') or 'mimi'}: {e}") from None
+
     def validate(self) -> None:
         s, q, t = self.seanet, self.quantizer, self.transformer
         problems = []
@@ -95,14 +120,6 @@ class MimiConfig(ConfigBase):
             problems.append("the transformers need a context (window) size")
         if problems:
             raise ValueError("invalid Mimi config: " + "; ".join(problems))
-
-    # -- our bundle format ------------------------------------------------------------
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> MimiConfig:
-        cfg = super().from_dict(d)
-        cfg.validate()
-        return cfg
 
     # -- presets ----------------------------------------------------------------------
 
@@ -271,75 +288,111 @@ class Mimi(nn.Module):
 
     # -- streams ----------------------------------------------------------------------------
 
-    def streaming_encoder(self, num_codebooks: int | None = None) -> StreamingEncoder:
-        return StreamingEncoder(self, self._check_num_codebooks(num_codebooks))
+    def streaming_encoder(self, num_codebooks: int | None = None,
+                          compiled: bool = True) -> StreamingEncoder:
+        return StreamingEncoder(self, self._check_num_codebooks(num_codebooks), compiled)
 
-    def streaming_decoder(self) -> StreamingDecoder:
-        return StreamingDecoder(self)
+    def streaming_decoder(self, compiled: bool = True) -> StreamingDecoder:
+        return StreamingDecoder(self, compiled)
 
 
-class StreamingEncoder:
-    """Audio in, codes out, one frame (80 ms) at a time.
+class _Streaming:
+    """What both directions share: the stream's state (every conv's context, the ring KV
+    caches of the transformer's window), allocated once with fixed shapes and updated in
+    place, and the step compiled once over it (`compiled=False`: traced every call)."""
 
-    Holds the stream's state: each conv's left context, the transformer's ring KV cache
-    (its 250-position window), the downsampling conv's context. Nothing grows.
-    """
-
-    def __init__(self, mimi: Mimi, num_codebooks: int):
+    def __init__(self, mimi: Mimi, transformer: Transformer, compiled: bool):
         self.mimi = mimi
-        self.num_codebooks = num_codebooks
-        self.caches = mimi.encoder_transformer.make_cache(
-            batch=1, chunk=mimi.cfg.downsample_stride)
-        self.reset()
+        self.caches = transformer.make_cache(batch=1, chunk=mimi.cfg.downsample_stride)
+        self.convs = conv_states(self._conv_state())
+        self.compiled = compiled
+        state = self.state_lists()
+        self._fn = mx.compile(self._step, inputs=state, outputs=state) if compiled \
+            else self._step
+
+    def _conv_state(self) -> list:
+        raise NotImplementedError
+
+    def _step(self, x: mx.array) -> mx.array:
+        raise NotImplementedError
+
+    def state_lists(self) -> list[list[mx.array]]:
+        return [c.state for c in self.convs] + [c.state for c in self.caches]
+
+    def state_arrays(self) -> list[mx.array]:
+        return [a for lst in self.state_lists() for a in lst]
 
     def reset(self) -> None:
-        """Start a new stream."""
-        self.seanet_state = self.mimi.encoder.new_state()
-        self.downsample_state = self.mimi.downsample.new_state()
+        """Start a new stream (in place: the compiled step keeps its state)."""
+        for c in self.convs:
+            c.reset()
         for c in self.caches:
             c.reset()
 
-    def state_arrays(self) -> list[mx.array]:
-        arrays = state_arrays(self.seanet_state) + self.downsample_state.arrays()
-        return arrays + [a for c in self.caches for a in c.state]
+
+class StreamingEncoder(_Streaming):
+    """Audio in, codes out, one frame (80 ms) at a time.
+
+    `enc(frame)` (an MLX array of `frame_size` samples) returns the codes [K] lazily, as
+    part of a larger graph (the stream's frame evaluates everything once); `enc.step(pcm)`
+    is the same, evaluated, NumPy or MLX in and out. Nothing grows.
+    """
+
+    def __init__(self, mimi: Mimi, num_codebooks: int, compiled: bool = True):
+        self.num_codebooks = num_codebooks
+        super().__init__(mimi, mimi.encoder_transformer, compiled)
+
+    def _conv_state(self) -> list:
+        self.seanet_state = self.mimi.encoder.new_state()
+        self.downsample_state = self.mimi.downsample.new_state()
+        return [self.seanet_state, self.downsample_state]
+
+    def _step(self, x: mx.array) -> mx.array:
+        codes = self.mimi.encode_audio(x.reshape(1, -1, 1), self.num_codebooks,
+                                       self.seanet_state, self.caches, self.downsample_state)
+        return codes.reshape(-1)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if x.shape != (self.mimi.frame_size,):
+            raise ValueError(f"a frame is {self.mimi.frame_size} samples, got {x.shape}")
+        return self._fn(x.astype(mx.float32))
 
     def step(self, pcm: Array) -> Array:
         """`frame_size` samples (float or int16, NumPy or MLX) -> [K] int32 codes, same kind."""
         x, is_mx = audio_input(pcm)
-        if x.shape[0] != self.mimi.frame_size:
-            raise ValueError(f"a frame is {self.mimi.frame_size} samples, got {x.shape[0]}")
-        codes = self.mimi.encode_audio(x.reshape(1, -1, 1), self.num_codebooks,
-                                       self.seanet_state, self.caches, self.downsample_state)
-        codes = codes.reshape(-1)
+        codes = self(x)
         mx.eval(codes, self.state_arrays())
         return codes if is_mx else np.array(codes)
 
 
-class StreamingDecoder:
-    """Codes in, audio out, one frame at a time (the mirror of `StreamingEncoder`)."""
+class StreamingDecoder(_Streaming):
+    """Codes in, audio out, one frame at a time (the mirror of `StreamingEncoder`):
+    `dec(codes)` lazily on device codes [K], `dec.step(codes)` evaluated and checked."""
 
-    def __init__(self, mimi: Mimi):
-        self.mimi = mimi
-        self.caches = mimi.decoder_transformer.make_cache(
-            batch=1, chunk=mimi.cfg.downsample_stride)
-        self.reset()
+    def __init__(self, mimi: Mimi, compiled: bool = True):
+        super().__init__(mimi, mimi.decoder_transformer, compiled)
 
-    def reset(self) -> None:
-        """Start a new stream."""
+    def _conv_state(self) -> list:
         self.upsample_state = self.mimi.upsample.new_state()
         self.seanet_state = self.mimi.decoder.new_state()
-        for c in self.caches:
-            c.reset()
+        return [self.upsample_state, self.seanet_state]
 
-    def state_arrays(self) -> list[mx.array]:
-        arrays = self.upsample_state.arrays() + state_arrays(self.seanet_state)
-        return arrays + [a for c in self.caches for a in c.state]
+    def _step(self, codes: mx.array) -> mx.array:
+        pcm = self.mimi.decode_codes(codes.reshape(1, -1, 1), self.upsample_state,
+                                     self.caches, self.seanet_state)
+        return pcm.reshape(-1)
+
+    def __call__(self, codes: mx.array) -> mx.array:
+        """Device codes [K] (from the generator: trusted, nothing is read back)."""
+        lo, hi = self.mimi.cfg.quantizer.n_q_semantic, self.mimi.total_codebooks
+        if codes.ndim != 1 or not lo <= codes.shape[0] <= hi:
+            raise ValueError(f"codes must be [K] with {lo} <= K <= {hi}, got {codes.shape}")
+        return self._fn(codes.astype(mx.int32))
 
     def step(self, codes: Array) -> Array:
         """[K] (or [K, 1]) codes -> `frame_size` float32 samples, NumPy or MLX as given."""
         c, is_mx = self.mimi._codes_input(codes, frame=True)
-        pcm = self.mimi.decode_codes(c, self.upsample_state, self.caches, self.seanet_state)
-        pcm = pcm.reshape(-1)
+        pcm = self(c.reshape(-1))
         mx.eval(pcm, self.state_arrays())
         return pcm if is_mx else np.array(pcm)
 

@@ -49,8 +49,8 @@ class ResidualUnit(nn.Module):
         self.conv1 = CausalConv1d(dim, hidden, kernel_size, dilation=dilation)
         self.conv2 = CausalConv1d(hidden, dim, 1)
 
-    def new_state(self) -> list[ConvState]:
-        return [self.conv1.new_state(), self.conv2.new_state()]
+    def new_state(self, batch: int = 1) -> list[ConvState]:
+        return [self.conv1.new_state(batch), self.conv2.new_state(batch)]
 
     def __call__(self, x: mx.array, state: list[ConvState] | None = None) -> mx.array:
         s1, s2 = state if state is not None else (None, None)
@@ -74,8 +74,8 @@ class EncoderBlock(nn.Module):
         self.residuals = _residual_units(cfg, dim)
         self.downsample = CausalConv1d(dim, 2 * dim, 2 * ratio, stride=ratio)
 
-    def new_state(self) -> list:
-        return [r.new_state() for r in self.residuals] + [self.downsample.new_state()]
+    def new_state(self, batch: int = 1) -> list:
+        return [r.new_state(batch) for r in self.residuals] + [self.downsample.new_state(batch)]
 
     def __call__(self, x: mx.array, state: list | None = None) -> mx.array:
         state = state if state is not None else [None] * (len(self.residuals) + 1)
@@ -92,8 +92,8 @@ class DecoderBlock(nn.Module):
         self.upsample = CausalConvTranspose1d(dim, dim // 2, 2 * ratio, stride=ratio)
         self.residuals = _residual_units(cfg, dim // 2)
 
-    def new_state(self) -> list:
-        return [self.upsample.new_state()] + [r.new_state() for r in self.residuals]
+    def new_state(self, batch: int = 1) -> list:
+        return [self.upsample.new_state(batch)] + [r.new_state(batch) for r in self.residuals]
 
     def __call__(self, x: mx.array, state: list | None = None) -> mx.array:
         state = state if state is not None else [None] * (len(self.residuals) + 1)
@@ -106,9 +106,9 @@ class DecoderBlock(nn.Module):
 class _ConvStack(nn.Module):
     """conv_in -> blocks -> ELU -> conv_out, each carrying its own streaming state."""
 
-    def new_state(self) -> list:
-        return [self.conv_in.new_state(), [b.new_state() for b in self.blocks],
-                self.conv_out.new_state()]
+    def new_state(self, batch: int = 1) -> list:
+        return [self.conv_in.new_state(batch), [b.new_state(batch) for b in self.blocks],
+                self.conv_out.new_state(batch)]
 
     def __call__(self, x: mx.array, state: list | None = None) -> mx.array:
         s_in, s_blocks, s_out = state if state is not None else (None, None, None)
@@ -146,10 +146,10 @@ class SEANetDecoder(_ConvStack):
         self.conv_out = CausalConv1d(nf, cfg.channels, cfg.last_kernel_size)
 
 
-def state_arrays(state: Any) -> list[mx.array]:
-    """Every array held by a (nested) streaming state, e.g. to evaluate it."""
+def conv_states(state: Any) -> list[ConvState | ConvTransposeState]:
+    """Every conv state in a (nested) streaming state."""
     if isinstance(state, (ConvState, ConvTransposeState)):
-        return state.arrays()
+        return [state]
     if isinstance(state, (list, tuple)):
-        return [a for s in state for a in state_arrays(s)]
+        return [c for s in state for c in conv_states(s)]
     return []

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import mlx.core as mx
 import mlx.nn as nn
 
-from .config import ConfigBase
-from .transformer import Transformer, TransformerConfig
+from .config import ConfigBase, ConfigError, check_divides, check_range
+from .transformer import MAX_LAYERS, MAX_WIDTH, Transformer, TransformerConfig
 
 
 @dataclass
@@ -38,13 +38,23 @@ class SiglipConfig(ConfigBase):
     num_channels: int = 3
 
     def __post_init__(self) -> None:
-        if self.dim % self.num_heads:
-            raise ValueError(f"dim {self.dim} is not a multiple of num_heads {self.num_heads}")
-        if self.image_size % self.patch_size:
-            raise ValueError(f"image size {self.image_size} is not a multiple of the patch "
-                             f"size {self.patch_size}")
+        self.check()
+
+    def check(self, where: str = "") -> None:
+        check_range(where + "dim", self.dim, 1, MAX_WIDTH)
+        check_range(where + "num_heads", self.num_heads, 1, self.dim)
+        check_divides(where + "dim", self.dim, where + "num_heads", self.num_heads)
+        check_range(where + "num_layers", self.num_layers, 0, MAX_LAYERS)
+        check_range(where + "ffn_hidden", self.ffn_hidden, 1, 16 * MAX_WIDTH)
+        check_range(where + "norm_eps", self.norm_eps, 0.0, 1.0)
+        check_range(where + "patch_size", self.patch_size, 1, 1024)
+        check_range(where + "image_size", self.image_size, self.patch_size, 8192)
+        check_range(where + "num_channels", self.num_channels, 1, 4)
+        check_divides(where + "image_size", self.image_size, where + "patch_size",
+                      self.patch_size)
         if self.ffn not in ("gelu_tanh", "gelu"):
-            raise ValueError(f"unknown ffn {self.ffn!r} (SigLIP uses 'gelu_tanh')")
+            raise ConfigError(f"{where}ffn: unknown kind {self.ffn!r} (SigLIP uses "
+                              f"'gelu_tanh')")
 
     @property
     def grid(self) -> int:

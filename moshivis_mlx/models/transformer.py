@@ -20,7 +20,11 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .config import ConfigBase
+from .config import ConfigBase, ConfigError, check_divides, check_range
+
+MAX_WIDTH = 1 << 16
+MAX_LAYERS = 1024
+MAX_CONTEXT = 1 << 20
 
 
 @dataclass
@@ -53,6 +57,24 @@ class TransformerConfig(ConfigBase):
     @property
     def head_dim(self) -> int:
         return self.d_model // self.num_heads
+
+    def check(self, where: str = "") -> None:
+        check_range(where + "d_model", self.d_model, 1, MAX_WIDTH)
+        check_range(where + "num_heads", self.num_heads, 1, self.d_model)
+        check_divides(where + "d_model", self.d_model, where + "num_heads", self.num_heads)
+        check_range(where + "num_layers", self.num_layers, 0, MAX_LAYERS)
+        check_range(where + "ffn_hidden", self.ffn_hidden, 1, 16 * MAX_WIDTH)
+        if self.ffn not in ("silu_gated", "gelu", "gelu_tanh"):
+            raise ConfigError(f"{where}ffn: unknown kind {self.ffn!r}")
+        if self.norm not in ("rms_norm", "layer_norm"):
+            raise ConfigError(f"{where}norm: unknown kind {self.norm!r}")
+        check_range(where + "norm_eps", self.norm_eps, 0.0, 1.0)
+        if self.context is not None:
+            check_range(where + "context", self.context, 1, MAX_CONTEXT)
+        check_range(where + "max_period", self.max_period, 1.0, 1e9)
+        check_range(where + "weights_per_step", self.weights_per_step, 0, 64)
+        if self.cross_attention:
+            check_range(where + "xa_gate_hidden", self.xa_gate_hidden, 1, MAX_WIDTH)
 
 
 
