@@ -8,8 +8,13 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from moshivis_mlx.weights_convert.convert import ConvertOptions, Quantization, convert, dry_run
-from moshivis_mlx.weights_convert.plan import human
+from moshivis_mlx.weights_convert.convert import (
+    ConvertOptions,
+    Quantization,
+    convert,
+    dry_run,
+    human,
+)
 from moshivis_mlx.weights_convert.safetensors_io import WeightsError
 
 from moshivis_mlx.bundle import BundleError, read_config

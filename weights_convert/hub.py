@@ -29,8 +29,7 @@ from moshivis_mlx.bundle import FORMAT_VERSION, read_config
 from moshivis_mlx.errors import BundleError
 from moshivis_mlx.quant import PRESETS, QuantSpec
 
-from .convert import ConvertOptions, convert
-from .plan import Progress
+from .convert import ConvertOptions, Progress, convert
 from .safetensors_io import WeightsError, check_table
 from .source import Source
 
@@ -175,7 +174,7 @@ def remote_header(repo: str, filename: str) -> Source:
     header = {name: {"dtype": t.dtype, "shape": list(t.shape),
                      "data_offsets": list(t.data_offsets)} for name, t in meta.tensors.items()}
     table = check_table(label, header, 1 << 62)
-    return Source(label, {k: (None, v) for k, v in table.items()}, has_data=False)
+    return Source.from_table(label, table)
 
 
 def _manual_steps(repo: str, files: list[str]) -> str:
