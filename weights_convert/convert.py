@@ -38,7 +38,6 @@ from typing import Any
 import mlx.core as mx
 
 from moshivis_mlx.bundle import DTYPES, read_config, weight_files, write_config
-from moshivis_mlx.errors import BundleError
 from moshivis_mlx.models.lm import LmConfig
 from moshivis_mlx.models.mimi import MimiConfig
 from moshivis_mlx.models.siglip import SiglipConfig
@@ -47,39 +46,21 @@ from moshivis_mlx.text import TOKENIZER_NAME
 
 from .lm_layout import (
     BUNDLE,
-    TOWERS,
-    detect_lm_layout,
     expected_lm_tensors,
-    infer_lm_config,
+    find_lm,
     is_lm,
     kyutai_generation_defaults,
-    lm_mapping,
     read_kyutai_config,
-    shared_copies,
-    source_name,
 )
-from .mapping import Entry, Mapping, check_mapping, entry_value, identity_mapping
-from .mimi_layout import (
-    check_codebooks_trained,
-    check_mimi_mapping,
-    is_mimi,
-    mimi_config_from_kyutai,
-    mimi_mapping,
-    read_mimi_config,
-)
+from .mapping import Entry, Found, Mapping, check_mapping, entry_value, identity_mapping
+from .mimi_layout import check_codebooks_trained, find_mimi, is_mimi, mimi_config_from_kyutai
 from .safetensors_io import DTYPE_NAMES, ITEMSIZE, SafetensorsWriter, WeightsError, dtype_code
-from .source import FloatView, Source, infer_quant_spec
+from .source import FloatView, Source
 from .vision_layout import (
-    PATCH,
-    QUANT_ANCHOR,
-    check_vision_config,
-    detect_vision_layout,
     expected_vision_tensors,
     find_tower,
+    find_vision,
     read_vision_config,
-    tower_shapes,
-    vision_config_from,
-    vision_mapping,
     vision_quantization,
 )
 
@@ -120,14 +101,18 @@ class ConvertOptions:
 
 @dataclass
 class Job:
-    """One tensor of ours: its sources, what is done, and the tensors written."""
+    """One tensor of ours: where it comes from, what is done on the way, and what is
+    written (the tensor, or its packed weight, scales and biases)."""
 
     srcs: list[str]
-    outputs: list[tuple[str, str, tuple[int, ...]]]
-    """(name, safetensors dtype, shape): one, or weight, scales and biases."""
+    dst: str
+    shape: tuple[int, ...]
+    stored: str
+    """How the bundle stores it: a dtype, or a quantization (q8/g64)."""
     how: str
+    outputs: list[tuple[str, str, tuple[int, ...]]]
+    """(name, safetensors dtype, shape) of each tensor written."""
     run: Callable[[], list[mx.array]]
-    quant: QuantSpec | None = None
 
     @property
     def nbytes(self) -> int:
@@ -148,16 +133,6 @@ class Part:
     @property
     def nbytes(self) -> int:
         return sum(j.nbytes for j in self.jobs)
-
-
-@dataclass
-class Found:
-    """A model found in the sources: its layout, config, checked mapping and float view."""
-
-    layout: str
-    cfg: Any
-    mapping: Mapping
-    view: FloatView
 
 
 @dataclass
@@ -251,7 +226,8 @@ def plan_jobs(mapping: Mapping, view: FloatView, dtype: mx.Dtype, quant: QuantSp
             if stored_q is not None:
                 notes.insert(0, "dequantized")
             run = partial(_converted, es, view, dtype, q)
-        jobs.append(Job(srcs, _outputs(dst, shape, q, code), ", ".join(notes) or "copied", run, q))
+        jobs.append(Job(srcs, dst, shape, q.label if q else DTYPE_NAMES[code],
+                        ", ".join(notes) or "copied", _outputs(dst, shape, q, code), run))
     # Jobs reading one source tensor run one after another (the view keeps the last read).
     first: dict[str, int] = {}
     for j in jobs:
@@ -264,68 +240,6 @@ def _quantized_modules(tensors: dict[str, tuple[int, ...]]) -> set[str]:
 
 
 # -- the models ------------------------------------------------------------------------------
-
-@contextmanager
-def _about(label: str) -> Iterator[None]:
-    """Errors raised inside say which file they are about."""
-    try:
-        yield
-    except WeightsError as e:
-        raise WeightsError(f"{label}: {e}") from None
-
-
-def find_lm(source: Source, kc: dict[str, Any] | None) -> Found:
-    """The language model in `source` (any Kyutai layout, float or quantized)."""
-    keys = source.keys()
-    with _about(source.label):
-        layout = detect_lm_layout(keys)
-        tower = TOWERS.get(layout)
-        aside = {c for c, _ in shared_copies(keys)}
-        aside |= {k for k in keys if tower and k.startswith(tower)}
-        norm = source_name(layout, "out_norm.weight")
-        if norm not in keys:
-            raise WeightsError(f"missing tensor {norm!r}")
-    names = keys - aside
-    spec = infer_quant_spec(source, names, source_name(layout, "text_linear.weight"),
-                            source.info(norm).shape[-1])
-    view = FloatView(source, names, spec)
-    shapes = {**source.shapes(aside), **view.shapes}
-    with _about(source.label):
-        cfg = infer_lm_config(shapes, layout, kc)
-    mapping = lm_mapping(shapes, layout, cfg, keys)
-    check_mapping(mapping, shapes, source.label)
-    bad = [f"{c} {list(source.info(c).shape)} vs {o} {list(source.info(o).shape)}"
-           for c, o in mapping.copies
-           if (source.info(c).shape, source.info(c).dtype)
-           != (source.info(o).shape, source.info(o).dtype)]
-    if bad:
-        raise WeightsError(f"{source.label}: mis-shaped copies of shared tensors: "
-                           + "; ".join(bad))
-    return Found(layout, cfg, mapping, view)
-
-
-def find_vision(source: Source, hf_config: dict[str, Any] | None) -> Found:
-    """The SigLIP tower in `source` (any known layout, float or quantized)."""
-    prefix, layout = detect_vision_layout(source.keys())
-    names = set(tower_shapes(source.shapes(), prefix))
-    spec = infer_quant_spec(source, names, prefix + QUANT_ANCHOR,
-                            source.info(prefix + PATCH).shape[0])
-    view = FloatView(source, names, spec)
-    with _about(source.label):
-        cfg = vision_config_from(hf_config)
-        check_vision_config(view.shapes, prefix, cfg)
-        mapping = vision_mapping(view.shapes, prefix, cfg)
-    check_mapping(mapping, view.shapes, source.label)
-    return Found(layout, cfg, mapping, view)
-
-
-def find_mimi(source: Source, config: Path | MimiConfig | None) -> Found:
-    cfg = config if isinstance(config, MimiConfig) else read_mimi_config(config)
-    view = FloatView(source, source.keys(), None)
-    mapping = mimi_mapping(cfg)
-    check_mimi_mapping(mapping, view.shapes, source.label)
-    return Found("kyutai", cfg, mapping, view)
-
 
 def _in_bundle(source: Source, cfg: Any, tensors: dict[str, tuple[int, ...]], quant: Any
                ) -> Found:
@@ -486,7 +400,7 @@ def plan_conversion(opts: ConvertOptions) -> Plan:
                  else "not stored (the image encoder comes from another file)")
         plan.parts.append(_lm_part(lm, dtype, quant, tower))
         if lm.mapping.copies and lm_src.has_data:
-            plan.checks.append(lambda: check_copies(lm_src, lm.mapping.copies))
+            plan.checks.append(partial(check_copies, lm_src, lm.mapping.copies))
         plan.config.update(_lm_section(cfg, dtype, quant))
         plan.config["generation"] = kyutai_generation_defaults(kc)
         stored = f", stored {lm.view.spec.label}" if lm.view.spec else ""
@@ -503,7 +417,7 @@ def plan_conversion(opts: ConvertOptions) -> Plan:
     if mimi is not None:
         plan.parts.append(_mimi_part(mimi))
         if mimi_src.has_data:
-            plan.checks.append(lambda: check_codebooks_trained(mimi_src, mimi.mapping))
+            plan.checks.append(partial(check_codebooks_trained, mimi_src, mimi.mapping))
         plan.config["mimi"] = mimi.cfg.to_dict()
         source_info["mimi_weights"] = Path(mimi_src.label).name
         plan.found.append(f"Mimi codec ({mimi_src.label})")
@@ -526,14 +440,10 @@ def _plan_bundle(opts: ConvertOptions) -> Plan:
         raise WeightsError(f"--bundle converts a bundle as it is: {', '.join(given)} cannot "
                            f"be combined with it")
     bundle = Path(opts.bundle)
-    try:
-        bcfg = read_config(bundle)
-        sources = {stem: Source.from_files(weight_files(bundle, stem),
-                                           f"{bundle}/{stem}.safetensors")
-                   for stem, key in (("model", "lm"), ("vision", "vision"), ("mimi", "mimi"))
-                   if bcfg.get(key)}
-    except BundleError as e:
-        raise WeightsError(str(e)) from None
+    bcfg = read_config(bundle)
+    sources = {stem: Source.from_files(weight_files(bundle, stem), f"{bundle}/{stem}.safetensors")
+               for stem, key in (("model", "lm"), ("vision", "vision"), ("mimi", "mimi"))
+               if bcfg.get(key)}
     quant = opts.quantization
     plan = Plan([], {k: v for k, v in bcfg.items() if k != "format_version"}, None, [], [])
     if "model" in sources:
@@ -708,12 +618,8 @@ def describe_part(part: Part, max_shard_bytes: int) -> list[str]:
     view = part.view
     for j in part.jobs:
         src = " + ".join(f"{s} {_shape(view.shapes[s])} {view.stored_dtype(s)}" for s in j.srcs)
-        name, code, shape = j.outputs[0]
-        dtype, extra = DTYPE_NAMES[code], ""
-        if j.quant:
-            shape = (shape[0], j.outputs[1][2][1] * j.quant.group_size)
-            dtype, extra = j.quant.label, " (+ scales, biases)"
-        lines.append(f"  {src} -> {name} {_shape(shape)} {dtype}{extra} [{j.how}] "
+        extra = " (+ scales, biases)" if len(j.outputs) > 1 else ""
+        lines.append(f"  {src} -> {j.dst} {_shape(j.shape)} {j.stored}{extra} [{j.how}] "
                      f"{human(j.nbytes)}")
     return lines + part.notes
 

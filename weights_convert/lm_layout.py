@@ -38,9 +38,9 @@ from moshivis_mlx.models.lm import LM, DepformerConfig, LmConfig
 from moshivis_mlx.quant import QuantSpec
 from moshivis_mlx.sampling import GenerationConfig
 
-from .mapping import Entry, Mapping, model_tensors, rename, renames
-from .mapping import check_mapping as check_mapping  # where the tests and docs find it
+from .mapping import Entry, Found, Mapping, about, check_mapping, model_tensors, rename, renames
 from .safetensors_io import WeightsError, read_json_config
+from .source import FloatView, Source, infer_quant_spec
 
 MOSHI_PT = "moshi-pytorch"
 MOSHIVIS_PT = "moshivis-pytorch"
@@ -194,12 +194,45 @@ def lm_mapping(shapes: dict[str, tuple[int, ...]], layout: str, cfg: LmConfig,
     return Mapping(entries, ignored, shared_copies(shapes if stored is None else stored))
 
 
+def find_lm(source: Source, kc: dict[str, Any] | None) -> Found:
+    """The language model in `source` (any Kyutai layout, float or quantized)."""
+    keys = source.keys()
+    with about(source.label):
+        layout = detect_lm_layout(keys)
+        tower = TOWERS.get(layout)
+        aside = {c for c, _ in shared_copies(keys)}
+        aside |= {k for k in keys if tower and k.startswith(tower)}
+        norm = source_name(layout, "out_norm.weight")
+        if norm not in keys:
+            raise WeightsError(f"missing tensor {norm!r}")
+    names = keys - aside
+    spec = infer_quant_spec(source, names, source_name(layout, "text_linear.weight"),
+                            source.info(norm).shape[-1])
+    view = FloatView(source, names, spec)
+    shapes = {**source.shapes(aside), **view.shapes}
+    with about(source.label):
+        cfg = infer_lm_config(shapes, layout, kc)
+    mapping = lm_mapping(shapes, layout, cfg, keys)
+    check_mapping(mapping, shapes, source.label)
+    bad = [f"{c} {list(source.info(c).shape)} vs {o} {list(source.info(o).shape)}"
+           for c, o in mapping.copies
+           if (source.info(c).shape, source.info(c).dtype)
+           != (source.info(o).shape, source.info(o).dtype)]
+    if bad:
+        raise WeightsError(f"{source.label}: mis-shaped copies of shared tensors: "
+                           + "; ".join(bad))
+    return Found(layout, cfg, mapping, view)
+
+
 # -- the config ----------------------------------------------------------------------------
 
 def infer_lm_config(shapes: dict[str, tuple[int, ...]], layout: str,
                     kyutai_config: dict[str, Any] | None = None) -> LmConfig:
-    """Everything the shapes determine comes from them (through the layout's renames);
-    the rest from Kyutai's config (flat `lm_kwargs` style) or else the 7B defaults."""
+    """Every size the shapes determine comes from them (through the layout's renames);
+    heads, context and delays from Kyutai's config (flat `lm_kwargs` style) or else the 7B
+    defaults. Where both give a size they must agree."""
+    kc = dict(kyutai_config or {})
+
     def shape(ours: str) -> tuple[int, ...]:
         key = source_name(layout, ours)
         if key not in shapes:
@@ -215,46 +248,18 @@ def infer_lm_config(shapes: dict[str, tuple[int, ...]], layout: str,
             n += 1
         return n
 
-    text_rows, dim = shape("text_emb.weight")
-    per_step = has("depformer.transformer.layers.0.ffn.0.linear_out.weight")
-    dep_ffn = "ffn.0" if per_step else "ffn"
-    m = {
-        "dim": dim,
-        "text_rows": text_rows,
-        "text_card": shape("text_linear.weight")[0],
-        "n_q": count("audio_emb.{}.weight"),
-        "card": shape("audio_emb.0.weight")[0] - 1,
-        "num_layers": count("transformer.layers.{}.norm1.weight"),
-        "ffn_hidden": shape("transformer.layers.0.ffn.linear_out.weight")[1],
-        "dep_q": count("depformer.heads.{}.weight"),
-        "dep_dim": shape("depformer.in_proj.0.weight")[0],
-        "dep_layers": count("depformer.transformer.layers.{}.norm1.weight"),
-        "dep_ffn_hidden": shape(f"depformer.transformer.layers.0.{dep_ffn}.linear_out.weight")[1],
-        "weights_per_step": per_step,
-        "multi_linear": has("depformer.in_proj.1.weight"),
-        "cross_attention": has("xa.q_proj.weight"),
-    }
-    if m["cross_attention"]:
-        m["xa_gate_hidden"] = shape("transformer.layers.0.xa_gate.linear_in.weight")[0]
-        m["image_dim"] = shape("image_prefix.proj_xa.weight")[1]
-    return config_from_measured(m, kyutai_config)
-
-
-def config_from_measured(m: dict[str, Any], kyutai_config: dict[str, Any] | None) -> LmConfig:
-    """The LM config from measured sizes and Kyutai's config: where both give a size they
-    must agree; the config alone gives heads, context, delays."""
-    kc = dict(kyutai_config or {})
-
     def pick(key: str, inferred: Any) -> Any:
         if key in kc and kc[key] is not None and kc[key] != inferred:
             raise WeightsError(f"config says {key}={kc[key]} but the weights have {inferred}")
         return inferred
 
-    if m["text_rows"] != m["text_card"] + 1:
-        raise WeightsError(f"the text embedding has {m['text_rows']} rows but the text output "
-                           f"{m['text_card']}: expected one more (the initial token)")
+    text_rows, dim = shape("text_emb.weight")
+    text_card = shape("text_linear.weight")[0]
+    if text_rows != text_card + 1:
+        raise WeightsError(f"the text embedding has {text_rows} rows but the text output "
+                           f"{text_card}: expected one more (the initial token)")
     defaults = LmConfig()
-    dim, dep_dim = m["dim"], m["dep_dim"]
+    dep_dim = shape("depformer.in_proj.0.weight")[0]
     num_heads = kc.get("num_heads") or (defaults.num_heads if dim == defaults.dim else None)
     dep_heads = kc.get("depformer_num_heads") or (
         defaults.depformer.num_heads if dep_dim == defaults.depformer.dim else None)
@@ -263,32 +268,36 @@ def config_from_measured(m: dict[str, Any], kyutai_config: dict[str, Any] | None
             f"the number of attention heads cannot be read from the weights (dim {dim}, "
             f"depformer dim {dep_dim}): pass Kyutai's config.json with num_heads and "
             f"depformer_num_heads")
-    cross = m["cross_attention"]
+    per_step = has("depformer.transformer.layers.0.ffn.0.linear_out.weight")
+    dep_ffn = f"depformer.transformer.layers.0.{'ffn.0' if per_step else 'ffn'}.linear_out.weight"
+    cross = has("xa.q_proj.weight")
     return LmConfig(
         dim=pick("dim", dim),
         num_heads=int(num_heads),
-        num_layers=pick("num_layers", m["num_layers"]),
-        ffn_hidden=m["ffn_hidden"],
+        num_layers=pick("num_layers", count("transformer.layers.{}.norm1.weight")),
+        ffn_hidden=shape("transformer.layers.0.ffn.linear_out.weight")[1],
         context=int(kc.get("context") or defaults.context),
         max_period=float(kc.get("max_period") or defaults.max_period),
-        text_card=pick("text_card", m["text_card"]),
-        card=pick("audio_card", pick("card", m["card"])),
-        n_q=pick("n_q", m["n_q"]),
-        dep_q=pick("dep_q", m["dep_q"]),
+        text_card=pick("text_card", text_card),
+        card=pick("audio_card", pick("card", shape("audio_emb.0.weight")[0] - 1)),
+        n_q=pick("n_q", count("audio_emb.{}.weight")),
+        dep_q=pick("dep_q", count("depformer.heads.{}.weight")),
         delays=list(kc.get("delays") or defaults.delays),
         text_padding_id=int(kc.get("existing_text_padding_id", kc.get("padding_token_id", 3))),
         end_of_text_padding_id=int(kc.get("existing_text_end_padding_id", 0)),
         depformer=DepformerConfig(
             dim=pick("depformer_dim", dep_dim),
             num_heads=int(dep_heads),
-            num_layers=pick("depformer_num_layers", m["dep_layers"]),
-            ffn_hidden=m["dep_ffn_hidden"],
-            weights_per_step=m["weights_per_step"],
-            multi_linear=m["multi_linear"],
+            num_layers=pick("depformer_num_layers",
+                            count("depformer.transformer.layers.{}.norm1.weight")),
+            ffn_hidden=shape(dep_ffn)[1],
+            weights_per_step=per_step,
+            multi_linear=has("depformer.in_proj.1.weight"),
         ),
         cross_attention=cross,
-        image_dim=m["image_dim"] if cross else defaults.image_dim,
-        xa_gate_hidden=m["xa_gate_hidden"] if cross else defaults.xa_gate_hidden,
+        image_dim=shape("image_prefix.proj_xa.weight")[1] if cross else defaults.image_dim,
+        xa_gate_hidden=(shape("transformer.layers.0.xa_gate.linear_in.weight")[0] if cross
+                        else defaults.xa_gate_hidden),
     )
 
 

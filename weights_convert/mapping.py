@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -26,6 +28,7 @@ from mlx.utils import tree_flatten
 from moshivis_mlx.quant import QuantSpec, quantize_model
 
 from .safetensors_io import WeightsError
+from .source import FloatView
 
 CODEBOOK_EPS = 1e-5
 
@@ -62,6 +65,16 @@ def model_tensors(model: nn.Module, quant: QuantSpec | None) -> dict[str, tuple[
     if quant:
         quantize_model(model, quant)
     return {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
+
+
+@dataclass
+class Found:
+    """A model found in the sources: its layout, config, checked mapping and float view."""
+
+    layout: str
+    cfg: Any
+    mapping: Mapping
+    view: FloatView
 
 
 def identity_mapping(tensors: dict[str, tuple[int, ...]]) -> Mapping:
@@ -130,3 +143,12 @@ def listing(items: list[str], sep: str, limit: int = 8) -> str:
     """The first `limit` items and how many more (an error message stays readable)."""
     head = sep.join(items[:limit])
     return head if len(items) <= limit else f"{head}{sep}... ({len(items) - limit} more)"
+
+
+@contextmanager
+def about(label: str) -> Iterator[None]:
+    """Errors raised inside say which file they are about."""
+    try:
+        yield
+    except WeightsError as e:
+        raise WeightsError(f"{label}: {e}") from None

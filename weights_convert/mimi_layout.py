@@ -28,9 +28,9 @@ from moshivis_mlx.models.quantizer import QuantizerConfig
 from moshivis_mlx.models.seanet import SeanetConfig
 from moshivis_mlx.models.transformer import TransformerConfig
 
-from .mapping import Entry, Mapping, check_mapping, listing
+from .mapping import Entry, Found, Mapping, check_mapping, listing
 from .safetensors_io import WeightsError, read_json_config
-from .source import Source
+from .source import FloatView, Source
 
 CONV = "conv axes to MLX order"
 
@@ -244,6 +244,14 @@ def check_mimi_mapping(mapping: Mapping, shapes: dict[str, tuple[int, ...]], wha
     if bad:
         raise WeightsError(f"{what}: the tensors do not match the Mimi config (pass the "
                            f"checkpoint's config with --mimi-config): " + listing(bad, "; "))
+
+
+def find_mimi(source: Source, config: Path | MimiConfig | None) -> Found:
+    cfg = config if isinstance(config, MimiConfig) else read_mimi_config(config)
+    view = FloatView(source, source.keys(), None)
+    mapping = mimi_mapping(cfg)
+    check_mimi_mapping(mapping, view.shapes, source.label)
+    return Found("kyutai", cfg, mapping, view)
 
 
 def is_mimi(keys: set[str]) -> bool:

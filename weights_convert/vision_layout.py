@@ -33,8 +33,9 @@ from moshivis_mlx.models.siglip import SiglipConfig, SiglipVision, paligemma2_44
 from moshivis_mlx.quant import QuantSpec
 
 from .lm_layout import KYUTEYE_MLX, MOSHIVIS_PT
-from .mapping import Entry, Mapping, model_tensors, rename, renames
+from .mapping import Entry, Found, Mapping, about, check_mapping, model_tensors, rename, renames
 from .safetensors_io import WeightsError, read_json_config
+from .source import FloatView, Source, infer_quant_spec
 
 HF_SIGLIP = "hf-siglip"
 HF_PALIGEMMA = "hf-paligemma"
@@ -197,6 +198,21 @@ def vision_quantization(bundle_quant: QuantSpec | None, keep_float: bool) -> Qua
     if bundle_quant is None or keep_float:
         return None
     return QuantSpec(max(8, bundle_quant.bits), bundle_quant.group_size)
+
+
+def find_vision(source: Source, hf_config: dict[str, Any] | None) -> Found:
+    """The SigLIP tower in `source` (any known layout, float or quantized)."""
+    prefix, layout = detect_vision_layout(source.keys())
+    names = set(tower_shapes(source.shapes(), prefix))
+    spec = infer_quant_spec(source, names, prefix + QUANT_ANCHOR,
+                            source.info(prefix + PATCH).shape[0])
+    view = FloatView(source, names, spec)
+    with about(source.label):
+        cfg = vision_config_from(hf_config)
+        check_vision_config(view.shapes, prefix, cfg)
+        mapping = vision_mapping(view.shapes, prefix, cfg)
+    check_mapping(mapping, view.shapes, source.label)
+    return Found(layout, cfg, mapping, view)
 
 
 def read_vision_config(path: Path | None) -> dict[str, Any] | None:
