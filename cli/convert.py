@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from moshivis_mlx.errors import EXIT_ERROR, UsageError, guard
@@ -152,7 +153,7 @@ def options_from(args: argparse.Namespace):
                              mimi_weights=args.mimi_weights, tokenizer=args.tokenizer,
                              config=args.config, mimi_config=args.mimi_config,
                              headers_only=args.dry_run)
-        return files.options(**common)
+        return replace(files, **common)
     return ConvertOptions(
         moshi_weights=_path(args.moshi_weights), kyutai_config=_path(args.config),
         mimi_weights=_path(args.mimi_weights), mimi_config=_path(args.mimi_config),

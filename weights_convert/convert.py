@@ -84,7 +84,7 @@ class ConvertOptions:
     """Kyutai's SentencePiece model, copied into the bundle as tokenizer.model."""
     dtype: str | None = None
     """Float dtype; default bfloat16 (for one of our bundles: the bundle's own)."""
-    quantization: Quantization | None = field(default_factory=lambda: PRESETS["q8"])
+    quantization: Quantization | None = PRESETS["q8"]
     force: bool = False
     # The SigLIP image encoder (default: the tower inside --moshi-weights, if any).
     vision_weights: Path | Source | None = None

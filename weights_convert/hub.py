@@ -11,7 +11,8 @@ Which files: as Kyutai's own loader (moshi.models.loaders) decides. The reposito
 `config.json`, when it has one, names them (`moshi_name`, `mimi_name`, `tokenizer_name`,
 `mimi_config_name`) and gives the model's settings; without one the released 7B files and
 settings apply. A repository (or a folder) holding one of our bundles is converted as a
-bundle. `resolve_repo` does this for `moshivis-convert --hf-repo` too.
+bundle. `resolve_repo` does this for `moshivis-convert --hf-repo` too, and returns the
+conversion options (the files, and where they came from).
 """
 
 from __future__ import annotations
@@ -20,13 +21,12 @@ import hashlib
 import os
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 from moshivis_mlx.bundle import FORMAT_VERSION, read_config
 from moshivis_mlx.errors import BundleError, one_line
-from moshivis_mlx.quant import PRESETS, preset_name
+from moshivis_mlx.quant import PRESETS, QuantSpec, preset_name
 
 from .convert import ConvertOptions, Progress, convert
 from .safetensors_io import WeightsError, check_table, read_json_config
@@ -45,29 +45,6 @@ Stage = Callable[[str], AbstractContextManager]
 
 class HubError(WeightsError):
     """The model could not be obtained; the message says how to get it by hand."""
-
-
-@dataclass
-class RepoFiles:
-    """Local paths of a repository's files (what ConvertOptions needs)."""
-
-    repo: str
-    moshi_weights: Path | Source | None = None
-    mimi_weights: Path | Source | None = None
-    tokenizer: Path | None = None
-    kyutai_config: Path | None = None
-    mimi_config: Path | None = None
-    bundle: Path | None = None
-    revision: str | None = None
-
-    def options(self, **kw: Any) -> ConvertOptions:
-        origin = {"hf_repo": self.repo}
-        if self.revision:
-            origin["revision"] = self.revision
-        return ConvertOptions(
-            moshi_weights=self.moshi_weights, mimi_weights=self.mimi_weights,
-            tokenizer=self.tokenizer, kyutai_config=self.kyutai_config,
-            mimi_config=self.mimi_config, bundle=self.bundle, origin=origin, **kw)
 
 
 # -- the cache of converted bundles ---------------------------------------------------------
@@ -224,15 +201,17 @@ def _option(value: str | Path, repo: str, local_dir: Path | None, missing: list[
 def resolve_repo(repo: str, moshi_weights: str | Path | None = None,
                  mimi_weights: str | Path | None = None, tokenizer: str | Path | None = None,
                  config: str | Path | None = None, mimi_config: str | Path | None = None,
-                 prefer_lm: list[str] | None = None, headers_only: bool = False) -> RepoFiles:
-    """The local files of `repo` (a Hugging Face repository, or a folder holding its
-    files), downloading what is not cached. Options override the repository's files.
-    `prefer_lm`: language-model files to try before the configured one (e.g. Kyutai's
+                 prefer_lm: list[str] | None = None, headers_only: bool = False
+                 ) -> ConvertOptions:
+    """The conversion of `repo` (a Hugging Face repository, or a folder holding its opts):
+    its local opts, downloading what is not cached, and where they came from. Options
+    override the repository's opts.
+    `prefer_lm`: language-model opts to try before the configured one (e.g. Kyutai's
     `model.q8.safetensors` in its MLX repositories). `headers_only` (a dry run): weights
     not cached are not downloaded, only their headers are read, and the tokenizer is left
     out."""
     local_dir = Path(repo).expanduser() if Path(repo).expanduser().is_dir() else None
-    files = RepoFiles(repo=str(local_dir) if local_dir else repo)
+    opts = ConvertOptions(origin={"hf_repo": str(local_dir) if local_dir else repo})
     missing: list[str] = []
 
     def get(name: str) -> Path | Source | None:
@@ -255,38 +234,38 @@ def resolve_repo(repo: str, moshi_weights: str | Path | None = None,
     except WeightsError as e:
         raise HubError(str(e)) from None
     if "format_version" in raw and any(k in raw for k in ("lm", "mimi", "vision")):
-        return _bundle_repo(repo, local_dir, cfg_path, files)
-    files.kyutai_config = cfg_path
+        return _bundle_repo(repo, local_dir, cfg_path, opts)
+    opts.kyutai_config = cfg_path
 
     # The file names Kyutai's loader reads (or kyuteye's), the released ones by default.
     lm_name = raw.get("moshi_name") or raw.get("model") or LM_FILE
     mimi_name = raw.get("mimi_name") or raw.get("mimi_codec") or MIMI_FILE
     tokenizer_name = raw.get("tokenizer_name") or raw.get("text_tokenizer") or TOKENIZER_FILE
     if moshi_weights is not None:
-        files.moshi_weights = _option(moshi_weights, repo, local_dir, missing, headers_only)
+        opts.moshi_weights = _option(moshi_weights, repo, local_dir, missing, headers_only)
     else:
-        files.moshi_weights = _preferred(repo, local_dir, prefer_lm or []) or get(lm_name)
-    files.mimi_weights = (_option(mimi_weights, repo, local_dir, missing, headers_only)
+        opts.moshi_weights = _preferred(repo, local_dir, prefer_lm or []) or get(lm_name)
+    opts.mimi_weights = (_option(mimi_weights, repo, local_dir, missing, headers_only)
                           if mimi_weights is not None else get(mimi_name))
     if tokenizer is not None:
-        files.tokenizer = _option(tokenizer, repo, local_dir, missing)
+        opts.tokenizer = _option(tokenizer, repo, local_dir, missing)
     elif not headers_only or local_dir is not None:
-        files.tokenizer = get(tokenizer_name)
+        opts.tokenizer = get(tokenizer_name)
     if mimi_config is not None:
-        files.mimi_config = _option(mimi_config, repo, local_dir, missing)
+        opts.mimi_config = _option(mimi_config, repo, local_dir, missing)
     elif raw.get("mimi_config_name"):
-        files.mimi_config = get(raw["mimi_config_name"])
+        opts.mimi_config = get(raw["mimi_config_name"])
     if missing:
         raise _offline(repo, [n for n in missing if n != CONFIG_FILE] or [CONFIG_FILE])
     if local_dir is not None:
-        absent = [p.name for p in (files.moshi_weights, files.mimi_weights, files.tokenizer,
-                                   files.mimi_config) if p is not None and not p.exists()]
+        absent = [p.name for p in (opts.moshi_weights, opts.mimi_weights, opts.tokenizer,
+                                   opts.mimi_config) if p is not None and not p.exists()]
         if absent:
             raise HubError(f"{local_dir} has no {', '.join(absent)} (a folder given as "
-                           f"--hf-repo holds the repository's files)")
-    if isinstance(files.moshi_weights, Path):
-        files.revision = _revision(files.moshi_weights)
-    return files
+                           f"--hf-repo holds the repository's opts)")
+    if isinstance(opts.moshi_weights, Path) and (revision := _revision(opts.moshi_weights)):
+        opts.origin["revision"] = revision
+    return opts
 
 
 def _preferred(repo: str, local_dir: Path | None, names: list[str]) -> Path | None:
@@ -305,26 +284,27 @@ def _preferred(repo: str, local_dir: Path | None, names: list[str]) -> Path | No
     return None
 
 
-def _bundle_repo(repo: str, local_dir: Path | None, cfg_path: Path, files: RepoFiles
-                 ) -> RepoFiles:
+def _bundle_repo(repo: str, local_dir: Path | None, cfg_path: Path, opts: ConvertOptions
+                 ) -> ConvertOptions:
     """A repository (or folder) holding one of our bundles."""
     if local_dir is not None:
-        files.bundle = local_dir
-        return files
+        opts.bundle = local_dir
+        return opts
     hub, _, _ = _hub()
     try:
-        files.bundle = Path(hub.snapshot_download(repo, allow_patterns=BUNDLE_PATTERNS))
+        opts.bundle = Path(hub.snapshot_download(repo, allow_patterns=BUNDLE_PATTERNS))
     except Exception as e:
         if _is_network_error(e):
             raise _offline(repo, ["config.json", "*.safetensors", "tokenizer.model"]) from None
         raise HubError(f"cannot download {repo}: {_why(e)}") from None
-    files.revision = _revision(cfg_path)
-    return files
+    if revision := _revision(cfg_path):
+        opts.origin["revision"] = revision
+    return opts
 
 
 # -- converted once, reused afterwards -------------------------------------------------------
 
-def _prefer_quantized(repo: str, quant: Any) -> list[str] | None:
+def _prefer_quantized(repo: str, quant: QuantSpec | None) -> list[str] | None:
     """Kyutai's MLX repositories also hold the model quantized (q8: groups of 64, q4: groups
     of 32, as kyuteye_mlx loads them): when those are the quantization asked for, the
     quantized file is half (a quarter) of the download and is copied exactly."""
@@ -365,8 +345,8 @@ def bundle_for_repo(repo: str, quantize: str = "8", progress: Progress | None = 
         return out
     quant = QUANTIZATIONS[quantize]
     with (stage or (lambda _: nullcontext()))(f"download {repo}"):
-        files = resolve_repo(repo, prefer_lm=_prefer_quantized(repo, quant))
-    return _convert_once(files.options(out=out, quantization=quant, force=True), repo, stage,
+        opts = resolve_repo(repo, prefer_lm=_prefer_quantized(repo, quant))
+    return _convert_once(replace(opts, out=out, quantization=quant, force=True), repo, stage,
                          progress)
 
 

@@ -227,11 +227,10 @@ class SafetensorsWriter:
     advance: the header goes first, then each tensor as it is produced, so the file can be
     far larger than memory. Every tensor is checked against the plan."""
 
-    def __init__(self, path: str | Path, plan: list[tuple[str, str, tuple[int, ...]]],
-                 metadata: dict[str, str] | None = None):
+    def __init__(self, path: str | Path, plan: list[tuple[str, str, tuple[int, ...]]]):
         self.path = Path(path)
         self.plan = list(plan)
-        header: dict[str, object] = {"__metadata__": dict(metadata or {"format": "mlx"})}
+        header: dict[str, object] = {"__metadata__": {"format": "mlx"}}
         offset = 0
         for name, code, shape in self.plan:
             nbytes = math.prod(shape) * ITEMSIZE[code]
@@ -240,7 +239,6 @@ class SafetensorsWriter:
             offset += nbytes
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned
-        self.size = 8 + len(raw) + offset
         self._next = 0
         self._file = open(self.path, "wb")
         self._file.write(struct.pack("<Q", len(raw)))

@@ -11,7 +11,7 @@ unchanged, the packed triple.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 
 import mlx.core as mx
@@ -150,12 +150,6 @@ class FloatView:
             return None
         return (f"quantized {base}: weight {w.dtype_name} {list(w.shape)}, scales "
                 f"{list(s.shape)}, biases {list(b.shape)} do not fit {q.label}")
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.shapes
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.shapes)
 
     def stored_names(self, name: str) -> list[str]:
         """The stored tensors behind `name`."""
