@@ -9,7 +9,8 @@ so what is printed is what is done.
 
 Layouts are written as tables of renames from our names to theirs (`Renames`): the first
 pattern that matches the whole name gives the source name; a name no pattern matches is the
-same in both.
+same in both. They go from ours to theirs because every tensor of ours must be found, and a
+missing one is best named as the checkpoint would name it.
 """
 
 from __future__ import annotations
