@@ -8,16 +8,12 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from moshivis_mlx.weights_convert.convert import ConvertOptions, Quantization, convert, dry_run
-from moshivis_mlx.weights_convert.plan import human
-from moshivis_mlx.weights_convert.safetensors_io import WeightsError
-
-from moshivis_mlx.bundle import BundleError, read_config
+from moshivis_mlx.errors import EXIT_ERROR, UsageError, guard
+from moshivis_mlx.quant import PRESETS, QuantSpec
 
 EPILOG = """examples:
   moshivis-convert --hf-repo kyutai/moshika-vis-pytorch-bf16 --out moshika-vis-q8
-  moshivis-convert --hf-repo kyutai/moshiko-pytorch-bf16 --q-bits 4 --q-group-size 32 \
-                   --out moshiko-q4
+  moshivis-convert --hf-repo kyutai/moshiko-pytorch-bf16 --quant q4 --out moshiko-q4
   moshivis-convert --hf-repo kyutai/moshika-vis-mlx --moshi-weights model.q8.safetensors --out q8
   moshivis-convert --moshi-weights model.safetensors --mimi-weights mimi.safetensors \\
                    --tokenizer tokenizer_spm_32k_3.model --out moshivis-q8
@@ -90,15 +86,20 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--dtype", choices=["bfloat16", "float16", "float32"],
                    help="dtype of the float tensors (default: bfloat16; for --bundle, the "
                         "bundle's)")
+    presets = ", ".join(f"{k} = {v.bits} bits/group {v.group_size}" for k, v in PRESETS.items()
+                        if v)
+    o.add_argument("--quant", choices=list(PRESETS), default="q8",
+                   help=f"quantization preset ({presets}; bf16: none; default q8)")
     q = o.add_mutually_exclusive_group()
     q.add_argument("-q", "--quantize", action="store_true", default=True,
                    help="quantize linear and embedding layers (the default)")
     q.add_argument("--no-quantize", "--dequantize", dest="quantize", action="store_false",
                    help="store every tensor in --dtype (quantized sources are dequantized)")
-    o.add_argument("--q-bits", type=int, default=8, choices=[4, 8],
-                   help="bits per weight (default 8)")
-    o.add_argument("--q-group-size", type=int, default=64, choices=[32, 64],
-                   help="weights sharing one scale and bias (default 64)")
+    o.add_argument("--q-bits", type=int, choices=[4, 8],
+                   help="bits per weight, overriding --quant's")
+    o.add_argument("--q-group-size", type=int, choices=[32, 64],
+                   help="weights sharing one scale and bias (default: the preset's for the bits: "
+                        "64 at 8 bits, 32 at 4)")
     o.add_argument("--shard-size", type=parse_size, default="5GB", metavar="SIZE",
                    help="largest weights file; larger parts are sharded with an index, as "
                         "mlx-lm does (default 5GB)")
@@ -114,20 +115,37 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def options_from(args: argparse.Namespace) -> ConvertOptions:
-    if args.hf_repo and args.bundle:
-        raise WeightsError("give either --hf-repo or --bundle, not both")
-    if args.manifest and not args.dry_run:
-        raise WeightsError("a manifest holds no data: use --manifest with --dry-run")
-    if args.out is None and not args.dry_run:
-        raise WeightsError("no output directory: give --out DIR (or --dry-run)")
-    quant = Quantization(args.q_bits, args.q_group_size) if args.quantize else None
-    common = dict(out=args.out, dtype=args.dtype, quantization=quant, force=args.force,
-                  vision_config=args.vision_config, vision_float=args.vision_float,
-                  shard_size=args.shard_size)
-    def path(x: str | None) -> Path | None:
-        return Path(x) if x is not None else None
+def quantization(args: argparse.Namespace) -> QuantSpec | None:
+    """--quant's preset, its bits or group size overridden by --q-bits / --q-group-size."""
+    if not args.quantize:
+        return None
+    spec = PRESETS[args.quant]
+    if args.q_bits is None and args.q_group_size is None:
+        return spec
+    if spec is None:
+        raise UsageError("--quant bf16 quantizes nothing: drop --q-bits / --q-group-size, or "
+                         "choose --quant q8 or q4")
+    bits = args.q_bits or spec.bits
+    return QuantSpec(bits, args.q_group_size or PRESETS[f"q{bits}"].group_size)
 
+
+def _path(x: str | None) -> Path | None:
+    return Path(x) if x is not None else None
+
+
+def options_from(args: argparse.Namespace):
+    from moshivis_mlx.weights_convert.convert import ConvertOptions
+
+    if args.hf_repo and args.bundle:
+        raise UsageError("give either --hf-repo or --bundle, not both")
+    if args.manifest and not args.dry_run:
+        raise UsageError("a manifest holds no data: use --manifest with --dry-run")
+    if args.out is None and not args.dry_run:
+        raise UsageError("no output directory: give --out DIR (or --dry-run)")
+    common = dict(out=args.out, dtype=args.dtype, quantization=quantization(args),
+                  force=args.force, vision_config=args.vision_config,
+                  vision_float=args.vision_float, shard_size=args.shard_size,
+                  vision_weights=_path(args.vision_weights))
     if args.hf_repo:
         from moshivis_mlx.weights_convert.hub import resolve_repo
 
@@ -135,31 +153,23 @@ def options_from(args: argparse.Namespace) -> ConvertOptions:
                              mimi_weights=args.mimi_weights, tokenizer=args.tokenizer,
                              config=args.config, mimi_config=args.mimi_config,
                              headers_only=args.dry_run)
-        opts = files.options(**common)
-        return replace(opts, vision_weights=path(args.vision_weights))
+        return replace(files, **common)
     return ConvertOptions(
-        moshi_weights=path(args.moshi_weights), kyutai_config=path(args.config),
-        mimi_weights=path(args.mimi_weights), mimi_config=path(args.mimi_config),
-        tokenizer=path(args.tokenizer), vision_weights=path(args.vision_weights),
-        bundle=args.bundle, manifest=args.manifest, **common)
+        moshi_weights=_path(args.moshi_weights), kyutai_config=_path(args.config),
+        mimi_weights=_path(args.mimi_weights), mimi_config=_path(args.mimi_config),
+        tokenizer=_path(args.tokenizer), bundle=args.bundle, manifest=args.manifest, **common)
 
 
 class RichProgress:
     """Conversion progress bars (one per part, in bytes written) on stderr."""
 
     def __init__(self):
+        from rich import progress as rp
         from rich.console import Console
-        from rich.progress import (
-            BarColumn,
-            DownloadColumn,
-            Progress,
-            TextColumn,
-            TimeRemainingColumn,
-        )
 
-        self.progress = Progress(TextColumn("{task.description}"), BarColumn(),
-                                 DownloadColumn(), TimeRemainingColumn(),
-                                 console=Console(stderr=True), transient=False)
+        self.progress = rp.Progress(rp.TextColumn("{task.description}"), rp.BarColumn(),
+                                    rp.DownloadColumn(), rp.TimeRemainingColumn(),
+                                    console=Console(stderr=True), transient=False)
         self.tasks: dict[str, int] = {}
 
     def __call__(self, what: str, done: int, total: int) -> None:
@@ -167,46 +177,28 @@ class RichProgress:
             self.tasks[what] = self.progress.add_task(what, total=total)
         self.progress.update(self.tasks[what], completed=done)
 
-    def __enter__(self):
+    def __enter__(self) -> RichProgress:
         self.progress.start()
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc) -> None:
         self.progress.stop()
 
 
-def one_line(e: BaseException) -> str:
-    return " ".join(str(e).split()) or type(e).__name__
+def run(args: argparse.Namespace) -> int:
+    from moshivis_mlx.weights_convert.convert import convert, dry_run, human
 
+    from moshivis_mlx.bundle import read_config
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        opts = options_from(args)
-        if args.dry_run:
-            print("\n".join(dry_run(opts)))
-            return 0
-        if sys.stderr.isatty():
-            with RichProgress() as progress:
-                out = convert(opts, progress)
-        else:
-            out = convert(opts)
-    except KeyboardInterrupt:
-        if args.debug:
-            raise
-        print("moshivis-convert: interrupted, nothing written", file=sys.stderr)
-        return 130
-    except (WeightsError, BundleError, OSError) as e:
-        if args.debug:
-            raise
-        print(f"moshivis-convert: error: {one_line(e)}", file=sys.stderr)
-        return 1
-    except Exception as e:  # a bug: still one line, the traceback with --debug
-        if args.debug:
-            raise
-        print(f"moshivis-convert: internal error: {type(e).__name__}: {one_line(e)} "
-              f"(run with --debug for the traceback)", file=sys.stderr)
-        return 2
+    opts = options_from(args)
+    if args.dry_run:
+        print("\n".join(dry_run(opts)))
+        return 0
+    if sys.stderr.isatty():
+        with RichProgress() as progress:
+            out = convert(opts, progress)
+    else:
+        out = convert(opts)
     size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
     print(f"wrote {out} ({human(size)})")
     cfg = read_config(out)
@@ -214,6 +206,13 @@ def main(argv: list[str] | None = None) -> int:
         print("note: the checkpoint holds no image encoder; convert again adding "
               "--vision-weights (the SigLIP tower of PaliGemma2-3b-pt-448)", file=sys.stderr)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return guard("moshivis-convert", lambda: run(args), args.debug,
+                 exit_code=lambda e: EXIT_ERROR, interrupted="interrupted, nothing written",
+                 internal_exit=2)
 
 
 if __name__ == "__main__":

@@ -25,8 +25,8 @@ from moshivis_mlx.weights_convert.lm_layout import (
     infer_lm_config,
     lm_mapping,
 )
-from moshivis_mlx.weights_convert.vision_convert import expected_vision_tensors
 from moshivis_mlx.weights_convert.vision_layout import (
+    expected_vision_tensors,
     siglip_config_from_hf,
     tower_shapes,
     vision_mapping,

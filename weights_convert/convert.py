@@ -1,87 +1,74 @@
 """Kyutai checkpoints (or one of our bundles) -> a moshivis-mlx bundle directory.
 
-Planning reads headers only: every source file is validated, its layout recognised, every
-tensor mapped (nothing missing, nothing left over, every shape right) and every output
-tensor named and sized before a byte of data is read (`plan_conversion`; `--dry-run`
-prints that plan). Then the data checks run (copies of shared tensors equal, Mimi's
-codebooks trained), and the parts are written tensor by tensor, in shards (see plan.py),
-into a temporary directory renamed into place only when complete: an interrupted
-conversion leaves nothing behind, and an existing bundle is only replaced with `force`.
+One pipeline: plan, then dry-run or write.
 
-Sources and how they are recognised (by their tensor names):
+* Planning reads headers only (`plan_conversion`): every source file is validated, its
+  layout recognised, every tensor mapped (nothing missing, nothing left over, every shape
+  right) and every output tensor named, typed and sized before a byte of data is read.
+  Each output tensor is a `Job`: the entries it is made of, what is done, and a function
+  computing it (one tensor, or `weight`, `scales`, `biases` when quantized).
+* `dry_run` prints that plan.
+* `convert` runs the data checks (copies of shared tensors equal, Mimi's codebooks trained),
+  then writes each part (`model`, `vision`, `mimi`) job by job through `SafetensorsWriter`,
+  in shards of bounded size with an index as mlx-lm does, into a temporary directory renamed
+  into place only when complete. Memory: the largest tensor, not the model.
 
-    moshi-pytorch     Kyutai's Moshi (kyutai/moshiko-pytorch-bf16, moshika-pytorch-bf16)
-    moshivis-pytorch  Kyutai's MoshiVis (kyutai/moshika-vis-pytorch-bf16), tower included
-    kyuteye-mlx       Kyutai's MLX MoshiVis (kyutai/moshika-vis-mlx), bf16, q8 or q4
-    bundle            one of ours (config.json): re-quantized, dequantized or re-typed
+A source tensor already quantized with the target's bits and group size (Kyutai's q8 / q4
+MLX files, one of our bundles) is copied packed, bit for bit; otherwise it is dequantized
+(float32) and converted like a float tensor.
+
+Sources, recognised by their tensor names (see lm_layout, vision_layout, mimi_layout):
+Kyutai's Moshi and MoshiVis in PyTorch and MLX layouts, SigLIP towers, Kyutai's Mimi, or
+one of our bundles (config.json), re-quantized, dequantized or re-typed.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-from mlx.utils import tree_flatten
+import mlx.core as mx
 
 from moshivis_mlx.bundle import DTYPES, read_config, weight_files, write_config
-from moshivis_mlx.errors import BundleError
-from moshivis_mlx.models.lm import LM, LmConfig
+from moshivis_mlx.models.lm import LmConfig
 from moshivis_mlx.models.mimi import MimiConfig
 from moshivis_mlx.models.siglip import SiglipConfig
-from moshivis_mlx.quant import quantize_model, quantized_paths
-from moshivis_mlx.sampling import GenerationConfig
+from moshivis_mlx.quant import PRESETS, QuantSpec
+from moshivis_mlx.text import TOKENIZER_NAME
 
-from .lm_layout import Entry, Mapping, check_mapping, detect_lm_layout, infer_lm_config, lm_mapping
-from .mimi_layout import (
-    check_codebooks_trained,
-    is_mimi,
-    mimi_config_from_kyutai,
-    mimi_part,
-    plan_mimi,
+from .lm_layout import (
+    BUNDLE,
+    expected_lm_tensors,
+    find_lm,
+    is_lm,
+    kyutai_generation_defaults,
+    read_kyutai_config,
 )
-from .mlx_layout import (
-    KYUTEYE_MLX,
-    infer_kyuteye_config,
-    is_kyuteye_mlx,
-    kyuteye_mapping,
-    lm_keys,
-    shared_copies,
-)
-from .plan import (
-    DEFAULT_SHARD_SIZE,
-    Part,
-    Progress,
-    copy_jobs,
-    describe_part,
-    entry_jobs,
-    human,
-    write_part,
-)
-from .safetensors_io import WeightsError, read_json_config
-from .source import FloatView, QuantSpec, Source, infer_quant_spec
-from .vision_convert import (
-    VisionPlan,
-    has_vision_tower,
-    plan_bundle_vision,
-    plan_vision,
+from .mapping import Entry, Found, Mapping, check_mapping, entry_value, identity_mapping
+from .mimi_layout import check_codebooks_trained, find_mimi, is_mimi, mimi_config_from_kyutai
+from .safetensors_io import DTYPE_NAMES, ITEMSIZE, SafetensorsWriter, WeightsError, dtype_code
+from .source import FloatView, Source
+from .vision_layout import (
+    expected_vision_tensors,
+    find_tower,
+    find_vision,
     read_vision_config,
-    vision_part,
     vision_quantization,
-    vision_section,
 )
 
 Quantization = QuantSpec
 """Blockwise affine quantization: `Quantization(bits=8, group_size=64)`."""
-
-TOKENIZER_NAME = "tokenizer.model"
-BUNDLE = "bundle"
-SIZE_PRESETS = (("bfloat16", None), ("q8", 8), ("q4", 4))
+Progress = Callable[[str, int, int], None]
+"""progress(what, bytes done, bytes in all), called as a part is written."""
+DEFAULT_SHARD_SIZE = 5 << 30  # mlx-lm's
 
 
 @dataclass
@@ -97,7 +84,7 @@ class ConvertOptions:
     """Kyutai's SentencePiece model, copied into the bundle as tokenizer.model."""
     dtype: str | None = None
     """Float dtype; default bfloat16 (for one of our bundles: the bundle's own)."""
-    quantization: Quantization | None = field(default_factory=Quantization)
+    quantization: Quantization | None = PRESETS["q8"]
     force: bool = False
     # The SigLIP image encoder (default: the tower inside --moshi-weights, if any).
     vision_weights: Path | Source | None = None
@@ -110,6 +97,42 @@ class ConvertOptions:
     shard_size: int = DEFAULT_SHARD_SIZE
     origin: dict[str, Any] = field(default_factory=dict)
     """Where the files came from (hf_repo, revision): recorded in config.json."""
+
+
+@dataclass
+class Job:
+    """One tensor of ours: where it comes from, what is done on the way, and what is
+    written (the tensor, or its packed weight, scales and biases)."""
+
+    srcs: list[str]
+    dst: str
+    shape: tuple[int, ...]
+    stored: str
+    """How the bundle stores it: a dtype, or a quantization (q8/g64)."""
+    how: str
+    outputs: list[tuple[str, str, tuple[int, ...]]]
+    """(name, safetensors dtype, shape) of each tensor written."""
+    run: Callable[[], list[mx.array]]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(math.prod(shape) * ITEMSIZE[code] for _, code, shape in self.outputs)
+
+
+@dataclass
+class Part:
+    """One weights file of the bundle (`{stem}.safetensors`, or shards and an index)."""
+
+    stem: str
+    title: str
+    jobs: list[Job]
+    view: FloatView
+    notes: list[str] = field(default_factory=list)
+    """What else the source holds and why it is not stored (for --dry-run)."""
+
+    @property
+    def nbytes(self) -> int:
+        return sum(j.nbytes for j in self.jobs)
 
 
 @dataclass
@@ -126,41 +149,115 @@ class Plan:
         return sum(p.nbytes for p in self.parts)
 
 
-# -- configs ----------------------------------------------------------------------------
+# -- jobs ------------------------------------------------------------------------------------
 
-def read_kyutai_config(path: Path | None) -> dict[str, Any] | None:
-    if path is None:
-        return None
-    cfg = read_json_config(path)
-    if "format_version" in cfg:
-        raise WeightsError(f"{path}: this is the config of a moshivis-mlx bundle; convert the "
-                           f"bundle with --bundle DIR")
-    # Kyutai's repos nest the model kwargs under lm_kwargs in some versions.
-    return {**cfg, **cfg.get("lm_kwargs", {})}
-
-
-def kyutai_generation_defaults(kyutai_config: dict[str, Any] | None) -> dict[str, Any]:
-    """The bundle's generation settings: Kyutai's config's `lm_gen_config` and `xa_start`
-    where it gives them, else Kyutai's defaults."""
-    kc = kyutai_config or {}
-    d = GenerationConfig()
-    xa_start = kc.get("xa_start")
-    gen = kc.get("lm_gen_config") if isinstance(kc.get("lm_gen_config"), dict) else {}
-    return GenerationConfig(
-        text_temperature=float(gen.get("temp_text", d.text_temperature)),
-        text_top_k=int(gen.get("top_k_text", d.text_top_k)),
-        audio_temperature=float(gen.get("temp", d.audio_temperature)),
-        audio_top_k=int(gen.get("top_k", d.audio_top_k)),
-        xa_start=xa_start if isinstance(xa_start, int) else d.xa_start,
-    ).to_dict()
+def _notes(es: list[Entry], view: FloatView) -> list[str]:
+    """What happens to the source on the way, in words."""
+    e = es[0]
+    notes = [f"{len(es)} concatenated"] if len(es) > 1 else []
+    if e.rows is not None:
+        notes.append(f"rows {e.rows[0]}:{e.rows[1]}")
+    if e.note:
+        notes.append(e.note)
+    elif len(es) == 1 and e.rows is None and tuple(view.shapes[e.src]) != tuple(e.shape):
+        notes.append("reshaped")
+    return notes
 
 
-def expected_lm_tensors(cfg: LmConfig, quant: Quantization | None) -> dict[str, tuple[int, ...]]:
-    """Names and shapes of a bundle's LM tensors, from the model skeleton (nothing allocated)."""
-    model = LM(cfg)
-    if quant:
-        quantize_model(model, quant)
-    return {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
+def _is_plain(e: Entry, view: FloatView) -> bool:
+    """Whether `e` only takes rows of its source: then a packed tensor can be sliced as is."""
+    src = view.shapes[e.src]
+    rows = (e.rows[1] - e.rows[0],) if e.rows else src[:1]
+    return (e.perm is None and e.aux is None and len(src) == 2
+            and tuple(e.shape) == rows + tuple(src[1:]))
+
+
+def _outputs(dst: str, shape: tuple[int, ...], q: QuantSpec | None, code: str
+             ) -> list[tuple[str, str, tuple[int, ...]]]:
+    if q is None:
+        return [(dst, code, tuple(shape))]
+    rows, cols = shape
+    base = dst[: -len(".weight")]
+    groups = (rows, cols // q.group_size)
+    return [(dst, "U32", (rows, cols * q.bits // 32)), (base + ".scales", code, groups),
+            (base + ".biases", code, groups)]
+
+
+def _converted(es: list[Entry], view: FloatView, dtype: mx.Dtype, q: QuantSpec | None
+               ) -> list[mx.array]:
+    parts = [entry_value(e, view.__getitem__) for e in es]
+    a = (parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=0)).astype(dtype)
+    return [a] if q is None else list(mx.quantize(a, group_size=q.group_size, bits=q.bits))
+
+
+def _packed(e: Entry, view: FloatView, dtype: mx.Dtype) -> list[mx.array]:
+    w, s, b = view.packed(e.src)
+    if e.rows is not None:
+        w, s, b = (x[e.rows[0]: e.rows[1]] for x in (w, s, b))
+    return [w, s.astype(dtype), b.astype(dtype)]
+
+
+def plan_jobs(mapping: Mapping, view: FloatView, dtype: mx.Dtype, quant: QuantSpec | None,
+              quantized: set[str]) -> list[Job]:
+    """A job per destination (entries sharing one are concatenated); the weights of the
+    modules in `quantized` are quantized with `quant`."""
+    groups: dict[str, list[Entry]] = {}
+    for e in mapping.entries:
+        groups.setdefault(e.dst, []).append(e)
+    code = dtype_code(dtype)
+    jobs = []
+    for dst, es in groups.items():
+        shape = es[0].shape
+        if len(es) > 1:
+            shape = (sum(e.shape[0] for e in es),) + tuple(shape[1:])
+        module, leaf = dst.rsplit(".", 1)
+        q = quant if leaf == "weight" and module in quantized else None
+        srcs = [e.src for e in es] + [e.aux for e in es if e.aux]
+        stored_q = view.spec if es[0].src in view.quantized else None
+        notes = _notes(es, view)
+        if q is not None and stored_q == q and len(es) == 1 and _is_plain(es[0], view):
+            notes.append(f"kept {q.label} (copied packed)")
+            run = partial(_packed, es[0], view, dtype)
+        else:
+            if q is not None:
+                notes.append(f"quantized {q.label}")
+            elif view.stored_dtype(srcs[0]) != DTYPE_NAMES[code]:
+                notes.append(f"{view.stored_dtype(srcs[0])} -> {DTYPE_NAMES[code]}")
+            if stored_q is not None:
+                notes.insert(0, "dequantized")
+            run = partial(_converted, es, view, dtype, q)
+        jobs.append(Job(srcs, dst, shape, q.label if q else DTYPE_NAMES[code],
+                        ", ".join(notes) or "copied", _outputs(dst, shape, q, code), run))
+    # Jobs reading one source tensor run one after another (the view keeps the last read).
+    first: dict[str, int] = {}
+    for j in jobs:
+        first.setdefault(j.srcs[0], len(first))
+    return sorted(jobs, key=lambda j: first[j.srcs[0]])
+
+
+def _quantized_modules(tensors: dict[str, tuple[int, ...]]) -> set[str]:
+    return {k[: -len(".scales")] for k in tensors if k.endswith(".scales")}
+
+
+# -- the models ------------------------------------------------------------------------------
+
+def _in_bundle(source: Source, cfg: Any, tensors: dict[str, tuple[int, ...]], quant: Any
+               ) -> Found:
+    """A part of one of our bundles: our names already, maybe quantized."""
+    view = FloatView(source, source.keys(), QuantSpec.from_dict(quant))
+    mapping = identity_mapping(tensors)
+    check_mapping(mapping, view.shapes, source.label)
+    return Found(BUNDLE, cfg, mapping, view)
+
+
+def check_copies(source: Source, copies: list[tuple[str, str]]) -> None:
+    """Every stored copy of a shared tensor holds exactly the original's data."""
+    differ = [c for c, o in copies if not source.same_bytes(c, o)]
+    if differ:
+        raise WeightsError(
+            f"{source.label}: {len(differ)} copies of shared tensors differ from the original "
+            f"(the cross-attention is shared by all layers, the depformer norms by all "
+            f"steps): {', '.join(differ[:4])}{' ...' if len(differ) > 4 else ''}")
 
 
 def check_tokenizer(path: Path) -> None:
@@ -176,7 +273,275 @@ def check_tokenizer(path: Path) -> None:
                            f"tokenizer_spm_32k_3.model)")
 
 
-# -- the output directory ----------------------------------------------------------------
+# -- the parts ------------------------------------------------------------------------------
+
+def _lm_part(m: Found, dtype: str, quant: QuantSpec | None, tower: str) -> Part:
+    quantized = _quantized_modules(expected_lm_tensors(m.cfg, quant)) if quant else set()
+    notes = [f"  {c} -> not stored: a copy of {o} (checked equal when converting)"
+             for c, o in m.mapping.copies]
+    if m.mapping.ignored:
+        names = m.mapping.ignored
+        notes.append(f"  {len(names)} tensors ({_common_prefix(names)}*) -> {tower}")
+    jobs = plan_jobs(m.mapping, m.view, DTYPES[dtype], quant, quantized)
+    return Part("model", "language model", jobs, m.view, notes)
+
+
+def _lm_section(cfg: LmConfig, dtype: str, quant: QuantSpec | None) -> dict[str, Any]:
+    return {"model_type": "moshivis" if cfg.cross_attention else "moshi", "lm": cfg.to_dict(),
+            "dtype": dtype, "quantization": quant.to_dict() if quant else None}
+
+
+def _vision_part(m: Found, dtype: str, quant: QuantSpec | None) -> Part:
+    quantized = set()
+    if quant:
+        quantized = _quantized_modules(expected_vision_tensors(m.cfg, quant.to_dict()))
+    notes = [f"  {k} -> not stored: not used (HF's pooling head, position ids)"
+             for k in m.mapping.ignored]
+    jobs = plan_jobs(m.mapping, m.view, DTYPES[dtype], quant, quantized)
+    return Part("vision", "image encoder", jobs, m.view, notes)
+
+
+def _vision_section(m: Found, dtype: str, quant: QuantSpec | None) -> dict[str, Any]:
+    return {"siglip": m.cfg.to_dict(), "dtype": dtype,
+            "quantization": quant.to_dict() if quant else None,
+            "source": {"layout": m.layout, "weights": Path(m.view.source.label).name}}
+
+
+def _mimi_part(m: Found) -> Part:
+    """Always float32, never quantized (the codec is small and its numerics matter)."""
+    notes = [f"  {k} -> not stored: must be non-zero, a trained codebook (checked when "
+             f"converting)" for k in m.mapping.ignored]
+    return Part("mimi", "Mimi codec", plan_jobs(m.mapping, m.view, mx.float32, None, set()),
+                m.view, notes)
+
+
+# -- planning --------------------------------------------------------------------------------
+
+def _open(weights: Path | Source) -> Source:
+    """A weights file's validated table (or a table already read: a remote header)."""
+    return weights if isinstance(weights, Source) else Source.from_files([Path(weights)])
+
+
+def _manifest_doc(path: Path) -> dict[str, Any]:
+    try:
+        doc = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+    return doc if isinstance(doc, dict) else {}
+
+
+def _converter() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        v = version("moshivis-mlx")
+    except PackageNotFoundError:
+        v = "unknown"
+    return {"name": "moshivis-convert", "version": v}
+
+
+def plan_conversion(opts: ConvertOptions) -> Plan:
+    """The whole conversion, from headers (or a manifest) only; raises on any bad input."""
+    if opts.dtype is not None and opts.dtype not in DTYPES:
+        raise WeightsError(f"unknown dtype {opts.dtype!r} (choose from {', '.join(DTYPES)})")
+    if opts.bundle is not None:
+        return _plan_bundle(opts)
+    kc = read_kyutai_config(opts.kyutai_config)
+    vision_hf = read_vision_config(opts.vision_config)
+    mimi_config: Path | MimiConfig | None = opts.mimi_config
+    weights = (opts.moshi_weights, opts.mimi_weights, opts.vision_weights)
+    lm_src = mimi_src = vision_src = None
+    if opts.manifest is not None:
+        if any(w is not None for w in weights):
+            raise WeightsError("--manifest describes the weights: give no weights files with it")
+        src = Source.from_manifest(opts.manifest)
+        doc, keys = _manifest_doc(opts.manifest), src.keys()
+        if is_lm(keys):
+            lm_src = src
+            kc = kc if kc is not None else doc.get("lm_kwargs")
+        if is_mimi(keys):
+            mimi_src = src
+            if mimi_config is None and isinstance(doc.get("mimi_config"), dict):
+                mimi_config = mimi_config_from_kyutai(doc["mimi_config"])
+        if find_tower(keys) is not None:
+            vision_src = src
+            if vision_hf is None and isinstance(doc.get("hf_config"), dict):
+                vision_hf = doc["hf_config"]
+        if lm_src is None and mimi_src is None and vision_src is None:
+            raise WeightsError(f"{opts.manifest}: neither a language model, a Mimi codec nor "
+                               f"a SigLIP tower")
+    else:
+        if all(w is None for w in weights):
+            raise WeightsError("nothing to convert: give --hf-repo, --bundle, or --moshi-weights, "
+                               "--mimi-weights and/or --vision-weights")
+        lm_src, mimi_src, vision_src = (_open(w) if w is not None else None for w in weights)
+        if vision_src is None and lm_src is not None and find_tower(lm_src.keys()) is not None:
+            vision_src = lm_src
+    if vision_src is None and opts.vision_config is not None:
+        raise WeightsError("--vision-config given but no vision tower to convert "
+                           "(give --vision-weights)")
+    tokenizer = Path(opts.tokenizer) if opts.tokenizer is not None else None
+    if tokenizer is not None:
+        check_tokenizer(tokenizer)
+
+    # Every part is planned before anything is written: bad inputs fail first.
+    lm = find_lm(lm_src, kc) if lm_src is not None else None
+    vision = find_vision(vision_src, vision_hf) if vision_src is not None else None
+    mimi = find_mimi(mimi_src, mimi_config) if mimi_src is not None else None
+    dtype, quant = opts.dtype or "bfloat16", opts.quantization
+    plan = Plan([], {}, tokenizer, [], [])
+    source_info: dict[str, Any] = dict(opts.origin)
+    if lm is not None:
+        cfg = lm.cfg
+        if vision is not None and cfg.cross_attention and cfg.image_dim != vision.cfg.dim:
+            raise WeightsError(f"the language model takes {cfg.image_dim}-wide image tokens, "
+                               f"the vision tower makes {vision.cfg.dim}")
+        tower = ("the image encoder (listed there)" if vision_src is lm_src
+                 else "not stored (the image encoder comes from another file)")
+        plan.parts.append(_lm_part(lm, dtype, quant, tower))
+        if lm.mapping.copies and lm_src.has_data:
+            plan.checks.append(partial(check_copies, lm_src, lm.mapping.copies))
+        plan.config.update(_lm_section(cfg, dtype, quant))
+        plan.config["generation"] = kyutai_generation_defaults(kc)
+        stored = f", stored {lm.view.spec.label}" if lm.view.spec else ""
+        plan.found.append(f"language model: {'MoshiVis' if cfg.cross_attention else 'Moshi'}, "
+                          f"{lm.layout} layout{stored} ({lm_src.label})")
+        source_info.update({"layout": lm.layout, "lm_weights": Path(lm_src.label).name})
+        if opts.kyutai_config is not None:
+            source_info["kyutai_config"] = Path(opts.kyutai_config).name
+    if vision is not None:
+        vquant = vision_quantization(quant, opts.vision_float)
+        plan.parts.append(_vision_part(vision, dtype, vquant))
+        plan.config["vision"] = _vision_section(vision, dtype, vquant)
+        plan.found.append(f"image encoder: SigLIP, {vision.layout} layout ({vision_src.label})")
+    if mimi is not None:
+        plan.parts.append(_mimi_part(mimi))
+        if mimi_src.has_data:
+            plan.checks.append(partial(check_codebooks_trained, mimi_src, mimi.mapping))
+        plan.config["mimi"] = mimi.cfg.to_dict()
+        source_info["mimi_weights"] = Path(mimi_src.label).name
+        plan.found.append(f"Mimi codec ({mimi_src.label})")
+    if tokenizer is not None:
+        source_info["tokenizer"] = tokenizer.name
+    plan.config["tokenizer"] = TOKENIZER_NAME if tokenizer is not None else None
+    plan.config["source"] = source_info
+    plan.config["converter"] = _converter()
+    return plan
+
+
+def _plan_bundle(opts: ConvertOptions) -> Plan:
+    """One of our bundles, converted as a whole (re-quantized, dequantized, re-typed)."""
+    others = {"--moshi-weights": opts.moshi_weights, "--mimi-weights": opts.mimi_weights,
+              "--vision-weights": opts.vision_weights, "--config": opts.kyutai_config,
+              "--mimi-config": opts.mimi_config, "--vision-config": opts.vision_config,
+              "--tokenizer": opts.tokenizer, "--manifest": opts.manifest}
+    given = [k for k, v in others.items() if v is not None]
+    if given:
+        raise WeightsError(f"--bundle converts a bundle as it is: {', '.join(given)} cannot "
+                           f"be combined with it")
+    bundle = Path(opts.bundle)
+    bcfg = read_config(bundle)
+    sources = {stem: Source.from_files(weight_files(bundle, stem), f"{bundle}/{stem}.safetensors")
+               for stem, key in (("model", "lm"), ("vision", "vision"), ("mimi", "mimi"))
+               if bcfg.get(key)}
+    quant = opts.quantization
+    plan = Plan([], {k: v for k, v in bcfg.items() if k != "format_version"}, None, [], [])
+    if "model" in sources:
+        try:
+            cfg = LmConfig.from_dict(bcfg["lm"])
+        except (TypeError, ValueError) as e:
+            raise WeightsError(f"{bundle}/config.json: invalid lm section ({e})") from None
+        lm = _in_bundle(sources["model"], cfg, expected_lm_tensors(cfg, None),
+                        bcfg.get("quantization"))
+        dtype = opts.dtype or bcfg.get("dtype") or "bfloat16"
+        plan.parts.append(_lm_part(lm, dtype, quant, ""))
+        plan.config.update(_lm_section(cfg, dtype, quant))
+        stored = f", stored {lm.view.spec.label}" if lm.view.spec else ""
+        plan.found.append(f"language model: {plan.config['model_type']}, bundle layout{stored}")
+    if "vision" in sources:
+        section = bcfg["vision"]
+        try:
+            vcfg = SiglipConfig.from_dict(section["siglip"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise WeightsError(f"{bundle}/config.json: invalid vision section ({e})") from None
+        vision = _in_bundle(sources["vision"], vcfg, expected_vision_tensors(vcfg, None),
+                            section.get("quantization"))
+        dtype = opts.dtype or section.get("dtype") or "bfloat16"
+        vquant = vision_quantization(quant, opts.vision_float)
+        plan.parts.append(_vision_part(vision, dtype, vquant))
+        plan.config["vision"] = {**_vision_section(vision, dtype, vquant),
+                                 "source": section.get("source")}
+        plan.found.append("image encoder: SigLIP, bundle layout")
+    if "mimi" in sources:
+        src = sources["mimi"]
+        mimi = _in_bundle(src, bcfg["mimi"], src.shapes(sorted(src.keys())), None)
+        plan.parts.append(_mimi_part(mimi))
+        plan.found.append("Mimi codec (copied)")
+    if not plan.parts:
+        raise WeightsError(f"{bundle}: the bundle holds no model")
+    tokenizer = bundle / TOKENIZER_NAME
+    plan.tokenizer = tokenizer if tokenizer.exists() else None
+    plan.config["tokenizer"] = TOKENIZER_NAME if plan.tokenizer is not None else None
+    plan.config["source"] = {**opts.origin, "layout": BUNDLE, "bundle": bundle.name,
+                             "from": bcfg.get("source")}
+    plan.config["converter"] = _converter()
+    return plan
+
+
+# -- writing ---------------------------------------------------------------------------------
+
+def shard_jobs(jobs: list[Job], max_bytes: int) -> list[list[Job]]:
+    """Consecutive jobs in shards of at most `max_bytes` (a larger job gets its own)."""
+    shards: list[list[Job]] = []
+    size = 0
+    for j in jobs:
+        if not shards or (size + j.nbytes > max_bytes and shards[-1]):
+            shards.append([])
+            size = 0
+        shards[-1].append(j)
+        size += j.nbytes
+    return shards
+
+
+def shard_names(stem: str, n: int) -> list[str]:
+    if n == 1:
+        return [f"{stem}.safetensors"]
+    return [f"{stem}-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+
+
+def write_part(part: Part, out_dir: Path, max_shard_bytes: int = DEFAULT_SHARD_SIZE,
+               progress: Progress | None = None) -> list[str]:
+    """Writes the part's files into `out_dir`, tensor by tensor; returns their names."""
+    shards = shard_jobs(part.jobs, max_shard_bytes)
+    names = shard_names(part.stem, len(shards))
+    total, done = part.nbytes, 0
+    weight_map: dict[str, str] = {}
+    if progress:
+        progress(part.title, 0, total)
+    try:
+        for name, jobs in zip(names, shards):
+            outputs = [o for j in jobs for o in j.outputs]
+            with SafetensorsWriter(out_dir / name, outputs) as writer:
+                for job in jobs:
+                    arrays = job.run()
+                    mx.eval(*arrays)
+                    for (tensor, _, _), a in zip(job.outputs, arrays, strict=True):
+                        writer.write(tensor, a)
+                        weight_map[tensor] = name
+                    del arrays
+                    mx.clear_cache()
+                    done += job.nbytes
+                    if progress:
+                        progress(part.title, done, total)
+    finally:
+        part.view.release()
+    if len(names) > 1:
+        index = {"metadata": {"total_size": total, "format": "mlx"},
+                 "weight_map": dict(sorted(weight_map.items()))}
+        (out_dir / f"{part.stem}.safetensors.index.json").write_text(
+            json.dumps(index, indent=2) + "\n")
+    return names
+
 
 @contextmanager
 def staging_dir(out: Path, force: bool) -> Iterator[Path]:
@@ -201,275 +566,6 @@ def staging_dir(out: Path, force: bool) -> Iterator[Path]:
         raise
 
 
-# -- planning ----------------------------------------------------------------------------
-
-def _lm_plan(source: Source, kc: dict[str, Any] | None
-             ) -> tuple[LmConfig, Mapping, FloatView, str]:
-    """Layout, config, checked mapping and view of the language model in `source`."""
-    keys = source.keys()
-    if is_kyuteye_mlx(keys):
-        layout = KYUTEYE_MLX
-        names = lm_keys(keys)
-        copies = shared_copies(names)
-        names -= {c for c, _ in copies}
-        if "out_norm.weight" not in names:
-            raise WeightsError(f"{source.label}: missing tensor 'out_norm.weight'")
-        spec = infer_quant_spec(source, names, "text_linear.weight",
-                                source.info("out_norm.weight").shape[0])
-        view = FloatView(source, names, spec)
-        try:
-            cfg = infer_kyuteye_config(view.shapes, kc)
-        except WeightsError as e:
-            raise WeightsError(f"{source.label}: {e}") from None
-        mapping = kyuteye_mapping(view.shapes, cfg)
-        mapping.copies = copies
-    else:
-        try:
-            layout = detect_lm_layout(keys)
-            view = FloatView(source, keys, None)
-            cfg = infer_lm_config(view.shapes, layout, kc)
-        except WeightsError as e:
-            raise WeightsError(f"{source.label}: {e}") from None
-        mapping = lm_mapping(view.shapes, layout, cfg)
-    check_mapping(mapping, view.shapes, source.label)
-    bad = [f"{c} {list(source.info(c).shape)} vs {o} {list(source.info(o).shape)}"
-           for c, o in mapping.copies
-           if (source.info(c).shape, source.info(c).dtype)
-           != (source.info(o).shape, source.info(o).dtype)]
-    if bad:
-        raise WeightsError(f"{source.label}: mis-shaped copies of shared tensors: "
-                           + "; ".join(bad))
-    return cfg, mapping, view, layout
-
-
-def check_copies(source: Source, copies: list[tuple[str, str]]) -> None:
-    """Every stored copy of a shared tensor holds exactly the original's data."""
-    differ = [c for c, o in copies if not source.same_bytes(c, o)]
-    if differ:
-        raise WeightsError(
-            f"{source.label}: {len(differ)} copies of shared tensors differ from the original "
-            f"(the cross-attention is shared by all layers, the depformer norms by all "
-            f"steps): {', '.join(differ[:4])}{' ...' if len(differ) > 4 else ''}")
-
-
-def _lm_part(cfg: LmConfig, mapping: Mapping, view: FloatView, dtype_name: str,
-             quant: Quantization | None, tower_title: str) -> Part:
-    qpaths = quantized_paths(LM(cfg), quant.group_size) if quant else set()
-    jobs = entry_jobs(mapping.entries, view, DTYPES[dtype_name], quant, qpaths)
-    return Part("model", "language model", jobs, view, list(mapping.copies),
-                {k: tower_title for k in mapping.ignored})
-
-
-def _lm_section(cfg: LmConfig, dtype_name: str, quant: Quantization | None) -> dict[str, Any]:
-    return {
-        "model_type": "moshivis" if cfg.cross_attention else "moshi",
-        "lm": cfg.to_dict(),
-        "dtype": dtype_name,
-        "quantization": quant.to_dict() if quant else None,
-    }
-
-
-def _manifest_doc(path: Path) -> dict[str, Any]:
-    try:
-        doc = json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return {}
-    return doc if isinstance(doc, dict) else {}
-
-
-def plan_conversion(opts: ConvertOptions) -> Plan:
-    """The whole conversion, from headers (or a manifest) only; raises on any bad input."""
-    if opts.dtype is not None and opts.dtype not in DTYPES:
-        raise WeightsError(f"unknown dtype {opts.dtype!r} (choose from {', '.join(DTYPES)})")
-    if opts.bundle is not None:
-        return _plan_bundle(opts)
-    dtype_name = opts.dtype or "bfloat16"
-    quant = opts.quantization
-    kc = read_kyutai_config(opts.kyutai_config)
-    vision_hf = read_vision_config(opts.vision_config)
-    mimi_config: Path | MimiConfig | None = opts.mimi_config
-    weights = (opts.moshi_weights, opts.mimi_weights, opts.vision_weights)
-    lm_src = mimi_src = vision_src = None
-    if opts.manifest is not None:
-        if any(w is not None for w in weights):
-            raise WeightsError("--manifest describes the weights: give no weights files with it")
-        src = Source.from_manifest(opts.manifest)
-        doc = _manifest_doc(opts.manifest)
-        keys = src.keys()
-        if is_kyuteye_mlx(keys) or {"text_emb.weight", "llm.text_emb.weight"} & keys:
-            lm_src = src
-            kc = kc if kc is not None else doc.get("lm_kwargs")
-        if is_mimi(keys):
-            mimi_src = src
-            if mimi_config is None and isinstance(doc.get("mimi_config"), dict):
-                mimi_config = mimi_config_from_kyutai(doc["mimi_config"])
-        if has_vision_tower(src):
-            vision_src = src
-            if vision_hf is None and isinstance(doc.get("hf_config"), dict):
-                vision_hf = doc["hf_config"]
-        if lm_src is None and mimi_src is None and vision_src is None:
-            raise WeightsError(f"{opts.manifest}: neither a language model, a Mimi codec nor "
-                               f"a SigLIP tower")
-    else:
-        if all(w is None for w in weights):
-            raise WeightsError("nothing to convert: give --hf-repo, --bundle, or --moshi-weights, "
-                               "--mimi-weights and/or --vision-weights")
-        if opts.moshi_weights is not None:
-            lm_src = _open(opts.moshi_weights)
-        if opts.mimi_weights is not None:
-            mimi_src = _open(opts.mimi_weights)
-        if opts.vision_weights is not None:
-            vision_src = _open(opts.vision_weights)
-        elif lm_src is not None and has_vision_tower(lm_src):
-            vision_src = lm_src
-    if vision_src is None and opts.vision_config is not None:
-        raise WeightsError("--vision-config given but no vision tower to convert "
-                           "(give --vision-weights)")
-    tokenizer = Path(opts.tokenizer) if opts.tokenizer is not None else None
-    if tokenizer is not None:
-        check_tokenizer(tokenizer)
-
-    parts: list[Part] = []
-    checks: list[Callable[[], None]] = []
-    found: list[str] = []
-    config: dict[str, Any] = {}
-    source_info: dict[str, Any] = dict(opts.origin)
-    # Every part is planned before anything is written: bad inputs fail first.
-    lm = _lm_plan(lm_src, kc) if lm_src is not None else None
-    vision = plan_vision(vision_src, vision_hf) if vision_src is not None else None
-    mimi = plan_mimi(mimi_src, mimi_config) if mimi_src is not None else None
-    if lm is not None:
-        cfg, mapping, view, layout = lm
-        if vision is not None and cfg.cross_attention and cfg.image_dim != vision.cfg.dim:
-            raise WeightsError(f"the language model takes {cfg.image_dim}-wide image tokens, "
-                               f"the vision tower makes {vision.cfg.dim}")
-        tower_title = "image encoder" if vision is not None and vision.source is lm_src \
-            else "nothing (not converted)"
-        parts.append(_lm_part(cfg, mapping, view, dtype_name, quant, tower_title))
-        if mapping.copies and lm_src.has_data:
-            checks.append(lambda: check_copies(lm_src, mapping.copies))
-        config.update(_lm_section(cfg, dtype_name, quant))
-        config["generation"] = kyutai_generation_defaults(kc)
-        kind = "MoshiVis" if cfg.cross_attention else "Moshi"
-        quantized = f", stored {view.spec.label}" if view.spec else ""
-        found.append(f"language model: {kind}, {layout} layout{quantized} ({lm_src.label})")
-        source_info.update({"layout": layout, "lm_weights": Path(lm_src.label).name})
-        if opts.kyutai_config is not None:
-            source_info["kyutai_config"] = Path(opts.kyutai_config).name
-    if vision is not None:
-        vquant = vision_quantization(quant.to_dict() if quant else None, opts.vision_float)
-        parts.append(vision_part(vision, DTYPES[dtype_name], vquant))
-        config["vision"] = vision_section(vision, dtype_name, vquant)
-        found.append(f"image encoder: SigLIP, {vision.layout} layout ({vision.source.label})")
-    if mimi is not None:
-        mcfg, mmapping, mview = mimi
-        parts.append(mimi_part(mmapping, mview))
-        if mimi_src.has_data:
-            checks.append(lambda: check_codebooks_trained(mmapping, mview, mimi_src.label))
-        config["mimi"] = mcfg.to_dict()
-        source_info["mimi_weights"] = Path(mimi_src.label).name
-        found.append(f"Mimi codec ({mimi_src.label})")
-    if tokenizer is not None:
-        source_info["tokenizer"] = tokenizer.name
-    config["tokenizer"] = TOKENIZER_NAME if tokenizer is not None else None
-    config["source"] = source_info
-    config["converter"] = _converter()
-    return Plan(parts, config, tokenizer, checks, found)
-
-
-def _open(weights: Path | Source) -> Source:
-    """A weights file's validated table (or a table already read: a remote header)."""
-    return weights if isinstance(weights, Source) else Source.from_files([Path(weights)])
-
-
-def _label(x: Path | Source | None) -> str | None:
-    return x.label if isinstance(x, Source) else (str(x) if x is not None else None)
-
-
-def _converter() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        v = version("moshivis-mlx")
-    except PackageNotFoundError:
-        v = "unknown"
-    return {"name": "moshivis-convert", "version": v}
-
-
-def _bundle_source(bundle: Path, stem: str) -> Source:
-    try:
-        return Source.from_files(weight_files(bundle, stem), f"{bundle}/{stem}.safetensors")
-    except BundleError as e:
-        raise WeightsError(str(e)) from None
-
-
-def _plan_bundle(opts: ConvertOptions) -> Plan:
-    """One of our bundles, converted as a whole (re-quantized, dequantized, re-typed)."""
-    others = {"--moshi-weights": opts.moshi_weights, "--mimi-weights": opts.mimi_weights,
-              "--vision-weights": opts.vision_weights, "--config": opts.kyutai_config,
-              "--mimi-config": opts.mimi_config, "--vision-config": opts.vision_config,
-              "--tokenizer": opts.tokenizer, "--manifest": opts.manifest}
-    given = [k for k, v in others.items() if v is not None]
-    if given:
-        raise WeightsError(f"--bundle converts a bundle as it is: {', '.join(given)} cannot "
-                           f"be combined with it")
-    bundle = Path(opts.bundle)
-    try:
-        bcfg = read_config(bundle)
-    except BundleError as e:
-        raise WeightsError(str(e)) from None
-    quant = opts.quantization
-    config = {k: v for k, v in bcfg.items() if k != "format_version"}
-    parts: list[Part] = []
-    found: list[str] = []
-    if "lm" in bcfg:
-        source = _bundle_source(bundle, "model")
-        dtype_name = opts.dtype or bcfg.get("dtype") or "bfloat16"
-        q = bcfg.get("quantization")
-        view = FloatView(source, source.keys(), QuantSpec(**q) if q else None)
-        try:
-            cfg = LmConfig.from_dict(bcfg["lm"])
-        except (TypeError, ValueError) as e:
-            raise WeightsError(f"{bundle}/config.json: invalid lm section ({e})") from None
-        names = expected_lm_tensors(cfg, None)
-        mapping = Mapping([Entry(k, k, v) for k, v in names.items()], [])
-        check_mapping(mapping, view.shapes, source.label)
-        parts.append(_lm_part(cfg, mapping, view, dtype_name, quant, ""))
-        config.update(_lm_section(cfg, dtype_name, quant))
-        found.append(f"language model: {config['model_type']}, bundle layout"
-                     + (f", stored {view.spec.label}" if view.spec else ""))
-    if bcfg.get("vision"):
-        section = bcfg["vision"]
-        source = _bundle_source(bundle, "vision")
-        try:
-            vcfg = SiglipConfig.from_dict(section["siglip"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise WeightsError(f"{bundle}/config.json: invalid vision section ({e})") from None
-        vplan: VisionPlan = plan_bundle_vision(source, vcfg, section.get("quantization"))
-        vdtype = opts.dtype or section.get("dtype") or "bfloat16"
-        vquant = vision_quantization(quant.to_dict() if quant else None, opts.vision_float)
-        parts.append(vision_part(vplan, DTYPES[vdtype], vquant))
-        config["vision"] = {**vision_section(vplan, vdtype, vquant),
-                            "source": section.get("source")}
-        found.append("image encoder: SigLIP, bundle layout")
-    if "mimi" in bcfg:
-        source = _bundle_source(bundle, "mimi")
-        view = FloatView(source, source.keys(), None)
-        parts.append(Part("mimi", "Mimi codec", copy_jobs(view, sorted(view.shapes)), view))
-        found.append("Mimi codec (copied)")
-    if not parts:
-        raise WeightsError(f"{bundle}: the bundle holds no model")
-    tokenizer = bundle / TOKENIZER_NAME
-    tokenizer = tokenizer if tokenizer.exists() else None
-    config["tokenizer"] = TOKENIZER_NAME if tokenizer is not None else None
-    config["source"] = {**opts.origin, "layout": BUNDLE, "bundle": bundle.name,
-                        "from": bcfg.get("source")}
-    config["converter"] = _converter()
-    return Plan(parts, config, tokenizer, [], found)
-
-
-# -- doing -------------------------------------------------------------------------------
-
 def convert(opts: ConvertOptions, progress: Progress | None = None) -> Path:
     """Writes the bundle; returns its path."""
     if opts.manifest is not None:
@@ -491,15 +587,56 @@ def convert(opts: ConvertOptions, progress: Progress | None = None) -> Path:
     return out
 
 
+# -- describing ------------------------------------------------------------------------------
+
+def human(nbytes: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if nbytes < 1000 or unit == "GB":
+            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.2f} {unit}"
+        nbytes /= 1000
+    raise AssertionError
+
+
+def _shape(shape: tuple[int, ...]) -> str:
+    return "[" + ", ".join(str(s) for s in shape) + "]"
+
+
+def _common_prefix(names: list[str]) -> str:
+    first, last = min(names), max(names)
+    i = 0
+    while i < min(len(first), len(last)) and first[i] == last[i]:
+        i += 1
+    return first[:i]
+
+
+def describe_part(part: Part, max_shard_bytes: int) -> list[str]:
+    """One line per source tensor: where it goes, as what, and the size it takes."""
+    n = len(shard_jobs(part.jobs, max_shard_bytes))
+    files = shard_names(part.stem, n)
+    where = files[0] if n == 1 else f"{n} shards {files[0]} .. {files[-1]} + index"
+    lines = [f"{part.title} -> {where} ({human(part.nbytes)})"]
+    view = part.view
+    for j in part.jobs:
+        src = " + ".join(f"{s} {_shape(view.shapes[s])} {view.stored_dtype(s)}" for s in j.srcs)
+        extra = " (+ scales, biases)" if len(j.outputs) > 1 else ""
+        lines.append(f"  {src} -> {j.dst} {_shape(j.shape)} {j.stored}{extra} [{j.how}] "
+                     f"{human(j.nbytes)}")
+    return lines + part.notes
+
+
 def size_table(opts: ConvertOptions) -> list[tuple[str, int]]:
     """The bundle's size at bfloat16, q8 and q4 (group size of `opts`), and as asked."""
     group = opts.quantization.group_size if opts.quantization else 64
     rows = []
-    for label, bits in SIZE_PRESETS:
+    for label, bits in (("bfloat16", None), ("q8", 8), ("q4", 4)):
         q = Quantization(bits, group) if bits else None
         name = label if bits is None else f"{label} (group {group})"
         rows.append((name, plan_conversion(replace(opts, dtype="bfloat16", quantization=q)).nbytes))
     return rows
+
+
+def _label(x: Path | Source | None) -> str | None:
+    return x.label if isinstance(x, Source) else (str(x) if x is not None else None)
 
 
 def dry_run(opts: ConvertOptions) -> list[str]:
@@ -516,9 +653,9 @@ def dry_run(opts: ConvertOptions) -> list[str]:
         lines.append(f"tokenizer -> {TOKENIZER_NAME} (copied from {plan.tokenizer})")
     q = opts.quantization
     if any(p.stem != "mimi" for p in plan.parts):
-        what = f"{q.label}" if q else "no quantization"
         dtype = plan.config.get("dtype") or plan.config.get("vision", {}).get("dtype")
-        lines.append(f"this conversion ({dtype}, {what}): {human(plan.nbytes)}")
+        lines.append(f"this conversion ({dtype}, {q.label if q else 'no quantization'}): "
+                     f"{human(plan.nbytes)}")
     else:
         lines.append(f"this conversion (Mimi is always float32): {human(plan.nbytes)}")
     lines.append("bundle size: " + " | ".join(f"{name} {human(n)}"

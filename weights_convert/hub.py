@@ -11,27 +11,25 @@ Which files: as Kyutai's own loader (moshi.models.loaders) decides. The reposito
 `config.json`, when it has one, names them (`moshi_name`, `mimi_name`, `tokenizer_name`,
 `mimi_config_name`) and gives the model's settings; without one the released 7B files and
 settings apply. A repository (or a folder) holding one of our bundles is converted as a
-bundle. `resolve_repo` does this for `moshivis-convert --hf-repo` too.
+bundle. `resolve_repo` does this for `moshivis-convert --hf-repo` too, and returns the
+conversion options (the files, and where they came from).
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 from moshivis_mlx.bundle import FORMAT_VERSION, read_config
-from moshivis_mlx.errors import BundleError
-from moshivis_mlx.quant import PRESETS, QuantSpec
+from moshivis_mlx.errors import BundleError, one_line
+from moshivis_mlx.quant import PRESETS, QuantSpec, preset_name
 
-from .convert import ConvertOptions, convert
-from .plan import Progress
-from .safetensors_io import WeightsError, check_table
+from .convert import ConvertOptions, Progress, convert
+from .safetensors_io import WeightsError, check_table, read_json_config
 from .source import Source
 
 LM_FILE = "model.safetensors"
@@ -41,34 +39,12 @@ CONFIG_FILE = "config.json"
 BUNDLE_PATTERNS = ["config.json", "*.safetensors", "*.safetensors.index.json", "tokenizer.model"]
 QUANTIZATIONS = {"8": PRESETS["q8"], "4": PRESETS["q4"], "none": PRESETS["bf16"]}
 """The app's -q values -> the project's quantization presets."""
+Stage = Callable[[str], AbstractContextManager]
+"""stage(description) wraps the download and the conversion (a progress display)."""
 
 
 class HubError(WeightsError):
     """The model could not be obtained; the message says how to get it by hand."""
-
-
-@dataclass
-class RepoFiles:
-    """Local paths of a repository's files (what ConvertOptions needs)."""
-
-    repo: str
-    moshi_weights: Path | Source | None = None
-    mimi_weights: Path | Source | None = None
-    tokenizer: Path | None = None
-    kyutai_config: Path | None = None
-    mimi_config: Path | None = None
-    bundle: Path | None = None
-    revision: str | None = None
-    names: dict[str, str] = field(default_factory=dict)
-
-    def options(self, **kw: Any) -> ConvertOptions:
-        origin = {"hf_repo": self.repo}
-        if self.revision:
-            origin["revision"] = self.revision
-        return ConvertOptions(
-            moshi_weights=self.moshi_weights, mimi_weights=self.mimi_weights,
-            tokenizer=self.tokenizer, kyutai_config=self.kyutai_config,
-            mimi_config=self.mimi_config, bundle=self.bundle, origin=origin, **kw)
 
 
 # -- the cache of converted bundles ---------------------------------------------------------
@@ -82,12 +58,8 @@ def cache_root() -> Path:
     return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "moshivis-mlx"
 
 
-def _q_name(quantize: str) -> str:
-    return "bf16" if quantize == "none" else f"q{quantize}"
-
-
 def bundle_path(repo: str, quantize: str) -> Path:
-    return cache_root() / f"{repo.replace('/', '--')}-{_q_name(quantize)}"
+    return cache_root() / f"{repo.replace('/', '--')}-{preset_name(QUANTIZATIONS[quantize])}"
 
 
 def _is_complete(bundle: Path) -> bool:
@@ -121,14 +93,13 @@ class _NotReachable(Exception):
 def _why(e: Exception) -> str:
     """A download failure in a few words."""
     name = type(e).__name__
-    text = " ".join(str(e).split())
     if name == "GatedRepoError":
         return "the repository is gated: accept its terms on huggingface.co and log in"
     if name == "RepositoryNotFoundError":
         return "no such repository (or it needs a login: huggingface-cli login)"
     if name == "RevisionNotFoundError":
         return "no such revision"
-    return f"{name}: {text[:160]}"
+    return f"{name}: {one_line(e, 160)}"
 
 
 def _is_network_error(e: Exception) -> bool:
@@ -174,43 +145,15 @@ def remote_header(repo: str, filename: str) -> Source:
         raise HubError(f"cannot read the header of {label}: {_why(e)}") from None
     header = {name: {"dtype": t.dtype, "shape": list(t.shape),
                      "data_offsets": list(t.data_offsets)} for name, t in meta.tensors.items()}
-    table = check_table(label, header, 1 << 62)
-    return Source(label, {k: (None, v) for k, v in table.items()}, has_data=False)
-
-
-def _manual_steps(repo: str, files: list[str]) -> str:
-    return (f"fetch {', '.join(files)} from https://huggingface.co/{repo} into a folder F "
-            f"(config.json too if the repository has one), then run moshivis-convert "
-            f"--hf-repo F --out DIR (or moshivis-mlx --weights DIR)")
+    return Source.from_table(label, check_table(label, header, 1 << 62))
 
 
 def _offline(repo: str, files: list[str]) -> HubError:
     return HubError(f"cannot download {repo}: offline, or huggingface.co cannot be reached, "
                     f"and the files are not in the Hugging Face cache; to do it by hand, "
-                    + _manual_steps(repo, files))
-
-
-def _repo_names(raw: dict[str, Any] | None) -> dict[str, str | None]:
-    """The file names a Kyutai config.json gives (Kyutai's loader's keys, or kyuteye's)."""
-    raw = raw or {}
-    return {
-        "moshi": raw.get("moshi_name") or raw.get("model") or LM_FILE,
-        "mimi": raw.get("mimi_name") or raw.get("mimi_codec") or MIMI_FILE,
-        "tokenizer": raw.get("tokenizer_name") or raw.get("text_tokenizer") or TOKENIZER_FILE,
-        "mimi_config": raw.get("mimi_config_name"),
-    }
-
-
-def _is_bundle_config(raw: Any) -> bool:
-    return isinstance(raw, dict) and "format_version" in raw and any(
-        k in raw for k in ("lm", "mimi", "vision"))
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError) as e:
-        raise HubError(f"{path}: unreadable config ({e})") from None
+                    f"fetch {', '.join(files)} from https://huggingface.co/{repo} into a folder "
+                    f"F (config.json too if the repository has one), then run moshivis-convert "
+                    f"--hf-repo F --out DIR (or moshivis-mlx --weights DIR)")
 
 
 def _revision(path: Path) -> str | None:
@@ -221,33 +164,6 @@ def _revision(path: Path) -> str | None:
         if i + 1 < len(parts):
             return parts[i + 1]
     return None
-
-
-def _override(value: str | Path | None, repo: str, local_dir: Path | None) -> str | Path | None:
-    """A file option given with --hf-repo: a local path, `hf://owner/repo/file`, or the name
-    of a file of the repository (as Kyutai's loader reads them)."""
-    if value is None:
-        return None
-    text = str(value)
-    if text.startswith("hf://") or Path(text).exists():
-        return value
-    if local_dir is not None:
-        return local_dir / text
-    return f"hf://{repo}/{text}"
-
-
-def _resolve(spec: str | Path, missing: list[str], headers_only: bool = False
-             ) -> Path | Source | None:
-    """A local path, or an hf:// file fetched (or only its header); unreachable ones are
-    added to `missing`."""
-    text = str(spec)
-    if not text.startswith("hf://"):
-        return Path(text)
-    parts = text[len("hf://"):].split("/")
-    if len(parts) < 3:
-        raise HubError(f"{text}: expected hf://owner/repo/file")
-    repo, name = "/".join(parts[:2]), "/".join(parts[2:])
-    return _get(repo, name, headers_only, missing, text)
 
 
 def _get(repo: str, name: str, headers_only: bool, missing: list[str],
@@ -265,23 +181,47 @@ def _get(repo: str, name: str, headers_only: bool, missing: list[str],
         return None
 
 
+def _option(value: str | Path, repo: str, local_dir: Path | None, missing: list[str],
+            headers_only: bool = False) -> Path | Source | None:
+    """A file option given with --hf-repo: a local path, `hf://owner/repo/file`, or the name
+    of a file of the repository (as Kyutai's loader reads them)."""
+    text = str(value)
+    if not text.startswith("hf://"):
+        if Path(text).exists():
+            return Path(text)
+        if local_dir is not None:
+            return local_dir / text
+        text = f"hf://{repo}/{text}"
+    parts = text[len("hf://"):].split("/")
+    if len(parts) < 3:
+        raise HubError(f"{text}: expected hf://owner/repo/file")
+    return _get("/".join(parts[:2]), "/".join(parts[2:]), headers_only, missing, text)
+
+
 def resolve_repo(repo: str, moshi_weights: str | Path | None = None,
                  mimi_weights: str | Path | None = None, tokenizer: str | Path | None = None,
                  config: str | Path | None = None, mimi_config: str | Path | None = None,
-                 prefer_lm: list[str] | None = None, headers_only: bool = False) -> RepoFiles:
-    """The local files of `repo` (a Hugging Face repository, or a folder holding its
-    files), downloading what is not cached. Options override the repository's files.
-    `prefer_lm`: language-model files to try before the configured one (e.g. Kyutai's
+                 prefer_lm: list[str] | None = None, headers_only: bool = False
+                 ) -> ConvertOptions:
+    """The conversion of `repo` (a Hugging Face repository, or a folder holding its opts):
+    its local opts, downloading what is not cached, and where they came from. Options
+    override the repository's opts.
+    `prefer_lm`: language-model opts to try before the configured one (e.g. Kyutai's
     `model.q8.safetensors` in its MLX repositories). `headers_only` (a dry run): weights
     not cached are not downloaded, only their headers are read, and the tokenizer is left
     out."""
     local_dir = Path(repo).expanduser() if Path(repo).expanduser().is_dir() else None
-    files = RepoFiles(repo=str(local_dir) if local_dir else repo)
+    opts = ConvertOptions(origin={"hf_repo": str(local_dir) if local_dir else repo})
     missing: list[str] = []
 
+    def get(name: str) -> Path | Source | None:
+        return local_dir / name if local_dir is not None else _get(repo, name, headers_only,
+                                                                   missing)
+
     # config.json: optional (Kyutai's loader assumes the 7B model without one).
+    cfg_path = None
     if config is not None:
-        cfg_path = _resolve(_override(config, repo, local_dir), missing)
+        cfg_path = _option(config, repo, local_dir, missing)
     elif local_dir is not None:
         cfg_path = local_dir / CONFIG_FILE if (local_dir / CONFIG_FILE).exists() else None
     else:
@@ -289,86 +229,80 @@ def resolve_repo(repo: str, moshi_weights: str | Path | None = None,
             cfg_path = _fetch(repo, CONFIG_FILE, optional=True)
         except _NotReachable:
             missing.append(CONFIG_FILE)
-            cfg_path = None
-    raw = _read_json(cfg_path) if cfg_path is not None else None
-    if _is_bundle_config(raw):
-        return _bundle_repo(repo, local_dir, cfg_path, files)
-    files.kyutai_config = cfg_path
-    names = _repo_names(raw)
-    files.names = {k: v for k, v in names.items() if v}
+    try:
+        raw = read_json_config(cfg_path) if cfg_path is not None else {}
+    except WeightsError as e:
+        raise HubError(str(e)) from None
+    if "format_version" in raw and any(k in raw for k in ("lm", "mimi", "vision")):
+        return _bundle_repo(repo, local_dir, cfg_path, opts)
+    opts.kyutai_config = cfg_path
 
-    def get(name: str) -> Path | Source | None:
-        if local_dir is not None:
-            return local_dir / name
-        return _get(repo, name, headers_only, missing)
-
-    # The language model: an override, else the preferred files that exist, else the named.
+    # The file names Kyutai's loader reads (or kyuteye's), the released ones by default.
+    lm_name = raw.get("moshi_name") or raw.get("model") or LM_FILE
+    mimi_name = raw.get("mimi_name") or raw.get("mimi_codec") or MIMI_FILE
+    tokenizer_name = raw.get("tokenizer_name") or raw.get("text_tokenizer") or TOKENIZER_FILE
     if moshi_weights is not None:
-        files.moshi_weights = _resolve(_override(moshi_weights, repo, local_dir), missing,
-                                       headers_only)
+        opts.moshi_weights = _option(moshi_weights, repo, local_dir, missing, headers_only)
     else:
-        for name in (prefer_lm or []):
-            if local_dir is not None:
-                if (local_dir / name).exists():
-                    files.moshi_weights = local_dir / name
-                    break
-                continue
-            try:
-                found = _fetch(repo, name, optional=True)
-            except (_NotReachable, HubError):
-                continue
-            if found is not None:
-                files.moshi_weights = found
-                break
-        if files.moshi_weights is None:
-            files.moshi_weights = get(names["moshi"])
-    files.mimi_weights = (_resolve(_override(mimi_weights, repo, local_dir), missing,
-                                   headers_only)
-                          if mimi_weights is not None else get(names["mimi"]))
+        opts.moshi_weights = _preferred(repo, local_dir, prefer_lm or []) or get(lm_name)
+    opts.mimi_weights = (_option(mimi_weights, repo, local_dir, missing, headers_only)
+                          if mimi_weights is not None else get(mimi_name))
     if tokenizer is not None:
-        files.tokenizer = _resolve(_override(tokenizer, repo, local_dir), missing)
+        opts.tokenizer = _option(tokenizer, repo, local_dir, missing)
     elif not headers_only or local_dir is not None:
-        files.tokenizer = get(names["tokenizer"])
+        opts.tokenizer = get(tokenizer_name)
     if mimi_config is not None:
-        files.mimi_config = _resolve(_override(mimi_config, repo, local_dir), missing)
-    elif names["mimi_config"]:
-        files.mimi_config = get(names["mimi_config"])
+        opts.mimi_config = _option(mimi_config, repo, local_dir, missing)
+    elif raw.get("mimi_config_name"):
+        opts.mimi_config = get(raw["mimi_config_name"])
     if missing:
-        needed = [n for n in missing if n != CONFIG_FILE] or [CONFIG_FILE]
-        raise _offline(repo, needed)
+        raise _offline(repo, [n for n in missing if n != CONFIG_FILE] or [CONFIG_FILE])
     if local_dir is not None:
-        absent = [p.name for p in (files.moshi_weights, files.mimi_weights, files.tokenizer,
-                                   files.mimi_config) if p is not None and not p.exists()]
+        absent = [p.name for p in (opts.moshi_weights, opts.mimi_weights, opts.tokenizer,
+                                   opts.mimi_config) if p is not None and not p.exists()]
         if absent:
             raise HubError(f"{local_dir} has no {', '.join(absent)} (a folder given as "
-                           f"--hf-repo holds the repository's files)")
-    if isinstance(files.moshi_weights, Path):
-        files.revision = _revision(files.moshi_weights)
-    return files
+                           f"--hf-repo holds the repository's opts)")
+    if isinstance(opts.moshi_weights, Path) and (revision := _revision(opts.moshi_weights)):
+        opts.origin["revision"] = revision
+    return opts
 
 
-def _bundle_repo(repo: str, local_dir: Path | None, cfg_path: Path, files: RepoFiles
-                 ) -> RepoFiles:
+def _preferred(repo: str, local_dir: Path | None, names: list[str]) -> Path | None:
+    """The first of `names` the repository has (skipped when it cannot be had)."""
+    for name in names:
+        if local_dir is not None:
+            if (local_dir / name).exists():
+                return local_dir / name
+            continue
+        try:
+            found = _fetch(repo, name, optional=True)
+        except (_NotReachable, HubError):
+            continue
+        if found is not None:
+            return found
+    return None
+
+
+def _bundle_repo(repo: str, local_dir: Path | None, cfg_path: Path, opts: ConvertOptions
+                 ) -> ConvertOptions:
     """A repository (or folder) holding one of our bundles."""
     if local_dir is not None:
-        files.bundle = local_dir
-        return files
+        opts.bundle = local_dir
+        return opts
     hub, _, _ = _hub()
     try:
-        files.bundle = Path(hub.snapshot_download(repo, allow_patterns=BUNDLE_PATTERNS))
+        opts.bundle = Path(hub.snapshot_download(repo, allow_patterns=BUNDLE_PATTERNS))
     except Exception as e:
         if _is_network_error(e):
             raise _offline(repo, ["config.json", "*.safetensors", "tokenizer.model"]) from None
         raise HubError(f"cannot download {repo}: {_why(e)}") from None
-    files.revision = _revision(cfg_path)
-    return files
+    if revision := _revision(cfg_path):
+        opts.origin["revision"] = revision
+    return opts
 
 
 # -- converted once, reused afterwards -------------------------------------------------------
-
-def _stage(stage: Callable[[str], AbstractContextManager] | None):
-    return stage or (lambda description: nullcontext())
-
 
 def _prefer_quantized(repo: str, quant: QuantSpec | None) -> list[str] | None:
     """Kyutai's MLX repositories also hold the model quantized (q8: groups of 64, q4: groups
@@ -379,45 +313,52 @@ def _prefer_quantized(repo: str, quant: QuantSpec | None) -> list[str] | None:
     return [f"model.q{quant.bits}.safetensors"]
 
 
+def _check_quantize(quantize: str) -> None:
+    if quantize not in QUANTIZATIONS:
+        raise ValueError(f"quantize must be one of {', '.join(QUANTIZATIONS)}, got {quantize!r}")
+
+
+def _convert_once(opts: ConvertOptions, what: str, stage: Stage | None,
+                  progress: Progress | None) -> Path:
+    """Converts into the cache; any failure is a HubError saying what could not be."""
+    try:
+        with (stage or (lambda _: nullcontext()))(f"convert (once) to {opts.out.name}"):
+            convert(opts, progress)
+    except HubError:
+        raise
+    except (WeightsError, OSError) as e:
+        raise HubError(f"cannot convert {what}: {one_line(e)}") from None
+    return opts.out
+
+
 def bundle_for_repo(repo: str, quantize: str = "8", progress: Progress | None = None,
-                    stage: Callable[[str], AbstractContextManager] | None = None) -> Path:
+                    stage: Stage | None = None) -> Path:
     """The converted bundle for `repo` at `quantize` ("8", "4" or "none"), made if needed.
 
     `stage(description)`, if given, wraps the download and the conversion (a progress
     display); the download shows Hugging Face's own progress bars, the conversion calls
     `progress(what, done_bytes, total_bytes)`.
     """
-    if quantize not in QUANTIZATIONS:
-        raise ValueError(f"quantize must be one of {', '.join(QUANTIZATIONS)}, got {quantize!r}")
+    _check_quantize(quantize)
     out = bundle_path(repo, quantize)
     if _is_complete(out):
         return out
-    stage = _stage(stage)
     quant = QUANTIZATIONS[quantize]
-    with stage(f"download {repo}"):
-        files = resolve_repo(repo, prefer_lm=_prefer_quantized(repo, quant))
-    try:
-        with stage(f"convert (once) to {out.name}"):
-            convert(files.options(out=out, quantization=quant, force=True), progress)
-    except WeightsError as e:
-        if isinstance(e, HubError):
-            raise
-        raise HubError(f"cannot convert {repo}: {' '.join(str(e).split())}") from None
-    except OSError as e:
-        raise HubError(f"cannot convert {repo}: {' '.join(str(e).split())}") from None
-    return out
+    with (stage or (lambda _: nullcontext()))(f"download {repo}"):
+        opts = resolve_repo(repo, prefer_lm=_prefer_quantized(repo, quant))
+    return _convert_once(replace(opts, out=out, quantization=quant, force=True), repo, stage,
+                         progress)
 
 
 def bundle_for_files(moshi_weights: str | Path, mimi_weights: str | Path,
                      tokenizer: str | Path, config: str | Path | None = None,
                      quantize: str = "8", progress: Progress | None = None,
-                     stage: Callable[[str], AbstractContextManager] | None = None,
+                     stage: Stage | None = None,
                      vision_weights: str | Path | None = None,
                      mimi_config: str | Path | None = None) -> Path:
     """The converted bundle for local Kyutai files, made once into the cache (keyed by the
     files' paths, sizes and modification times, and the quantization)."""
-    if quantize not in QUANTIZATIONS:
-        raise ValueError(f"quantize must be one of {', '.join(QUANTIZATIONS)}, got {quantize!r}")
+    _check_quantize(quantize)
     paths = [Path(p).expanduser() for p in (moshi_weights, mimi_weights, tokenizer)]
     extra = [Path(p).expanduser() for p in (config, vision_weights, mimi_config) if p is not None]
     key = hashlib.sha256(f"format {FORMAT_VERSION} {quantize}".encode())
@@ -427,19 +368,13 @@ def bundle_for_files(moshi_weights: str | Path, mimi_weights: str | Path,
         except OSError:
             raise HubError(f"{p}: no such file") from None
         key.update(f"\n{p.resolve()} {st.st_size} {st.st_mtime_ns}".encode())
-    out = cache_root() / f"local-{paths[0].stem}-{key.hexdigest()[:12]}-{_q_name(quantize)}"
+    quant = QUANTIZATIONS[quantize]
+    out = cache_root() / f"local-{paths[0].stem}-{key.hexdigest()[:12]}-{preset_name(quant)}"
     if _is_complete(out):
         return out
     opts = ConvertOptions(out=out, moshi_weights=paths[0], mimi_weights=paths[1],
                           tokenizer=paths[2], kyutai_config=Path(config) if config else None,
                           vision_weights=Path(vision_weights) if vision_weights else None,
                           mimi_config=Path(mimi_config) if mimi_config else None,
-                          quantization=QUANTIZATIONS[quantize], force=True)
-    try:
-        with _stage(stage)(f"convert (once) to {out.name}"):
-            convert(opts, progress)
-    except (WeightsError, OSError) as e:
-        if isinstance(e, HubError):
-            raise
-        raise HubError(f"cannot convert {paths[0]}: {' '.join(str(e).split())}") from None
-    return out
+                          quantization=quant, force=True)
+    return _convert_once(opts, str(paths[0]), stage, progress)

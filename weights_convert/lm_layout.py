@@ -1,52 +1,130 @@
 """Kyutai's language-model checkpoint layouts -> ours.
 
-Two PyTorch layouts are known: plain Moshi (`kyutai/moshiko-pytorch-bf16`, keys at the
-top level, audio embeddings `emb.{i}`) and MoshiVis (`kyutai/moshika-vis-pytorch-bf16`,
-the temporal model under `llm.`, audio embeddings `audio_emb.{i}`, the shared
-cross-attention stored under layer 0 and the image projection under `image_prefix.`).
+Our model is described once, by its skeleton (`expected_lm_tensors`: names and shapes from
+the `LmConfig`, nothing allocated); each layout is a table of renames from our names to its
+own, plus the few real transforms:
 
-A mapping is a list of `Entry`s: where each destination tensor comes from and how (a row
-range of a fused tensor, a reshape). The same list drives the conversion, `--dry-run`
-and the manifest checks, so what is printed is what is done.
+    moshi-pytorch     kyutai/moshiko-pytorch-bf16: keys at the top level, audio embeddings
+                      `emb.{i}`, heads `linears.{k}`, RMSNorm gains `.alpha` [1, 1, d]
+    moshivis-pytorch  kyutai/moshika-vis-pytorch-bf16: the same under `llm.`, `audio_emb.{i}`,
+                      `audio_linears.{k}`; the shared cross-attention stored under layer 0
+                      (and maybe copied under the others), the image projection under
+                      `image_prefix.`, the SigLIP tower under `image_prefix.enc.`
+    kyuteye-mlx       kyutai/moshika-vis-mlx (bf16, q8 or q4), made by kyuteye_mlx's converter
+                      from the MoshiVis file: no `llm.`, 1-D norm `.weight`s, the
+                      cross-attention's q split from k and v as ours, the image projection
+                      under `transformer.image_prefix.`, the tower under `img_embedder.`
+
+The PyTorch files fuse what we keep apart: the shared cross-attention's [q; k; v] (ours:
+`xa.q_proj` and `xa.kv_proj`, row blocks of it) and the depformer's attention of all 8 steps,
+concatenated step-major (ours: one module per step, each a row block). kyuteye_mlx stores one
+`depformer.slices.{k}` per step instead, each with a copy of the per-layer norms that all
+steps share; Kyutai's quantizer also copies the shared cross-attention under every layer.
+Copies are not converted: each must equal its original (checked when converting).
+
+Kyutai's quantized MLX files store every linear and embedding weight as MLX's packed
+`weight` + `scales` + `biases`; `source.FloatView` shows them as float tensors, so one
+table serves the three files.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
-from moshivis_mlx.models.lm import DepformerConfig, LmConfig
+from moshivis_mlx.models.lm import LM, DepformerConfig, LmConfig
+from moshivis_mlx.quant import QuantSpec
+from moshivis_mlx.sampling import GenerationConfig
 
-from .safetensors_io import WeightsError
-
-
-@dataclass(frozen=True)
-class Entry:
-    """Destination `dst` [shape] is rows `rows` of source `src`, reshaped."""
-
-    dst: str
-    src: str
-    shape: tuple[int, ...]
-    rows: tuple[int, int] | None = None
-
-
-@dataclass
-class Mapping:
-    entries: list[Entry]
-    ignored: list[str]
-    """Source tensors deliberately not used here (another part of the bundle takes them)."""
-    copies: list[tuple[str, str]] = field(default_factory=list)
-    """(copy, original): stored copies of one shared tensor (the cross-attention under every
-    layer). Only the original is converted; each copy must hold exactly its data."""
-
+from .mapping import Entry, Found, Mapping, about, check_mapping, model_tensors, rename, renames
+from .safetensors_io import WeightsError, read_json_config
+from .source import FloatView, Source, infer_quant_spec
 
 MOSHI_PT = "moshi-pytorch"
 MOSHIVIS_PT = "moshivis-pytorch"
+KYUTEYE_MLX = "kyuteye-mlx"
+BUNDLE = "bundle"
 
 
-def detect_lm_layout(keys: set[str] | list[str]) -> str:
+def _pytorch(llm: str, emb: str, heads: str) -> list[tuple[str, str]]:
+    layer = llm + r"transformer.layers.\1."
+    xa = llm + "transformer.layers.0.cross_attention.mha."
+    return [
+        (r"(text_emb|text_linear)\.weight", llm + r"\1.weight"),
+        (r"audio_emb\.(\d+)\.weight", emb + r".\1.weight"),
+        (r"out_norm\.weight", llm + "out_norm.alpha"),
+        (r"transformer\.layers\.(\d+)\.(norm1|norm2|norm_cross)\.weight", layer + r"\2.alpha"),
+        (r"transformer\.layers\.(\d+)\.self_attn\.in_proj\.weight",
+         layer + "self_attn.in_proj_weight"),
+        (r"transformer\.layers\.(\d+)\.ffn\.(\w+)\.weight", layer + r"gating.\2.weight"),
+        (r"transformer\.layers\.(\d+)\.xa_gate\.linear_in\.weight",
+         layer + "cross_attention.gate.alpha.0.weight"),
+        (r"transformer\.layers\.(\d+)\.xa_gate\.linear_out\.weight",
+         layer + "cross_attention.gate.alpha.2.weight"),
+        (r"transformer\.(.+)", llm + r"transformer.\1"),
+        (r"xa\.(q|kv)_proj\.weight", xa + "in_proj_weight"),  # row blocks, see _rows
+        (r"xa\.out_proj\.weight", xa + "out_proj.weight"),
+        (r"image_prefix\.norm_xa\.weight", "image_prefix.norm_xa.alpha"),
+        (r"depformer\.in_proj\.(\d+)\.weight", r"depformer_in.\1.weight"),
+        (r"depformer\.text_emb\.weight", "depformer_text_emb.weight"),
+        (r"depformer\.audio_emb\.(\d+)\.weight", r"depformer_emb.\1.weight"),
+        (r"depformer\.heads\.(\d+)\.weight", heads + r".\1.weight"),
+        (r"depformer\.transformer\.layers\.(\d+)\.(norm1|norm2)\.weight",
+         r"depformer.layers.\1.\2.alpha"),
+        (r"depformer\.transformer\.layers\.(\d+)\.self_attn(?:\.\d+)?\.in_proj\.weight",
+         r"depformer.layers.\1.self_attn.in_proj_weight"),  # per step: row blocks
+        (r"depformer\.transformer\.layers\.(\d+)\.self_attn(?:\.\d+)?\.out_proj\.weight",
+         r"depformer.layers.\1.self_attn.out_proj.weight"),
+        (r"depformer\.transformer\.layers\.(\d+)\.ffn(\.\d+)?\.(\w+)\.weight",
+         r"depformer.layers.\1.gating\2.\3.weight"),
+    ]
+
+
+_SLICE_LAYER = r"depformer\.transformer\.layers\.(\d+)"
+RENAMES = {
+    MOSHI_PT: renames(_pytorch("", "emb", "linears")),
+    MOSHIVIS_PT: renames(_pytorch("llm.", "audio_emb", "audio_linears")),
+    KYUTEYE_MLX: renames([
+        (r"audio_emb\.(\d+)\.weight", r"audio_embs.\1.weight"),
+        (r"transformer\.layers\.(\d+)\.ffn\.(\w+)\.weight",
+         r"transformer.layers.\1.gating.\2.weight"),
+        (r"transformer\.layers\.(\d+)\.xa_gate\.linear_in\.weight",
+         r"transformer.layers.\1.cross_attention.gate.alpha.layers.0.weight"),
+        (r"transformer\.layers\.(\d+)\.xa_gate\.linear_out\.weight",
+         r"transformer.layers.\1.cross_attention.gate.alpha.layers.2.weight"),
+        (r"xa\.(\w+)\.weight", r"transformer.layers.0.cross_attention.mha.\1.weight"),
+        (r"image_prefix\.(.+)", r"transformer.image_prefix.\1"),
+        (r"depformer\.in_proj\.(\d+)\.weight", r"depformer.slices.\1.linear_in.weight"),
+        (r"depformer\.text_emb\.weight", "depformer.slices.0.emb.weight"),
+        (r"depformer\.audio_emb\.(\d+)\.weight",
+         lambda m: f"depformer.slices.{int(m[1]) + 1}.emb.weight"),
+        (r"depformer\.heads\.(\d+)\.weight", r"depformer.slices.\1.linear_out.weight"),
+        (_SLICE_LAYER + r"\.(norm1|norm2)\.weight",
+         r"depformer.slices.0.transformer.layers.\1.\2.weight"),
+        (_SLICE_LAYER + r"\.self_attn\.(\d+)\.(.+)",
+         r"depformer.slices.\2.transformer.layers.\1.self_attn.\3"),
+        (_SLICE_LAYER + r"\.ffn\.(\d+)\.(.+)",
+         r"depformer.slices.\2.transformer.layers.\1.gating.\3"),
+    ]),
+    BUNDLE: [],
+}
+TOWERS = {MOSHIVIS_PT: "image_prefix.enc.", KYUTEYE_MLX: "img_embedder."}
+"""Where a layout keeps the SigLIP tower (the image encoder's, see vision_layout)."""
+_STEP = re.compile(r"depformer\.transformer\.layers\.\d+\.self_attn\.(\d+)\.(in|out)_proj\.weight")
+_COPIES = [  # (copy, its original)
+    (re.compile(r"((?:llm\.)?transformer\.layers\.)[1-9]\d*(\.cross_attention\.mha\..+)"),
+     r"\g<1>0\2"),
+    (re.compile(r"(depformer\.slices\.)[1-9]\d*(\.transformer\.layers\.\d+\.norm[12]\.weight)"),
+     r"\g<1>0\2"),
+]
+
+
+def detect_lm_layout(keys: Iterable[str]) -> str:
     keys = set(keys)
+    if "depformer.slices.0.linear_in.weight" in keys or "audio_embs.0.weight" in keys:
+        return KYUTEYE_MLX
     if "llm.text_emb.weight" in keys:
         return MOSHIVIS_PT
     if "text_emb.weight" in keys and "emb.0.weight" in keys:
@@ -61,112 +139,127 @@ def detect_lm_layout(keys: set[str] | list[str]) -> str:
         "(audio_embs.0.weight, depformer.slices.0...) keys")
 
 
-def _count(keys: set[str], pattern: str) -> int:
-    rx = re.compile(pattern)
-    found = {int(m.group(1)) for k in keys if (m := rx.fullmatch(k))}
-    n = len(found)
-    if found and found != set(range(n)):
-        raise WeightsError(f"indices of {pattern!r} are not contiguous: {sorted(found)}")
-    return n
+def is_lm(keys: set[str]) -> bool:
+    return bool({"text_emb.weight", "llm.text_emb.weight",
+                 "depformer.slices.0.linear_in.weight"} & keys)
 
 
-def _names(layout: str) -> dict[str, str]:
-    """Source-name templates of the layout."""
-    if layout == MOSHI_PT:
-        llm, audio_emb, heads = "", "emb.{i}", "linears.{k}"
-    elif layout == MOSHIVIS_PT:
-        llm, audio_emb, heads = "llm.", "audio_emb.{i}", "audio_linears.{k}"
-    else:
-        raise WeightsError(f"unknown layout {layout}")
-    return {
-        "text_emb": llm + "text_emb.weight",
-        "audio_emb": audio_emb + ".weight",
-        "text_linear": llm + "text_linear.weight",
-        "out_norm": llm + "out_norm.alpha",
-        "layer": llm + "transformer.layers.{l}.",
-        "depformer_in": "depformer_in.{k}.weight",
-        "depformer_emb": "depformer_emb.{k}.weight",
-        "depformer_text_emb": "depformer_text_emb.weight",
-        "dep_layer": "depformer.layers.{l}.",
-        "heads": heads + ".weight",
-    }
+def expected_lm_tensors(cfg: LmConfig, quant: QuantSpec | None) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of a bundle's LM tensors, from the model skeleton (nothing allocated)."""
+    return model_tensors(LM(cfg), quant)
 
 
-def _shape(shapes: dict[str, tuple[int, ...]], key: str) -> tuple[int, ...]:
-    if key not in shapes:
-        raise WeightsError(f"missing tensor {key!r}")
-    return tuple(shapes[key])
+def source_name(layout: str, ours: str) -> str:
+    return rename(RENAMES[layout], ours)
 
 
-def count_indices(keys: set[str], pattern: str) -> int:
-    """How many contiguous indices 0..n-1 the regex `pattern` (one group) finds among keys."""
-    return _count(keys, pattern)
+def _rows(layout: str, dst: str, shape: tuple[int, ...], cfg: LmConfig
+          ) -> tuple[int, int] | None:
+    """The row block of a fused PyTorch tensor that `dst` is (see the module docstring)."""
+    if layout not in (MOSHI_PT, MOSHIVIS_PT):
+        return None
+    if dst == "xa.q_proj.weight":
+        return (0, cfg.dim)
+    if dst == "xa.kv_proj.weight":
+        return (cfg.dim, 3 * cfg.dim)
+    m = _STEP.fullmatch(dst)
+    if m:
+        k = int(m[1])
+        return (k * shape[0], (k + 1) * shape[0])
+    return None
 
 
-def _measure_pytorch(shapes: dict[str, tuple[int, ...]], layout: str) -> dict[str, Any]:
-    """What Kyutai's PyTorch layouts tell of the model through their tensor shapes."""
-    n = _names(layout)
-    keys = set(shapes)
-    text_rows, dim = _shape(shapes, n["text_emb"])
-    layer = n["layer"]
-    dep_q = _count(keys, re.escape(n["heads"]).replace(r"\{k\}", r"(\d+)"))
-    dep_dim = _shape(shapes, n["depformer_in"].format(k=0))[0]
-    dep_in_rows = _shape(shapes, "depformer.layers.0.self_attn.in_proj_weight")[0]
-    weights_per_step = dep_in_rows // (3 * dep_dim)
-    if weights_per_step not in (1, dep_q):
-        raise WeightsError(f"depformer in_proj has {dep_in_rows} rows: neither 1 nor {dep_q} steps")
-    dep_gating = "depformer.layers.0.gating.0.linear_out.weight"
-    if weights_per_step == 1:
-        dep_gating = "depformer.layers.0.gating.linear_out.weight"
-    cross = layout == MOSHIVIS_PT
-    m = {
-        "dim": dim,
-        "text_rows": text_rows,
-        "text_card": _shape(shapes, n["text_linear"])[0],
-        "n_q": _count(keys, re.escape(n["audio_emb"]).replace(r"\{i\}", r"(\d+)")),
-        "card": _shape(shapes, n["audio_emb"].format(i=0))[0] - 1,
-        "num_layers": _count(keys, re.escape(layer).replace(r"\{l\}", r"(\d+)") + r"norm1\.alpha"),
-        "ffn_hidden": _shape(shapes, layer.format(l=0) + "gating.linear_out.weight")[1],
-        "dep_q": dep_q,
-        "dep_dim": dep_dim,
-        "dep_layers": _count(keys, r"depformer\.layers\.(\d+)\.norm1\.alpha"),
-        "dep_ffn_hidden": _shape(shapes, dep_gating)[1],
-        "weights_per_step": weights_per_step > 1,
-        "multi_linear": _count(keys, r"depformer_in\.(\d+)\.weight") > 1,
-        "cross_attention": cross,
-    }
-    if cross:
-        m["xa_gate_hidden"] = _shape(
-            shapes, layer.format(l=0) + "cross_attention.gate.alpha.0.weight")[0]
-        m["image_dim"] = _shape(shapes, "image_prefix.proj_xa.weight")[1]
-    return m
+def shared_copies(keys: Iterable[str]) -> list[tuple[str, str]]:
+    """(copy, original) for every stored copy of a shared tensor whose original is there
+    (one whose original is absent is no copy: it is left for the checks to report)."""
+    keys = set(keys)
+    out = []
+    for k in sorted(keys):
+        for pattern, repl in _COPIES:
+            m = pattern.fullmatch(k)
+            if m and m.expand(repl) in keys:
+                out.append((k, m.expand(repl)))
+    return out
 
 
-def infer_lm_config(
-    shapes: dict[str, tuple[int, ...]],
-    layout: str,
-    kyutai_config: dict[str, Any] | None = None,
-) -> LmConfig:
-    """Everything the shapes determine comes from them; the rest from Kyutai's config
-    (flat `lm_kwargs` style, MoshiVis extras allowed) or else the 7B defaults."""
-    return config_from_measured(_measure_pytorch(shapes, layout), kyutai_config)
+def lm_mapping(shapes: dict[str, tuple[int, ...]], layout: str, cfg: LmConfig,
+               stored: Iterable[str] | None = None) -> Mapping:
+    """Every tensor of our LM and where it comes from in `layout`; the tower and the copies
+    of shared tensors are set aside (copies are found among the `stored` names, by default
+    those of `shapes`: a quantized copy's original is a packed triple)."""
+    entries = [Entry(dst, source_name(layout, dst), shape, _rows(layout, dst, shape, cfg))
+               for dst, shape in expected_lm_tensors(cfg, None).items()]
+    tower = TOWERS.get(layout)
+    ignored = [k for k in shapes if tower and k.startswith(tower)]
+    return Mapping(entries, ignored, shared_copies(shapes if stored is None else stored))
 
 
-def config_from_measured(m: dict[str, Any], kyutai_config: dict[str, Any] | None) -> LmConfig:
-    """The LM config from measured sizes (`_measure_pytorch` and its kin) and Kyutai's config:
-    where both give a size they must agree; the config alone gives heads, context, delays."""
+def find_lm(source: Source, kc: dict[str, Any] | None) -> Found:
+    """The language model in `source` (any Kyutai layout, float or quantized)."""
+    keys = source.keys()
+    with about(source.label):
+        layout = detect_lm_layout(keys)
+        tower = TOWERS.get(layout)
+        aside = {c for c, _ in shared_copies(keys)}
+        aside |= {k for k in keys if tower and k.startswith(tower)}
+        norm = source_name(layout, "out_norm.weight")
+        if norm not in keys:
+            raise WeightsError(f"missing tensor {norm!r}")
+    names = keys - aside
+    spec = infer_quant_spec(source, names, source_name(layout, "text_linear.weight"),
+                            source.info(norm).shape[-1])
+    view = FloatView(source, names, spec)
+    shapes = {**source.shapes(aside), **view.shapes}
+    with about(source.label):
+        cfg = infer_lm_config(shapes, layout, kc)
+    mapping = lm_mapping(shapes, layout, cfg, keys)
+    check_mapping(mapping, shapes, source.label)
+    bad = [f"{c} {list(source.info(c).shape)} vs {o} {list(source.info(o).shape)}"
+           for c, o in mapping.copies
+           if (source.info(c).shape, source.info(c).dtype)
+           != (source.info(o).shape, source.info(o).dtype)]
+    if bad:
+        raise WeightsError(f"{source.label}: mis-shaped copies of shared tensors: "
+                           + "; ".join(bad))
+    return Found(layout, cfg, mapping, view)
+
+
+# -- the config ----------------------------------------------------------------------------
+
+def infer_lm_config(shapes: dict[str, tuple[int, ...]], layout: str,
+                    kyutai_config: dict[str, Any] | None = None) -> LmConfig:
+    """Every size the shapes determine comes from them (through the layout's renames);
+    heads, context and delays from Kyutai's config (flat `lm_kwargs` style) or else the 7B
+    defaults. Where both give a size they must agree."""
     kc = dict(kyutai_config or {})
+
+    def shape(ours: str) -> tuple[int, ...]:
+        key = source_name(layout, ours)
+        if key not in shapes:
+            raise WeightsError(f"missing tensor {key!r}")
+        return tuple(shapes[key])
+
+    def has(ours: str) -> bool:
+        return source_name(layout, ours) in shapes
+
+    def count(template: str) -> int:
+        n = 0
+        while has(template.format(n)):
+            n += 1
+        return n
 
     def pick(key: str, inferred: Any) -> Any:
         if key in kc and kc[key] is not None and kc[key] != inferred:
             raise WeightsError(f"config says {key}={kc[key]} but the weights have {inferred}")
         return inferred
 
-    if m["text_rows"] != m["text_card"] + 1:
-        raise WeightsError(f"the text embedding has {m['text_rows']} rows but the text output "
-                           f"{m['text_card']}: expected one more (the initial token)")
+    text_rows, dim = shape("text_emb.weight")
+    text_card = shape("text_linear.weight")[0]
+    if text_rows != text_card + 1:
+        raise WeightsError(f"the text embedding has {text_rows} rows but the text output "
+                           f"{text_card}: expected one more (the initial token)")
     defaults = LmConfig()
-    dim, dep_dim = m["dim"], m["dep_dim"]
+    dep_dim = shape("depformer.in_proj.0.weight")[0]
     num_heads = kc.get("num_heads") or (defaults.num_heads if dim == defaults.dim else None)
     dep_heads = kc.get("depformer_num_heads") or (
         defaults.depformer.num_heads if dep_dim == defaults.depformer.dim else None)
@@ -175,146 +268,61 @@ def config_from_measured(m: dict[str, Any], kyutai_config: dict[str, Any] | None
             f"the number of attention heads cannot be read from the weights (dim {dim}, "
             f"depformer dim {dep_dim}): pass Kyutai's config.json with num_heads and "
             f"depformer_num_heads")
-    card = pick("audio_card", pick("card", m["card"]))
-    cross = m["cross_attention"]
+    per_step = has("depformer.transformer.layers.0.ffn.0.linear_out.weight")
+    dep_ffn = f"depformer.transformer.layers.0.{'ffn.0' if per_step else 'ffn'}.linear_out.weight"
+    cross = has("xa.q_proj.weight")
     return LmConfig(
         dim=pick("dim", dim),
         num_heads=int(num_heads),
-        num_layers=pick("num_layers", m["num_layers"]),
-        ffn_hidden=m["ffn_hidden"],
+        num_layers=pick("num_layers", count("transformer.layers.{}.norm1.weight")),
+        ffn_hidden=shape("transformer.layers.0.ffn.linear_out.weight")[1],
         context=int(kc.get("context") or defaults.context),
         max_period=float(kc.get("max_period") or defaults.max_period),
-        text_card=pick("text_card", m["text_card"]),
-        card=card,
-        n_q=pick("n_q", m["n_q"]),
-        dep_q=pick("dep_q", m["dep_q"]),
+        text_card=pick("text_card", text_card),
+        card=pick("audio_card", pick("card", shape("audio_emb.0.weight")[0] - 1)),
+        n_q=pick("n_q", count("audio_emb.{}.weight")),
+        dep_q=pick("dep_q", count("depformer.heads.{}.weight")),
         delays=list(kc.get("delays") or defaults.delays),
         text_padding_id=int(kc.get("existing_text_padding_id", kc.get("padding_token_id", 3))),
         end_of_text_padding_id=int(kc.get("existing_text_end_padding_id", 0)),
         depformer=DepformerConfig(
             dim=pick("depformer_dim", dep_dim),
             num_heads=int(dep_heads),
-            num_layers=pick("depformer_num_layers", m["dep_layers"]),
-            ffn_hidden=m["dep_ffn_hidden"],
-            weights_per_step=m["weights_per_step"],
-            multi_linear=m["multi_linear"],
+            num_layers=pick("depformer_num_layers",
+                            count("depformer.transformer.layers.{}.norm1.weight")),
+            ffn_hidden=shape(dep_ffn)[1],
+            weights_per_step=per_step,
+            multi_linear=has("depformer.in_proj.1.weight"),
         ),
         cross_attention=cross,
-        image_dim=m.get("image_dim", defaults.image_dim) if cross else defaults.image_dim,
-        xa_gate_hidden=m.get("xa_gate_hidden", defaults.xa_gate_hidden) if cross
-        else defaults.xa_gate_hidden,
+        image_dim=shape("image_prefix.proj_xa.weight")[1] if cross else defaults.image_dim,
+        xa_gate_hidden=(shape("transformer.layers.0.xa_gate.linear_in.weight")[0] if cross
+                        else defaults.xa_gate_hidden),
     )
 
 
-def lm_mapping(shapes: dict[str, tuple[int, ...]], layout: str, cfg: LmConfig) -> Mapping:
-    """Every destination tensor of our LM and where it comes from."""
-    n = _names(layout)
-    entries: list[Entry] = []
-    d, dd = cfg.dim, cfg.depformer.dim
-
-    def add(dst: str, src: str, shape: tuple[int, ...], rows: tuple[int, int] | None = None):
-        entries.append(Entry(dst, src, tuple(shape), rows))
-
-    add("text_emb.weight", n["text_emb"], (cfg.text_card + 1, d))
-    for i in range(cfg.n_q):
-        add(f"audio_emb.{i}.weight", n["audio_emb"].format(i=i), (cfg.card + 1, d))
-    add("text_linear.weight", n["text_linear"], (cfg.text_card, d))
-    add("out_norm.weight", n["out_norm"], (d,))
-    for i in range(cfg.num_layers):
-        src, dst = n["layer"].format(l=i), f"transformer.layers.{i}."
-        add(dst + "self_attn.in_proj.weight", src + "self_attn.in_proj_weight", (3 * d, d))
-        add(dst + "self_attn.out_proj.weight", src + "self_attn.out_proj.weight", (d, d))
-        add(dst + "norm1.weight", src + "norm1.alpha", (d,))
-        add(dst + "norm2.weight", src + "norm2.alpha", (d,))
-        add(dst + "ffn.linear_in.weight", src + "gating.linear_in.weight", (2 * cfg.ffn_hidden, d))
-        add(dst + "ffn.linear_out.weight", src + "gating.linear_out.weight", (d, cfg.ffn_hidden))
-        if cfg.cross_attention:
-            g = cfg.xa_gate_hidden
-            add(dst + "norm_cross.weight", src + "norm_cross.alpha", (d,))
-            gate = src + "cross_attention.gate.alpha."
-            add(dst + "xa_gate.linear_in.weight", gate + "0.weight", (g, d))
-            add(dst + "xa_gate.linear_out.weight", gate + "2.weight", (d, g))
-    ignored: list[str] = []
-    copies: list[tuple[str, str]] = []
-    if cfg.cross_attention:
-        xa = n["layer"].format(l=0) + "cross_attention.mha."
-        add("xa.q_proj.weight", xa + "in_proj_weight", (d, d), (0, d))
-        add("xa.kv_proj.weight", xa + "in_proj_weight", (2 * d, d), (d, 3 * d))
-        add("xa.out_proj.weight", xa + "out_proj.weight", (d, d))
-        add("image_prefix.proj_xa.weight", "image_prefix.proj_xa.weight", (d, cfg.image_dim))
-        add("image_prefix.proj_xa.bias", "image_prefix.proj_xa.bias", (d,))
-        add("image_prefix.norm_xa.weight", "image_prefix.norm_xa.alpha", (d,))
-        # The shared module may also be saved under every layer: those are copies.
-        for i in range(1, cfg.num_layers):
-            for name in ("in_proj_weight", "out_proj.weight"):
-                key = n["layer"].format(l=i) + "cross_attention.mha." + name
-                if key in shapes:
-                    copies.append((key, xa + name))
-        # The SigLIP tower stored with the model is the image encoder's (vision_layout).
-        ignored += [k for k in shapes if k.startswith("image_prefix.enc.")]
-
-    dep = cfg.depformer
-    steps = cfg.dep_q if dep.weights_per_step else 1
-    for k in range(cfg.dep_q if dep.multi_linear else 1):
-        add(f"depformer.in_proj.{k}.weight", n["depformer_in"].format(k=k), (dd, d))
-    add("depformer.text_emb.weight", n["depformer_text_emb"], (cfg.text_card + 1, dd))
-    for k in range(cfg.dep_q - 1):
-        add(f"depformer.audio_emb.{k}.weight", n["depformer_emb"].format(k=k), (cfg.card + 1, dd))
-    for i in range(dep.num_layers):
-        src, dst = n["dep_layer"].format(l=i), f"depformer.transformer.layers.{i}."
-        add(dst + "norm1.weight", src + "norm1.alpha", (dd,))
-        add(dst + "norm2.weight", src + "norm2.alpha", (dd,))
-        for k in range(steps):
-            sd = f"{dst}self_attn.{k}." if steps > 1 else dst + "self_attn."
-            fd = f"{dst}ffn.{k}." if steps > 1 else dst + "ffn."
-            fs = f"{src}gating.{k}." if steps > 1 else src + "gating."
-            add(sd + "in_proj.weight", src + "self_attn.in_proj_weight", (3 * dd, dd),
-                (3 * dd * k, 3 * dd * (k + 1)))
-            add(sd + "out_proj.weight", src + "self_attn.out_proj.weight", (dd, dd),
-                (dd * k, dd * (k + 1)))
-            add(fd + "linear_in.weight", fs + "linear_in.weight", (2 * dep.ffn_hidden, dd))
-            add(fd + "linear_out.weight", fs + "linear_out.weight", (dd, dep.ffn_hidden))
-    for k in range(cfg.dep_q):
-        add(f"depformer.heads.{k}.weight", n["heads"].format(k=k), (cfg.card, dd))
-    return Mapping(entries, ignored, copies)
+def read_kyutai_config(path: Path | None) -> dict[str, Any] | None:
+    """Kyutai's config.json (flat, or with the model's settings under `lm_kwargs`)."""
+    if path is None:
+        return None
+    cfg = read_json_config(path)
+    if "format_version" in cfg:
+        raise WeightsError(f"{path}: this is the config of a moshivis-mlx bundle; convert the "
+                           f"bundle with --bundle DIR")
+    return {**cfg, **cfg.get("lm_kwargs", {})}
 
 
-def check_mapping(mapping: Mapping, shapes: dict[str, tuple[int, ...]], what: str) -> None:
-    """Every source tensor used or deliberately ignored, every entry's source present and of
-    a shape that gives the destination; else one error listing all the problems."""
-    used = {e.src for e in mapping.entries} | set(mapping.ignored)
-    used |= {c for c, _ in mapping.copies}
-    missing = sorted({e.src for e in mapping.entries if e.src not in shapes})
-    unexpected = sorted(set(shapes) - used)
-    bad = []
-    for e in mapping.entries:
-        if e.src not in shapes:
-            continue
-        src = tuple(shapes[e.src])
-        rows = src[0] if src else 0
-        lo, hi = e.rows if e.rows else (0, rows)
-        sliced = (hi - lo,) + src[1:] if e.rows else src
-        if hi > rows or _numel(sliced) != _numel(e.shape):
-            bad.append(f"{e.src} {list(src)} -> {e.dst} {list(e.shape)}")
-    problems = []
-    if missing:
-        problems.append(f"missing tensors: {listing(missing, ', ')}")
-    if unexpected:
-        problems.append(f"unexpected tensors: {listing(unexpected, ', ')}")
-    if bad:
-        problems.append(f"mis-shaped tensors: {listing(bad, '; ')}")
-    if problems:
-        raise WeightsError(f"{what}: " + " | ".join(problems))
-
-
-def listing(items: list[str], sep: str, limit: int = 8) -> str:
-    """The first `limit` items and how many more (an error message stays readable)."""
-    head = sep.join(items[:limit])
-    return head if len(items) <= limit else f"{head}{sep}... ({len(items) - limit} more)"
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    out = 1
-    for s in shape:
-        out *= s
-    return out
+def kyutai_generation_defaults(kyutai_config: dict[str, Any] | None) -> dict[str, Any]:
+    """The bundle's generation settings: Kyutai's config's `lm_gen_config` and `xa_start`
+    where it gives them, else Kyutai's defaults."""
+    kc = kyutai_config or {}
+    d = GenerationConfig()
+    xa_start = kc.get("xa_start")
+    gen = kc.get("lm_gen_config") if isinstance(kc.get("lm_gen_config"), dict) else {}
+    return GenerationConfig(
+        text_temperature=float(gen.get("temp_text", d.text_temperature)),
+        text_top_k=int(gen.get("top_k_text", d.text_top_k)),
+        audio_temperature=float(gen.get("temp", d.audio_temperature)),
+        audio_top_k=int(gen.get("top_k", d.audio_top_k)),
+        xa_start=xa_start if isinstance(xa_start, int) else d.xa_start,
+    ).to_dict()

@@ -11,13 +11,13 @@ What changes on the way:
 * Kyutai's sequential module indices (`encoder.model.3`) become names (`encoder.blocks.0
   .downsample`), and the transformers' fused `in_proj_weight` is our `in_proj.weight`.
 
-The mapping is derived from the config alone and checked against the file's header
-(every tensor used, every shape exact) before any data is read.
+Kyutai's module indices follow from the config, so the mapping is derived from the config
+alone and checked against the file's header (every tensor used, every shape exact) before
+any data is read.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,24 +28,11 @@ from moshivis_mlx.models.quantizer import QuantizerConfig
 from moshivis_mlx.models.seanet import SeanetConfig
 from moshivis_mlx.models.transformer import TransformerConfig
 
-from .lm_layout import Entry, Mapping, check_mapping, listing
-from .plan import Part, entry_jobs
+from .mapping import Entry, Found, Mapping, check_mapping, listing
 from .safetensors_io import WeightsError, read_json_config
 from .source import FloatView, Source
 
-CODEBOOK_EPS = 1e-5
-
-
-@dataclass(frozen=True)
-class MimiEntry(Entry):
-    """An `Entry` with how the source is transformed; `src_shape` is its exact shape."""
-
-    src_shape: tuple[int, ...] = ()
-    op: str = "copy"
-    """'copy' (a reshape at most), 'conv', 'conv_transpose' or 'codebook'."""
-    groups: int = 1
-    aux: str | None = None
-    """Second source: the cluster usage of a 'codebook' entry."""
+CONV = "conv axes to MLX order"
 
 
 # -- Kyutai's Mimi config (`mimi_config` of moshi.models.loaders) ------------------------
@@ -98,6 +85,7 @@ def mimi_config_from_kyutai(d: dict[str, Any]) -> MimiConfig:
     cfg.validate()
     return cfg
 
+
 def mimi_config_to_kyutai(cfg: MimiConfig) -> dict[str, Any]:
     """Kyutai's Mimi config dict for this model (e.g. for `loaders.get_mimi`)."""
     s, q, t = cfg.seanet, cfg.quantizer, cfg.transformer
@@ -141,22 +129,25 @@ def read_mimi_config(path: Path | None) -> MimiConfig:
 
 def mimi_mapping(cfg: MimiConfig) -> Mapping:
     """Every tensor of our Mimi and where it comes from in Kyutai's layout."""
-    entries: list[MimiEntry] = []
+    entries: list[Entry] = []
     ignored: list[str] = []
 
-    def add(dst, src, shape, src_shape=None, op="copy", groups=1, aux=None):
-        shape = tuple(shape)
-        entries.append(MimiEntry(dst, src, shape, None, tuple(src_shape or shape), op, groups, aux))
+    def add(dst, src, shape, src_shape=None, **how):
+        entries.append(Entry(dst, src, tuple(shape), src_shape=tuple(src_shape or shape), **how))
 
     def conv(dst, src, c_in, c_out, k, bias=True, groups=1):
         add(f"{dst}.weight", f"{src}.weight", (c_out, k, c_in // groups),
-            (c_out, c_in // groups, k), "conv", groups)
+            (c_out, c_in // groups, k), perm=(0, 2, 1), note=CONV)
         if bias:
             add(f"{dst}.bias", f"{src}.bias", (c_out,))
 
     def conv_transpose(dst, src, c_in, c_out, k, bias=True, groups=1):
+        # Mimi's are plain or depthwise (one channel per group): either way a transpose.
+        if groups != 1 and not c_in == c_out == groups:
+            raise ValueError(f"{dst}: grouped transposed convolutions are not supported")
         add(f"{dst}.weight", f"{src}.weight", (c_out, k, c_in // groups),
-            (c_in, c_out // groups, k), "conv_transpose", groups)
+            (c_in, c_out // groups, k), perm=(1, 2, 0) if groups == 1 else (0, 2, 1),
+            note="transposed-conv axes to MLX order")
         if bias:
             add(f"{dst}.bias", f"{src}.bias", (c_out,))
 
@@ -229,16 +220,15 @@ def mimi_mapping(cfg: MimiConfig) -> Mapping:
         for i in range(n):
             cb = f"{pre}.vq.layers.{i}._codebook."
             add(f"{pre}.codebooks.{i}.embedding", cb + "embedding_sum", (q.bins, q.dimension),
-                op="codebook", aux=cb + "cluster_usage")
+                aux=cb + "cluster_usage", note="centroids = embedding_sum / cluster_usage")
             ignored.append(cb + "_initialized")
     return Mapping(entries, ignored)
 
 
 def check_mimi_mapping(mapping: Mapping, shapes: dict[str, tuple[int, ...]], what: str) -> None:
     """As `check_mapping` (all used, none missing), and every source shape exact."""
-    aux = [e.aux for e in mapping.entries if e.aux]
     try:
-        check_mapping(Mapping(mapping.entries, mapping.ignored + aux), shapes, what)
+        check_mapping(mapping, shapes, what)
     except WeightsError as e:
         raise WeightsError(f"{e} (if this is another Mimi, pass its config with "
                            f"--mimi-config)") from None
@@ -256,21 +246,12 @@ def check_mimi_mapping(mapping: Mapping, shapes: dict[str, tuple[int, ...]], wha
                            f"checkpoint's config with --mimi-config): " + listing(bad, "; "))
 
 
-def convert_mimi_tensor(e: MimiEntry, sources) -> mx.array:
-    """`sources[name]` gives a source tensor (a dict, or a `FloatView`)."""
-    a = sources[e.src].astype(mx.float32)
-    if e.op == "conv":
-        a = a.transpose(0, 2, 1)
-    elif e.op == "conv_transpose":
-        c_in, out_per_group, k = a.shape
-        g = e.groups
-        a = a.reshape(g, c_in // g, out_per_group, k).transpose(0, 2, 3, 1)
-    elif e.op == "codebook":
-        usage = sources[e.aux].astype(mx.float32)
-        a = a / mx.maximum(usage, CODEBOOK_EPS)[:, None]
-    elif e.op != "copy":
-        raise ValueError(f"unknown op {e.op!r}")
-    return a.reshape(e.shape)
+def find_mimi(source: Source, config: Path | MimiConfig | None) -> Found:
+    cfg = config if isinstance(config, MimiConfig) else read_mimi_config(config)
+    view = FloatView(source, source.keys(), None)
+    mapping = mimi_mapping(cfg)
+    check_mimi_mapping(mapping, view.shapes, source.label)
+    return Found("kyutai", cfg, mapping, view)
 
 
 def is_mimi(keys: set[str]) -> bool:
@@ -279,30 +260,11 @@ def is_mimi(keys: set[str]) -> bool:
         k.startswith("quantizer.rvq_first.") for k in keys)
 
 
-def plan_mimi(source: Source, config: Path | MimiConfig | None) -> tuple[MimiConfig, Mapping,
-                                                                          FloatView]:
-    """The config, the checked mapping and the source view, from the header only."""
-    cfg = config if isinstance(config, MimiConfig) else read_mimi_config(config)
-    view = FloatView(source, source.keys(), None)
-    mapping = mimi_mapping(cfg)
-    check_mimi_mapping(mapping, view.shapes, source.label)
-    return cfg, mapping, view
-
-
-def check_codebooks_trained(mapping: Mapping, view: FloatView, what: str) -> None:
+def check_codebooks_trained(source: Source, mapping: Mapping) -> None:
     """Refuses checkpoints with an untrained codebook (`_initialized` is 0)."""
     for key in mapping.ignored:
-        if key.endswith("._initialized") and key in view:
-            if not mx.any(view[key] != 0).item():
+        if key.endswith("._initialized") and key in source.tensors:
+            if not mx.any(source.read(key) != 0).item():
                 raise WeightsError(
-                    f"{what}: {key} is 0: this codebook was never trained (is this a "
+                    f"{source.label}: {key} is 0: this codebook was never trained (is this a "
                     f"freshly initialised model rather than a released checkpoint?)")
-
-
-def mimi_part(mapping: Mapping, view: FloatView) -> Part:
-    """The jobs writing `mimi.safetensors`: always float32, never quantized (the codec is
-    small and its numerics matter)."""
-    dropped = {k: "must be non-zero, a trained codebook (checked when converting)"
-               for k in mapping.ignored}
-    return Part("mimi", "Mimi codec", entry_jobs(mapping.entries, view, mx.float32, None, set()),
-                view, dropped=dropped)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import math
 import struct
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,34 +24,22 @@ import numpy as np
 
 from moshivis_mlx.errors import WeightsError
 
-ITEMSIZE = {
-    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1,
-    "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
-    "I32": 4, "U32": 4, "F32": 4,
-    "I64": 8, "U64": 8, "F64": 8,
+# safetensors dtype code -> (bytes per element, name in MLX and NumPy).
+DTYPES = {
+    "BOOL": (1, "bool"), "U8": (1, "uint8"), "I8": (1, "int8"), "U16": (2, "uint16"),
+    "I16": (2, "int16"), "F16": (2, "float16"), "BF16": (2, "bfloat16"), "U32": (4, "uint32"),
+    "I32": (4, "int32"), "F32": (4, "float32"), "U64": (8, "uint64"), "I64": (8, "int64"),
+    "F64": (8, "float64"), "F8_E4M3": (1, "float8_e4m3fn"), "F8_E5M2": (1, "float8_e5m2"),
 }
+ITEMSIZE = {code: size for code, (size, _) in DTYPES.items()}
+DTYPE_NAMES = {code: name for code, (_, name) in DTYPES.items()}
+CODES = {name: code for code, name in DTYPE_NAMES.items()}
+# What MLX can hold (bfloat16 travels through NumPy as uint16).
+MX_DTYPES = {code: getattr(mx, "bool_" if name == "bool" else name)
+             for code, name in DTYPE_NAMES.items() if code not in ("F64", "F8_E4M3", "F8_E5M2")}
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 MAX_ELEMENTS = 1 << 36  # no single tensor of a 7B model comes near this
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle")
-
-# safetensors dtype codes <-> MLX and NumPy (bfloat16 travels through NumPy as uint16).
-MX_DTYPES = {
-    "BOOL": mx.bool_, "U8": mx.uint8, "I8": mx.int8, "U16": mx.uint16, "I16": mx.int16,
-    "F16": mx.float16, "BF16": mx.bfloat16, "U32": mx.uint32, "I32": mx.int32,
-    "F32": mx.float32, "U64": mx.uint64, "I64": mx.int64,
-}
-NP_DTYPES = {
-    "BOOL": np.bool_, "U8": np.uint8, "I8": np.int8, "U16": np.uint16, "I16": np.int16,
-    "F16": np.float16, "BF16": np.uint16, "U32": np.uint32, "I32": np.int32,
-    "F32": np.float32, "U64": np.uint64, "I64": np.int64, "F64": np.float64,
-}
-DTYPE_NAMES = {
-    "BOOL": "bool", "U8": "uint8", "I8": "int8", "U16": "uint16", "I16": "int16",
-    "F16": "float16", "BF16": "bfloat16", "U32": "uint32", "I32": "int32", "F32": "float32",
-    "U64": "uint64", "I64": "int64", "F64": "float64", "F8_E4M3": "float8_e4m3fn",
-    "F8_E5M2": "float8_e5m2",
-}
-CODES = {name: code for code, name in DTYPE_NAMES.items()}
 COMPARE_CHUNK = 4 << 20
 
 
@@ -137,19 +124,13 @@ def check_table(where: str | Path, header: dict, data_size: int, data_start: int
                 ) -> dict[str, TensorInfo]:
     """A validated tensor table from a parsed safetensors header (`data_size`: the bytes
     after the header; the header of a remote file is checked with a size it cannot reach)."""
-    tensors: dict[str, TensorInfo] = {}
-    for name, entry in header.items():
-        if name != "__metadata__":
-            tensors[name] = _check_entry(where, name, entry, data_size, data_start)
-    _check_overlaps(where, tensors.values())
-    return tensors
-
-
-def _check_overlaps(path: str | Path, tensors: Iterable[TensorInfo]) -> None:
-    spans = sorted((t for t in tensors if t.end > t.start), key=lambda t: (t.start, t.end))
+    tensors = {name: _check_entry(where, name, entry, data_size, data_start)
+               for name, entry in header.items() if name != "__metadata__"}
+    spans = sorted((t for t in tensors.values() if t.end > t.start), key=lambda t: (t.start, t.end))
     for a, b in zip(spans, spans[1:]):
         if b.start < a.end:
-            raise WeightsError(f"{path}: tensors {a.name!r} and {b.name!r} overlap in the file")
+            raise WeightsError(f"{where}: tensors {a.name!r} and {b.name!r} overlap in the file")
+    return tensors
 
 
 def _check_entry(path: str | Path, name: str, entry: object, data_size: int,
@@ -182,9 +163,10 @@ def read_tensor(path: str | Path, info: TensorInfo) -> mx.array:
     """One tensor of a file whose header `read_header` validated, read now (only its bytes)."""
     if info.dtype not in MX_DTYPES:
         raise WeightsError(f"{path}: tensor {info.name!r}: cannot convert dtype {info.dtype_name}")
+    np_dtype = np.uint16 if info.dtype == "BF16" else np.dtype(info.dtype_name)
     with open(path, "rb") as f:
         f.seek(info.data_start + info.start)
-        data = np.fromfile(f, dtype=NP_DTYPES[info.dtype], count=info.numel)
+        data = np.fromfile(f, dtype=np_dtype, count=info.numel)
     if data.size != info.numel:
         raise WeightsError(f"{path}: tensor {info.name!r}: file ends early (truncated?)")
     a = mx.array(data.reshape(info.shape))
@@ -245,11 +227,10 @@ class SafetensorsWriter:
     advance: the header goes first, then each tensor as it is produced, so the file can be
     far larger than memory. Every tensor is checked against the plan."""
 
-    def __init__(self, path: str | Path, plan: list[tuple[str, str, tuple[int, ...]]],
-                 metadata: dict[str, str] | None = None):
+    def __init__(self, path: str | Path, plan: list[tuple[str, str, tuple[int, ...]]]):
         self.path = Path(path)
         self.plan = list(plan)
-        header: dict[str, object] = {"__metadata__": dict(metadata or {"format": "mlx"})}
+        header: dict[str, object] = {"__metadata__": {"format": "mlx"}}
         offset = 0
         for name, code, shape in self.plan:
             nbytes = math.prod(shape) * ITEMSIZE[code]
@@ -258,7 +239,6 @@ class SafetensorsWriter:
             offset += nbytes
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned
-        self.size = 8 + len(raw) + offset
         self._next = 0
         self._file = open(self.path, "wb")
         self._file.write(struct.pack("<Q", len(raw)))

@@ -1,36 +1,36 @@
-"""Where a conversion's tensors come from: safetensors files, or a manifest (no data).
+"""Where a conversion's tensors come from: safetensors files, or a table without data.
 
-`Source` is the validated table of every stored tensor, read one at a time on demand.
-`FloatView` is what a group of stored tensors stands for: MLX's affine quantization keeps
-a layer as three tensors, `X.weight` (uint32, packed), `X.scales` and `X.biases`; the view
-shows them as the one float tensor `X.weight` of the unpacked shape, so the layouts'
-mappings and checks are the same for quantized and float checkpoints. It reads the
-float values (dequantized in float32) or, to copy them unchanged, the packed triple.
+`Source` is the validated table of every stored tensor (from local files, a manifest or a
+remote header), read one tensor at a time on demand. `FloatView` is what a group of stored
+tensors stands for: MLX's affine quantization keeps a layer as three tensors, `X.weight`
+(uint32, packed), `X.scales` and `X.biases`; the view shows them as the one float tensor
+`X.weight` of the unpacked shape, so the layouts are the same for quantized and float
+checkpoints. It reads the float values (dequantized in float32) or, to copy them
+unchanged, the packed triple.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 
 import mlx.core as mx
 
-from moshivis_mlx.quant import BITS as SUPPORTED_BITS
-from moshivis_mlx.quant import GROUP_SIZES as SUPPORTED_GROUPS
-from moshivis_mlx.quant import QuantSpec
+from moshivis_mlx.quant import BITS, GROUP_SIZES, QuantSpec
 
 from .safetensors_io import TensorInfo, WeightsError, read_header, read_manifest, read_tensor
 from .safetensors_io import same_bytes as _same_bytes
 
+PACKED = ("weight", "scales", "biases")
+
 
 class Source:
-    """The tensors of one checkpoint, from one file, several (shards) or a manifest."""
+    """The tensors of one checkpoint: one file, several (shards), or a table alone."""
 
-    def __init__(self, label: str, tensors: dict[str, tuple[Path | None, TensorInfo]],
-                 has_data: bool):
+    def __init__(self, label: str, tensors: dict[str, tuple[Path | None, TensorInfo]]):
         self.label = label
         self.tensors = tensors
-        self.has_data = has_data
+        self.has_data = all(path is not None for path, _ in tensors.values())
 
     @classmethod
     def from_files(cls, paths: list[Path], label: str | None = None) -> Source:
@@ -40,11 +40,16 @@ class Source:
                 if name in tensors:
                     raise WeightsError(f"{path}: tensor {name!r} is also in {tensors[name][0]}")
                 tensors[name] = (Path(path), info)
-        return cls(label or ", ".join(str(p) for p in paths), tensors, True)
+        return cls(label or ", ".join(str(p) for p in paths), tensors)
+
+    @classmethod
+    def from_table(cls, label: str, table: dict[str, TensorInfo]) -> Source:
+        """Names, shapes and dtypes only (a manifest, a remote header): planned, not read."""
+        return cls(label, {k: (None, v) for k, v in table.items()})
 
     @classmethod
     def from_manifest(cls, path: Path) -> Source:
-        return cls(str(path), {k: (None, v) for k, v in read_manifest(path).items()}, False)
+        return cls.from_table(str(path), read_manifest(path))
 
     def keys(self) -> set[str]:
         return set(self.tensors)
@@ -75,6 +80,15 @@ def quantized_bases(names: Iterable[str]) -> set[str]:
     return {n[: -len(".scales")] for n in names if n.endswith(".scales")}
 
 
+def _lacking(names: set[str], bases: Iterable[str], parts: tuple[str, ...]) -> list[str]:
+    out = []
+    for b in sorted(bases):
+        missing = [f"{b}.{p}" for p in parts if f"{b}.{p}" not in names]
+        if missing:
+            out.append(f"quantized {b} lacks {', '.join(missing)}")
+    return out
+
+
 def infer_quant_spec(source: Source, names: Iterable[str], anchor: str, in_dim: int
                      ) -> QuantSpec | None:
     """How the quantized tensors among `names` are stored, from `anchor` (a weight whose
@@ -83,11 +97,7 @@ def infer_quant_spec(source: Source, names: Iterable[str], anchor: str, in_dim: 
     bases = quantized_bases(names)
     if not bases:
         return None
-    incomplete = []
-    for b in sorted(bases):
-        lacking = [f"{b}.{p}" for p in ("weight", "biases") if f"{b}.{p}" not in names]
-        if lacking:
-            incomplete.append(f"quantized {b} lacks {', '.join(lacking)}")
+    incomplete = _lacking(names, bases, ("weight", "biases"))
     if incomplete:
         raise WeightsError(f"{source.label}: " + "; ".join(incomplete))
     base = anchor[: -len(".weight")]
@@ -97,11 +107,11 @@ def infer_quant_spec(source: Source, names: Iterable[str], anchor: str, in_dim: 
     packed, scales = source.info(anchor).shape, source.info(base + ".scales").shape
     bits, rem_b = divmod(packed[-1] * 32, in_dim)
     group, rem_g = divmod(in_dim, scales[-1]) if scales[-1] else (0, 1)
-    if rem_b or rem_g or bits not in SUPPORTED_BITS or group not in SUPPORTED_GROUPS:
+    if rem_b or rem_g or bits not in BITS or group not in GROUP_SIZES:
         raise WeightsError(
             f"{source.label}: {anchor} {list(packed)} with scales {list(scales)} for an input "
-            f"width of {in_dim} is not an MLX affine quantization with {SUPPORTED_BITS} bits "
-            f"and groups of {SUPPORTED_GROUPS}")
+            f"width of {in_dim} is not an MLX affine quantization with {BITS} bits "
+            f"and groups of {GROUP_SIZES}")
     return QuantSpec(bits, group)
 
 
@@ -112,53 +122,40 @@ class FloatView:
         self.source = source
         self.spec = spec
         names = set(names)
-        self.shapes: dict[str, tuple[int, ...]] = {}
-        self.quantized: set[str] = set()
         bases = quantized_bases(names)
         if bases and spec is None:
             raise WeightsError(f"{source.label}: quantized tensors where none are expected: "
                                + ", ".join(sorted(b + ".scales" for b in bases)[:5]))
-        parts = {f"{b}.{p}" for b in bases for p in ("weight", "scales", "biases")}
-        problems = []
-        for base in sorted(bases):
-            try:
-                self.shapes[base + ".weight"] = self._unpacked_shape(names, base)
-                self.quantized.add(base + ".weight")
-            except WeightsError as e:
-                problems.append(str(e))
+        problems = _lacking(names, bases, PACKED)
+        if not problems:
+            problems = [p for b in sorted(bases) if (p := self._check_packed(b))]
         if problems:
             raise WeightsError(f"{source.label}: " + "; ".join(problems))
-        for n in names - parts:
-            self.shapes[n] = source.info(n).shape
-        self._cache: tuple[tuple[str, str], object] | None = None
+        self.quantized = {b + ".weight" for b in bases}
+        parts = {f"{b}.{p}" for b in bases for p in PACKED}
+        self.shapes: dict[str, tuple[int, ...]] = {
+            n: source.info(n).shape for n in names - parts}
+        for b in bases:
+            rows, groups = source.info(b + ".scales").shape
+            self.shapes[b + ".weight"] = (rows, groups * spec.group_size)
+        self._cache: tuple[str, mx.array] | None = None
 
-    def _unpacked_shape(self, names: set[str], base: str) -> tuple[int, ...]:
-        w, s, b = (f"{base}.{p}" for p in ("weight", "scales", "biases"))
-        missing = [n for n in (w, s, b) if n not in names]
-        if missing:
-            raise WeightsError(f"quantized {base} lacks {', '.join(missing)}")
-        iw, is_, ib = (self.source.info(n) for n in (w, s, b))
-        spec = self.spec
-        ok = (iw.dtype == "U32" and len(iw.shape) == 2 and is_.shape == ib.shape
-              and len(is_.shape) == 2 and is_.shape[0] == iw.shape[0]
-              and iw.shape[1] * 32 == is_.shape[1] * spec.group_size * spec.bits)
-        if not ok:
-            raise WeightsError(
-                f"quantized {base}: weight {iw.dtype_name} {list(iw.shape)}, scales "
-                f"{list(is_.shape)}, biases {list(ib.shape)} do not fit {spec.label}")
-        return (iw.shape[0], is_.shape[1] * spec.group_size)
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.shapes
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.shapes)
+    def _check_packed(self, base: str) -> str | None:
+        """Why the packed triple of `base` does not fit the spec (None: it does)."""
+        w, s, b = (self.source.info(f"{base}.{p}") for p in PACKED)
+        q = self.spec
+        if (w.dtype == "U32" and len(w.shape) == 2 and len(s.shape) == 2 and s.shape == b.shape
+                and s.shape[0] == w.shape[0]
+                and w.shape[1] * 32 == s.shape[1] * q.group_size * q.bits):
+            return None
+        return (f"quantized {base}: weight {w.dtype_name} {list(w.shape)}, scales "
+                f"{list(s.shape)}, biases {list(b.shape)} do not fit {q.label}")
 
     def stored_names(self, name: str) -> list[str]:
         """The stored tensors behind `name`."""
         if name in self.quantized:
             base = name[: -len(".weight")]
-            return [name, base + ".scales", base + ".biases"]
+            return [f"{base}.{p}" for p in PACKED]
         return [name]
 
     def stored_dtype(self, name: str) -> str:
@@ -166,28 +163,24 @@ class FloatView:
             return self.spec.label
         return self.source.info(name).dtype_name
 
-    def _cached(self, key: tuple[str, str], load):
-        # One tensor is kept: the entries that use one source tensor (row blocks of a fused
-        # projection) are converted one after another, and read it once.
-        if self._cache is None or self._cache[0] != key:
-            self._cache = None
-            self._cache = (key, load())
-        return self._cache[1]
-
     def __getitem__(self, name: str) -> mx.array:
-        """The float tensor (quantized ones dequantized, in float32)."""
-        if name not in self.quantized:
-            return self._cached((name, "raw"), lambda: self.source.read(name))
-
-        def load():
-            w, s, b = self.packed(name)
-            return mx.dequantize(w, s.astype(mx.float32), b.astype(mx.float32),
-                                 group_size=self.spec.group_size, bits=self.spec.bits)
-        return self._cached((name, "float"), load)
+        """The float tensor (quantized ones dequantized, in float32). The last one read is
+        kept: the row blocks of one fused tensor are converted one after another."""
+        if self._cache is None or self._cache[0] != name:
+            self._cache = None
+            if name in self.quantized:
+                w, s, b = self.packed(name)
+                value = mx.dequantize(w, s.astype(mx.float32), b.astype(mx.float32),
+                                      group_size=self.spec.group_size, bits=self.spec.bits)
+            else:
+                value = self.source.read(name)
+            self._cache = (name, value)
+        return self._cache[1]
 
     def packed(self, name: str) -> tuple[mx.array, mx.array, mx.array]:
         """The stored (weight, scales, biases) of a quantized tensor."""
-        return tuple(self.source.read(n) for n in self.stored_names(name))
+        w, s, b = (self.source.read(n) for n in self.stored_names(name))
+        return w, s, b
 
     def release(self) -> None:
         self._cache = None

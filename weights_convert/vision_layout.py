@@ -13,25 +13,32 @@ transformer's), and the patch convolution is MLX's [out, kh, kw, in] instead of 
 [out, in, kh, kw]. kyuteye_mlx files keep the PyTorch order and transpose when loading,
 so the order is read from each file's shape, not assumed from its layout.
 
-A destination fed by several entries (q, k, v -> in_proj) is their concatenation along
-the first axis, in mapping order.
+Quantization: the tower follows the bundle's quantization, but never below 8 bits. It runs
+once per image, so 4 bits would buy no speed worth having and cost accuracy that every
+later step sees through the cross-attention; 8 bits roughly halves its memory (0.8 GB in
+bfloat16). Layers whose input width the group size does not divide stay float: with the
+PaliGemma2 tower that is each MLP's output projection (4304 inputs) and, always, the patch
+convolution and the norms. `--vision-float` keeps the whole tower in the bundle's dtype,
+as Kyutai's own MLX checkpoints do. A quantized source tower (one of our bundles) is
+dequantized, or copied packed when it already has the target's bits and group size.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from moshivis_mlx.models.siglip import SiglipConfig, paligemma2_448
+from moshivis_mlx.models.siglip import SiglipConfig, SiglipVision, paligemma2_448
+from moshivis_mlx.quant import QuantSpec
 
-from .lm_layout import Entry, Mapping
-from .safetensors_io import WeightsError
+from .lm_layout import KYUTEYE_MLX, MOSHIVIS_PT
+from .mapping import Entry, Found, Mapping, about, check_mapping, model_tensors, rename, renames
+from .safetensors_io import WeightsError, read_json_config
+from .source import FloatView, Source, infer_quant_spec
 
 HF_SIGLIP = "hf-siglip"
 HF_PALIGEMMA = "hf-paligemma"
-MOSHIVIS_PT = "moshivis-pytorch"
-KYUTEYE_MLX = "kyuteye-mlx"
 
 PREFIXES: list[tuple[str, str]] = [
     ("image_prefix.enc.model.", MOSHIVIS_PT),
@@ -64,13 +71,18 @@ HF_DEFAULTS = {
 
 PATCH = "embeddings.patch_embedding.weight"
 PT_TO_MLX_CONV = (0, 2, 3, 1)
-
-
-@dataclass(frozen=True)
-class VisionEntry(Entry):
-    """An `Entry` whose source axes are permuted (`perm`) before the reshape."""
-
-    perm: tuple[int, ...] | None = None
+QUANT_ANCHOR = "encoder.layers.0.self_attn.q_proj.weight"
+"""The weight that tells how a quantized tower is stored (its input width is the patch
+convolution's output width, which is never quantized)."""
+RENAMES = renames([  # ours -> HF's, below the prefix
+    (r"embeddings\.patch\.(\w+)", r"embeddings.patch_embedding.\1"),
+    (r"embeddings\.positions", "embeddings.position_embedding.weight"),
+    (r"encoder\.layers\.(\d+)\.norm([12])\.(\w+)", r"encoder.layers.\1.layer_norm\2.\3"),
+    (r"encoder\.layers\.(\d+)\.ffn\.linear_in\.(\w+)", r"encoder.layers.\1.mlp.fc1.\2"),
+    (r"encoder\.layers\.(\d+)\.ffn\.linear_out\.(\w+)", r"encoder.layers.\1.mlp.fc2.\2"),
+    (r"post_norm\.(\w+)", r"post_layernorm.\1"),
+])
+FUSED = re.compile(r"(encoder\.layers\.\d+\.self_attn)\.in_proj\.(\w+)")
 
 
 def find_tower(keys: set[str] | list[str]) -> tuple[str, str] | None:
@@ -146,36 +158,23 @@ def patch_perm(shape: tuple[int, ...], cfg: SiglipConfig) -> tuple[int, ...] | N
 
 def vision_mapping(shapes: dict[str, tuple[int, ...]], prefix: str,
                    cfg: SiglipConfig) -> Mapping:
-    """Every destination tensor of our `SiglipVision` and where it comes from. Source keys
-    outside `prefix` belong to other models of the same file and are not listed."""
-    d, f = cfg.dim, cfg.ffn_hidden
-    entries: list[Entry] = []
-
-    def add(dst: str, src: str, shape: tuple[int, ...], perm: tuple[int, ...] | None = None):
-        entries.append(VisionEntry(dst, prefix + src, tuple(shape), None, perm))
-
-    p = cfg.patch_size
-    patch_shape = shapes.get(prefix + PATCH, (d, cfg.num_channels, p, p))
-    add("embeddings.patch.weight", PATCH, (d, p, p, cfg.num_channels),
-        patch_perm(patch_shape, cfg))
-    add("embeddings.patch.bias", "embeddings.patch_embedding.bias", (d,))
-    add("embeddings.positions", "embeddings.position_embedding.weight", (cfg.num_tokens, d))
-    for i in range(cfg.num_layers):
-        src, dst = f"encoder.layers.{i}.", f"encoder.layers.{i}."
-        for part in ("weight", "bias"):
-            for proj in ("q_proj", "k_proj", "v_proj"):  # fused in this order: [q; k; v]
-                shape = (d, d) if part == "weight" else (d,)
-                add(f"{dst}self_attn.in_proj.{part}", f"{src}self_attn.{proj}.{part}", shape)
-            add(f"{dst}self_attn.out_proj.{part}", f"{src}self_attn.out_proj.{part}",
-                (d, d) if part == "weight" else (d,))
-            add(f"{dst}norm1.{part}", f"{src}layer_norm1.{part}", (d,))
-            add(f"{dst}norm2.{part}", f"{src}layer_norm2.{part}", (d,))
-            add(f"{dst}ffn.linear_in.{part}", f"{src}mlp.fc1.{part}",
-                (f, d) if part == "weight" else (f,))
-            add(f"{dst}ffn.linear_out.{part}", f"{src}mlp.fc2.{part}",
-                (d, f) if part == "weight" else (d,))
-    add("post_norm.weight", "post_layernorm.weight", (d,))
-    add("post_norm.bias", "post_layernorm.bias", (d,))
+    """Every tensor of our `SiglipVision` and where it comes from. Source keys outside
+    `prefix` belong to other models of the same file and are not listed."""
+    entries = []
+    for dst, shape in expected_vision_tensors(cfg, None).items():
+        m = FUSED.fullmatch(dst)
+        if m:  # ours is [q; k; v] in one projection
+            third = (shape[0] // 3,) + shape[1:]
+            entries += [Entry(dst, f"{prefix}{m[1]}.{p}_proj.{m[2]}", third) for p in "qkv"]
+            continue
+        src = prefix + rename(RENAMES, dst)
+        if dst == "embeddings.patch.weight":
+            d, p, c = cfg.dim, cfg.patch_size, cfg.num_channels
+            perm = patch_perm(shapes.get(src, (d, c, p, p)), cfg)
+            note = "conv axes to MLX order" if perm else None
+            entries.append(Entry(dst, src, shape, perm=perm, note=note))
+        else:
+            entries.append(Entry(dst, src, shape))
     # HF's attention-pooling head (MoshiVis uses the token sequence, not a pooled vector)
     # and the position-id buffer some HF versions save.
     ignored = [k for k in shapes if k.startswith(prefix + "head.")
@@ -186,6 +185,40 @@ def vision_mapping(shapes: dict[str, tuple[int, ...]], prefix: str,
 def tower_shapes(shapes: dict[str, tuple[int, ...]], prefix: str) -> dict[str, tuple[int, ...]]:
     """The source tensors under the tower's prefix: the ones a mapping must account for."""
     return {k: v for k, v in shapes.items() if k.startswith(prefix)}
+
+
+def expected_vision_tensors(cfg: SiglipConfig, quant: dict[str, int] | None
+                            ) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of a bundle's vision tensors, from the skeleton (nothing allocated)."""
+    return model_tensors(SiglipVision(cfg), QuantSpec(**quant) if quant else None)
+
+
+def vision_quantization(bundle_quant: QuantSpec | None, keep_float: bool) -> QuantSpec | None:
+    """The tower's quantization given the bundle's (see the module docstring)."""
+    if bundle_quant is None or keep_float:
+        return None
+    return QuantSpec(max(8, bundle_quant.bits), bundle_quant.group_size)
+
+
+def find_vision(source: Source, hf_config: dict[str, Any] | None) -> Found:
+    """The SigLIP tower in `source` (any known layout, float or quantized)."""
+    prefix, layout = detect_vision_layout(source.keys())
+    names = set(tower_shapes(source.shapes(), prefix))
+    spec = infer_quant_spec(source, names, prefix + QUANT_ANCHOR,
+                            source.info(prefix + PATCH).shape[0])
+    view = FloatView(source, names, spec)
+    with about(source.label):
+        cfg = vision_config_from(hf_config)
+        check_vision_config(view.shapes, prefix, cfg)
+        mapping = vision_mapping(view.shapes, prefix, cfg)
+    check_mapping(mapping, view.shapes, source.label)
+    return Found(layout, cfg, mapping, view)
+
+
+def read_vision_config(path: Path | None) -> dict[str, Any] | None:
+    if path is None:
+        return None
+    return read_json_config(path, "a JSON object (HF's SiglipVisionConfig)")
 
 
 def siglip_config_from_hf(d: dict[str, Any]) -> SiglipConfig:
