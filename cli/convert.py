@@ -160,29 +160,14 @@ def options_from(args: argparse.Namespace):
         tokenizer=_path(args.tokenizer), bundle=args.bundle, manifest=args.manifest, **common)
 
 
-class RichProgress:
-    """Conversion progress bars (one per part, in bytes written) on stderr."""
+def byte_bars():
+    """The conversion's progress: one bar per part, in bytes written, on stderr (the
+    command shows it when stderr is a terminal)."""
+    from rich.console import Console
 
-    def __init__(self):
-        from rich import progress as rp
-        from rich.console import Console
+    from moshivis_mlx.progress import Counter
 
-        self.progress = rp.Progress(rp.TextColumn("{task.description}"), rp.BarColumn(),
-                                    rp.DownloadColumn(), rp.TimeRemainingColumn(),
-                                    console=Console(stderr=True), transient=False)
-        self.tasks: dict[str, int] = {}
-
-    def __call__(self, what: str, done: int, total: int) -> None:
-        if what not in self.tasks:
-            self.tasks[what] = self.progress.add_task(what, total=total)
-        self.progress.update(self.tasks[what], completed=done)
-
-    def __enter__(self) -> RichProgress:
-        self.progress.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.progress.stop()
+    return Counter(Console(stderr=True), unit="bytes", transient=False, show=True)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -195,8 +180,8 @@ def run(args: argparse.Namespace) -> int:
         print("\n".join(dry_run(opts)))
         return 0
     if sys.stderr.isatty():
-        with RichProgress() as progress:
-            out = convert(opts, progress)
+        with byte_bars() as bars:
+            out = convert(opts, bars.track)
     else:
         out = convert(opts)
     size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())

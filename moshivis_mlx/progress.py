@@ -89,7 +89,8 @@ class Counter:
     """
 
     def __init__(self, console: Console | None = None, unit: str = "",
-                 transient: bool = True, quarters: bool = False):
+                 transient: bool = True, quarters: bool = False, show: bool | None = None):
+        """`show`: draw the bars (default: only on a terminal)."""
         self.console = console or Console()
         self.unit = unit
         self.quarters = quarters and not self.console.is_terminal
@@ -103,8 +104,10 @@ class Counter:
         self.progress = Progress(TextColumn("{task.description}"), BarColumn(), count,
                                  TextColumn("{task.fields[rate]}"), TimeRemainingColumn(),
                                  console=self.console, transient=transient,
-                                 disable=not self.console.is_terminal)
+                                 disable=not (self.console.is_terminal if show is None
+                                              else show))
         self._next_note: dict[TaskID, float] = {}
+        self._named: dict[str, TaskID] = {}
 
     def __enter__(self) -> Counter:
         self.progress.start()
@@ -123,6 +126,14 @@ class Counter:
         self.progress.update(task, completed=completed, **fields)
         if self.quarters:
             self._note(task, completed)
+
+    def track(self, description: str, completed: int, total: int) -> None:
+        """`progress(what, done, total)` callbacks (a conversion's parts): a task per
+        description, made on first sight."""
+        task = self._named.get(description)
+        if task is None:
+            task = self._named[description] = self.add(description, total)
+        self.update(task, completed)
 
     def advance(self, task: TaskID, n: int = 1) -> None:
         self.progress.advance(task, n)

@@ -518,14 +518,14 @@ def test_other_refusals(work, configs, sources):
 
 def test_progress_bars(work, configs):
     """On a terminal the conversion shows one bar per part (rich), up to the part's size."""
-    from moshivis_mlx.cli.convert import RichProgress
+    from moshivis_mlx.cli.convert import byte_bars
 
     err = io.StringIO()
-    with contextlib.redirect_stderr(err), RichProgress() as progress:
+    with contextlib.redirect_stderr(err), byte_bars() as progress:
         from moshivis_mlx.weights_convert.convert import ConvertOptions, convert
 
         convert(ConvertOptions(out=work / "with_bars", mimi_weights=configs["mimi"],
-                               mimi_config=configs["mimi_config"]), progress)
+                               mimi_config=configs["mimi_config"]), progress.track)
     task = progress.progress.tasks[0]
     assert task.description == "Mimi codec" and task.completed == task.total > 0
     assert "Mimi codec" in err.getvalue()
