@@ -92,16 +92,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="offline demo: a tiny random model (made on first use) answers a "
                         "sample question about a sample picture; the answer is noise")
 
-    s = p.add_argument_group("sampling (defaults: Kyutai's, stored in the bundle)")
-    s.add_argument("--text-temperature", type=float, metavar="T", help="text (default 0.7)")
-    s.add_argument("--audio-temperature", type=float, metavar="T", help="audio (default 0.8)")
+    from moshivis_mlx.sampling import KYUTAI_GENERATION as g
+
+    s = p.add_argument_group("sampling (defaults: the bundle's, else Kyutai's)")
+    s.add_argument("--text-temperature", type=float, metavar="T",
+                   help=f"text (Kyutai's: {g.text_temperature})")
+    s.add_argument("--audio-temperature", type=float, metavar="T",
+                   help=f"audio (Kyutai's: {g.audio_temperature})")
     s.add_argument("--top-k", type=int, metavar="K",
-                   help="keep the K likeliest tokens, text and audio (default 25 / 250)")
+                   help=f"keep the K likeliest tokens, text and audio (Kyutai's: "
+                        f"{g.text_top_k} / {g.audio_top_k})")
     s.add_argument("--top-p", type=float, metavar="P",
                    help="nucleus sampling for text and audio (default off)")
     s.add_argument("--seed", type=int, help="make sampling reproducible")
     s.add_argument("--xa-start", type=int, metavar="STEPS",
-                   help="steps before the model starts looking at the image (default 16)")
+                   help=f"steps before the model starts looking at the image (Kyutai's: "
+                        f"{g.xa_start})")
 
     p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     return p

@@ -1,4 +1,4 @@
-"""moshivis-bench: per-step latency of Moshi / MoshiVis in MLX on random weights."""
+"""moshivis-bench: latency of the MoshiVis step and of the whole 80 ms frame, in MLX."""
 
 from __future__ import annotations
 
@@ -6,37 +6,56 @@ import argparse
 import sys
 from pathlib import Path
 
+from moshivis_mlx.errors import guard
+
 EPILOG = """examples:
   moshivis-bench                                   # MoshiVis 7B q8, 3750 steps (5 minutes)
   moshivis-bench --config tiny --steps 500 --json tiny.json --plot tiny.png
-  moshivis-bench --quant q4 --steps 1000 --json q4.json
+  moshivis-bench --quant q4 --steps 1000 --scenarios frame,frame-image --json q4.json
+  moshivis-bench --weights ~/moshivis-q8          # a converted bundle, its own Mimi and SigLIP
+  moshivis-bench --codec-device cpu                # Mimi on the CPU, the LM on the GPU
   moshivis-bench --compare before.json after.json
+
+scenarios:
+  moshi        the language-model step without an image (exactly plain Moshi)
+  moshivis     the language-model step with a 1024-token image
+  frame        the whole frame a user waits for: Mimi encoder + step + Mimi decoder,
+  frame-image  one graph evaluated once, without / with the image; also the host's share
+               of each frame and each stage timed on its own
 """
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from moshivis_mlx.bench import SCENARIOS
+    from moshivis_mlx.quant import PRESETS
+
     p = argparse.ArgumentParser(
         prog="moshivis-bench",
-        description="Time the model step by step (80 ms of audio each) with random weights: "
-                    "p50/p90/p99/max latency, first step (compilation), load time, peak memory; "
-                    "JSON report and a latency plot like the paper's Figure 6.",
+        description="Time the model step and the whole 80 ms frame (random weights, or a "
+                    "bundle): p50/p90/p99/max latency, first step (compilation), load time, "
+                    "peak memory; a JSON report and a latency plot like the paper's Figure 6.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="moshivis-7b", choices=["moshivis-7b", "moshi-7b", "tiny"],
                    help="model size (default: moshivis-7b)")
-    from moshivis_mlx.quant import PRESETS
-
     presets = ", ".join(f"{k} = {v.bits}-bit/group {v.group_size}" for k, v in PRESETS.items() if v)
     p.add_argument("--quant", default="q8", choices=list(PRESETS),
                    help=f"weights: bf16, or blockwise quantized ({presets}; default q8)")
-    p.add_argument("--weights", type=Path, metavar="DIR", help="time a real bundle instead")
-    p.add_argument("--steps", type=int, default=3750, help="timed steps (default 3750 = 5 minutes)")
-    p.add_argument("--warmup", type=int, default=32, help="untimed steps first (compilation)")
-    p.add_argument("--scenarios", default="moshi,moshivis",
-                   help="comma-separated: moshi (no image), moshivis (with an image)")
+    p.add_argument("--weights", type=Path, metavar="DIR",
+                   help="time a converted bundle (its LM, Mimi and image encoder) instead")
+    p.add_argument("--steps", type=int, default=3750,
+                   help="timed steps per scenario (default 3750 = 5 minutes of audio)")
+    p.add_argument("--warmup", type=int, default=32,
+                   help="untimed steps per scenario after each variant of the step has "
+                        "compiled once (default 32; 0 is allowed)")
+    p.add_argument("--scenarios", default=",".join(SCENARIOS),
+                   help=f"comma-separated, of {', '.join(SCENARIOS)} (default: all)")
     p.add_argument("--pipelined", action="store_true",
-                   help="submit each step before collecting the previous one (throughput)")
+                   help="submit each step before collecting the previous one (file mode's "
+                        "throughput) instead of one step's latency")
+    p.add_argument("--codec-device", choices=["default", "cpu"], default="default",
+                   help="where Mimi runs: on the LM's device (default) or on the CPU")
     p.add_argument("--codec-frames", type=int, default=50,
-                   help="frames of streaming Mimi encode+decode to time (0: skip)")
+                   help="frames of streaming Mimi encode+decode to time on their own (0: skip)")
     p.add_argument("--image-encodes", type=int, default=3,
                    help="photos to encode with the SigLIP tower after a warm-up (0: skip)")
     p.add_argument("--json", type=Path, metavar="F", help="write the report as JSON")
@@ -48,30 +67,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def run(args: argparse.Namespace) -> int:
     from moshivis_mlx import bench
 
-    try:
-        if args.compare:
-            print(bench.compare(bench.load_json(args.compare[0]), bench.load_json(args.compare[1])))
-            return 0
-        if args.steps < 1:
-            raise ValueError("--steps must be at least 1")
-        opts = bench.BenchOptions(
-            config=args.config, quant=args.quant, steps=args.steps, warmup=args.warmup,
-            scenarios=tuple(s.strip() for s in args.scenarios.split(",") if s.strip()),
-            weights=args.weights, pipelined=args.pipelined, seed=args.seed,
-            codec_frames=args.codec_frames, image_encodes=args.image_encodes)
-        report = _run_with_progress(bench, opts)
-    except (ValueError, OSError) as e:
-        if args.debug:
-            raise
-        print(f"moshivis-bench: error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("moshivis-bench: interrupted", file=sys.stderr)
-        return 130
+    if args.compare:
+        print(bench.compare(bench.load_json(args.compare[0]), bench.load_json(args.compare[1])))
+        return 0
+    opts = bench.BenchOptions(
+        config=args.config, quant=args.quant, steps=args.steps, warmup=args.warmup,
+        scenarios=tuple(s.strip() for s in args.scenarios.split(",") if s.strip()),
+        weights=args.weights, pipelined=args.pipelined, seed=args.seed,
+        codec_frames=args.codec_frames, image_encodes=args.image_encodes,
+        codec_device=args.codec_device)
+    report = _run_with_progress(bench, opts)
     print(bench.summary(report))
     if args.json:
         bench.save_json(report, args.json)
@@ -85,15 +93,23 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run_with_progress(bench, opts):
+    """Bars on a terminal; elsewhere (make bench, CI logs) a line per phase and quarter."""
     from moshivis_mlx.progress import Counter
 
-    with Counter() as bars:
+    with Counter(quarters=True) as bars:
         def progress(label, total):
+            if not bars.console.is_terminal:
+                bars.console.print(label, highlight=False)
             task = bars.add(label, total)
             return lambda: bars.advance(task)
 
-        bars.console.print(f"building {opts.config if not opts.weights else opts.weights} ...")
         return bench.run(opts, progress)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return guard("moshivis-bench", lambda: run(args), args.debug,
+                 exit_code=lambda e: 1)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from moshivis_mlx.errors import EXIT_ERROR, UsageError, guard
-from moshivis_mlx.quant import PRESETS, QuantSpec
+from moshivis_mlx.quant import GROUP_SIZES, PRESETS, QuantSpec
 
 EPILOG = """examples:
   moshivis-convert --hf-repo kyutai/moshika-vis-pytorch-bf16 --out moshika-vis-q8
@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="store every tensor in --dtype (quantized sources are dequantized)")
     o.add_argument("--q-bits", type=int, choices=[4, 8],
                    help="bits per weight, overriding --quant's")
-    o.add_argument("--q-group-size", type=int, choices=[32, 64],
+    o.add_argument("--q-group-size", type=int, choices=list(GROUP_SIZES),
                    help="weights sharing one scale and bias (default: the preset's for the bits: "
                         "64 at 8 bits, 32 at 4)")
     o.add_argument("--shard-size", type=parse_size, default="5GB", metavar="SIZE",

@@ -1,12 +1,21 @@
-"""Per-step latency of the model, as in the paper's Figure 6, on random weights.
+"""Latency of the model step and of the whole frame, as in the paper's Figure 6.
 
-Nothing is downloaded: the full-size Moshi / MoshiVis configurations are built with random
-weights (the cost of a step does not depend on their values), cast and quantized as a
-converted bundle would be. A real bundle can be timed with `weights=`.
+Nothing is downloaded: the full-size Moshi / MoshiVis configurations, Mimi and SigLIP are
+built with random weights (the cost of a step does not depend on their values), cast and
+quantized as a converted bundle would be. A real bundle is timed with `weights=`, its own
+codec and image encoder included.
 
-Scenarios run on one MoshiVis model: `moshi` without an image (with no image the
-cross-attention block is skipped, so this is exactly plain Moshi's computation) and
-`moshivis` with an image (1024 SigLIP tokens).
+Scenarios, on one MoshiVis model:
+
+    moshi        the LM step without an image (exactly plain Moshi's computation)
+    moshivis     the LM step with an image (1024 SigLIP tokens)
+    frame        what a user feels every 80 ms: Mimi encoder + LM step + Mimi decoder,
+    frame-image  one graph evaluated once (`Stream`), without / with the image
+
+Each scenario compiles every variant of its step first (`warm_up`), then runs `warmup`
+untimed steps, then times `steps`. The frame scenarios also report the host's share of
+each frame, and each stage timed on its own (the serial reference path evaluates the
+encoder, the step and the decoder separately).
 """
 
 from __future__ import annotations
@@ -23,7 +32,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .bundle import load_lm
+from .bundle import load_lm, load_mimi, load_vision, read_config
+from .errors import UsageError
 from .generate import Generator
 from .image import ImageEncoder
 from .models import siglip
@@ -31,11 +41,18 @@ from .models.lm import LM, PRESETS, LmConfig
 from .models.mimi import Mimi, MimiConfig
 from .quant import PRESETS as QUANT_PRESETS
 from .quant import QuantSpec, quantize_model
-from .sampling import KYUTAI_GENERATION, kyutai_audio_sampler, kyutai_text_sampler
+from .sampling import KYUTAI_GENERATION
+from .stream import FrameGeometry, Stream
 
-BUDGET_MS = 80.0
-SCENARIOS = ("moshi", "moshivis")
+STEP_SCENARIOS = ("moshi", "moshivis")
+FRAME_SCENARIOS = ("frame", "frame-image")
+SCENARIOS = STEP_SCENARIOS + FRAME_SCENARIOS
 IMAGE_TOKENS = 1024
+STAGE_FRAMES = 200
+"""Frames of the serial pass that times each stage of the frame on its own."""
+
+Progress = Callable[[str, int], Callable[[], None]]
+"""progress(label, total) -> tick(): one call per unit of work done."""
 
 
 @dataclass
@@ -44,14 +61,17 @@ class BenchOptions:
     quant: str = "q8"
     steps: int = 3750
     warmup: int = 32
+    """Untimed steps after each variant of the step has compiled once."""
     scenarios: tuple[str, ...] = SCENARIOS
     weights: Path | None = None
     pipelined: bool = False
     seed: int = 0
     codec_frames: int = 50
-    """Frames of streaming Mimi encode + decode to time (0: skip)."""
+    """Frames of streaming Mimi encode + decode to time on their own (0: skip)."""
     image_encodes: int = 3
     """Photos to encode with the SigLIP tower, after one warm-up (0: skip)."""
+    codec_device: str = "default"
+    """'default' (Mimi on the LM's device) or 'cpu' (Mimi on the CPU, the LM on the GPU)."""
 
 
 def percentiles(ms: list[float]) -> dict[str, float]:
@@ -65,34 +85,68 @@ def percentiles(ms: list[float]) -> dict[str, float]:
     }
 
 
-def random_lm(cfg: LmConfig, quant: str, dtype: mx.Dtype = mx.bfloat16) -> LM:
-    """An LM with random weights, cast and quantized like a converted bundle.
+def materialise(model: nn.Module) -> None:
+    """Evaluates the weights layer by layer, so the peak stays near the final size."""
+    for _, module in model.named_modules():
+        if not module.children():
+            mx.eval(module.parameters())
 
-    Weights are materialised layer by layer, so the peak stays near the final size.
-    """
+
+def random_lm(cfg: LmConfig, quant: str, dtype: mx.Dtype = mx.bfloat16) -> LM:
+    """An LM with random weights, cast and quantized like a converted bundle."""
     lm = LM(cfg)
     lm.set_dtype(dtype)
     if QUANT_PRESETS[quant]:
         quantize_model(lm, QUANT_PRESETS[quant])
-    for _, module in lm.named_modules():
-        if not module.children():
-            mx.eval(module.parameters())
+    materialise(lm)
     return lm
+
+
+def random_mimi(tiny: bool, seed: int) -> Mimi:
+    """Mimi with random weights (float32, as Mimi always runs); codebooks filled."""
+    mx.random.seed(seed)
+    mimi = Mimi(MimiConfig.tiny() if tiny else MimiConfig.released())
+    for cb in mimi.quantizer.rvq_first.codebooks + mimi.quantizer.rvq_rest.codebooks:
+        cb.embedding = mx.random.normal(cb.embedding.shape)
+    materialise(mimi)
+    return mimi
+
+
+def random_vision(tiny: bool, quant: str) -> ImageEncoder:
+    """The SigLIP tower as a converted bundle holds it: bfloat16, 8-bit where the LM is
+    quantized (layers the group size cannot divide stay float)."""
+    model = siglip.SiglipVision(siglip.tiny() if tiny else siglip.paligemma2_448())
+    model.set_dtype(mx.bfloat16)
+    if QUANT_PRESETS[quant]:
+        quantize_model(model, QuantSpec(8, QUANT_PRESETS[quant].group_size))
+    materialise(model)
+    return ImageEncoder(model)
+
+
+def device_name() -> str:
+    """The device in plain words, e.g. 'Apple M4 Pro (gpu)'."""
+    info = mx.device_info()
+    name = info.get("device_name") or info.get("architecture") or "unknown"
+    return f"{name} ({mx.default_device().type.name})"
 
 
 def machine_info() -> dict[str, Any]:
     return {
         "mlx": mx.__version__,
-        "device": str(mx.default_device()),
+        "device": device_name(),
         "platform": platform.platform(),
         "machine": platform.machine(),
         "python": platform.python_version(),
     }
 
 
+def _no_progress(label: str, total: int) -> Callable[[], None]:
+    return lambda: None
+
+
 def time_steps(gen: Generator, codes: np.ndarray, steps: int, pipelined: bool,
                tick: Callable[[], None]) -> list[float]:
-    """Milliseconds per step. Synchronous: from submitting a frame to having its output
+    """Milliseconds per LM step. Synchronous: from submitting a frame to having its output
     (a live frame's latency). Pipelined: between consecutive outputs when the next frame
     is submitted before the current one is collected (file mode's throughput)."""
     out: list[float] = []
@@ -116,100 +170,192 @@ def time_steps(gen: Generator, codes: np.ndarray, steps: int, pipelined: bool,
     return out
 
 
-def run(opts: BenchOptions, progress: Callable[[str, int], Callable[[], None]] | None = None
-        ) -> dict[str, Any]:
-    """Runs the benchmark; `progress(label, total)` returns a per-step callback."""
-    progress = progress or (lambda label, total: (lambda: None))
+def time_frames(stream: Stream, audio: np.ndarray, steps: int, pipelined: bool,
+                tick: Callable[[], None]) -> tuple[list[float], list[float]]:
+    """Milliseconds per whole frame (as `time_steps`), and the host's share of each."""
+    frames = len(audio)
+    total: list[float] = []
+    host: list[float] = []
+    if not pipelined:
+        for t in range(steps):
+            r = stream.step(audio[t % frames])
+            total.append(r.latency_ms)
+            host.append(r.host_ms)
+            tick()
+        return total, host
+    pending = stream.submit(audio[0])
+    last = time.perf_counter()
+    for t in range(1, steps + 1):
+        nxt = stream.submit(audio[t % frames]) if t < steps else None
+        host.append(pending.result().host_ms)
+        now = time.perf_counter()
+        total.append((now - last) * 1e3)
+        last = now
+        pending = nxt
+        tick()
+    return total, host
+
+
+def time_stages(stream: Stream, audio: np.ndarray, steps: int,
+                tick: Callable[[], None]) -> dict[str, dict[str, float]]:
+    """Each stage of the frame evaluated and timed on its own (the serial path)."""
+    stages: dict[str, list[float]] = {"encode": [], "model": [], "decode": []}
+    for t in range(steps):
+        r = stream.step(audio[t % len(audio)])
+        stages["encode"].append(r.encode_ms)
+        stages["model"].append(r.model_ms)
+        stages["decode"].append(r.decode_ms)
+        tick()
+    return {k: percentiles(v) for k, v in stages.items()}
+
+
+@dataclass
+class _Models:
+    lm: LM
+    mimi: Mimi | None
+    vision: ImageEncoder | None
+
+
+def _models(opts: BenchOptions, report: dict[str, Any], progress: Progress) -> _Models:
+    """The bundle's models (`weights`), or random ones at the configuration's size; only
+    what the asked scenarios use is built."""
+    need_mimi = opts.codec_frames > 0 or any(s in FRAME_SCENARIOS for s in opts.scenarios)
+    tiny = opts.config == "tiny"
+    if opts.weights:
+        cfg = read_config(opts.weights)
+        report["config"] = str(opts.weights)
+        q = cfg.get("quantization")
+        report["quant"] = f"q{q['bits']}/g{q['group_size']}" if q else cfg.get("dtype", "?")
+        tick = progress("loading the bundle", 3)
+        lm = load_lm(opts.weights)
+        tick()
+        mimi = load_mimi(opts.weights) if need_mimi and cfg.get("mimi") else None
+        tick()
+        vision = load_vision(opts.weights) if opts.image_encodes and cfg.get("vision") else None
+        tick()
+        return _Models(lm, mimi, vision)
+    if opts.config not in PRESETS:
+        raise UsageError(f"unknown config {opts.config!r} (choose from {', '.join(PRESETS)})")
+    tick = progress(f"building {opts.config} {opts.quant} (random weights)", 3)
+    mx.random.seed(opts.seed)
+    lm = random_lm(PRESETS[opts.config](), opts.quant)
+    tick()
+    mimi = random_mimi(tiny, opts.seed) if need_mimi else None
+    tick()
+    vision = random_vision(tiny, opts.quant) if opts.image_encodes else None
+    tick()
+    return _Models(lm, mimi, vision)
+
+
+def run(opts: BenchOptions, progress: Progress | None = None) -> dict[str, Any]:
+    """Runs the benchmark; `progress(label, total)` returns a per-unit callback."""
+    progress = progress or _no_progress
+    for name in opts.scenarios:
+        if name not in SCENARIOS:
+            raise UsageError(f"unknown scenario {name!r} (choose from {', '.join(SCENARIOS)})")
+    if opts.steps < 1 or opts.warmup < 0:
+        raise UsageError("--steps must be at least 1 and --warmup at least 0")
+    if opts.codec_device not in ("default", "cpu"):
+        raise UsageError(f"unknown codec device {opts.codec_device!r} (default or cpu)")
     report: dict[str, Any] = {
         "tool": "moshivis-bench", "machine": machine_info(), "config": opts.config,
         "quant": opts.quant, "steps": opts.steps, "warmup": opts.warmup,
-        "pipelined": opts.pipelined, "budget_ms": BUDGET_MS,
+        "pipelined": opts.pipelined, "codec_device": opts.codec_device,
     }
     mx.reset_peak_memory()
     start = time.perf_counter()
-    if opts.weights:
-        lm = load_lm(opts.weights)
-        report["config"] = str(opts.weights)
-        report["quant"] = "bundle"
-    else:
-        if opts.config not in PRESETS:
-            raise ValueError(f"unknown config {opts.config!r} (choose from {', '.join(PRESETS)})")
-        mx.random.seed(opts.seed)
-        lm = random_lm(PRESETS[opts.config](), opts.quant)
+    models = _models(opts, report, progress)
+    lm = models.lm
     report["load_s"] = time.perf_counter() - start
     report["weights_gb"] = sum(v.nbytes for _, v in nn.utils.tree_flatten(lm.parameters())) / 1e9
+    geometry = FrameGeometry.of(models.mimi.cfg if models.mimi else MimiConfig())
+    report["budget_ms"] = geometry.budget_ms
 
     rng = np.random.default_rng(opts.seed)
     codes = rng.integers(0, lm.cfg.card, size=(256, lm.cfg.n_q - lm.cfg.dep_q))
+    audio = (0.1 * rng.standard_normal((64, geometry.frame_size))).astype(np.float32)
     image = mx.random.normal((IMAGE_TOKENS, lm.cfg.image_dim), key=mx.random.key(opts.seed))
+    codec = mx.cpu if opts.codec_device == "cpu" else None
     report["scenarios"] = {}
     for name in opts.scenarios:
-        if name not in SCENARIOS:
-            raise ValueError(f"unknown scenario {name!r} (choose from {', '.join(SCENARIOS)})")
-        with_image = name == "moshivis"
+        with_image = name in ("moshivis", "frame-image")
         if with_image and not lm.cfg.cross_attention:
-            raise ValueError("the moshivis scenario needs a MoshiVis model (cross-attention)")
-        gen = Generator(lm, kyutai_text_sampler(opts.seed), kyutai_audio_sampler(opts.seed))
+            raise UsageError(f"the {name} scenario needs a MoshiVis model (cross-attention)")
+        if name in FRAME_SCENARIOS and models.mimi is None:
+            raise UsageError(f"the {name} scenario needs Mimi (the bundle holds none)")
+        gen = Generator(lm, KYUTAI_GENERATION.text_sampler(opts.seed),
+                        KYUTAI_GENERATION.audio_sampler(opts.seed))
         if with_image:
             t0 = time.perf_counter()
             gen.set_image(image)
             report.setdefault("image_kv_ms", (time.perf_counter() - t0) * 1e3)
+        stream = Stream(models.mimi, gen, codec_device=codec) if name in FRAME_SCENARIOS \
+            else None
         t0 = time.perf_counter()
-        gen.step(codes[0])
+        stream.step(audio[0]) if stream else gen.step(codes[0])
         first = (time.perf_counter() - t0) * 1e3
-        # Compile both variants before timing.
-        warm = max(opts.warmup, KYUTAI_GENERATION.xa_start + 8)
-        for t in range(1, warm):
-            gen.step(codes[t % len(codes)])
+        tick = progress(f"{name}: compiling and {opts.warmup} warm-up steps", opts.warmup + 1)
+        gen.warm_up(image_tokens=IMAGE_TOKENS if with_image else None)
+        gen.xa_start = 0 if with_image else gen.xa_start
+        tick()
+        for t in range(opts.warmup):
+            stream.step(audio[t % len(audio)]) if stream else gen.step(codes[t % len(codes)])
+            tick()
         mx.reset_peak_memory()
-        ms = time_steps(gen, codes, opts.steps, opts.pipelined, progress(name, opts.steps))
-        report["scenarios"][name] = {
-            "first_step_ms": first, **percentiles(ms),
-            "peak_memory_gb": mx.get_peak_memory() / 1e9, "steps_ms": ms,
-        }
-    if opts.codec_frames > 0:
-        report.update(time_codec(opts.config == "tiny", opts.codec_frames, opts.seed))
-    if opts.image_encodes > 0:
-        report.update(time_image_encoder(opts.config == "tiny", opts.quant, opts.image_encodes))
+        tick = progress(f"{name}: timing {opts.steps} steps", opts.steps)
+        entry: dict[str, Any] = {"first_step_ms": first}
+        if stream is None:
+            ms = time_steps(gen, codes, opts.steps, opts.pipelined, tick)
+        else:
+            ms, host = time_frames(stream, audio, opts.steps, opts.pipelined, tick)
+            entry["host_ms"] = percentiles(host)
+        entry.update(percentiles(ms))
+        entry["peak_memory_gb"] = mx.get_peak_memory() / 1e9
+        if stream is not None:
+            serial = Stream(models.mimi, gen, codec_device=codec, serial=True)
+            for f in audio[:3]:  # its own codec steps compile first
+                serial.step(f)
+            n = min(opts.steps, STAGE_FRAMES)
+            entry["stages"] = time_stages(serial, audio, n, progress(f"{name}: stages", n))
+        entry["steps_ms"] = ms
+        report["scenarios"][name] = entry
+    if opts.codec_frames > 0 and models.mimi is not None:
+        report.update(time_codec(models.mimi, opts.codec_frames, opts.seed,
+                                 progress=progress))
+    if opts.image_encodes > 0 and models.vision is not None:
+        report.update(time_image_encoder(models.vision, opts.image_encodes, progress))
     return report
 
 
-def time_image_encoder(tiny: bool, quant: str, runs: int) -> dict[str, float]:
-    """One photo through preprocessing and the SigLIP tower, as a converted bundle holds it:
-    bfloat16, and 8-bit where the LM is quantized (layers the group size cannot divide
-    stay float)."""
+def time_image_encoder(encoder: ImageEncoder, runs: int,
+                       progress: Progress = _no_progress) -> dict[str, float]:
+    """One photo through preprocessing and the SigLIP tower, after one warm-up."""
     from PIL import Image
 
-    cfg = siglip.tiny() if tiny else siglip.paligemma2_448()
-    model = siglip.SiglipVision(cfg)
-    model.set_dtype(mx.bfloat16)
-    if QUANT_PRESETS[quant]:
-        quantize_model(model, QuantSpec(8, QUANT_PRESETS[quant].group_size))
-    mx.eval(model.parameters())
-    encoder = ImageEncoder(model)
     pixels = np.random.default_rng(0).integers(0, 256, (480, 640, 3), dtype=np.uint8)
     photo = Image.fromarray(pixels)
+    tick = progress("image encoder (SigLIP)", runs + 1)
     encoder.encode_image(photo)  # warm-up
+    tick()
     ms = []
     for _ in range(runs):
         t0 = time.perf_counter()
         encoder.encode_image(photo)
         ms.append((time.perf_counter() - t0) * 1e3)
+        tick()
     return {"image_encode_ms": float(np.median(ms))}
 
 
-def time_codec(tiny: bool, frames: int, seed: int, warmup: int = 5) -> dict[str, float]:
-    """Streaming Mimi per 80 ms frame (random weights, float32 as Mimi always runs)."""
-    mx.random.seed(seed)
-    mimi = Mimi(MimiConfig.tiny() if tiny else MimiConfig.released())
-    for cb in mimi.quantizer.rvq_first.codebooks + mimi.quantizer.rvq_rest.codebooks:
-        cb.embedding = mx.random.normal(cb.embedding.shape)
-    mx.eval(mimi.parameters())
+def time_codec(mimi: Mimi, frames: int, seed: int, warmup: int = 5,
+               progress: Progress = _no_progress) -> dict[str, float]:
+    """Streaming Mimi per 80 ms frame, encoder and decoder each evaluated on its own."""
     enc, dec = mimi.streaming_encoder(), mimi.streaming_decoder()
     audio = 0.1 * np.random.default_rng(seed).standard_normal((warmup + frames, mimi.frame_size))
     audio = [mx.array(a.astype(np.float32)) for a in audio]
+    tick = progress("Mimi alone", warmup + frames)
     for a in audio[:warmup]:
         dec.step(enc.step(a))
+        tick()
     t_enc = t_dec = 0.0
     for a in audio[warmup:]:
         t0 = time.perf_counter()
@@ -218,22 +364,31 @@ def time_codec(tiny: bool, frames: int, seed: int, warmup: int = 5) -> dict[str,
         dec.step(codes)
         t_dec += time.perf_counter() - t1
         t_enc += t1 - t0
+        tick()
     return {"mimi_encode_ms": 1e3 * t_enc / frames, "mimi_decode_ms": 1e3 * t_dec / frames,
             "mimi_frame_ms": 1e3 * (t_enc + t_dec) / frames}
 
 
 def summary(report: dict[str, Any]) -> str:
+    budget = report.get("budget_ms", 80.0)
     lines = [f"{report['config']} {report['quant']} on {report['machine']['device']} "
              f"(mlx {report['machine']['mlx']}), {report['steps']} steps"
              f"{' pipelined' if report.get('pipelined') else ''}, load {report['load_s']:.1f} s, "
-             f"weights {_size(report['weights_gb'])}"]
+             f"weights {_size(report['weights_gb'])}, budget {budget:g} ms"]
     for name, s in report["scenarios"].items():
-        lines.append(f"  {name:9s} p50 {s['p50']:7.2f}  p90 {s['p90']:7.2f}  p99 {s['p99']:7.2f}  "
+        lines.append(f"  {name:11s} p50 {s['p50']:7.2f}  p90 {s['p90']:7.2f}  p99 {s['p99']:7.2f}  "
                      f"max {s['max']:7.2f} ms  first {s['first_step_ms']:8.1f} ms  "
                      f"peak {_size(s['peak_memory_gb'])}")
+        if "host_ms" in s:
+            st = s["stages"]
+            lines.append(f"  {'':11s} host p50 {s['host_ms']['p50']:.2f} ms; stages alone p50: "
+                         f"encode {st['encode']['p50']:.2f}, model {st['model']['p50']:.2f}, "
+                         f"decode {st['decode']['p50']:.2f} ms")
     sc = report["scenarios"]
-    if "moshi" in sc and "moshivis" in sc:
-        lines.append(f"  image adds {sc['moshivis']['p50'] - sc['moshi']['p50']:+.2f} ms at p50")
+    for plain, vis in (("moshi", "moshivis"), ("frame", "frame-image")):
+        if plain in sc and vis in sc:
+            lines.append(f"  the image adds {sc[vis]['p50'] - sc[plain]['p50']:+.2f} ms at p50 "
+                         f"({plain} -> {vis})")
     for key, label in (("image_kv_ms", "image K/V (once per image)"),
                        ("image_encode_ms", "image encode (SigLIP)"),
                        ("mimi_encode_ms", "Mimi streaming encode per frame"),
@@ -254,25 +409,29 @@ def compare(a: dict[str, Any], b: dict[str, Any]) -> str:
         return f"{r['config']} {r['quant']} on {r['machine']['device']} (mlx {r['machine']['mlx']})"
 
     lines = [f"A: {title(a)}", f"B: {title(b)}",
-             f"{'scenario':10s} {'stat':5s} {'A ms':>9s} {'B ms':>9s} {'B/A':>7s}"]
+             f"{'scenario':12s} {'stat':5s} {'A ms':>9s} {'B ms':>9s} {'B/A':>7s}"]
     for name in a["scenarios"]:
         if name not in b["scenarios"]:
             continue
         for stat in ("p50", "p90", "p99", "max"):
             x, y = a["scenarios"][name][stat], b["scenarios"][name][stat]
-            lines.append(f"{name:10s} {stat:5s} {x:9.2f} {y:9.2f} {y / x:7.2f}")
+            lines.append(f"{name:12s} {stat:5s} {x:9.2f} {y:9.2f} {y / x:7.2f}")
     return "\n".join(lines)
 
 
 def save_json(report: dict[str, Any], path: Path) -> None:
-    Path(path).write_text(json.dumps(report, indent=1) + "\n")
+    """Written whole or not at all (a temporary file renamed)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.partial")
+    tmp.write_text(json.dumps(report, indent=1) + "\n")
+    tmp.replace(path)
 
 
 def load_json(path: Path) -> dict[str, Any]:
     try:
         report = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: not a benchmark report ({e})") from None
-    if report.get("tool") != "moshivis-bench":
-        raise ValueError(f"{path}: not a moshivis-bench report")
+        raise UsageError(f"{path}: not a benchmark report ({e})") from None
+    if not isinstance(report, dict) or report.get("tool") != "moshivis-bench":
+        raise UsageError(f"{path}: not a moshivis-bench report")
     return report

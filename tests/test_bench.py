@@ -1,10 +1,12 @@
-"""moshivis-bench: the report, the plot, the comparison (no timing is asserted)."""
+"""moshivis-bench: the report, the frame scenarios, a bundle's own sizes, the plot, the
+comparison (no timing is asserted)."""
 
 from __future__ import annotations
 
 import json
 
 import pytest
+from app_support import demo_bundle
 from moshivis_mlx.cli.bench import main as bench_main
 from PIL import Image
 
@@ -24,38 +26,73 @@ def report_path(tmp_path_factory):
 def test_report(report_path):
     r = json.loads(report_path.read_text())
     assert r["tool"] == "moshivis-bench" and r["config"] == "tiny" and r["quant"] == "bf16"
-    assert set(r["scenarios"]) == {"moshi", "moshivis"}
+    assert set(r["scenarios"]) == {"moshi", "moshivis", "frame", "frame-image"}
+    assert r["warmup"] == 2 and r["budget_ms"] == 80.0
     for s in r["scenarios"].values():
         assert len(s["steps_ms"]) == 6
         assert 0 < s["p50"] <= s["p90"] <= s["p99"] <= s["max"]
-        assert s["first_step_ms"] > 0 and s["peak_memory_gb"] >= 0
-    assert r["load_s"] >= 0 and r["weights_gb"] > 0 and r["image_kv_ms"] > 0
+        assert s["max"] == max(s["steps_ms"])
+        # The weights stay in memory while the steps run.
+        assert s["first_step_ms"] > 0 and s["peak_memory_gb"] >= r["weights_gb"] > 0
+    for name in ("frame", "frame-image"):
+        s = r["scenarios"][name]
+        assert 0 < s["host_ms"]["p50"] <= s["p50"] * 1.5
+        assert set(s["stages"]) == {"encode", "model", "decode"}
+        assert all(st["p50"] > 0 for st in s["stages"].values())
+    assert r["image_kv_ms"] > 0 and r["image_encode_ms"] > 0
     assert 0 < r["mimi_encode_ms"] < r["mimi_frame_ms"]
-    assert r["image_encode_ms"] > 0
-    assert r["machine"]["mlx"]
+    assert r["machine"]["mlx"] and "(cpu)" in r["machine"]["device"]
+    assert "Device(" not in r["machine"]["device"]
+
+
+def test_summary_names_every_scenario_and_stage(report_path):
+    text = bench.summary(json.loads(report_path.read_text()))
+    for word in ("moshi ", "moshivis", "frame ", "frame-image", "stages alone", "encode",
+                 "the image adds", "budget 80 ms"):
+        assert word in text
 
 
 def test_plot(report_path):
     img = Image.open(report_path.with_suffix(".png"))
     assert img.size == (1200, 600)
-    # Both scenario colours are drawn.
     colours = {c for _, c in img.getcolors(maxcolors=1 << 16)}
-    assert (31, 119, 180) in colours and (214, 39, 40) in colours
+    for name in ("moshi", "moshivis", "frame", "frame-image"):
+        assert bench_colour(name) in colours
 
 
-def test_pipelined_and_quantized(tmp_path):
+def bench_colour(name):
+    from moshivis_mlx.plot import COLOURS
+
+    return COLOURS[name]
+
+
+def test_a_bundle_is_timed_with_its_own_codec_and_encoder(tmp_path):
+    """With --weights the bundle's Mimi and image encoder are timed, not full-size random
+    ones (a tiny bundle takes seconds)."""
+    bundle = demo_bundle()
+    r = bench.run(bench.BenchOptions(weights=bundle, steps=3, warmup=0,
+                                     scenarios=("frame-image",), codec_frames=2,
+                                     image_encodes=1))
+    assert r["config"] == str(bundle) and r["quant"] == "float32"
+    assert r["weights_gb"] < 0.05
+    assert set(r["scenarios"]) == {"frame-image"} and r["warmup"] == 0
+    assert r["mimi_frame_ms"] > 0 and r["image_encode_ms"] > 0
+
+
+def test_pipelined_quantized_and_the_codec_on_the_cpu():
     r = bench.run(bench.BenchOptions(config="tiny", quant="q4", steps=4, warmup=1,
-                                     scenarios=("moshi",), pipelined=True, codec_frames=0,
-                                     image_encodes=0))
+                                     scenarios=("moshi", "frame"), pipelined=True,
+                                     codec_frames=0, image_encodes=0, codec_device="cpu"))
     assert "mimi_frame_ms" not in r and "image_encode_ms" not in r
     assert len(r["scenarios"]["moshi"]["steps_ms"]) == 4
-    assert r["pipelined"]
+    assert len(r["scenarios"]["frame"]["steps_ms"]) == 4
+    assert r["pipelined"] and r["codec_device"] == "cpu"
 
 
 def test_compare(report_path, capsys):
     assert bench_main(["--compare", str(report_path), str(report_path)]) == 0
     out = capsys.readouterr().out
-    assert "moshivis   p99" in out and "1.00" in out
+    assert "moshivis     p99" in out and "1.00" in out and "frame-image" in out
 
 
 def test_errors(tmp_path, capsys):
@@ -64,5 +101,7 @@ def test_errors(tmp_path, capsys):
     assert bench_main(["--compare", str(bad), str(bad)]) == 1
     assert "not a moshivis-bench report" in capsys.readouterr().err
     assert bench_main(["--config", "tiny", "--steps", "0"]) == 1
+    assert "--steps must be at least 1" in capsys.readouterr().err
     assert bench_main(["--config", "tiny", "--scenarios", "nope", "--steps", "1"]) == 1
-    assert "unknown scenario" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "unknown scenario" in err and err.count("\n") == 1

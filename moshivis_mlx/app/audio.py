@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import AudioDeviceError
+from ..errors import AudioDeviceError, one_line
 from ..stream import RELEASED, FrameGeometry
 from .resample import Resampler
 
@@ -85,7 +85,7 @@ def list_devices(backend: Any | None = None) -> str:
 
 def device_error(e: BaseException, kind: str, device: int | str | None) -> AudioDeviceError:
     """A PortAudio / sounddevice failure -> what it means for the user, in one line."""
-    text = " ".join(str(e).split())
+    text = one_line(e)
     low = text.lower()
     what = "microphone" if kind == "input" else "speaker"
     flag = f"--{kind}-device"
@@ -364,7 +364,7 @@ class AudioIO:
         (unplugged, taken by another program)."""
         if self._callback_error is not None:
             e, self._callback_error = self._callback_error, None
-            raise AudioDeviceError(f"the audio stream failed ({' '.join(str(e).split())})",
+            raise AudioDeviceError(f"the audio stream failed ({one_line(e)})",
                                    DEVICES_FIX)
         for kind in ("input", "output"):
             s = getattr(self, f"{kind}_stream")

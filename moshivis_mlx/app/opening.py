@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..bundle import load_generation, load_lm, load_mimi, load_vision, read_config
-from ..errors import BundleError, TokenizerError, WeightsError
+from ..errors import BundleError, TokenizerError, WeightsError, one_line
 from ..generate import Generator
 from ..image import ImageEncoder
 from ..models.lm import LM
@@ -83,7 +83,7 @@ def resolve_bundle(opts: ModelOptions, steps: Steps) -> Path:
 
 
 def _bundle_error(e: Exception, bundle: Path) -> WeightsError:
-    return WeightsError(f"cannot use the weights in {bundle}: {' '.join(str(e).split())}",
+    return WeightsError(f"cannot use the weights in {bundle}: {one_line(e)}",
                         "convert them again with moshivis-convert, or use --hf-repo")
 
 
