@@ -88,6 +88,14 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--output-wav", metavar="OUT.wav", help="the model's side, 24 kHz mono")
     f.add_argument("--transcript", metavar="T.json",
                    help="also write the model's words with times and gate values")
+    f.add_argument("--answer-silence", type=float, default=2.0, metavar="S",
+                   help="after the question, the answer has ended once the model has been "
+                        "silent (no words, near-silent voice) this long (default 2 s)")
+    f.add_argument("--max-answer-seconds", type=float, default=30.0, metavar="S",
+                   help="the longest the answer may go on after the question (default 30)")
+    f.add_argument("--same-length", action="store_true",
+                   help="stop when the question ends: the answer is exactly as long, frame "
+                        "i of it what the model said while frame i was heard")
     f.add_argument("--demo", action="store_true",
                    help="offline demo: a tiny random model (made on first use) answers a "
                         "sample question about a sample picture; the answer is noise")
@@ -133,6 +141,8 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error("--top-p must be in [0, 1]")
     if args.xa_start is not None and args.xa_start < 0:
         p.error("--xa-start must be >= 0")
+    if not args.answer_silence > 0 or not args.max_answer_seconds >= 0:
+        p.error("--answer-silence must be > 0 and --max-answer-seconds >= 0")
 
 
 def options_from(args: argparse.Namespace) -> AppOptions:
@@ -150,6 +160,8 @@ def options_from(args: argparse.Namespace) -> AppOptions:
         record=not args.no_record, record_dir=Path(args.record) if args.record else None,
         input_wav=args.input_wav, output_wav=Path(args.output_wav) if args.output_wav else None,
         transcript=Path(args.transcript) if args.transcript else None,
+        same_length=args.same_length, answer_silence=args.answer_silence,
+        max_answer_seconds=args.max_answer_seconds,
         demo=args.demo, list_devices=args.list_devices, debug=args.debug)
 
 

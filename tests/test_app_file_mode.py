@@ -1,5 +1,6 @@
 """File mode and the offline demo: real speech in (espeak-ng, any format), the tiny model
-through the same Stream as live mode, 24 kHz out, exactly as long as the input."""
+through the same Stream as live mode, 24 kHz out: exactly as long as the input with
+--same-length, else the answer heard to its end (or the cap)."""
 
 from __future__ import annotations
 
@@ -29,8 +30,9 @@ def test_spoken_question_in_any_format(tmp_path, bundle, rate, channels, bits):
     out, transcript = tmp_path / "answer.wav", tmp_path / "answer.json"
     r = run_app("--weights", str(bundle), "--image", str(SAMPLE_IMAGE), "--input-wav",
                 str(question), "--output-wav", str(out), "--transcript", str(transcript),
-                "--seed", "3")
+                "--seed", "3", "--same-length")
     assert r.returncode == 0, r.stderr
+    assert "as long as the question (--same-length)" in r.stdout
     assert "Traceback" not in r.stderr
 
     answer, out_rate = read_wav(out)
@@ -66,7 +68,8 @@ def test_same_seed_same_answer(tmp_path, bundle):
     for i in range(2):
         out = tmp_path / f"a{i}.wav"
         r = run_app("--weights", str(bundle), "--image", str(SAMPLE_IMAGE), "--input-wav",
-                    str(question), "--output-wav", str(out), "--seed", "7")
+                    str(question), "--output-wav", str(out), "--seed", "7",
+                    "--max-answer-seconds", "1")
         assert r.returncode == 0, r.stderr
         outs.append(out.read_bytes())
     assert outs[0] == outs[1]
@@ -76,7 +79,8 @@ def test_without_image(tmp_path, bundle):
     question = speech_wav(tmp_path / "q.wav", "Hello.", rate=24000)
     out, transcript = tmp_path / "a.wav", tmp_path / "a.json"
     r = run_app("--weights", str(bundle), "--no-image", "--input-wav", str(question),
-                "--output-wav", str(out), "--transcript", str(transcript), "--seed", "1")
+                "--output-wav", str(out), "--transcript", str(transcript), "--seed", "1",
+                "--same-length")
     assert r.returncode == 0, r.stderr
     t = json.loads(transcript.read_text())
     assert t["image"] is None and all(w["gate"] is None for w in t["words"])
@@ -91,10 +95,35 @@ def test_offline_demo(tmp_path):
     assert (cache / "demo-tiny-v1" / "tokenizer.model").exists()
     answer, rate = read_wav(tmp_path / "moshivis-demo" / "answer.wav")
     question, _ = read_wav(SAMPLE_IMAGE.parent / "question.wav")
-    assert rate == 24000 and answer.shape[0] == question.shape[0]
+    # The answer goes on after the question, to the demo's cap (random weights never stop).
+    assert rate == 24000 and answer.shape[0] >= question.shape[0] + 4 * 24000
+    assert answer.shape[0] < question.shape[0] + 4 * 24000 + 2 * 1920
+    assert "at the cap" in r.stdout
     t = json.loads((tmp_path / "moshivis-demo" / "transcript.json").read_text())
     assert t["words"]
     # A second run reuses the cached bundle and, seeded, answers identically.
     r2 = run_app("--demo", cwd=tmp_path, env=app_env(MOSHIVIS_MLX_CACHE=str(cache)))
     assert r2.returncode == 0 and "using the demo model" in r2.stdout
     assert np.array_equal(read_wav(tmp_path / "moshivis-demo" / "answer.wav")[0], answer)
+
+
+def test_the_answer_goes_on_after_the_question(tmp_path, bundle):
+    """A spoken question without trailing silence (espeak-ng, 1.4 s): the model goes on
+    hearing silence until it has finished or the cap, and the transcript covers it all."""
+    question = speech_wav(tmp_path / "q.wav", "What colour is the house?", rate=24000)
+    q_samples = read_wav(question)[0].shape[0]
+    out, transcript = tmp_path / "a.wav", tmp_path / "a.json"
+    r = run_app("--weights", str(bundle), "--image", str(SAMPLE_IMAGE), "--input-wav",
+                str(question), "--output-wav", str(out), "--transcript", str(transcript),
+                "--seed", "2", "--max-answer-seconds", "2.5")
+    assert r.returncode == 0, r.stderr
+    answer = read_wav(out)[0]
+    # The question, then whole frames of answer until 2.5 s have passed (32 x 80 ms).
+    assert answer.shape[0] == q_samples + 32 * 1920
+    assert np.sqrt(np.mean(answer[q_samples:] ** 2)) > 0.01, "the model went on speaking"
+    t = json.loads(transcript.read_text())
+    assert t["answer_end"] == "cap" and t["question_s"] == pytest.approx(q_samples / 24000,
+                                                                          abs=1e-3)
+    assert t["duration_s"] == pytest.approx(answer.shape[0] / 24000, abs=1e-3)
+    assert any(w["start"] > q_samples / 24000 for w in t["words"]), "words after the question"
+    assert "cut 2.56 s after the question, at the cap (--max-answer-seconds 2.5)" in r.stdout

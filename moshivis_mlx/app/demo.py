@@ -24,6 +24,8 @@ ASSETS = Path(__file__).parent / "assets"
 SAMPLE_IMAGE = ASSETS / "sample.jpg"
 SAMPLE_SPEECH = ASSETS / "question.wav"
 DEMO_OUTPUT = Path("moshivis-demo")
+DEMO_ANSWER_SECONDS = 4.0
+"""The demo's cap on the answer after the question: random weights never fall silent."""
 DEMO_VERSION = 1
 """Bump when the demo bundle's recipe changes: a new cache directory is generated."""
 
@@ -167,7 +169,8 @@ def run_demo(opts: AppOptions, console: Console) -> int:
         opts, model=replace(opts.model, weights=bundle, seed=seed),
         image=opts.image or str(SAMPLE_IMAGE), input_wav=opts.input_wav or str(SAMPLE_SPEECH),
         output_wav=opts.output_wav or DEMO_OUTPUT / "answer.wav",
-        transcript=opts.transcript or DEMO_OUTPUT / "transcript.json")
+        transcript=opts.transcript or DEMO_OUTPUT / "transcript.json",
+        max_answer_seconds=min(opts.max_answer_seconds, DEMO_ANSWER_SECONDS))
     console.print(f"question: {opts.input_wav}\nimage:    {opts.image}", highlight=False)
     code = run_file(opts, console)
     console.print(f"\noutputs in {opts.output_wav.parent}/: the model's audio "

@@ -2,9 +2,12 @@
 as live mode, as fast as the machine allows.
 
 Any WAV goes in (PCM 8/16/24/32-bit or float, any rate, any channels): it is mixed down
-to mono and resampled to the model's rate (24 kHz). The output is 24 kHz mono 16-bit and
-exactly as long as the input: frame i of the output is what the model said while frame i
-was heard.
+to mono and resampled to the model's rate (24 kHz). The output is 24 kHz mono 16-bit:
+frame i of the output is what the model said while frame i was heard, and after the
+question ends the model hears silence until it has finished answering (no words and a
+near-silent voice for `answer_silence` seconds) or until the cap; `same_length` stops
+with the question instead. Frames are submitted one ahead of being collected: the whole
+input is known, so the host builds frame n+1 while the device computes frame n.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from ..stream import FrameGeometry
 from .opening import open_session, opening_steps
 from .options import AppOptions
 from .resample import Resampler
-from .session import AudioFrame, Piece, Session, load_picture
+from .session import AnswerWatch, AudioFrame, Piece, Session, load_picture
 from .transcript import Transcript, TranscriptWriter
 from .wav import WavReader, WavWriter
 
@@ -72,25 +75,55 @@ def _writable(path: Path, what: str) -> None:
         raise MoshivisError(f"cannot write {what} {path}: directory {parent} does not exist")
 
 
+def _with_answer(frames: InputFrames, frame_size: int,
+                 more: AnswerWatch | None) -> Iterator[tuple[np.ndarray, int, bool]]:
+    """(frame, valid samples, part of the answer's tail): the question's frames, then
+    silence for as long as the watch says the answer goes on."""
+    for frame, valid in frames:
+        yield frame, valid, False
+    silence = np.zeros(frame_size, dtype=np.float32)
+    while more is not None and more.outcome is None:
+        yield silence, frame_size, True
+
+
 def process(session: Session, frames: InputFrames, out: WavWriter, transcript: Transcript,
-            console: Console) -> int:
-    """Runs every frame through the session; returns the frames done (an interrupt leaves
-    `out` and `transcript` holding everything before it)."""
+            console: Console, watch: AnswerWatch | None = None) -> int:
+    """Runs the question (and, with a `watch`, the answer after it) through the session,
+    one frame submitted ahead; returns the frames done (an interrupt leaves `out` and
+    `transcript` holding everything before it)."""
     frame_seconds = session.geometry.frame_seconds
     t0 = time.perf_counter()
     done = 0
     with Counter(console, unit="frames", quarters=True) as bar:
         task = bar.add("model", frames.frames)
-        for frame, valid in frames:
-            for ev in session.feed(frame):
-                if isinstance(ev, AudioFrame):
-                    out.write(ev.pcm[:valid])
-                elif isinstance(ev, Piece):
-                    transcript.add(ev.text, ev.t, ev.gate, ev.step)
-            done += 1
+        pending = None
+        for frame, valid, tail in _with_answer(frames, session.geometry.frame_size, watch):
+            submitted = (session.submit(frame), valid, tail)
+            if pending is not None:
+                done += _collect(pending, out, transcript, watch)
+            pending = submitted
             speed = done * frame_seconds / max(time.perf_counter() - t0, 1e-9)
-            bar.update(task, done, rate=f"{speed:.1f}x real time")
+            bar.update(task, min(done, frames.frames), rate=f"{speed:.1f}x real time")
+        if pending is not None and (watch is None or watch.outcome is None):
+            done += _collect(pending, out, transcript, watch)
     return done
+
+
+def _collect(pending, out: WavWriter, transcript: Transcript,
+             watch: AnswerWatch | None) -> int:
+    """One submitted frame's events into the output and the transcript."""
+    events_of, valid, tail = pending
+    if tail and watch.outcome is not None:  # submitted ahead, after the answer ended
+        return 0
+    events = events_of()
+    for ev in events:
+        if isinstance(ev, AudioFrame):
+            out.write(ev.pcm[:valid])
+        elif isinstance(ev, Piece):
+            transcript.add(ev.text, ev.t, ev.gate, ev.step)
+    if tail:
+        watch.update(events)
+    return 1
 
 
 def run_file(opts: AppOptions, console: Console) -> int:
@@ -119,22 +152,27 @@ def _run(opts: AppOptions, console: Console, session: Session, frames: InputFram
             "sample_rate": rate, "frame_seconds": session.geometry.frame_seconds,
             "input": opts.input_wav, "output": str(out_path), "image": opts.image})
     transcript = Transcript(keep=1, on_word=writer.write_word if writer else None)
+    watch = None if opts.same_length else AnswerWatch(
+        session.geometry.frame_seconds, opts.answer_silence, opts.max_answer_seconds)
     t0 = time.perf_counter()
     interrupted = False
     with WavWriter(out_path, rate, 1) as out:
         try:
-            done = process(session, frames, out, transcript, console)
+            done = process(session, frames, out, transcript, console, watch)
         except KeyboardInterrupt:
             interrupted = True
             done = session.frames
         samples = out.frames
     elapsed = time.perf_counter() - t0
     seconds = samples / rate
+    question = frames.samples / rate
+    ending = _ending(watch, seconds - question, opts, interrupted)
     if writer is not None:
-        writer.close(transcript, {"duration_s": round(seconds, 3)})
+        writer.close(transcript, {"duration_s": round(seconds, 3),
+                                  "question_s": round(question, 3), "answer_end": ending[0]})
     speed = seconds / max(elapsed, 1e-9)
     console.print(f"wrote {out_path} ({seconds:.2f} s at {rate} Hz, {done} frames in "
-                  f"{elapsed:.1f} s: {speed:.1f}x real time)", highlight=False)
+                  f"{elapsed:.1f} s: {speed:.1f}x real time); {ending[1]}", highlight=False)
     if transcript_path is not None:
         console.print(f"wrote {transcript_path} ({transcript.count} words)", highlight=False)
     text = transcript.text
@@ -144,3 +182,17 @@ def _run(opts: AppOptions, console: Console, session: Session, frames: InputFram
     if interrupted:
         raise KeyboardInterrupt
     return 0
+
+
+def _ending(watch: AnswerWatch | None, after_s: float, opts: AppOptions,
+            interrupted: bool) -> tuple[str, str]:
+    """How the answer ended: a key for the transcript and a phrase for the user."""
+    if interrupted:
+        return "interrupted", "interrupted"
+    if watch is None:
+        return "same-length", "as long as the question (--same-length)"
+    if watch.outcome == "finished":
+        return "finished", (f"the model finished answering {after_s:.2f} s after the "
+                            f"question ({opts.answer_silence:g} s of silence)")
+    return "cap", (f"the answer was cut {after_s:.2f} s after the question, at the cap "
+                   f"(--max-answer-seconds {opts.max_answer_seconds:g})")

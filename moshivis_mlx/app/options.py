@@ -60,6 +60,12 @@ class AppOptions:
     """File mode: the user's side of the conversation, as typed (recorded as given)."""
     output_wav: Path | None = None
     transcript: Path | None = None
+    same_length: bool = False
+    """File mode: the answer exactly as long as the question (frame i answers frame i)."""
+    answer_silence: float = 2.0
+    """File mode: the answer has ended after this long of padding and near silence."""
+    max_answer_seconds: float = 30.0
+    """File mode: the longest the model may go on after the question."""
     demo: bool = False
     list_devices: bool = False
     debug: bool = False

@@ -17,6 +17,7 @@ stream (MLX streams belong to their thread).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -86,6 +87,37 @@ class Message:
 Event = AudioFrame | Piece | Stats | ImageChanged | Restarted | Message
 
 
+class AnswerWatch:
+    """Has the model finished answering? Fed each frame's events once the user has
+    stopped talking: done when the text stream has been padding and the voice near
+    silent for `quiet_s`, or when `max_s` have passed (the cap)."""
+
+    def __init__(self, frame_seconds: float, quiet_s: float = 2.0, max_s: float = 30.0,
+                 silence_rms: float = 0.01):
+        self.frame_seconds = frame_seconds
+        self.quiet_s = quiet_s
+        self.max_s = max_s
+        self.silence_rms = silence_rms
+        self.elapsed = 0.0
+        self.quiet = 0.0
+        self.outcome: str | None = None
+        """None while the answer goes on; then "finished" or "cap"."""
+
+    def update(self, events: list[Event]) -> str | None:
+        """One frame's events; returns the outcome once there is one."""
+        spoke = any(isinstance(ev, Piece) for ev in events)
+        for ev in events:
+            if isinstance(ev, AudioFrame):
+                spoke |= float(np.sqrt(np.mean(ev.pcm * ev.pcm))) >= self.silence_rms
+        self.elapsed += self.frame_seconds
+        self.quiet = 0.0 if spoke else self.quiet + self.frame_seconds
+        if self.quiet >= self.quiet_s - 1e-9:
+            self.outcome = "finished"
+        elif self.elapsed >= self.max_s - 1e-9:
+            self.outcome = "cap"
+        return self.outcome
+
+
 def load_picture(path: str | Path):
     """An image file -> a decoded RGB picture (PIL); ImageError with a one-line
     message for anything that is not a usable image."""
@@ -116,16 +148,27 @@ class Session:
 
     def feed(self, frame: np.ndarray) -> list[Event]:
         """One frame of the user's audio -> the model's frame, its text, the step's stats."""
+        return self.submit(frame)()
+
+    def submit(self, frame: np.ndarray) -> Callable[[], list[Event]]:
+        """`feed` in two halves: the frame goes to the device now, its events come when the
+        returned function is called. A caller holding the next frame (file mode) submits
+        it before collecting this one, so the host's work overlaps the device's."""
         frame = np.asarray(frame, dtype=np.float32).reshape(-1)
         level = float(np.sqrt(np.mean(frame * frame)))
         heard = self._silence if self.muted else frame
-        result = self.stream.step(heard)
+        pending = self.stream.submit(heard)
         step, t = self.frames, self.frames * self.geometry.frame_seconds
         self.frames += 1
-        events: list[Event] = [AudioFrame(step, t, result.pcm, heard)]
-        if result.piece:
-            events.append(Piece(step, t, result.piece, result.gate))
-        events.append(Stats(step, t, result.latency_ms, result.host_ms, level))
+
+        def events() -> list[Event]:
+            result = pending.result()
+            out: list[Event] = [AudioFrame(step, t, result.pcm, heard)]
+            if result.piece:
+                out.append(Piece(step, t, result.piece, result.gate))
+            out.append(Stats(step, t, result.latency_ms, result.host_ms, level))
+            return out
+
         return events
 
     def set_image(self, path: str) -> list[Event]:
