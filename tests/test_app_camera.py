@@ -213,6 +213,34 @@ def test_live_camera_snapshot_drains_stale_frames():
     assert backend.opened[0].released
 
 
+def test_camera_that_starts_slowly_is_waited_for(monkeypatch):
+    monkeypatch.setattr(cam, "FIRST_FRAME_WAIT_S", 0.0)
+
+    class SlowStart(FakeCapture):
+        failures = 3
+
+        def read(self):
+            if SlowStart.failures:
+                SlowStart.failures -= 1
+                return False, None
+            return super().read()
+
+    clock = FakeClock()
+    backend = FakeCV2()
+    backend.VideoCapture = lambda device: SlowStart(clock=clock)
+    camera = Camera(0, backend=backend, clock=clock)  # reads live frame 100 at the 4th try
+    assert value_of(camera.snapshot()) == 101
+
+
+def test_camera_that_stops_giving_pictures():
+    backend = FakeCV2()
+    camera = Camera(0, backend=backend)
+    backend.opened[0].readable = False  # unplugged
+    with pytest.raises(CameraError) as e:
+        camera.snapshot()
+    assert "stopped giving pictures" in one_line_camera_error(e)
+
+
 def test_permission_refused_on_macos(monkeypatch):
     """What OpenCV's AVFoundation backend prints when the terminal may not use the
     camera; the capture is then closed."""
@@ -268,6 +296,7 @@ def test_camera_that_cannot_be_opened(monkeypatch):
 
 def test_camera_that_opens_but_gives_no_picture(monkeypatch):
     monkeypatch.setattr(sys, "platform", "darwin")
+    monkeypatch.setattr(cam, "FIRST_FRAME_WAIT_S", 0.0)
     backend = FakeCV2(readable=False)
     with pytest.raises(CameraError) as e:
         Camera(0, backend=backend)

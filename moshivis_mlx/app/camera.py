@@ -50,6 +50,10 @@ MAX_DRAIN = 10
 """Frames at most read and discarded to reach the live one."""
 LIVE_GRAB_S = 0.010
 """A frame that takes at least this long to arrive was not queued: it is live."""
+FIRST_FRAME_TRIES = 20
+FIRST_FRAME_WAIT_S = 0.1
+"""A camera that gives no picture for 2 s after opening is refused (macOS cameras often
+fail the first reads while they start)."""
 
 Clock = Callable[[], float]
 
@@ -84,7 +88,11 @@ def captured_stderr() -> Iterator[Callable[[], str]]:
     """Redirects the process's stderr (file descriptor 2, where OpenCV's native code
     writes) into a temporary file; yields a function returning what was written."""
     sys.stderr.flush()
-    saved = os.dup(2)
+    try:
+        saved = os.dup(2)
+    except OSError:  # no stderr at all: nothing to capture
+        yield lambda: ""
+        return
     with tempfile.TemporaryFile(mode="w+b") as sink:
         text = ""
         os.dup2(sink.fileno(), 2)
@@ -181,9 +189,14 @@ class Camera:
         return value if np.isfinite(value) and value > 0 else 0.0
 
     def _first_frame(self) -> np.ndarray:
-        ok, frame = self._cap.read()
-        if ok and frame is not None:
-            return frame
+        """The first picture; a camera may need a moment after opening to give one."""
+        tries = 1 if self.is_file else FIRST_FRAME_TRIES
+        for n in range(tries):
+            ok, frame = self._cap.read()
+            if ok and frame is not None:
+                return frame
+            if n + 1 < tries:
+                time.sleep(FIRST_FRAME_WAIT_S)
         self._cap.release()
         if self.is_file:
             raise CameraError(f"{self.name}: no picture in it (not a video OpenCV can read)",
@@ -202,16 +215,22 @@ class Camera:
             self._frame = frame
         return to_image(self._frame)
 
-    def _newest_live_frame(self) -> np.ndarray | None:
+    def _newest_live_frame(self) -> np.ndarray:
         """Reads frames until one has to be waited for: that one is live."""
-        for _ in range(MAX_DRAIN):
+        for n in range(MAX_DRAIN):
             start = self._clock()
             if not self._cap.grab():
-                return None
+                if n == 0:
+                    raise CameraError(f"{self.name} stopped giving pictures",
+                                      "check that it is still connected; " + OTHER_DEVICE_FIX)
+                break
             if self._clock() - start >= LIVE_GRAB_S:
                 break
         ok, frame = self._cap.retrieve()
-        return frame if ok else None
+        if not ok or frame is None:
+            raise CameraError(f"{self.name} stopped giving pictures",
+                              "check that it is still connected; " + OTHER_DEVICE_FIX)
+        return frame
 
     def _newest_file_frame(self) -> np.ndarray | None:
         """The frame of this moment of the clip (the next one if its rate is unknown);
