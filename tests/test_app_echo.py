@@ -268,6 +268,12 @@ def test_cpu_time_per_frame():
     assert per_frame_ms < 20.0  # a quarter of real time, on a slow shared core
 
 
+def test_int16_frames_are_scaled(recording):
+    c = EchoCanceller()
+    out = c.near_end(np.full(R.FRAME, 16384, np.int16))
+    assert out.dtype == np.float32 and np.allclose(out, 0.5)
+
+
 def test_bad_frames_and_settings_are_refused():
     c = EchoCanceller()
     with pytest.raises(ValueError, match="10 ms"):

@@ -92,11 +92,15 @@ def _energy(x: np.ndarray) -> float:
 
 
 def _mono_float(pcm: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(np.asarray(pcm, dtype=np.float32).reshape(-1))
+    """Float32 in [-1, 1], one contiguous channel (int16 frames are scaled)."""
+    x = np.asarray(pcm)
+    if x.dtype == np.int16:
+        x = x.astype(np.float32) / 32768.0
+    return np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
 
 
 class EchoCanceller:
-    """WebRTC AEC3 on 24 kHz mono float32 frames; see the module docstring.
+    """WebRTC AEC3 on 24 kHz mono float32 frames in [-1, 1]; see the module docstring.
 
     Call `far_end` with every frame sent to the speaker and `near_end` with every
     microphone frame, from one thread. Frames must be multiples of 10 ms (the app's
