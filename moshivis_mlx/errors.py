@@ -22,6 +22,7 @@ EXIT_AUDIO_DEVICE = 3
 EXIT_WEIGHTS = 4
 EXIT_IMAGE = 5
 EXIT_AUDIO_FILE = 6
+EXIT_CAMERA = 7
 EXIT_INTERRUPTED = 130
 
 
@@ -84,6 +85,13 @@ class AudioFileError(MoshivisError):
     """An audio file that cannot be used; the message names the file."""
 
     exit_code = EXIT_AUDIO_FILE
+
+
+class CameraError(MoshivisError):
+    """A camera or video file that cannot be used as the image source (none found, busy,
+    access refused, not a video, OpenCV missing)."""
+
+    exit_code = EXIT_CAMERA
 
 
 def error_line(prog: str, message: object) -> None:
