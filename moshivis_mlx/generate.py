@@ -341,7 +341,7 @@ class Generator:
                 text = text_sampler.sample(text_logits, text_key)
                 keys = iter(mx.random.split(audio_key, dep_q))
                 sample = lambda logits: audio_sampler.sample(logits, next(keys))  # noqa: E731
-            depformer_caches = lm.depformer.make_cache(batch, lm.dtype)
+            depformer_caches = lm.depformer.make_cache()
             audio, audio_logits = lm.depformer(h, text, sample, depformer_caches)
             now = mx.concatenate([text[:, None], audio], axis=1).astype(mx.int32)
             gate = xa.mean_gate()[:, 0] if cross else mx.zeros((batch,))

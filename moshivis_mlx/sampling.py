@@ -73,7 +73,8 @@ class Sampler:
         if self.greedy:
             return mx.argmax(logits, axis=-1)
         logprobs = logits / self.temperature
-        logprobs = logprobs - mx.logsumexp(logprobs, axis=-1, keepdims=True)
+        if 0.0 < self.top_p < 1.0:  # the nucleus needs probabilities; the draw and top-k do not
+            logprobs = logprobs - mx.logsumexp(logprobs, axis=-1, keepdims=True)
         # Imported here: mlx-lm loads `transformers`, seconds a greedy run need not wait.
         from mlx_lm.sample_utils import apply_top_k, apply_top_p
 

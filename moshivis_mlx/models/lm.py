@@ -25,6 +25,7 @@ from .transformer import (
     CrossAttentionInput,
     RingKVCache,
     RMSNorm,
+    StepCache,
     Transformer,
     TransformerConfig,
 )
@@ -210,8 +211,9 @@ class Depformer(nn.Module):
         self.transformer = Transformer(cfg.depformer_transformer_config())
         self.heads = [nn.Linear(d.dim, cfg.card, bias=False) for _ in range(cfg.dep_q)]
 
-    def make_cache(self, batch: int, dtype: mx.Dtype) -> list[RingKVCache]:
-        return self.transformer.make_cache(batch=batch, dtype=dtype)
+    def make_cache(self) -> list[StepCache]:
+        """A frame's caches: its sub-steps only ever see each other."""
+        return [StepCache() for _ in self.transformer.layers]
 
     def _input(self, k: int, h: mx.array, prev: mx.array) -> mx.array:
         """Sub-step k's input: its projection of h plus the embedding of the token before

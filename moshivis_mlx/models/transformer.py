@@ -192,24 +192,54 @@ class RingKVCache:
     def nbytes(self) -> int:
         return self.keys.nbytes + self.values.nbytes
 
-    def update(self, k: mx.array, v: mx.array) -> tuple[mx.array, mx.array, mx.array]:
-        """Writes the keys/values [B, H, chunk, D] of the next positions; returns what their
-        queries attend to: (keys, values, mask), the mask [chunk, capacity] boolean."""
-        t = k.shape[2]
-        if t != self.chunk:
-            raise ValueError(f"this cache takes {self.chunk} positions per call, got {t}")
+    def mask(self, t: int) -> mx.array:
+        """What the next `t` positions' queries may see of the buffer once they are written,
+        [t, capacity] boolean. Every layer's cache is at the same position, so one mask
+        serves the whole stack."""
         cap, pos = self.capacity, self.position
-        slot = (pos % cap).reshape(1)
-        keys = mx.slice_update(self.keys, k, start_indices=slot, axes=(2,))
-        values = mx.slice_update(self.values, v, start_indices=slot, axes=(2,))
         end = pos + t
-        # In place: a compiled step holds on to this very list.
-        self.state[0], self.state[1], self.state[2] = keys, values, end
         # The newest position each slot holds; negative: never written.
         pos_k = (end - 1) - (end - 1 - mx.arange(cap, dtype=pos.dtype)) % cap
         delta = (pos + mx.arange(t, dtype=pos.dtype))[:, None] - pos_k[None, :]
-        mask = (pos_k >= 0)[None, :] & (delta >= 0) & (delta < self.context)
-        return keys, values, mask
+        return (pos_k >= 0)[None, :] & (delta >= 0) & (delta < self.context)
+
+    def update(self, k: mx.array, v: mx.array) -> tuple[mx.array, mx.array]:
+        """Writes the keys/values [B, H, chunk, D] of the next positions; returns the whole
+        buffer to attend to (under `mask`)."""
+        t = k.shape[2]
+        if t != self.chunk:
+            raise ValueError(f"this cache takes {self.chunk} positions per call, got {t}")
+        slot = (self.position % self.capacity).reshape(1)
+        keys = mx.slice_update(self.keys, k, start_indices=slot, axes=(2,))
+        values = mx.slice_update(self.values, v, start_indices=slot, axes=(2,))
+        # In place: a compiled step holds on to this very list.
+        self.state[0], self.state[1], self.state[2] = keys, values, self.position + t
+        return keys, values
+
+
+class StepCache:
+    """Keys and values of a short sequence built one position at a time and started afresh
+    often: the depth transformer's sub-steps of one frame. Every earlier position is
+    visible, so there is no mask and no ring; the position is a plain count."""
+
+    def __init__(self) -> None:
+        self.keys: mx.array | None = None
+        self.values: mx.array | None = None
+        self.position = 0
+
+    def mask(self, t: int) -> None:
+        if t != 1:
+            raise ValueError("a step cache takes one position per call")
+        return None
+
+    def update(self, k: mx.array, v: mx.array) -> tuple[mx.array, mx.array]:
+        if self.keys is None:
+            self.keys, self.values = k, v
+        else:
+            self.keys = mx.concatenate([self.keys, k], axis=2)
+            self.values = mx.concatenate([self.values, v], axis=2)
+        self.position += k.shape[2]
+        return self.keys, self.values
 
 
 def window_mask(t: int, causal: bool, context: int | None) -> mx.array | str | None:
@@ -260,7 +290,7 @@ class Attention(nn.Module):
             k = mx.fast.rope(k, self.head_dim, traditional=True, base=self.max_period,
                              scale=1.0, offset=offset)
         if cache is not None:
-            k, v, mask = cache.update(k, v)
+            k, v = cache.update(k, v)
         y = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
         return y.transpose(0, 2, 1, 3).reshape(b, t, -1)
 
@@ -441,7 +471,7 @@ class Transformer(nn.Module):
         if caches is None:
             offset, mask = 0, window_mask(x.shape[1], self.cfg.causal, self.cfg.context)
         else:
-            offset, mask = caches[0].position, None  # each cache gives its own mask
+            offset, mask = caches[0].position, caches[0].mask(x.shape[1])
         if not self.cfg.weights_per_step:
             step = 0
         for i, layer in enumerate(self.layers):
