@@ -20,6 +20,7 @@ def bundle():
 
 
 @pytest.mark.parametrize("rate,channels,bits", [(22050, 1, 16), (44100, 2, 32)])
+@pytest.mark.system("espeak-ng", "sox")
 def test_spoken_question_in_any_format(tmp_path, bundle, rate, channels, bits):
     question = speech_wav(tmp_path / "q.wav", "What is in this picture? Tell me about the colours.",
                           rate=rate, channels=channels, bits=bits)
@@ -60,6 +61,8 @@ def test_spoken_question_in_any_format(tmp_path, bundle, rate, channels, bits):
     print(f"file mode: {duration:.2f} s of audio at {speed:.1f}x real time")
 
 
+@pytest.mark.system("espeak-ng", "sox")
+@pytest.mark.slow
 def test_same_seed_same_answer(tmp_path, bundle):
     question = speech_wav(tmp_path / "q.wav", "Hello there.", rate=16000)
     outs = []
@@ -72,6 +75,7 @@ def test_same_seed_same_answer(tmp_path, bundle):
     assert outs[0] == outs[1]
 
 
+@pytest.mark.system("espeak-ng", "sox")
 def test_without_image(tmp_path, bundle):
     question = speech_wav(tmp_path / "q.wav", "Hello.", rate=24000)
     out, transcript = tmp_path / "a.wav", tmp_path / "a.json"
@@ -82,6 +86,7 @@ def test_without_image(tmp_path, bundle):
     assert t["image"] is None and all(w["gate"] is None for w in t["words"])
 
 
+@pytest.mark.slow
 def test_offline_demo(tmp_path):
     """`make demo` runs exactly this: the tiny bundle is generated into an empty cache."""
     cache = tmp_path / "cache"

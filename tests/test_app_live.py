@@ -29,6 +29,9 @@ from app_support import (
 from moshivis_mlx.app.demo import SAMPLE_IMAGE
 from moshivis_mlx.app.wav import read_wav
 
+# The app through PortAudio and PulseAudio, spoken to by espeak-ng (resampled by sox).
+pytestmark = [pytest.mark.slow, pytest.mark.system("espeak-ng", "sox", "pulseaudio", "portaudio")]
+
 LIVE_SECONDS = 11.5
 
 
@@ -172,6 +175,7 @@ class Tmux:
         raise AssertionError(f"timed out waiting for {what}; screen:\n{screen}")
 
 
+@pytest.mark.system("tmux")
 def test_terminal_ui_under_tmux(tmp_path, pulse, bundle, speech):
     assert shutil.which("tmux")
     rec = tmp_path / "session"
