@@ -17,11 +17,12 @@ import ctypes.util
 import functools
 import glob
 import importlib.util
+import itertools
 import os
+import re
 import shutil
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 
 import pytest
 
@@ -31,21 +32,52 @@ REFERENCE_STACK = ("torch", "moshi", "transformers")
 """The test-only packages the tests marked torch import (`make test` installs them)."""
 
 
-@contextmanager
-def reference_imports() -> Iterator[None]:
-    """Module-level imports of the reference stack that may be absent (a `make test-fast`
-    venv): the module is still collected, and its tests marked torch, the only ones that
-    use these names, are deselected or skipped."""
+_torch_deselected = False
+
+
+def deselect(markexpr: str) -> None:
+    """Notes the run's `-m` expression (tests/conftest.py, before collection)."""
+    global _torch_deselected
+    _torch_deselected = _leaves_out_torch(markexpr)
+
+
+def _leaves_out_torch(markexpr: str) -> bool:
+    """Whether `-m markexpr` deselects every test marked torch, whatever its other marks."""
+    if not markexpr:
+        return False
     try:
-        yield
-    except ModuleNotFoundError as e:
-        if e.name not in REFERENCE_STACK:
-            raise
+        from _pytest.mark.expression import Expression
+
+        expr = Expression.compile(markexpr)
+    except Exception:  # pytest's parser moved or refused it: assume the tests are wanted
+        return False
+    others = sorted(set(re.findall(r"[A-Za-z_]\w*", markexpr)) - {"and", "or", "not", "torch"})
+    for marks in itertools.chain.from_iterable(
+            itertools.combinations(others, n) for n in range(len(others) + 1)):
+        if expr.evaluate(lambda name, /, marks=marks, **kw: name == "torch" or name in marks):
+            return False
+    return True
+
+
+def reference_missing() -> list[str]:
+    """The missing packages of Kyutai's PyTorch reference (none: it is installed)."""
+    return [m for m in REFERENCE_STACK if importlib.util.find_spec(m) is None]
+
+
+def reference_wanted() -> bool:
+    """Whether a test module should import Kyutai's PyTorch reference (torch, moshi,
+    transformers) at its top: installed, and not a run that deselects every test marked
+    torch, the only ones using it (`make test-fast` does not pay seconds for torch).
+
+        if reference_wanted():
+            import torch
+    """
+    return not _torch_deselected and not reference_missing()
 
 
 def require_reference() -> None:
     """Skips the calling test unless Kyutai's PyTorch reference is installed."""
-    missing = [m for m in REFERENCE_STACK if importlib.util.find_spec(m) is None]
+    missing = reference_missing()
     if missing:
         pytest.skip(f"needs the PyTorch reference: {', '.join(missing)} not installed "
                     f"(`make test` installs it)")

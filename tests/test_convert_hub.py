@@ -14,7 +14,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from convert_support import assert_same_tensors, nothing_left, ok, run
-from lanes import reference_imports
+from lanes import reference_wanted
 from moshivis_mlx.weights_convert import hub
 from moshivis_mlx.weights_convert.hub import (
     HubError,
@@ -36,7 +36,7 @@ from synthetic import (
 from moshivis_mlx import load_mimi
 from moshivis_mlx.bundle import read_config
 
-with reference_imports():
+if reference_wanted():  # Kyutai's PyTorch reference, for the tests marked torch
     from reference import (
         LOGIT_TOL,
         build_moshi_lm,

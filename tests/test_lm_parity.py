@@ -12,10 +12,10 @@ import json
 import mlx.core as mx
 import numpy as np
 import pytest
-from lanes import reference_imports
+from lanes import reference_wanted
 from moshivis_mlx.cli.convert import main as convert_main
 
-with reference_imports():
+if reference_wanted():  # Kyutai's PyTorch reference, for the tests marked torch
     from reference import (
         LOGIT_TOL,
         build_moshi_lm,

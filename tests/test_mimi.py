@@ -16,7 +16,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
-from lanes import reference_imports
+from lanes import reference_wanted
 from mlx.utils import tree_flatten
 from moshivis_mlx.cli.convert import main as convert_main
 from moshivis_mlx.weights_convert.mimi_layout import (
@@ -29,7 +29,7 @@ from moshivis_mlx.weights_convert.mimi_layout import (
 from moshivis_mlx import Mimi, MimiConfig, load_mimi
 from moshivis_mlx.bundle import BundleError, load_lm
 
-with reference_imports():
+if reference_wanted():  # Kyutai's PyTorch reference, for the tests marked torch
     import torch
     from reference import build_moshi_lm, released_state_dict, save_released, tiny_lm_kwargs
     from safetensors.torch import save_file

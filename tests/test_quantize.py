@@ -8,7 +8,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-from lanes import reference_imports
+from lanes import reference_wanted
 from moshivis_mlx.cli.convert import main as convert_main
 
 from moshivis_mlx import LM, Generator, LmConfig, Sampler, load_lm
@@ -16,7 +16,7 @@ from moshivis_mlx.bundle import save_lm
 from moshivis_mlx.models.lm import DepformerConfig
 from moshivis_mlx.quant import QuantSpec, quantize_model
 
-with reference_imports():
+if reference_wanted():  # Kyutai's PyTorch reference, for the tests marked torch
     from reference import build_moshi_lm, save_released, tiny_lm_kwargs
 
 # Teacher-forced greedy agreement of the q8 tiny model with its float version over 50 steps

@@ -17,7 +17,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
-from lanes import reference_imports
+from lanes import reference_wanted
 from moshivis_mlx.cli.convert import main as convert_main
 from moshivis_mlx.weights_convert.lm_layout import (
     MOSHIVIS_PT,
@@ -40,7 +40,7 @@ from moshivis_mlx.models import lm as lm_models
 from moshivis_mlx.models import siglip
 from moshivis_mlx.quant import QuantSpec, quantize_model
 
-with reference_imports():  # transformers' SigLIP, for the tests marked torch
+if reference_wanted():  # transformers' SigLIP, for the tests marked torch
     import torch
     from safetensors.torch import save_file
     from transformers import SiglipVisionConfig, SiglipVisionModel
