@@ -191,7 +191,20 @@ def test_quantized_mlx_file_dequantized_and_requantized(work, configs, sources):
     via = work / "mlx_q8_bf16_q4"
     ok("--bundle", bf16, "--q-bits", 4, "--q-group-size", 32, "--out", via)
     assert_same_tensors(q4, via, "model")
-    assert len(greedy_run(q4)) == 6
+    # A q4/g32 model: packed half as wide as the q8 source, in groups half as long...
+    assert read_config(q4)["quantization"] == {"bits": 4, "group_size": 32}
+    packed = mx.load(str(q4 / "model.safetensors"))
+    assert packed["text_linear.weight"].shape[1] * 2 == src["text_linear.weight"].shape[1]
+    assert packed["text_linear.scales"].shape[1] == 2 * src["text_linear.scales"].shape[1]
+    # ...that generates tokens of the right shapes and ranges, other ones than the q8
+    # numbers (f32 holds them exactly) do: coarser weights, another answer.
+    lm = read_config(q4)["lm"]
+    outs = greedy_run(q4)
+    assert len(outs) == 6 and outs[0] is None  # the acoustic delay
+    for text, audio in outs[1:]:
+        assert 0 <= text < lm["text_card"] and len(audio) == lm["dep_q"]
+        assert all(0 <= c < lm["card"] for c in audio)
+    assert outs != greedy_run(f32)
 
 
 def test_copies_of_shared_tensors_must_be_equal(work, configs, sources):
@@ -261,7 +274,8 @@ def test_bundle_requantized_equals_direct_conversion(work, configs, sources, ful
     assert cfg["source"]["layout"] == "bundle" and cfg["source"]["from"]["layout"] == \
         "moshivis-pytorch"
     assert (via / "tokenizer.model").read_bytes() == FAKE_TOKENIZER
-    load_mimi(via)
+    assert cfg["mimi"] == read_config(full_f32)["mimi"]
+    assert load_mimi(via).cfg == load_mimi(full_f32).cfg
 
 
 def test_bundle_q8_round_trips(work, full_f32):
