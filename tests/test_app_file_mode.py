@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 
 import numpy as np
 import pytest
@@ -28,9 +29,11 @@ def test_spoken_question_in_any_format(tmp_path, bundle, rate, channels, bits):
         assert (r.sample_rate, r.channels) == (rate, channels)
         n_in = r.frames
     out, transcript = tmp_path / "answer.wav", tmp_path / "answer.json"
+    start = time.perf_counter()
     r = run_app("--weights", str(bundle), "--image", str(SAMPLE_IMAGE), "--input-wav",
                 str(question), "--output-wav", str(out), "--transcript", str(transcript),
                 "--seed", "3")
+    wall_s = time.perf_counter() - start
     assert r.returncode == 0, r.stderr
     assert "Traceback" not in r.stderr
 
@@ -56,8 +59,16 @@ def test_spoken_question_in_any_format(tmp_path, bundle, rate, channels, bits):
     gated = [w["gate"] for w in words if w["start"] >= 0.4]
     assert gated and all(isinstance(g, float) and 0.0 <= g <= 1.0 for g in gated)
 
-    speed = float(re.search(r"([\d.]+)x real time", r.stdout).group(1))
-    assert speed > 0
+    # The summary: the answer's length and frames, and a speed that is that length over the
+    # time taken (printed to 0.1 s and 0.1x), time spent within the app's run.
+    summary = re.search(r"\(([\d.]+) s at 24000 Hz, (\d+) frames in ([\d.]+) s: ([\d.]+)x real "
+                        r"time\)", r.stdout)
+    assert summary, r.stdout
+    seconds, frames, elapsed, speed = (float(g) for g in summary.groups())
+    assert seconds == pytest.approx(duration, abs=0.005)
+    assert frames == -(-answer.shape[0] // 1920)
+    assert 0 < elapsed <= wall_s + 0.05
+    assert seconds / (elapsed + 0.05) - 0.05 <= speed <= seconds / max(elapsed - 0.05, 1e-3) + 0.05
     print(f"file mode: {duration:.2f} s of audio at {speed:.1f}x real time")
 
 
