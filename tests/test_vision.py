@@ -18,6 +18,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from lanes import reference_wanted
+from mlx.utils import tree_flatten
 from moshivis_mlx.cli.convert import main as convert_main
 from moshivis_mlx.weights_convert.lm_layout import (
     MOSHIVIS_PT,
@@ -474,6 +475,7 @@ def test_full_size_quantization_leaves_the_mlp_output_float():
     assert "embeddings.patch.scales" not in names
     model = siglip.SiglipVision(cfg)  # the loader's predicate quantizes exactly those
     quantize_model(model, QuantSpec(8, 64), lambda path, m: f"{path}.scales" in names)
+    assert {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())} == names
 
 
 # -- image files ------------------------------------------------------------------------
