@@ -275,9 +275,9 @@ def test_lm_and_mimi_in_one_bundle(reference, work):
     assert cfg["source"] == {"layout": "moshi-pytorch", "lm_weights": "lm.safetensors",
                              "mimi_weights": "mimi.safetensors",
                              "kyutai_config": "lm_config.json"}
-    assert cfg["quantization"] is not None  # the LM is quantized, Mimi never
+    assert cfg["quantization"] == {"bits": 8, "group_size": 64}  # the LM q8 (the default)
     assert {a.dtype for a in mx.load(str(out / "mimi.safetensors")).values()} == {mx.float32}
-    load_lm(out)
+    assert load_lm(out).cfg.num_layers == tiny_lm_kwargs()["num_layers"]
     assert load_mimi(out, num_codebooks=4).num_codebooks == 4
 
 
