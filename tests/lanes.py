@@ -9,6 +9,10 @@ them; the markers are registered in pyproject.toml).
 
 With the environment variable CI set (`.ci/run` sets it) nothing may skip: a skip, whatever
 its cause, fails the run with its reason.
+
+Test modules import the reference stack under `if reference_wanted():`, so that they collect
+without it (their other tests stay in the fast lane) and a run that deselects every torch
+test does not spend seconds importing it.
 """
 
 from __future__ import annotations
