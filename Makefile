@@ -5,8 +5,14 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.stamp-install
 TEST_STAMP := $(VENV)/.stamp-test
+FAST_STAMP := $(VENV)/.stamp-test-fast
+# The inner loop's lane (markers: pyproject.toml, tests/lanes.py).
+FAST_LANE := not slow and not system and not torch
+# pytest exits 5 when no test ran (nothing collected, or every test deselected): an error.
+PYTEST = $(PY) -m pytest -q $(1) $(PYTEST_ARGS) || { rc=$$?; \
+	[ $$rc -ne 5 ] || echo "make: no test ran (check PYTEST_ARGS: $(PYTEST_ARGS))" >&2; exit $$rc; }
 
-.PHONY: install test demo longrun bench lint clean
+.PHONY: install test test-fast demo longrun bench lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,11 +25,22 @@ $(TEST_STAMP): $(STAMP) requirements-test.txt
 	$(PIP) install -q --no-deps moshi==0.2.13
 	touch $@
 
+# pytest only (the package's `test` extra): no torch, no system tools, nothing needing root.
+$(FAST_STAMP): $(STAMP)
+	$(PIP) install -q "pytest>=8"
+	touch $@
+
 install: $(STAMP)
 
+# Everything (what CI runs, through .ci/run). Missing system tools: the script says how to
+# install them and the tests needing them skip (in CI, with CI set, both fail the run).
 test: $(TEST_STAMP)
 	bash scripts/install-system-test-deps.sh
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(call PYTEST,)
+
+# The inner loop: no slow, system or torch tests (well under 2 minutes).
+test-fast: $(FAST_STAMP)
+	$(call PYTEST,-m "$(FAST_LANE)")
 
 # Offline demo: a tiny random-weight model (generated into the cache on first use) answers
 # the sample question about the sample picture through the real pipeline, in file mode.

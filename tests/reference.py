@@ -14,6 +14,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
+from moshivis_mlx import Generator, Sampler, load_lm  # noqa: E402
+
 torch.set_num_threads(1)
 
 DELAYS = [0, 0, 1, 1, 1, 1, 1, 1, 1, 0, 1, 1, 1, 1, 1, 1, 1]
@@ -123,3 +125,35 @@ class ReferenceRun:
                 out = self.gen.step(codes)
                 outs.append(None if out is None else out[0, :, 0].numpy().copy())
         return outs
+
+
+# -- comparing our generator with the reference ---------------------------------------
+
+LOGIT_TOL = 1e-4
+"""Largest logit difference allowed between our LM and Kyutai's (float32)."""
+
+
+def greedy_generator(bundle, **kw):
+    return Generator(load_lm(bundle), text_sampler=Sampler(temperature=0.0),
+                     audio_sampler=Sampler(temperature=0.0), keep_logits=True, **kw)
+
+
+def compare(pt_lm, gen, steps, seed=1):
+    """Runs both for `steps` frames of random user codes; returns the worst logit errors."""
+    card = pt_lm.card
+    codes = np.random.default_rng(seed).integers(0, card, size=(8, steps))
+    ref = ReferenceRun(pt_lm)
+    ref_out = ref.run(codes)
+    worst_text = worst_audio = 0.0
+    for t in range(steps):
+        out = gen.step(codes[:, t])
+        if t == 0:
+            assert out is None and ref_out[0] is None
+        else:
+            mine = np.array([out.text_token, *out.audio_codes])
+            np.testing.assert_array_equal(mine, ref_out[t], err_msg=f"tokens differ at step {t}")
+        worst_text = max(worst_text, float(np.abs(np.array(gen.last_text_logits)
+                                                  - ref.text_logits[t]).max()))
+        worst_audio = max(worst_audio, float(np.abs(np.array(gen.last_audio_logits)
+                                                    - ref.audio_logits[t]).max()))
+    return worst_text, worst_audio

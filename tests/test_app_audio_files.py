@@ -71,6 +71,7 @@ SOX_FORMATS = {
 
 
 @pytest.mark.parametrize("fmt", sorted(SOX_FORMATS))
+@pytest.mark.system("sox")
 def test_reads_what_sox_writes(tmp_path, fmt):
     src = tmp_path / "src.wav"
     x = np.stack([tone(440, 22050, 0.5), tone(880, 22050, 0.5, 0.25)], axis=1)

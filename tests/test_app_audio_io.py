@@ -75,13 +75,15 @@ def test_a_slow_model_drops_frames_instead_of_piling_up_latency():
     audio.start()
     try:
         time.sleep(1.5)  # 75 frames arrive (4x real time) while the model reads none
-        assert audio.backlog <= audio.max_input_backlog + 2
+        assert audio.backlog == audio.max_input_backlog + 2  # full: the rest are dropped
         frames = read_frames(audio, 3)
         assert len(frames) == 3
         assert audio.dropped >= 60
         assert audio.backlog <= audio.max_input_backlog
     finally:
         audio.close()
+    # The counters account for every block the microphone gave: read, dropped or queued.
+    assert audio.input_blocks == len(frames) + audio.dropped + audio.backlog
 
 
 def test_underruns_are_counted_once_playing():
@@ -97,6 +99,10 @@ def test_underruns_are_counted_once_playing():
         assert audio.underruns >= 2
     finally:
         audio.close()
+    # Exactly the blocks the speaker played after the frame, empty, are underruns.
+    played = sd.stream("output").played
+    frame = next(i for i, block in enumerate(played) if block.any())
+    assert audio.underruns == len(played) - 1 - frame
 
 
 def test_output_fifo_keeps_order_and_bounds_latency():

@@ -31,8 +31,7 @@ SINGLE, DT_END, END = 6 * SEC, 9 * SEC, 12 * SEC
 CONVERGE_S = 2.0
 
 SOURCES = [
-    pytest.param("speech", marks=[pytest.mark.system, pytest.mark.skipif(
-        not R.have_speech_tools(), reason="needs espeak-ng and sox")]),
+    pytest.param("speech", marks=pytest.mark.system("espeak-ng", "sox")),
     "synthetic",
 ]
 

@@ -136,6 +136,7 @@ def test_usage_errors_exit_2(tmp_path):
 
 # -- audio devices ----------------------------------------------------------------------------
 
+@pytest.mark.system("portaudio")
 def test_no_microphone(tmp_path, bundle):
     """No sound server for the app to reach: PortAudio finds no device at all."""
     env = app_env(PULSE_SERVER=f"unix:{tmp_path}/no-such-socket")
@@ -201,6 +202,7 @@ def test_list_devices_with_the_stand_in(monkeypatch, capsys):
     assert "Fake Microphone  (1 in, 44100 Hz)  <- default input" in capsys.readouterr().out
 
 
+@pytest.mark.system("espeak-ng", "sox")
 def test_file_mode_output_directory_must_exist(tmp_path, bundle):
     q = speech_wav(tmp_path / "q.wav", "Hi.")
     r = run_app("--weights", str(bundle), "--no-image", "--input-wav", str(q), "--output-wav",

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 
 import numpy as np
 import pytest
@@ -21,6 +22,7 @@ def bundle():
 
 
 @pytest.mark.parametrize("rate,channels,bits", [(22050, 1, 16), (44100, 2, 32)])
+@pytest.mark.system("espeak-ng", "sox")
 def test_spoken_question_in_any_format(tmp_path, bundle, rate, channels, bits):
     question = speech_wav(tmp_path / "q.wav", "What is in this picture? Tell me about the colours.",
                           rate=rate, channels=channels, bits=bits)
@@ -28,9 +30,11 @@ def test_spoken_question_in_any_format(tmp_path, bundle, rate, channels, bits):
         assert (r.sample_rate, r.channels) == (rate, channels)
         n_in = r.frames
     out, transcript = tmp_path / "answer.wav", tmp_path / "answer.json"
+    start = time.perf_counter()
     r = run_app("--weights", str(bundle), "--image", str(SAMPLE_IMAGE), "--input-wav",
                 str(question), "--output-wav", str(out), "--transcript", str(transcript),
                 "--seed", "3", "--same-length")
+    wall_s = time.perf_counter() - start
     assert r.returncode == 0, r.stderr
     assert "as long as the question (--same-length)" in r.stdout
     assert "Traceback" not in r.stderr
@@ -57,11 +61,21 @@ def test_spoken_question_in_any_format(tmp_path, bundle, rate, channels, bits):
     gated = [w["gate"] for w in words if w["start"] >= 0.4]
     assert gated and all(isinstance(g, float) and 0.0 <= g <= 1.0 for g in gated)
 
-    speed = float(re.search(r"([\d.]+)x real time", r.stdout).group(1))
-    assert speed > 0
+    # The summary: the answer's length and frames, and a speed that is that length over the
+    # time taken (printed to 0.1 s and 0.1x), time spent within the app's run.
+    summary = re.search(r"\(([\d.]+) s at 24000 Hz, (\d+) frames in ([\d.]+) s: ([\d.]+)x real "
+                        r"time\)", r.stdout)
+    assert summary, r.stdout
+    seconds, frames, elapsed, speed = (float(g) for g in summary.groups())
+    assert seconds == pytest.approx(duration, abs=0.005)
+    assert frames == -(-answer.shape[0] // 1920)
+    assert 0 < elapsed <= wall_s + 0.05
+    assert seconds / (elapsed + 0.05) - 0.05 <= speed <= seconds / max(elapsed - 0.05, 1e-3) + 0.05
     print(f"file mode: {duration:.2f} s of audio at {speed:.1f}x real time")
 
 
+@pytest.mark.system("espeak-ng", "sox")
+@pytest.mark.slow
 def test_same_seed_same_answer(tmp_path, bundle):
     question = speech_wav(tmp_path / "q.wav", "Hello there.", rate=16000)
     outs = []
@@ -75,6 +89,7 @@ def test_same_seed_same_answer(tmp_path, bundle):
     assert outs[0] == outs[1]
 
 
+@pytest.mark.system("espeak-ng", "sox")
 def test_without_image(tmp_path, bundle):
     question = speech_wav(tmp_path / "q.wav", "Hello.", rate=24000)
     out, transcript = tmp_path / "a.wav", tmp_path / "a.json"
@@ -86,6 +101,7 @@ def test_without_image(tmp_path, bundle):
     assert t["image"] is None and all(w["gate"] is None for w in t["words"])
 
 
+@pytest.mark.slow
 def test_offline_demo(tmp_path):
     """`make demo` runs exactly this: the tiny bundle is generated into an empty cache."""
     cache = tmp_path / "cache"

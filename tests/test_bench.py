@@ -4,21 +4,31 @@ comparison (no timing is asserted)."""
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 from app_support import demo_bundle
+from mlx.utils import tree_flatten
 from moshivis_mlx.cli.bench import main as bench_main
 from PIL import Image
 
-from moshivis_mlx import bench
+from moshivis_mlx import LM, bench
+
+
+def tiny_weights_gb(bytes_per_weight: float) -> float:
+    """The tiny preset's weights (MLX builds the model lazily: nothing is allocated)."""
+    lm = LM(bench.PRESETS["tiny"]())
+    return bytes_per_weight * sum(v.size for _, v in tree_flatten(lm.parameters())) / 1e9
 
 
 @pytest.fixture(scope="module")
 def report_path(tmp_path_factory):
     d = tmp_path_factory.mktemp("bench")
+    start = time.perf_counter()
     rc = bench_main(["--config", "tiny", "--quant", "bf16", "--steps", "6", "--warmup", "2",
                      "--codec-frames", "3", "--image-encodes", "1",
                      "--json", str(d / "r.json"), "--plot", str(d / "r.png")])
+    (d / "run_s").write_text(str(time.perf_counter() - start))  # the whole run, for test_report
     assert rc == 0
     return d / "r.json"
 
@@ -28,6 +38,8 @@ def test_report(report_path):
     assert r["tool"] == "moshivis-bench" and r["config"] == "tiny" and r["quant"] == "bf16"
     assert set(r["scenarios"]) == {"moshi", "moshivis", "frame", "frame-image"}
     assert r["warmup"] == 2 and r["budget_ms"] == 80.0
+    assert r["weights_gb"] == pytest.approx(tiny_weights_gb(2))  # bfloat16: 2 bytes a weight
+    assert 0 < r["load_s"] < float((report_path.parent / "run_s").read_text())
     for s in r["scenarios"].values():
         assert len(s["steps_ms"]) == 6
         assert 0 < s["p50"] <= s["p90"] <= s["p99"] <= s["max"]
@@ -87,6 +99,10 @@ def test_pipelined_quantized_and_the_codec_on_the_cpu():
     assert len(r["scenarios"]["moshi"]["steps_ms"]) == 4
     assert len(r["scenarios"]["frame"]["steps_ms"]) == 4
     assert r["pipelined"] and r["codec_device"] == "cpu"
+    # q4 in groups of 32: 4 bits a weight and a 16-bit scale and bias per group (5/16 of
+    # bfloat16), plus the norms, not quantized.
+    assert 0.3 * tiny_weights_gb(2) < r["weights_gb"] < 0.35 * tiny_weights_gb(2)
+    assert r["scenarios"]["moshi"]["peak_memory_gb"] >= r["weights_gb"]
 
 
 def test_compare(report_path, capsys):

@@ -20,6 +20,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
+from convert_support import assert_same_tensors, nothing_left, ok, run
 from moshivis_mlx.cli.convert import main as convert_main
 from safetensors.numpy import save_file
 from synthetic import (
@@ -47,40 +48,6 @@ LAYERS = 2  # of the tiny LM
 
 # -- helpers ----------------------------------------------------------------------------
 
-def run(*args) -> tuple[int, str, str]:
-    """The CLI in-process: (exit code, stdout, stderr)."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = convert_main([str(a) for a in args])
-    return rc, out.getvalue(), err.getvalue()
-
-
-def ok(*args) -> str:
-    rc, out, err = run(*args)
-    assert rc == 0, err
-    return out
-
-
-def bundle_tensors(bundle: Path, stem: str = "model") -> dict[str, np.ndarray]:
-    """Every stored tensor of a part (shards included), as NumPy (bf16 viewed as uint16)."""
-    index = bundle / f"{stem}.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) \
-        if index.exists() else [f"{stem}.safetensors"]
-    out = {}
-    for f in files:
-        for k, v in mx.load(str(bundle / f)).items():
-            out[k] = np.array(v.view(mx.uint16) if v.dtype == mx.bfloat16 else v)
-    return out
-
-
-def assert_same_tensors(a: Path, b: Path, stem: str = "model") -> None:
-    ta, tb = bundle_tensors(a, stem), bundle_tensors(b, stem)
-    assert sorted(ta) == sorted(tb)
-    for k in ta:
-        assert ta[k].dtype == tb[k].dtype, k
-        np.testing.assert_array_equal(ta[k], tb[k], err_msg=k)
-
-
 def bf16_exact(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """float32 values that bfloat16 holds exactly (so both routes start from equal numbers)."""
     return {k: np.array(mx.array(v).astype(mx.bfloat16).astype(mx.float32))
@@ -91,10 +58,6 @@ def save_mx(tensors: dict, path: Path) -> Path:
     mx.save_safetensors(str(path), {k: mx.array(v) if isinstance(v, np.ndarray) else v
                                     for k, v in tensors.items()})
     return path
-
-
-def nothing_left(out: Path) -> bool:
-    return not out.exists() and not list(out.parent.glob(f".{out.name}.*"))
 
 
 def greedy_run(bundle: Path, steps: int = 6) -> list:
@@ -228,7 +191,20 @@ def test_quantized_mlx_file_dequantized_and_requantized(work, configs, sources):
     via = work / "mlx_q8_bf16_q4"
     ok("--bundle", bf16, "--q-bits", 4, "--q-group-size", 32, "--out", via)
     assert_same_tensors(q4, via, "model")
-    assert len(greedy_run(q4)) == 6
+    # A q4/g32 model: packed half as wide as the q8 source, in groups half as long...
+    assert read_config(q4)["quantization"] == {"bits": 4, "group_size": 32}
+    packed = mx.load(str(q4 / "model.safetensors"))
+    assert packed["text_linear.weight"].shape[1] * 2 == src["text_linear.weight"].shape[1]
+    assert packed["text_linear.scales"].shape[1] == 2 * src["text_linear.scales"].shape[1]
+    # ...that generates tokens of the right shapes and ranges, other ones than the q8
+    # numbers (f32 holds them exactly) do: coarser weights, another answer.
+    lm = read_config(q4)["lm"]
+    outs = greedy_run(q4)
+    assert len(outs) == 6 and outs[0] is None  # the acoustic delay
+    for text, audio in outs[1:]:
+        assert 0 <= text < lm["text_card"] and len(audio) == lm["dep_q"]
+        assert all(0 <= c < lm["card"] for c in audio)
+    assert outs != greedy_run(f32)
 
 
 def test_copies_of_shared_tensors_must_be_equal(work, configs, sources):
@@ -298,7 +274,8 @@ def test_bundle_requantized_equals_direct_conversion(work, configs, sources, ful
     assert cfg["source"]["layout"] == "bundle" and cfg["source"]["from"]["layout"] == \
         "moshivis-pytorch"
     assert (via / "tokenizer.model").read_bytes() == FAKE_TOKENIZER
-    load_mimi(via)
+    assert cfg["mimi"] == read_config(full_f32)["mimi"]
+    assert load_mimi(via).cfg == load_mimi(full_f32).cfg
 
 
 def test_bundle_q8_round_trips(work, full_f32):

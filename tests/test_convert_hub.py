@@ -13,6 +13,8 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
+from convert_support import assert_same_tensors, nothing_left, ok, run
+from lanes import reference_wanted
 from moshivis_mlx.weights_convert import hub
 from moshivis_mlx.weights_convert.hub import (
     HubError,
@@ -20,7 +22,6 @@ from moshivis_mlx.weights_convert.hub import (
     bundle_for_repo,
     resolve_repo,
 )
-from reference import build_moshi_lm, save_released, tiny_lm_kwargs
 from safetensors.numpy import save_file
 from synthetic import (
     FAKE_TOKENIZER,
@@ -31,11 +32,19 @@ from synthetic import (
     tiny_moshivis_pt_tensors,
     to_kyuteye_mlx,
 )
-from test_convert import assert_same_tensors, nothing_left, ok, run
-from test_lm_parity import LOGIT_TOL, compare, greedy_generator
 
 from moshivis_mlx import load_mimi
 from moshivis_mlx.bundle import read_config
+
+if reference_wanted():  # Kyutai's PyTorch reference, for the tests marked torch
+    from reference import (
+        LOGIT_TOL,
+        build_moshi_lm,
+        compare,
+        greedy_generator,
+        save_released,
+        tiny_lm_kwargs,
+    )
 
 ROOT = Path(__file__).resolve().parents[1]
 MIMI = "tokenizer-e351c8d8-checkpoint125.safetensors"
@@ -57,7 +66,8 @@ def hf_cache(tmp_path, monkeypatch) -> Path:
 
 @pytest.fixture(scope="module")
 def kyutai_files(tmp_path_factory) -> dict:
-    """Kyutai's PyTorch Moshi (their code, tiny, random), a Mimi and a tokenizer, as files."""
+    """Kyutai's PyTorch Moshi (their code, tiny, random: the tests using it are marked
+    torch), a Mimi and a tokenizer, as files."""
     d = tmp_path_factory.mktemp("kyutai")
     kw = tiny_lm_kwargs(context=50)
     lm = build_moshi_lm(kw, seed=3)
@@ -78,6 +88,7 @@ def moshiko_repo(hf_cache: Path, kyutai_files: dict, repo="kyutai/moshiko-pytorc
     return fake_hf_repo(hf_cache, repo, {n: d / n for n in names}, commit=COMMIT)
 
 
+@pytest.mark.torch
 def test_hf_repo_matches_kyutais_pytorch_model(tmp_path, hf_cache, kyutai_files):
     """--hf-repo with Kyutai's PyTorch Moshi: the repository's config.json is honoured
     (settings, Mimi config, generation defaults), every file comes into the bundle, and the
@@ -103,6 +114,7 @@ def test_hf_repo_matches_kyutais_pytorch_model(tmp_path, hf_cache, kyutai_files)
     assert_same_tensors(out, folder, "mimi")
 
 
+@pytest.mark.torch
 def test_repo_without_config_means_the_7b_settings(tmp_path, hf_cache, kyutai_files):
     d = kyutai_files["dir"]
     fake_hf_repo(hf_cache, "kyutai/old", {n: d / n for n in ("model.safetensors", MIMI, TOKENIZER)},
@@ -130,6 +142,7 @@ def test_offline_with_an_empty_cache(tmp_path):
     assert nothing_left(out)
 
 
+@pytest.mark.torch
 def test_files_of_the_repository_can_be_chosen(tmp_path, hf_cache, kyutai_files):
     """With --hf-repo a file option names a file of the repository (Kyutai's MLX repository
     holds model.safetensors, model.q8.safetensors and model.q4.safetensors)."""
@@ -164,6 +177,7 @@ def test_files_of_the_repository_can_be_chosen(tmp_path, hf_cache, kyutai_files)
         is None
 
 
+@pytest.mark.torch
 def test_bundle_for_repo_converts_once(tmp_path, hf_cache, kyutai_files, monkeypatch):
     moshiko_repo(hf_cache, kyutai_files)
     stages, progress = [], []
@@ -198,6 +212,7 @@ def test_bundle_for_repo_offline(hf_cache):
     assert not (hub.cache_root() / "kyutai--moshika-vis-pytorch-bf16-q8").exists()
 
 
+@pytest.mark.torch
 def test_bundle_for_files(tmp_path, hf_cache, kyutai_files, monkeypatch):
     d = kyutai_files["dir"]
     args = (d / "model.safetensors", d / MIMI, d / TOKENIZER)
@@ -213,6 +228,7 @@ def test_bundle_for_files(tmp_path, hf_cache, kyutai_files, monkeypatch):
     assert bundle_for_files(*args, **kw) == path
 
 
+@pytest.mark.torch
 def test_a_repository_holding_one_of_our_bundles(tmp_path, hf_cache, kyutai_files):
     src = tmp_path / "ours"
     ok("--hf-repo", kyutai_files["dir"], "--out", src)
@@ -226,6 +242,7 @@ def test_a_repository_holding_one_of_our_bundles(tmp_path, hf_cache, kyutai_file
         == np.uint32
 
 
+@pytest.mark.torch
 def test_dry_run_reads_only_the_remote_headers(tmp_path, hf_cache, kyutai_files, monkeypatch):
     """--dry-run --hf-repo downloads no weights: their headers come by themselves (here
     from a stand-in for the Hub's header request), the small config files are fetched."""

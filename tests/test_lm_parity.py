@@ -12,12 +12,20 @@ import json
 import mlx.core as mx
 import numpy as np
 import pytest
+from lanes import reference_wanted
 from moshivis_mlx.cli.convert import main as convert_main
-from reference import ReferenceRun, build_moshi_lm, save_released, tiny_lm_kwargs
 
-from moshivis_mlx import Generator, Sampler, load_lm
+if reference_wanted():  # Kyutai's PyTorch reference, for the tests marked torch
+    from reference import (
+        LOGIT_TOL,
+        build_moshi_lm,
+        compare,
+        greedy_generator,
+        save_released,
+        tiny_lm_kwargs,
+    )
 
-LOGIT_TOL = 1e-4
+pytestmark = pytest.mark.torch
 
 
 def convert_reference(tmp_path, lm_kwargs, seed=0, layout="moshi", extra_args=()):
@@ -36,32 +44,6 @@ def convert_reference(tmp_path, lm_kwargs, seed=0, layout="moshi", extra_args=()
                        "--dtype", "float32", "--no-quantize", *extra_args])
     assert rc == 0
     return lm, out
-
-
-def greedy_generator(bundle, **kw):
-    return Generator(load_lm(bundle), text_sampler=Sampler(temperature=0.0),
-                     audio_sampler=Sampler(temperature=0.0), keep_logits=True, **kw)
-
-
-def compare(pt_lm, gen, steps, seed=1):
-    """Runs both for `steps` frames of random user codes; returns the worst logit errors."""
-    card = pt_lm.card
-    codes = np.random.default_rng(seed).integers(0, card, size=(8, steps))
-    ref = ReferenceRun(pt_lm)
-    ref_out = ref.run(codes)
-    worst_text = worst_audio = 0.0
-    for t in range(steps):
-        out = gen.step(codes[:, t])
-        if t == 0:
-            assert out is None and ref_out[0] is None
-        else:
-            mine = np.array([out.text_token, *out.audio_codes])
-            np.testing.assert_array_equal(mine, ref_out[t], err_msg=f"tokens differ at step {t}")
-        worst_text = max(worst_text, float(np.abs(np.array(gen.last_text_logits)
-                                                  - ref.text_logits[t]).max()))
-        worst_audio = max(worst_audio, float(np.abs(np.array(gen.last_audio_logits)
-                                                    - ref.audio_logits[t]).max()))
-    return worst_text, worst_audio
 
 
 @pytest.mark.parametrize("context,steps", [(100, 24), (7, 30)],

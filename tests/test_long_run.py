@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import mlx.core as mx
 import numpy as np
+import pytest
 
 from moshivis_mlx import LM, Generator, Sampler
 from moshivis_mlx.models.lm import DepformerConfig, tiny
+
+pytestmark = pytest.mark.slow
 
 STEPS = 20_000
 

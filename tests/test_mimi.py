@@ -16,7 +16,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
-import torch
+from lanes import reference_wanted
 from mlx.utils import tree_flatten
 from moshivis_mlx.cli.convert import main as convert_main
 from moshivis_mlx.weights_convert.mimi_layout import (
@@ -25,11 +25,14 @@ from moshivis_mlx.weights_convert.mimi_layout import (
     mimi_config_to_kyutai,
     mimi_mapping,
 )
-from reference import build_moshi_lm, released_state_dict, save_released, tiny_lm_kwargs
-from safetensors.torch import save_file
 
 from moshivis_mlx import Mimi, MimiConfig, load_mimi
 from moshivis_mlx.bundle import BundleError, load_lm
+
+if reference_wanted():  # Kyutai's PyTorch reference, for the tests marked torch
+    import torch
+    from reference import build_moshi_lm, released_state_dict, save_released, tiny_lm_kwargs
+    from safetensors.torch import save_file
 
 MANIFEST = Path(__file__).parent / "data" / "manifests" / "mimi.pt.json"
 SR = 24000
@@ -37,6 +40,9 @@ FRAME = 1920
 NUM_CODEBOOKS = 8
 # Far below audible; tight enough to tell exact from tanh-approximated GELU (~1e-4 here).
 DECODE_ATOL = 1e-5
+# Every test but the manifest's compares with Kyutai's PyTorch Mimi (marked torch); those
+# using the clips also speak (espeak-ng, resampled by sox).
+SPEECH = pytest.mark.system("espeak-ng", "sox")
 
 
 # -- Kyutai's PyTorch Mimi, small and random ----------------------------------------------
@@ -207,6 +213,7 @@ CLIPS = ["chirp", "speech"]
 
 # -- conversion ----------------------------------------------------------------------------------
 
+@pytest.mark.torch
 def test_bundle_holds_all_codebooks_in_float32(bundle):
     cfg = json.loads((bundle / "config.json").read_text())
     assert cfg["mimi"] == MimiConfig.tiny().to_dict()
@@ -220,6 +227,7 @@ def test_bundle_holds_all_codebooks_in_float32(bundle):
         load_lm(bundle)
 
 
+@pytest.mark.torch
 def test_codebooks_are_folded_with_clamped_usage(reference, mimi):
     model = reference[0]
     cb = model.quantizer.rvq_rest.vq.layers[2]._codebook
@@ -229,6 +237,7 @@ def test_codebooks_are_folded_with_clamped_usage(reference, mimi):
     assert np.isfinite(got).all()
 
 
+@pytest.mark.torch
 def test_untrained_codebook_is_refused(reference, work, capsys):
     model = reference[0]
     sd = released_state_dict(model)
@@ -242,6 +251,7 @@ def test_untrained_codebook_is_refused(reference, work, capsys):
     assert not out.exists()
 
 
+@pytest.mark.torch
 def test_wrong_config_is_refused(reference, work, capsys):
     # The tiny weights against the (default) released config.
     out = work / "mismatch_bundle"
@@ -252,6 +262,7 @@ def test_wrong_config_is_refused(reference, work, capsys):
     assert "nothing to convert" in capsys.readouterr().err
 
 
+@pytest.mark.torch
 def test_lm_and_mimi_in_one_bundle(reference, work):
     lm_weights = save_released(build_moshi_lm(tiny_lm_kwargs()), work / "lm.safetensors")
     lm_config = work / "lm_config.json"
@@ -264,9 +275,9 @@ def test_lm_and_mimi_in_one_bundle(reference, work):
     assert cfg["source"] == {"layout": "moshi-pytorch", "lm_weights": "lm.safetensors",
                              "mimi_weights": "mimi.safetensors",
                              "kyutai_config": "lm_config.json"}
-    assert cfg["quantization"] is not None  # the LM is quantized, Mimi never
+    assert cfg["quantization"] == {"bits": 8, "group_size": 64}  # the LM q8 (the default)
     assert {a.dtype for a in mx.load(str(out / "mimi.safetensors")).values()} == {mx.float32}
-    load_lm(out)
+    assert load_lm(out).cfg.num_layers == tiny_lm_kwargs()["num_layers"]
     assert load_mimi(out, num_codebooks=4).num_codebooks == 4
 
 
@@ -291,6 +302,8 @@ def test_released_config_maps_onto_the_released_checkpoint():
 # -- parity with PyTorch --------------------------------------------------------------------------
 
 @pytest.mark.parametrize("clip", CLIPS)
+@pytest.mark.torch
+@SPEECH
 def test_latents_match_pytorch(reference, mimi, clips, clip):
     """The continuous latent before quantization: codes alone hide small numeric errors."""
     wav = as_float(clips[clip])
@@ -303,6 +316,8 @@ def test_latents_match_pytorch(reference, mimi, clips, clip):
 
 
 @pytest.mark.parametrize("clip", CLIPS)
+@pytest.mark.torch
+@SPEECH
 def test_batch_codes_match_pytorch(mimi, clips, expected, clip):
     want = expected[clip]["codes"]
     assert want.shape == (NUM_CODEBOOKS, len(clips[clip]) // FRAME)
@@ -313,6 +328,8 @@ def test_batch_codes_match_pytorch(mimi, clips, expected, clip):
 
 
 @pytest.mark.parametrize("clip", CLIPS)
+@pytest.mark.torch
+@SPEECH
 def test_streaming_codes_match_pytorch(mimi, clips, expected, clip):
     np.testing.assert_array_equal(expected[clip]["stream_codes"], expected[clip]["codes"])
     np.testing.assert_array_equal(our_stream_encode(mimi, clips[clip]),
@@ -320,6 +337,8 @@ def test_streaming_codes_match_pytorch(mimi, clips, expected, clip):
 
 
 @pytest.mark.parametrize("clip", CLIPS)
+@pytest.mark.torch
+@SPEECH
 def test_batch_decode_matches_pytorch(mimi, expected, clip):
     want = expected[clip]["audio"]
     assert want.std() > 0.02  # an audible signal, so the tolerance means something
@@ -329,12 +348,16 @@ def test_batch_decode_matches_pytorch(mimi, expected, clip):
 
 
 @pytest.mark.parametrize("clip", CLIPS)
+@pytest.mark.torch
+@SPEECH
 def test_streaming_decode_matches_pytorch(mimi, expected, clip):
     got = our_stream_decode(mimi, expected[clip]["codes"])
     np.testing.assert_allclose(got, expected[clip]["stream_audio"], rtol=0, atol=DECODE_ATOL)
 
 
 @pytest.mark.parametrize("clip", CLIPS)
+@pytest.mark.torch
+@SPEECH
 def test_our_streaming_equals_our_batch(mimi, clips, clip):
     codes = mimi.encode(clips[clip])
     np.testing.assert_array_equal(our_stream_encode(mimi, clips[clip]), codes)
@@ -342,6 +365,8 @@ def test_our_streaming_equals_our_batch(mimi, clips, clip):
                                rtol=0, atol=1e-5)
 
 
+@pytest.mark.torch
+@SPEECH
 def test_any_number_of_codebooks(reference, mimi, clips):
     model, wav = reference[0], as_float(clips["speech"])
     for k in (1, 10):
@@ -359,6 +384,7 @@ def test_any_number_of_codebooks(reference, mimi, clips):
         mimi.encode(wav, num_codebooks=11)
 
 
+@pytest.mark.torch
 def test_attention_window_in_long_streams(work):
     """Past the transformers' window (here 8 positions, 4 frames) both of our modes keep
     matching PyTorch's batch mode. (Kyutai's streaming mode keeps one key fewer than its
@@ -384,6 +410,8 @@ def test_attention_window_in_long_streams(work):
 
 # -- streams ---------------------------------------------------------------------------------
 
+@pytest.mark.torch
+@SPEECH
 def test_stream_state_does_not_grow_and_reset_restarts(mimi, clips):
     wav = as_float(clips["speech"])
     frames = [wav[i: i + FRAME] for i in range(0, len(wav), FRAME)]
@@ -407,6 +435,7 @@ def test_stream_state_does_not_grow_and_reset_restarts(mimi, clips):
                                rtol=0, atol=1e-5)
 
 
+@pytest.mark.torch
 def test_stream_steps_check_their_input(mimi):
     enc, dec = mimi.streaming_encoder(), mimi.streaming_decoder()
     with pytest.raises(ValueError, match="1920 samples"):
@@ -424,6 +453,8 @@ def test_stream_steps_check_their_input(mimi):
 
 # -- input robustness (whole clips) ---------------------------------------------------------------
 
+@pytest.mark.torch
+@SPEECH
 def test_odd_length_is_padded_with_a_warning(mimi, clips):
     wav = as_float(clips["speech"])
     n = len(wav) - FRAME // 3
@@ -434,6 +465,8 @@ def test_odd_length_is_padded_with_a_warning(mimi, clips):
     assert codes.shape[1] == -(-n // FRAME)
 
 
+@pytest.mark.torch
+@SPEECH
 def test_int16_and_float64_inputs(mimi, clips):
     pcm = clips["speech"]
     assert pcm.dtype == np.int16
@@ -445,6 +478,8 @@ def test_int16_and_float64_inputs(mimi, clips):
         mimi.encode(pcm.astype(np.int32))
 
 
+@pytest.mark.torch
+@SPEECH
 def test_shapes_and_array_kinds(mimi, clips):
     wav = as_float(clips["chirp"])[: 6 * FRAME]
     codes = mimi.encode(wav)
@@ -462,11 +497,13 @@ def test_shapes_and_array_kinds(mimi, clips):
 
 
 @pytest.mark.parametrize("shape", [(2, 4000), (1, 2, 4000), (4000, 2), (2, 1, 4000)])
+@pytest.mark.torch
 def test_more_than_one_channel_is_refused(mimi, shape):
     with pytest.raises(ValueError, match="Mimi takes mono audio; mix down or pick a channel"):
         mimi.encode(np.zeros(shape, np.float32))
 
 
+@pytest.mark.torch
 def test_bad_codes_are_refused(mimi):
     with pytest.raises(ValueError, match="codebooks"):
         mimi.decode(np.zeros((11, 3), np.int64))

@@ -204,4 +204,10 @@ def test_shared_projections_stored_once_in_the_bundle(tmp_path):
     fused = tensors["llm.transformer.layers.0.cross_attention.mha.in_proj_weight"]
     np.testing.assert_array_equal(np.array(lm.xa.q_proj.weight), fused[:d])
     np.testing.assert_array_equal(np.array(lm.xa.kv_proj.weight), fused[d:])
-    json.loads((out / "config.json").read_text())
+    # The config says what was stored: a MoshiVis LM from Kyutai's PyTorch layout, with the
+    # two layers loaded above, in float32 as asked.
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["model_type"] == "moshivis" and cfg["lm"]["cross_attention"] is True
+    assert cfg["source"]["layout"] == "moshivis-pytorch"
+    assert cfg["lm"]["num_layers"] == len(lm.transformer.layers) == 2
+    assert cfg["dtype"] == "float32" and cfg["quantization"] is None

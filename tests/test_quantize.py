@@ -8,13 +8,16 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
+from lanes import reference_wanted
 from moshivis_mlx.cli.convert import main as convert_main
-from reference import build_moshi_lm, save_released, tiny_lm_kwargs
 
 from moshivis_mlx import LM, Generator, LmConfig, Sampler, load_lm
 from moshivis_mlx.bundle import save_lm
 from moshivis_mlx.models.lm import DepformerConfig
 from moshivis_mlx.quant import QuantSpec, quantize_model
+
+if reference_wanted():  # Kyutai's PyTorch reference, for the tests marked torch
+    from reference import build_moshi_lm, save_released, tiny_lm_kwargs
 
 # Teacher-forced greedy agreement of the q8 tiny model with its float version over 50 steps
 # (measured 0.953 for this seed; random tiny models have small logit margins, so this is a
@@ -24,6 +27,8 @@ Q8_MIN_AGREEMENT = 0.90
 
 @pytest.fixture(scope="module")
 def bundles(tmp_path_factory):
+    """Kyutai's PyTorch Moshi (tiny, random; the tests using it are marked torch) converted
+    to float, q8 and q4."""
     d = tmp_path_factory.mktemp("q")
     kw = tiny_lm_kwargs(context=100)
     save_released(build_moshi_lm(kw), d / "model.safetensors")
@@ -57,23 +62,27 @@ def greedy(bundle):
     return Generator(load_lm(bundle), Sampler(0.0), Sampler(0.0), keep_logits=True)
 
 
+@pytest.mark.torch
 def test_q8_agrees_with_float(bundles):
     agree = teacher_forced_agreement(greedy(bundles["float"]), greedy(bundles["q8"]), 50)
     assert agree.mean() >= Q8_MIN_AGREEMENT, agree.mean()
 
 
+@pytest.mark.torch
 def test_forced_float_agrees_with_itself(bundles):
     """The measure is sound: a model agrees with itself everywhere."""
     agree = teacher_forced_agreement(greedy(bundles["float"]), greedy(bundles["float"]), 10)
     assert agree.all()
 
 
+@pytest.mark.torch
 def test_q4_is_worse_than_q8(bundles):
     q8 = teacher_forced_agreement(greedy(bundles["float"]), greedy(bundles["q8"]), 30).mean()
     q4 = teacher_forced_agreement(greedy(bundles["float"]), greedy(bundles["q4"]), 30).mean()
     assert q4 < q8
 
 
+@pytest.mark.torch
 def test_quantized_bundle_has_quantized_layers(bundles):
     lm = load_lm(bundles["q8"])
     assert isinstance(lm.text_linear, nn.QuantizedLinear)

@@ -17,7 +17,8 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
-import torch
+from lanes import reference_wanted
+from mlx.utils import tree_flatten
 from moshivis_mlx.cli.convert import main as convert_main
 from moshivis_mlx.weights_convert.lm_layout import (
     MOSHIVIS_PT,
@@ -32,8 +33,6 @@ from moshivis_mlx.weights_convert.vision_layout import (
     vision_mapping,
 )
 from PIL import Image, ImageFile
-from safetensors.torch import save_file
-from transformers import SiglipVisionConfig, SiglipVisionModel
 
 from moshivis_mlx import Generator, ImageError, Sampler, load_image, load_lm, load_vision
 from moshivis_mlx.bundle import BundleError
@@ -42,7 +41,12 @@ from moshivis_mlx.models import lm as lm_models
 from moshivis_mlx.models import siglip
 from moshivis_mlx.quant import QuantSpec, quantize_model
 
-torch.set_num_threads(1)
+if reference_wanted():  # transformers' SigLIP, for the tests marked torch
+    import torch
+    from safetensors.torch import save_file
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    torch.set_num_threads(1)
 
 MANIFESTS = Path(__file__).parent / "data" / "manifests"
 
@@ -145,6 +149,7 @@ def random_pixels(batch: int, seed: int = 0) -> np.ndarray:
 
 # -- the tower --------------------------------------------------------------------------
 
+@pytest.mark.torch
 def test_hf_parity_batch(hf_bundle, hf_tower):
     vision = load_vision(hf_bundle)
     pixels = random_pixels(2)
@@ -157,6 +162,7 @@ def test_hf_parity_batch(hf_bundle, hf_tower):
     np.testing.assert_allclose(one[0], ours[1], atol=1e-5, rtol=0)
 
 
+@pytest.mark.torch
 def test_encode_image_preprocesses_like_moshivis(hf_bundle, hf_tower, photo):
     vision = load_vision(hf_bundle)
     tokens = vision.encode_image(photo)
@@ -170,6 +176,7 @@ def test_encode_image_preprocesses_like_moshivis(hf_bundle, hf_tower, photo):
                                   np.array(tokens))
 
 
+@pytest.mark.torch
 def test_pixels_of_the_wrong_size_are_refused(hf_bundle):
     vision = load_vision(hf_bundle)
     with pytest.raises(ValueError, match="pixels must be"):
@@ -178,6 +185,7 @@ def test_pixels_of_the_wrong_size_are_refused(hf_bundle):
 
 @pytest.mark.parametrize("layout", ["hf-unprefixed", "moshivis-pt", "moshivis-mlx",
                                     "mlx-ordered-conv"])
+@pytest.mark.torch
 def test_other_layouts_give_the_same_tokens(layout, work, hf_tower, hf_bundle, hf_config_file):
     if layout == "hf-unprefixed":  # SiglipVisionModel.save_pretrained of transformers >= 5
         state = hf_state(hf_tower, "")
@@ -200,6 +208,7 @@ def test_other_layouts_give_the_same_tokens(layout, work, hf_tower, hf_bundle, h
                                   np.array(load_vision(hf_bundle)(pixels)))
 
 
+@pytest.mark.torch
 def test_quantized_tower(work, hf_bundle, hf_config_file):
     src = work / "siglip_hf.safetensors"  # written by hf_bundle
     out = work / "bundle_q"
@@ -218,7 +227,8 @@ def test_quantized_tower(work, hf_bundle, hf_config_file):
     assert 0 < np.abs(q - f).max() < 0.05 * np.abs(f).max()
 
 
-def test_convert_errors(work, hf_config_file, capsys):
+@pytest.mark.torch
+def test_convert_errors(work, hf_bundle, hf_config_file, capsys):
     src = work / "siglip_hf.safetensors"
     # The default config is PaliGemma2's tower, which these weights are not.
     assert convert("--vision-weights", src, "--out", work / "bad1") == 1
@@ -240,6 +250,7 @@ def test_convert_errors(work, hf_config_file, capsys):
     assert not any((work / f"bad{i}").exists() for i in range(1, 5))
 
 
+@pytest.mark.torch
 def test_bundle_without_the_other_model(hf_bundle):
     with pytest.raises(BundleError, match="no language model"):
         load_lm(hf_bundle)
@@ -308,6 +319,7 @@ def moshivis_bundle(work, moshivis_checkpoint, hf_config_file) -> Path:
     return out
 
 
+@pytest.mark.torch
 def test_moshivis_checkpoint_brings_its_tower(moshivis_bundle, hf_bundle):
     cfg = json.loads((moshivis_bundle / "config.json").read_text())
     assert cfg["model_type"] == "moshivis"
@@ -336,6 +348,7 @@ def reference_image_kv(tokens: np.ndarray, state: dict[str, torch.Tensor], num_h
     return split(k), split(v)
 
 
+@pytest.mark.torch
 def test_image_to_cross_attention_kv(moshivis_bundle, moshivis_checkpoint, hf_tower, photo):
     _, state = moshivis_checkpoint
     lm = load_lm(moshivis_bundle)
@@ -351,6 +364,7 @@ def test_image_to_cross_attention_kv(moshivis_bundle, moshivis_checkpoint, hf_to
     np.testing.assert_allclose(values, ref_v, atol=2e-4, rtol=1e-4)
 
 
+@pytest.mark.torch
 def test_switching_images_recomputes_only_the_kv(moshivis_bundle):
     lm = load_lm(moshivis_bundle)
     rng = np.random.RandomState(7)
@@ -461,6 +475,7 @@ def test_full_size_quantization_leaves_the_mlp_output_float():
     assert "embeddings.patch.scales" not in names
     model = siglip.SiglipVision(cfg)  # the loader's predicate quantizes exactly those
     quantize_model(model, QuantSpec(8, 64), lambda path, m: f"{path}.scales" in names)
+    assert {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())} == names
 
 
 # -- image files ------------------------------------------------------------------------
@@ -531,6 +546,7 @@ def test_directory(tmp_path):
     one_line_error(tmp_path, "is a directory")
 
 
+@pytest.mark.torch
 def test_errors_surface_through_encode_image(hf_bundle, tmp_path):
     with pytest.raises(ImageError, match="no such file"):
         load_vision(hf_bundle).encode_image(tmp_path / "nowhere.png")
