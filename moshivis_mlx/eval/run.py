@@ -369,6 +369,8 @@ def evaluate(opts: EvalOptions, console: Console) -> dict[str, Any]:
                   + (f"; {len(records)} done already" if records else ""), highlight=False,
                   soft_wrap=True)
     if todo:
+        console.print(f"loading {bundle} ({run['quantization']}) ...", highlight=False,
+                      soft_wrap=True)
         models = load_models(opts, bundle, apply_adapters)
         records += _ask(opts, plan, models, todo, done, records, out, console)
     metrics = write_reports(out, run, records)
