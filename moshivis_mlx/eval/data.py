@@ -1,0 +1,392 @@
+"""Kyutai's Babillage (spoken COCO captions, VQAv2, OCR-VQA) and the references to score
+it against.
+
+Babillage (huggingface.co/datasets/kyutai/Babillage) is parquet, one configuration per
+benchmark (`coco`, `ocrvqa`: validation and test splits; `vqav2`: validation), files named
+`<config>/<split>-00000-of-000NN.parquet`. Each row is one spoken question:
+
+    sample_id            int64
+    image_id             int64     (coco, ocrvqa; VQAv2's image comes from its annotations)
+    question_audio       audio     Hugging Face's audio feature: a struct {bytes, path}
+                                   holding an encoded file (WAV, FLAC, MP3, OGG), or
+                                   {array, sampling_rate}
+    question_transcript  list<string>          the words of the question
+    question_alignment   list<list<float64>>   [start, end] seconds of each word
+    answer_audio, answer_transcript, answer_alignment    the spoken answer (coco, ocrvqa)
+
+Only the question columns (and the ids) are read. The metadata of every row is read up
+front (a few MB); the audio is read one row group at a time when a sample needs it.
+
+The references are the benchmarks' own annotation files: COCO captions
+(captions_val2014.json, or Karpathy's dataset_coco.json) keyed by image id; VQAv2's
+v2_mscoco_val2014_annotations.json keyed by question id (= Babillage's sample_id), which
+also gives the image; for OCR-VQA a file of answers by sample id (JSON or JSON Lines), or
+else Babillage's own answer transcript.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import ImageError, MoshivisError
+
+TASKS = ("coco", "vqav2", "ocrvqa")
+DEFAULT_SPLIT = {"coco": "test", "ocrvqa": "test", "vqav2": "validation"}
+SPLITS = ("train", "validation", "test")
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp"}
+
+QUESTION_COLUMNS = ("sample_id", "question_audio", "question_transcript", "question_alignment")
+
+
+class DataError(MoshivisError):
+    """A dataset, annotation or image folder that cannot be used; the message names it."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One spoken question of the benchmark."""
+
+    index: int
+    """Position in the dataset (file order): the order of the predictions."""
+    sample_id: int
+    image_id: int | str | None
+    question: str
+    """The question's words (the transcript), joined by spaces."""
+    source: tuple[int, int, int] = field(repr=False, compare=False, default=(0, 0, 0))
+    """(file, row group, row in the group) of its audio."""
+
+
+def _required(task: str) -> tuple[str, ...]:
+    return QUESTION_COLUMNS + (() if task == "vqav2" else ("image_id",))
+
+
+def parquet_files(data: str | Path, task: str, split: str | None = None) -> list[Path]:
+    """The parquet files of `task`'s `split` under `data` (a file, a Babillage checkout, or
+    a folder of parquet files)."""
+    path = Path(data).expanduser()
+    split = split or DEFAULT_SPLIT[task]
+    if not path.exists():
+        raise DataError(f"{path}: no such file or directory",
+                        "give a Babillage parquet file or folder with --data")
+    if path.is_file():
+        if path.suffix != ".parquet":
+            raise DataError(f"{path}: not a parquet file")
+        return [path]
+    if (path / task).is_dir():
+        path = path / task
+    found = sorted(path.glob("*.parquet"))
+    if not found:
+        raise DataError(f"{path}: no parquet files (expected Babillage's "
+                        f"{task}/{split}-*.parquet)")
+    named = [f for f in found if f.name.startswith(split)]
+    if named:
+        return named
+    others = sorted({s for f in found for s in SPLITS if f.name.startswith(s)})
+    if others:
+        raise DataError(f"{path}: no {split} files (found {', '.join(others)}); choose one "
+                        f"with --split")
+    return found
+
+
+def _check_schema(path: Path, schema: Any, task: str) -> None:
+    names = set(schema.names)
+    missing = [c for c in _required(task) if c not in names]
+    if missing:
+        raise DataError(
+            f"{path}: not Babillage's {task} schema: no column {', '.join(missing)} "
+            f"(its columns: {', '.join(schema.names)[:200]})",
+            "give the parquet files of the task's configuration")
+    import pyarrow as pa
+
+    audio = schema.field("question_audio").type
+    ok = pa.types.is_struct(audio) and (
+        {"bytes"} <= {f.name for f in audio} or {"array"} <= {f.name for f in audio})
+    if not (ok or pa.types.is_binary(audio) or pa.types.is_large_binary(audio)):
+        raise DataError(f"{path}: question_audio is {audio}, not an audio struct "
+                        f"{{bytes, path}} or {{array, sampling_rate}}")
+
+
+def _pyarrow():
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise MoshivisError("reading Babillage needs pyarrow",
+                            "pip install 'moshivis-mlx[eval]'") from None
+    return pq
+
+
+class Babillage:
+    """The questions of one task and split, in file order; audio read on demand."""
+
+    def __init__(self, files: list[Path], task: str):
+        pq = _pyarrow()
+        self.task = task
+        self.files = files
+        self._readers = []
+        self.samples: list[Sample] = []
+        meta = ["sample_id", "question_transcript"] + ([] if task == "vqav2" else ["image_id"])
+        index = 0
+        for fi, path in enumerate(files):
+            try:
+                reader = pq.ParquetFile(path)
+            except Exception as e:  # pyarrow raises ArrowInvalid, OSError, ...
+                raise DataError(f"{path}: not a readable parquet file ({e})") from None
+            _check_schema(path, reader.schema_arrow, task)
+            self._readers.append(reader)
+            for rg in range(reader.num_row_groups):
+                table = reader.read_row_group(rg, columns=meta)
+                ids = table.column("sample_id").to_pylist()
+                words = table.column("question_transcript").to_pylist()
+                images = (table.column("image_id").to_pylist() if "image_id" in meta
+                          else [None] * len(ids))
+                for row, (sid, ws, image) in enumerate(zip(ids, words, images)):
+                    text = " ".join(w.strip() for w in (ws or []) if w and w.strip())
+                    if isinstance(ws, str):
+                        text = ws.strip()
+                    self.samples.append(Sample(index, int(sid), image, text, (fi, rg, row)))
+                    index += 1
+        self._groups: OrderedDict[tuple[int, int], list] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def _row_group(self, fi: int, rg: int, column: str) -> list:
+        key = (fi, rg, column)
+        if key not in self._groups:
+            table = self._readers[fi].read_row_group(rg, columns=[column])
+            self._groups[key] = table.column(column).to_pylist()
+            while len(self._groups) > 2:  # a row group of audio can be ~100 MB
+                self._groups.popitem(last=False)
+        return self._groups[key]
+
+    def question_audio(self, sample: Sample) -> tuple[np.ndarray, int]:
+        """The spoken question: float32 mono samples and their rate."""
+        fi, rg, row = sample.source
+        value = self._row_group(fi, rg, "question_audio")[row]
+        return decode_audio(value, f"{self.files[fi].name} sample {sample.sample_id}")
+
+    def answer_transcripts(self) -> dict[int, str]:
+        """Babillage's spoken answers' words by sample id (coco, ocrvqa)."""
+        out: dict[int, str] = {}
+        for fi, reader in enumerate(self._readers):
+            if "answer_transcript" not in reader.schema_arrow.names:
+                raise DataError(f"{self.files[fi]}: no answer_transcript column",
+                                "give the answers with --annotations")
+            table = reader.read(columns=["sample_id", "answer_transcript"])
+            for sid, ws in zip(table.column("sample_id").to_pylist(),
+                               table.column("answer_transcript").to_pylist()):
+                out[int(sid)] = ws.strip() if isinstance(ws, str) else " ".join(ws or [])
+        return out
+
+
+def decode_audio(value: Any, name: str) -> tuple[np.ndarray, int]:
+    """A Hugging Face audio cell -> (float32 mono samples, sample rate)."""
+    if isinstance(value, dict) and value.get("array") is not None:
+        rate = value.get("sampling_rate") or value.get("sample_rate")
+        if not rate:
+            raise DataError(f"{name}: audio array without its sampling_rate")
+        a = np.asarray(value["array"], dtype=np.float32)
+        return (a.mean(axis=-1) if a.ndim > 1 else a), int(rate)
+    raw = value.get("bytes") if isinstance(value, dict) else value
+    if not raw:
+        where = value.get("path") if isinstance(value, dict) else None
+        raise DataError(f"{name}: the audio cell holds no bytes"
+                        + (f" (only a path, {where})" if where else ""))
+    try:
+        import soundfile
+    except ImportError:
+        raise MoshivisError("decoding Babillage's audio needs soundfile",
+                            "pip install 'moshivis-mlx[eval]'") from None
+    try:
+        pcm, rate = soundfile.read(io.BytesIO(raw), dtype="float32", always_2d=True)
+    except Exception as e:  # soundfile raises LibsndfileError, RuntimeError, ...
+        raise DataError(f"{name}: cannot decode the audio ({' '.join(str(e).split())})") from None
+    return pcm.mean(axis=1), int(rate)
+
+
+# -- references ------------------------------------------------------------------------------
+
+def _read_json(path: str | Path, what: str) -> Any:
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise DataError(f"annotation file {path} does not exist", f"give {what} with --annotations")
+    if path.is_dir():
+        raise DataError(f"annotation file {path} is a directory", f"give {what}")
+    text = path.read_text(encoding="utf-8")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        pass
+    try:  # JSON Lines
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: neither JSON nor JSON Lines ({e})") from None
+
+
+COCO_WHAT = "COCO captions (captions_val2014.json or Karpathy's dataset_coco.json)"
+VQA_WHAT = "VQAv2 annotations (v2_mscoco_val2014_annotations.json)"
+OCR_WHAT = "OCR-VQA answers by sample id (JSON {sample_id: answer} or JSON Lines)"
+
+
+@dataclass
+class References:
+    """What each sample is scored against, and where its image is."""
+
+    answers: dict[int, list[str]]
+    """sample id -> reference captions or answers."""
+    image_of: dict[int, int | str] = field(default_factory=dict)
+    """sample id -> image id, where the dataset has none (VQAv2)."""
+    file_names: dict[int | str, str] = field(default_factory=dict)
+    """image id -> file name, where the annotations give one (COCO)."""
+    extra: dict[int, dict[str, Any]] = field(default_factory=dict)
+    """sample id -> fields kept in the prediction record (VQAv2's answer_type)."""
+
+
+def coco_references(path: str | Path, samples: list[Sample]) -> References:
+    data = _read_json(path, COCO_WHAT)
+    captions: dict[int, list[str]] = {}
+    names: dict[int | str, str] = {}
+    if isinstance(data, dict) and isinstance(data.get("annotations"), list):
+        for a in data["annotations"]:
+            if "caption" not in a or "image_id" not in a:
+                raise DataError(f"{path}: not {COCO_WHAT} (an annotation without caption)")
+            captions.setdefault(int(a["image_id"]), []).append(a["caption"])
+        for im in data.get("images", []):
+            if "id" in im and "file_name" in im:
+                names[int(im["id"])] = im["file_name"]
+    elif isinstance(data, dict) and isinstance(data.get("images"), list) and data["images"] \
+            and "sentences" in data["images"][0]:
+        for im in data["images"]:
+            image_id = int(im.get("cocoid", im.get("imgid")))
+            captions[image_id] = [s.get("raw") or " ".join(s["tokens"]) for s in im["sentences"]]
+            if im.get("filename"):
+                names[image_id] = im["filename"]
+    else:
+        raise DataError(f"{path}: not {COCO_WHAT}")
+    answers = {}
+    for s in samples:
+        if s.image_id not in captions:
+            raise DataError(f"{path}: no captions for image {s.image_id} (sample {s.sample_id})",
+                            "give the captions of the split the questions come from")
+        answers[s.sample_id] = captions[s.image_id]
+    return References(answers, file_names=names)
+
+
+def vqa_references(path: str | Path, samples: list[Sample]) -> References:
+    data = _read_json(path, VQA_WHAT)
+    anns = data.get("annotations") if isinstance(data, dict) else None
+    if not isinstance(anns, list) or (anns and not {"question_id", "answers", "image_id"}
+                                      <= set(anns[0])):
+        raise DataError(f"{path}: not {VQA_WHAT}")
+    by_q = {int(a["question_id"]): a for a in anns}
+    refs = References({})
+    missing = [s.sample_id for s in samples if s.sample_id not in by_q]
+    if missing:
+        raise DataError(f"{path}: no annotation for {len(missing)} question(s), e.g. sample "
+                        f"{missing[0]} (Babillage's sample_id is VQAv2's question_id)",
+                        "give the annotations of the split the questions come from")
+    for s in samples:
+        a = by_q[s.sample_id]
+        refs.answers[s.sample_id] = [x["answer"] for x in a["answers"]]
+        refs.image_of[s.sample_id] = int(a["image_id"])
+        refs.extra[s.sample_id] = {k: a[k] for k in ("answer_type", "question_type") if k in a}
+    return refs
+
+
+def ocrvqa_references(path: str | Path | None, samples: list[Sample],
+                      dataset: Babillage) -> References:
+    if path is None:
+        spoken = dataset.answer_transcripts()
+        return References({s.sample_id: [spoken[s.sample_id]] for s in samples})
+    data = _read_json(path, OCR_WHAT)
+    table: dict[int, list[str]] = {}
+    rows = data.items() if isinstance(data, dict) else None
+    if rows is None and isinstance(data, list):
+        rows = []
+        for r in data:
+            if not isinstance(r, dict) or "sample_id" not in r:
+                raise DataError(f"{path}: not {OCR_WHAT}")
+            rows.append((r["sample_id"], r.get("answers", r.get("answer"))))
+    if rows is None:
+        raise DataError(f"{path}: not {OCR_WHAT}")
+    for k, v in rows:
+        try:
+            key = int(k)
+        except (TypeError, ValueError):
+            raise DataError(f"{path}: not {OCR_WHAT} (key {k!r} is not a sample id)") from None
+        table[key] = [v] if isinstance(v, str) else [str(x) for x in (v or [])]
+    missing = [s.sample_id for s in samples if s.sample_id not in table]
+    if missing:
+        raise DataError(f"{path}: no answer for {len(missing)} sample(s), e.g. {missing[0]}")
+    return References({s.sample_id: table[s.sample_id] for s in samples})
+
+
+def load_references(task: str, annotations: str | Path | None, samples: list[Sample],
+                    dataset: Babillage) -> References:
+    if task == "ocrvqa":
+        return ocrvqa_references(annotations, samples, dataset)
+    if annotations is None:
+        what = COCO_WHAT if task == "coco" else VQA_WHAT
+        raise DataError(f"--task {task} needs --annotations: {what}")
+    if task == "coco":
+        return coco_references(annotations, samples)
+    return vqa_references(annotations, samples)
+
+
+# -- images ----------------------------------------------------------------------------------
+
+TRAILING_NUMBER = re.compile(r"(\d+)$")
+
+
+class ImageFolder:
+    """Finds a benchmark image by id: the annotations' file name, or a file whose name is
+    the id or ends in it (COCO_val2014_000000391895.jpg, 391895.jpg, 0001234567.jpg)."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root).expanduser()
+        if not self.root.is_dir():
+            raise ImageError(f"image folder {self.root} does not exist",
+                             "give the benchmark's images with --images")
+        self.by_name: dict[str, Path] = {}
+        self.by_stem: dict[str, Path] = {}
+        self.by_number: dict[int, Path] = {}
+        for folder in [self.root, *sorted(p for p in self.root.iterdir() if p.is_dir())]:
+            for p in sorted(folder.iterdir()):
+                if p.suffix.lower() not in IMAGE_SUFFIXES or not p.is_file():
+                    continue
+                self.by_name.setdefault(p.name, p)
+                self.by_stem.setdefault(p.stem, p)
+                m = TRAILING_NUMBER.search(p.stem)
+                if m:
+                    self.by_number.setdefault(int(m.group(1)), p)
+
+    def find(self, image_id: int | str, file_name: str | None = None) -> Path | None:
+        if file_name:
+            name = Path(file_name).name
+            if name in self.by_name:
+                return self.by_name[name]
+        if str(image_id) in self.by_stem:
+            return self.by_stem[str(image_id)]
+        try:
+            return self.by_number.get(int(image_id))
+        except (TypeError, ValueError):
+            return None
+
+    def path(self, image_id: int | str, file_name: str | None = None,
+             sample_id: int | None = None) -> Path:
+        p = self.find(image_id, file_name)
+        if p is None:
+            looked = f"{file_name} or " if file_name else ""
+            of = f" (sample {sample_id})" if sample_id is not None else ""
+            raise ImageError(f"image {image_id}{of} not found in {self.root}: looked for "
+                             f"{looked}a file named {image_id}.* or ending in its number",
+                             "give the benchmark's image folder with --images")
+        return p

@@ -1,0 +1,427 @@
+"""moshivis-eval's runner: plan the samples, load the model, ask every question, write
+each prediction as it comes, then score.
+
+The plan is deterministic: the dataset's samples in file order, the first `limit` of
+them, grouped by image (in the order each image first appears), the groups dealt round
+robin to the `shard` I of N. So the N shards of a run partition exactly the samples of
+the unsharded run, every image's keys and values are computed in one shard only, and,
+each question being asked in a fresh conversation (greedy, or a seeded sampler restarted
+per question), a sample's prediction does not depend on which shard or which attempt
+produced it: an interrupted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from ..errors import MoshivisError, UsageError, WeightsError
+from .answer import MODES, Answerer, AnswerSettings
+from .data import (
+    TASKS,
+    Babillage,
+    DataError,
+    ImageFolder,
+    References,
+    Sample,
+    load_references,
+    parquet_files,
+)
+from .metrics import running_score
+from .report import (
+    PREDICTIONS,
+    PredictionWriter,
+    read_predictions,
+    read_run,
+    write_reports,
+    write_run,
+)
+
+DEFAULT_HF_REPO = "kyutai/moshika-vis-pytorch-bf16"
+QUANTIZE_CHOICES = ("8", "4", "none")
+
+
+@dataclass
+class EvalOptions:
+    task: str
+    data: Path
+    images: Path
+    out: Path
+    annotations: Path | None = None
+    split: str | None = None
+    mode: str = "audio"
+    limit: int | None = None
+    shard: tuple[int, int] = (0, 1)
+    weights: Path | None = None
+    hf_repo: str = DEFAULT_HF_REPO
+    quantize: str | None = None
+    adapters: Path | None = None
+    seed: int | None = None
+    settings: AnswerSettings = field(default_factory=AnswerSettings)
+    ptb: str = "python"
+
+    def check(self) -> None:
+        if self.task not in TASKS:
+            raise UsageError(f"unknown task {self.task!r} (choose {', '.join(TASKS)})")
+        if self.mode not in MODES:
+            raise UsageError(f"unknown mode {self.mode!r} (choose {' or '.join(MODES)})")
+        i, n = self.shard
+        if not (n >= 1 and 0 <= i < n):
+            raise UsageError(f"--shard {i}/{n}: I must be in 0..N-1")
+        if self.limit is not None and self.limit < 1:
+            raise UsageError("--limit must be at least 1")
+        s = self.settings
+        if s.opening_s < 0 or s.silence_s <= 0 or s.max_answer_s <= 0:
+            raise UsageError("--opening-s must be >= 0, --silence-s and --max-answer-s > 0")
+        if self.ptb not in ("python", "java"):
+            raise UsageError("--ptb is python or java")
+        if self.quantize is not None and self.quantize not in QUANTIZE_CHOICES:
+            raise UsageError(f"-q must be one of {', '.join(QUANTIZE_CHOICES)}")
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise UsageError(f"--shard {text!r}: write I/N, e.g. 0/4 (the first of 4)") from None
+    return i, n
+
+
+# -- the plan --------------------------------------------------------------------------------
+
+@dataclass
+class Group:
+    """The samples about one image."""
+
+    image_id: int | str
+    path: Path
+    samples: list[Sample]
+
+
+@dataclass
+class Plan:
+    dataset: Babillage
+    references: References
+    groups: list[Group]
+
+    @property
+    def samples(self) -> list[Sample]:
+        return [s for g in self.groups for s in g.samples]
+
+
+def make_plan(opts: EvalOptions) -> Plan:
+    dataset = Babillage(parquet_files(opts.data, opts.task, opts.split), opts.task)
+    samples = dataset.samples[: opts.limit] if opts.limit else list(dataset.samples)
+    if not samples:
+        raise DataError(f"{opts.data}: no samples")
+    seen: set[int] = set()
+    for s in samples:
+        if s.sample_id in seen:
+            raise DataError(f"{opts.data}: sample_id {s.sample_id} appears twice")
+        seen.add(s.sample_id)
+    refs = load_references(opts.task, opts.annotations, samples, dataset)
+    folder = ImageFolder(opts.images)
+    by_image: dict[Any, list[Sample]] = {}
+    for s in samples:
+        image = refs.image_of.get(s.sample_id, s.image_id)
+        by_image.setdefault(image, []).append(s)
+    i, n = opts.shard
+    groups = []
+    for k, (image, members) in enumerate(by_image.items()):
+        if k % n != i:
+            continue
+        path = folder.path(image, refs.file_names.get(image), members[0].sample_id)
+        groups.append(Group(image, path, members))
+    return Plan(dataset, refs, groups)
+
+
+# -- the model ---------------------------------------------------------------------------------
+
+@dataclass
+class Models:
+    bundle: Path
+    quantization: str
+    answerer: Answerer
+    vision: Any
+    sampling: str
+
+
+def resolve_bundle(opts: EvalOptions, console: Console) -> Path:
+    if opts.weights is not None:
+        path = Path(opts.weights).expanduser()
+        if not path.is_dir():
+            raise WeightsError(f"weights directory {path} does not exist",
+                               "give a bundle made by moshivis-convert with --weights DIR, "
+                               "or --hf-repo")
+        if opts.quantize is not None:
+            console.print(f"note: -q {opts.quantize} is ignored: the bundle in {path} is used "
+                          f"as it was converted", highlight=False)
+        return path
+    from moshivis_mlx.weights_convert.hub import HubError, bundle_for_repo
+
+    try:
+        return bundle_for_repo(opts.hf_repo, opts.quantize or "8")
+    except HubError as e:
+        raise WeightsError(str(e)) from None
+
+
+def adapter_loader(path: Path | None) -> Callable[[Any], None]:
+    """The hook that applies fine-tuned adapters to the language model, resolved before
+    anything is loaded (adapters are not available yet: asking for them is an error)."""
+    if path is None:
+        return lambda lm: None
+    raise UsageError(f"--adapters {path}: adapters are not available yet in moshivis-mlx",
+                     "evaluate the bundle without --adapters")
+
+
+def describe_sampling(opts: EvalOptions, bundle: Path) -> str:
+    if opts.seed is None:
+        return "greedy (text and audio)"
+    from ..bundle import load_generation
+
+    g = load_generation(bundle)
+    return (f"sampled, seed {opts.seed} (text T={g.text_temperature} top-k {g.text_top_k}, "
+            f"audio T={g.audio_temperature} top-k {g.audio_top_k})")
+
+
+def bundle_quantization(bundle: Path) -> str:
+    from ..bundle import read_config
+    from ..quant import QuantSpec, preset_name
+
+    cfg = read_config(bundle)
+    spec = QuantSpec.from_dict(cfg.get("quantization"))
+    label = f" ({spec.bits}-bit, group {spec.group_size})" if spec else ""
+    return f"{preset_name(spec) if spec else cfg.get('dtype', 'bf16')}{label}"
+
+
+def load_models(opts: EvalOptions, bundle: Path,
+                apply_adapters: Callable[[Any], None] = lambda lm: None) -> Models:
+    from .. import Generator, load_lm, load_mimi, load_vision
+    from ..bundle import BundleError, load_generation, read_config
+    from ..sampling import Sampler
+    from ..stream import Stream
+    from ..text import TextTokenizer, TokenizerError, find_tokenizer
+
+    try:
+        cfg = read_config(bundle)
+        if not cfg.get("vision"):
+            raise WeightsError(f"{bundle} has no image encoder", "use a MoshiVis bundle")
+        lm = load_lm(bundle)
+        if not lm.cfg.cross_attention:
+            raise WeightsError(f"the model in {bundle} is plain Moshi (no cross-attention)",
+                               "use a MoshiVis bundle")
+        apply_adapters(lm)
+        mimi = load_mimi(bundle)
+        vision = load_vision(bundle)
+        tokenizer = TextTokenizer(find_tokenizer(bundle), lm.cfg.text_padding_ids)
+        generation = load_generation(bundle)
+    except (BundleError, TokenizerError):
+        raise
+    except (ValueError, OSError) as e:
+        if isinstance(e, MoshivisError):
+            raise
+        raise WeightsError(f"cannot use the weights in {bundle}: {' '.join(str(e).split())}",
+                           "convert them again with moshivis-convert") from None
+    if opts.seed is None:
+        text, audio = Sampler(temperature=0.0), Sampler(temperature=0.0)
+    else:
+        text, audio = generation.text_sampler(opts.seed), generation.audio_sampler(opts.seed)
+    gen = Generator(lm, text_sampler=text, audio_sampler=audio, xa_start=generation.xa_start)
+    stream = Stream(mimi, gen, tokenizer)
+    return Models(bundle, bundle_quantization(bundle), Answerer(stream, opts.settings), vision,
+                  describe_sampling(opts, bundle))
+
+
+# -- progress ----------------------------------------------------------------------------------
+
+class EvalProgress:
+    """samples done / total, samples/s, time left and the running score: a rich bar on a
+    terminal, a plain line every 5% (or 30 s) otherwise."""
+
+    def __init__(self, console: Console, total: int, done: int, metric: str):
+        self.console, self.total, self.done, self.metric = console, total, done, metric
+        self.start_done, self.t0 = done, time.perf_counter()
+        self.score = float("nan")
+        self.progress = None
+        self._last_line, self._next_pct = self.t0, 0.05
+        if console.is_terminal:
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeRemainingColumn,
+            )
+
+            self.progress = Progress(
+                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("{task.fields[rate]}"), TimeRemainingColumn(),
+                TextColumn("{task.fields[score]}"), console=console, transient=False)
+            self.task = self.progress.add_task("samples", total=total, completed=done,
+                                               rate="", score="")
+
+    def __enter__(self) -> EvalProgress:
+        if self.progress is not None:
+            self.progress.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+
+    def rate(self) -> float:
+        return (self.done - self.start_done) / max(time.perf_counter() - self.t0, 1e-9)
+
+    def advance(self, score: float | None = None) -> None:
+        self.done += 1
+        if score is not None:
+            self.score = score
+        rate = self.rate()
+        score_text = f"{self.metric} {self.score:.1f}" if self.score == self.score else ""
+        if self.progress is not None:
+            self.progress.update(self.task, completed=self.done, rate=f"{rate:.2f} samples/s",
+                                 score=score_text)
+            return
+        now = time.perf_counter()
+        if self.done / self.total >= self._next_pct or now - self._last_line >= 30 \
+                or self.done == self.total:
+            while self._next_pct <= self.done / self.total:
+                self._next_pct += 0.05
+            self._last_line = now
+            left = (self.total - self.done) / rate if rate > 0 else float("nan")
+            eta = f"{left / 60:.1f} min left" if left == left else ""
+            self.console.print(f"  {self.done}/{self.total} samples, {rate:.2f} samples/s, "
+                               f"{eta}, {score_text}".rstrip(", "), highlight=False)
+
+
+# -- the run -------------------------------------------------------------------------------------
+
+METRIC_SHORT = {"coco": "CIDEr", "vqav2": "VQA acc", "ocrvqa": "acc"}
+
+
+def run_settings(opts: EvalOptions, plan: Plan, bundle: Path, quantization: str,
+                 sampling: str) -> dict[str, Any]:
+    return {
+        "task": opts.task, "split": opts.split or None, "mode": opts.mode,
+        "data": [f.name for f in plan.dataset.files], "bundle": str(bundle),
+        "quantization": quantization, "sampling": sampling, "settings": opts.settings.to_dict(),
+        "limit": opts.limit, "ptb": opts.ptb, "shard": list(opts.shard),
+        "planned": len(plan.samples),
+    }
+
+
+def _check_resumable(out: Path, run: dict[str, Any]) -> None:
+    old = read_run(out)
+    if old is None:
+        return
+    for k in ("task", "split", "mode", "data", "bundle", "quantization", "sampling", "settings",
+              "limit", "shard", "ptb"):
+        if old.get(k) != run.get(k):
+            raise UsageError(f"{out} holds a run with another {k} ({old.get(k)!r}, this one "
+                             f"{run.get(k)!r})", "give another --out, or the same options")
+
+
+@contextmanager
+def _writer(path: Path) -> Iterator[PredictionWriter]:
+    w = PredictionWriter(path)
+    try:
+        yield w
+    finally:
+        w.close()
+
+
+def question_audio(plan: Plan, sample: Sample, rate: int):
+    from ..app.resample import resample
+
+    pcm, sr = plan.dataset.question_audio(sample)
+    return resample(pcm, sr, rate) if sr != rate else pcm
+
+
+def evaluate(opts: EvalOptions, console: Console) -> dict[str, Any]:
+    """Runs (or resumes) one evaluation; returns its metrics."""
+    opts.check()
+    if opts.split is None:
+        from .data import DEFAULT_SPLIT
+
+        opts = replace(opts, split=DEFAULT_SPLIT[opts.task])
+    out = Path(opts.out).expanduser()
+    apply_adapters = adapter_loader(opts.adapters)
+    plan = make_plan(opts)
+    bundle = resolve_bundle(opts, console)
+    run = run_settings(opts, plan, bundle, bundle_quantization(bundle),
+                       describe_sampling(opts, bundle))
+    _check_resumable(out, run)
+    out.mkdir(parents=True, exist_ok=True)
+    write_run(out, run)
+    done = {r["sample_id"]: r for r in read_predictions(out / PREDICTIONS)}
+    planned_ids = {s.sample_id for s in plan.samples}
+    todo = [g for g in plan.groups if any(s.sample_id not in done for s in g.samples)]
+    records = [r for sid, r in done.items() if sid in planned_ids]
+    shard = f", shard {opts.shard[0]}/{opts.shard[1]}" if opts.shard[1] > 1 else ""
+    console.print(f"{opts.task} ({opts.split}), {opts.mode} prompts: {len(plan.samples)} "
+                  f"samples about {len(plan.groups)} images{shard}"
+                  + (f"; {len(records)} done already" if records else ""), highlight=False,
+                  soft_wrap=True)
+    if todo:
+        console.print(f"loading {bundle} ({run['quantization']}) ...", highlight=False,
+                      soft_wrap=True)
+        models = load_models(opts, bundle, apply_adapters)
+        records += _ask(opts, plan, models, todo, done, records, out, console)
+    metrics = write_reports(out, run, records)
+    console.print(f"{metrics['metric']}: {metrics['score']:.1f} (95% CI {metrics['ci95'][0]:.1f}-"
+                  f"{metrics['ci95'][1]:.1f}), lenient {metrics['normalised_score']:.1f}, "
+                  f"{metrics['samples_scored']} samples, "
+                  f"{metrics['time_per_sample_s'] or 0:.2f} s per sample -> {out}",
+                  highlight=False, soft_wrap=True)
+    return metrics
+
+
+def _ask(opts: EvalOptions, plan: Plan, models: Models, groups: list[Group],
+         done: dict[int, dict], records: list[dict], out: Path, console: Console) -> list[dict]:
+    answerer = models.answerer
+    refs = plan.references
+    new: list[dict] = []
+    scored = [(r["prediction"], r["references"]) for r in records]
+    last_scored = len(scored)
+    with _writer(out / PREDICTIONS) as writer, \
+            EvalProgress(console, len(plan.samples), len(records),
+                         METRIC_SHORT[opts.task]) as progress:
+        for group in groups:
+            t0 = time.perf_counter()
+            answerer.set_image(models.vision.encode_image(group.path))
+            image_s = time.perf_counter() - t0
+            for sample in group.samples:
+                if sample.sample_id in done:
+                    continue
+                if opts.mode == "audio":
+                    question = question_audio(plan, sample, answerer.sample_rate)
+                else:
+                    question = sample.question
+                a = answerer.answer(question, opts.mode)
+                record = {
+                    "index": sample.index, "sample_id": sample.sample_id,
+                    "image_id": group.image_id, "image": group.path.name,
+                    "question": sample.question, "prediction": a.text,
+                    "references": refs.answers[sample.sample_id], "stop": a.stop,
+                    "opening": a.opening, "during_question": a.during_question,
+                    "frames": a.frames, "question_frames": a.question_frames,
+                    "answer_s": a.answer_s, "model_s": round(a.seconds, 4),
+                    "image_s": round(image_s, 4), **refs.extra.get(sample.sample_id, {}),
+                }
+                image_s = 0.0  # the image is encoded once for the group
+                writer.write(record)
+                new.append(record)
+                scored.append((a.text, record["references"]))
+                score = None
+                if len(scored) - last_scored >= max(1, last_scored // 20):
+                    score = running_score(opts.task, [p for p, _ in scored],
+                                          [r for _, r in scored])
+                    last_scored = len(scored)
+                progress.advance(score)
+    return new
