@@ -43,7 +43,9 @@ from typing import Any
 import numpy as np
 
 from ..errors import AudioDeviceError
-from ..stream import FRAME_SIZE, SAMPLE_RATE
+from ..stream import RELEASED
+
+SAMPLE_RATE, FRAME_SIZE = RELEASED.sample_rate, RELEASED.frame_size
 
 ALIGN_MARGIN_MS = 80.0
 """How much earlier than the reported delay the reference is aligned: AEC3 needs the echo
