@@ -19,12 +19,15 @@ word coloured by how much the model was looking at the image when it said it.
 EPILOG = """\
 keys (live mode):
   i        load another image (type its path, Enter)     r  restart the conversation
-  space    mute / unmute the microphone                   q  quit (Ctrl-C works too)
+  c        a new camera snapshot (with --camera)          space  mute / unmute the mic
+  q        quit (Ctrl-C works too)
 
 examples:
   moshivis-mlx --image photo.jpg                     talk about photo.jpg
   moshivis-mlx --image photo.jpg -q 4                4-bit weights (less memory)
   moshivis-mlx --list-devices                        which microphones and speakers exist
+  moshivis-mlx --camera --camera-every 10            talk about what the webcam sees
+  moshivis-mlx --image photo.jpg --no-echo-cancel    with headphones (no echo to remove)
   moshivis-mlx --image photo.jpg --input-wav question.wav --output-wav answer.wav
   moshivis-mlx --demo                                offline demo on a tiny random model
 
@@ -61,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="the picture to talk about (JPEG, PNG, ...; press i to change it)")
     img.add_argument("--no-image", action="store_true",
                      help="plain Moshi: no image encoder is loaded, no image is used")
+    img.add_argument("--camera", metavar="DEVICE", nargs="?", const="",
+                     help="live mode: the image is a webcam snapshot (default: the first "
+                          "camera; a number, a device path, or a video file); press c for a "
+                          "new one (needs pip install 'moshivis-mlx[camera]')")
 
     w = p.add_argument_group("model")
     w.add_argument("--weights", metavar="DIR",
@@ -78,6 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="microphone: number or part of the name (default: the system's)")
     a.add_argument("--output-device", metavar="DEV", type=device_arg,
                    help="speaker: number or part of the name (default: the system's)")
+    a.add_argument("--no-echo-cancel", action="store_true",
+                   help="keep the model's own voice in the microphone (echo cancellation is "
+                        "on by default, for laptop speakers; with headphones it is not needed)")
+    a.add_argument("--camera-every", type=float, metavar="S",
+                   help="with --camera: a new snapshot every S seconds (default: only on c)")
     a.add_argument("--record", metavar="DIR",
                    help="save the session here (default: ./moshivis-sessions/<date-time>/)")
     a.add_argument("--no-record", action="store_true", help="do not save the session")
@@ -131,6 +143,10 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
                 "with --record")
     if args.record and args.no_record:
         p.error("--record and --no-record contradict each other")
+    if args.camera is not None and (args.input_wav or args.demo):
+        p.error("--camera is for live mode (not with --input-wav or --demo)")
+    if args.camera_every is not None and (args.camera is None or not args.camera_every > 0):
+        p.error("--camera-every needs --camera and a number of seconds > 0")
     for name in ("text_temperature", "audio_temperature"):
         v = getattr(args, name)
         if v is not None and v < 0:
@@ -157,6 +173,8 @@ def options_from(args: argparse.Namespace) -> AppOptions:
     return AppOptions(
         model=model, image=args.image, no_image=args.no_image,
         input_device=args.input_device, output_device=args.output_device,
+        echo_cancel=not args.no_echo_cancel, camera=args.camera,
+        camera_every=args.camera_every,
         record=not args.no_record, record_dir=Path(args.record) if args.record else None,
         input_wav=args.input_wav, output_wav=Path(args.output_wav) if args.output_wav else None,
         transcript=Path(args.transcript) if args.transcript else None,

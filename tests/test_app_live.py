@@ -140,12 +140,15 @@ def test_live_conversation_through_a_real_sound_server(tmp_path, pulse, bundle, 
     assert transcript["events"][0]["event"] == "image"
 
     assert session["frames"] == conv.shape[0] // 1920
+    # The echo canceller is on by default; its delay is at least the output prebuffer.
+    assert session["echo_cancel"]["enabled"] is True
+    assert session["echo_cancel"]["delay_ms"] >= 80
     # The counters are the audio layer's: what the app showed at its last step, or a little
     # more (session.json reads them when the devices close: the display drains every 50 ms,
     # stopping and closing take well under 5 frames), and with the recorded frames they
     # account for the time the microphone ran (every 80 ms it gave was recorded, dropped, or
     # still queued at the end: the lower bound is the check above).
-    shown = re.search(r"dropped (\d+), underruns (\d+)$", session["latency"])
+    shown = re.search(r"dropped (\d+), underruns (\d+)", session["latency"])
     assert shown, session
     for key, count in (("dropped_frames", int(shown[1])), ("underruns", int(shown[2]))):
         assert type(session[key]) is int and count <= session[key] <= count + 5, (key, session)
@@ -246,3 +249,51 @@ def test_terminal_ui_under_tmux(tmp_path, pulse, bundle, speech):
     conv, rate = read_wav(rec / "conversation.wav")
     session = json.loads((rec / "session.json").read_text())
     assert rate == 24000 and conv.shape[0] == session["frames"] * 1920 >= 24000, session
+
+
+def test_live_with_a_camera_that_refreshes_the_image(tmp_path, pulse, bundle, speech):
+    """--camera with a video file (how a webcam is stood in for): the first snapshot is the
+    image, --camera-every brings new ones while the conversation goes on, and the video's
+    end keeps its last frame (no error)."""
+    import cv2
+
+    video = tmp_path / "camera.avi"
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 10, (64, 48))
+    for i in range(20):  # 2 s of video: it ends while the session goes on
+        writer.write(np.full((48, 64, 3), (40 * (i % 5), 200, 90), np.uint8))
+    writer.release()
+    rec = tmp_path / "session"
+    talker = pulse.talk(speech)
+    app = subprocess.Popen(
+        [*APP, "--weights", str(bundle), "--camera", str(video), "--camera-every", "0.8",
+         "--record", str(rec), "--input-device", "pulse", "--output-device", "pulse",
+         "--seed", "0"],
+        cwd=REPO, env=pulse.client_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True)
+    try:
+        wait_for_line(app, "listening", timeout=120)
+        time.sleep(4.5)
+        app.send_signal(signal.SIGINT)
+        out, err = app.communicate(timeout=60)
+    finally:
+        if app.poll() is None:
+            app.kill()
+        stop_process_group(talker)
+    assert app.returncode == 0, err
+    session = json.loads((rec / "session.json").read_text())
+    assert session["image"] == "camera"
+    images = [e["path"] for e in json.loads((rec / "transcript.json").read_text())["events"]
+              if e["event"] == "image"]
+    # The first snapshot, then one every 0.8 s of the 4.5 s (the last ones from the ended
+    # video's last frame).
+    assert images[0] == "camera" and len(images) >= 4, images
+    assert images[1:] == [f"camera #{i}" for i in range(1, len(images))]
+
+
+def test_a_missing_camera_is_one_line_before_any_model_loads(tmp_path, pulse, bundle):
+    r = subprocess.run([*APP, "--weights", str(bundle), "--camera", str(tmp_path / "no.avi"),
+                        "--input-device", "pulse", "--output-device", "pulse", "--no-record"],
+                       cwd=REPO, env=pulse.client_env(), capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 7 and r.stderr.count("\n") == 1, r.stderr
+    assert "no.avi" in r.stderr and "language model" not in r.stdout

@@ -212,3 +212,23 @@ def test_macos_silent_microphone_hint(monkeypatch):
         for ev in _step(0.08 * i, None, level=0.0):
             plain.handle(ev)
     assert out.getvalue().count("Privacy & Security > Microphone") == 1
+
+
+def test_the_camera_key_and_the_echo_canceller_on_the_status_line():
+    from moshivis_mlx.app.echo import EchoStats
+    from moshivis_mlx.app.ui import echo_label
+
+    ui = TerminalUI("camera", load_image(SAMPLE_IMAGE), None, camera=True)
+    assert ui.key("c") == ("camera", "")
+    plain = TerminalUI("a.jpg", load_image(SAMPLE_IMAGE), None)
+    assert plain.key("c") is None and "no camera" in plain.message.plain
+    assert echo_label(None) == ""
+    assert echo_label(EchoStats(False, None, False, 0.0, 0)) == "echo cancel off"
+    assert echo_label(EchoStats(True, None, False, 120.0, 3)) == "echo cancel on"
+    assert echo_label(EchoStats(True, 31.6, True, 120.0, 30)) == "echo -32 dB"
+    ui.stats.echo = EchoStats(True, 31.6, True, 120.0, 30)
+    console = Console(width=100, record=True, file=io.StringIO())
+    console.print(ui._footer())
+    text = console.export_text()
+    assert "echo -32 dB" in text and "c snapshot" in text
+    assert ui.stats.summary().endswith("echo -32 dB")

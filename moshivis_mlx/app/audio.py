@@ -26,6 +26,7 @@ import numpy as np
 
 from ..errors import AudioDeviceError, one_line
 from ..stream import RELEASED, FrameGeometry
+from .echo import NoEchoCanceller
 from .resample import Resampler
 
 MAX_INPUT_BACKLOG = 3
@@ -160,15 +161,22 @@ class AudioIO:
     frame = audio.read_frame(timeout)   # the reader: 1920 samples, or None
     audio.write_frame(pcm)              # the writer: 1920 samples of the model's voice
     audio.check()                       # the main thread: raises if a device failed
+
+    `echo` (an `EchoCanceller`) sits here, between the devices and the conversation:
+    every frame written for the speaker is its reference, every microphone frame read
+    goes through it, and its delay is the devices' reported latency plus the output
+    prebuffer. Reader and writer are the same thread (the model's), as it requires.
     """
 
     def __init__(self, input_device: int | str | None = None,
                  output_device: int | str | None = None, backend: Any | None = None,
                  max_input_backlog: int = MAX_INPUT_BACKLOG,
                  max_output_backlog: int = MAX_OUTPUT_BACKLOG,
-                 geometry: FrameGeometry = RELEASED):
+                 geometry: FrameGeometry = RELEASED, echo: Any | None = None):
         self.sd = backend or load_backend()
         self.geometry = geometry
+        self.echo = echo if echo is not None else NoEchoCanceller(
+            geometry.sample_rate, geometry.frame_size)
         self.input_device = input_device
         self.output_device = output_device
         self.max_input_backlog = max_input_backlog
@@ -250,6 +258,19 @@ class AudioIO:
             self.close()
             raise device_error(e, "input", self.input_device) from None
         self._started_at = self._last_input = time.monotonic()
+        self.echo.set_delay_ms(self.echo_delay_ms())
+
+    def echo_delay_ms(self) -> float:
+        """How long after a frame is written its echo comes back in the microphone: the
+        output prebuffer, then the devices' own latency (as PortAudio reports it)."""
+        latency = 0.0
+        for s in (self.input_stream, self.output_stream):
+            try:
+                value = s.latency
+                latency += float(value[0] if isinstance(value, (tuple, list)) else value)
+            except (AttributeError, TypeError, ValueError, IndexError):
+                pass  # a backend that reports none: the canceller searches on its own
+        return 1e3 * (latency + OUTPUT_PREBUFFER * self.geometry.frame_seconds)
 
     def close(self) -> None:
         """Stops and closes the streams; safe to call at any time, also twice."""
@@ -335,7 +356,7 @@ class AudioIO:
                     break
             self._pending = np.concatenate([self._pending, self.in_resampler.process(block)])
         frame, self._pending = self._pending[:size], self._pending[size:]
-        return frame
+        return self.echo.near_end(frame)
 
     @property
     def backlog(self) -> int:
@@ -349,7 +370,9 @@ class AudioIO:
             silence = np.zeros(round(self.out_rate * self.geometry.frame_seconds), np.float32)
             for _ in range(OUTPUT_PREBUFFER):
                 self.fifo.push(silence)
-        out = self.out_resampler.process(np.clip(pcm, -1.0, 1.0))
+        pcm = np.clip(pcm, -1.0, 1.0).astype(np.float32, copy=False)
+        self.echo.far_end(pcm)  # exactly what the speaker is given
+        out = self.out_resampler.process(pcm)
         if len(out):
             self.fifo.push(out.astype(np.float32, copy=False))
 

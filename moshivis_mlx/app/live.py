@@ -1,12 +1,14 @@
 """Live mode: microphone -> model -> speaker, with the terminal UI.
 
     PortAudio's input callback    copies each 80 ms block onto a bounded queue (audio.py)
-    the model thread              frame -> Session.feed: Mimi encode -> LM step -> Mimi
-                                  decode (worker.py), then the events: the model's frame
-                                  to the speaker FIFO, everything to the recording, the
-                                  rest to the display queue (`_sink` below)
+    the model thread              frame -> echo canceller -> Session.feed: Mimi encode ->
+                                  LM step -> Mimi decode (worker.py), then the events: the
+                                  model's frame to the echo canceller's reference and the
+                                  speaker FIFO, everything to the recording, the rest to
+                                  the display queue (`_sink` below)
     PortAudio's output callback   plays what the FIFO holds (audio.py)
-    the main thread               opens, starts, checks and closes the devices; draws the
+    the main thread               opens, starts, checks and closes the devices (and the
+                                  camera: its snapshots become commands); draws the
                                   display, turns keys into commands; on exit, saves
 
 The session is saved whatever ends it: `q`, Ctrl-C, SIGTERM, a device that vanishes or
@@ -27,9 +29,13 @@ from typing import Any
 from rich.console import Console
 from rich.live import Live
 
-from ..errors import AudioDeviceError, MoshivisError
+from ..errors import AudioDeviceError, CameraError, MoshivisError
 from ..progress import Steps
+from ..stream import RELEASED
 from .audio import AudioIO
+from .camera import Camera, CameraTicker
+from .camera import parse_device as parse_camera
+from .echo import echo_canceller
 from .opening import Opened, open_session, opening_steps
 from .options import AppOptions
 from .recorder import SessionRecorder, default_session_dir
@@ -47,9 +53,10 @@ def _terminate_as_interrupt(signum, frame):  # SIGTERM / SIGHUP end the session 
     raise KeyboardInterrupt
 
 
-def _prepare(opts: AppOptions, steps: Steps, want_vision: bool, picture: Any) -> Opened:
+def _prepare(opts: AppOptions, steps: Steps, want_vision: bool, image_name: str | None,
+             picture: Any) -> Opened:
     """Loading and warm-up; runs on the model thread (see worker.py)."""
-    opened = open_session(opts.model, steps, want_vision, opts.image, picture)
+    opened = open_session(opts.model, steps, want_vision, image_name, picture)
     with steps.step("warm-up"):
         opened.session.warm_up()
     return opened
@@ -75,14 +82,15 @@ def _sink(audio: AudioIO, recorder: SessionRecorder | None,
     return sink
 
 
-def _recorder(opts: AppOptions, opened: Opened, audio: AudioIO) -> SessionRecorder:
+def _recorder(opts: AppOptions, opened: Opened, audio: AudioIO,
+              image_name: str | None) -> SessionRecorder:
     record_dir = opts.record_dir or default_session_dir()
     session = opened.session
     gen = session.stream.gen
     try:
         recorder = SessionRecorder(record_dir, session.geometry, {
             "bundle": str(opened.bundle),
-            "image": opts.image,
+            "image": image_name,
             "devices": audio.description,
             "sampling": {"text": repr(gen.text_sampler), "audio": repr(gen.audio_sampler),
                          "xa_start": gen.xa_start},
@@ -91,29 +99,63 @@ def _recorder(opts: AppOptions, opened: Opened, audio: AudioIO) -> SessionRecord
         raise MoshivisError(f"cannot record the session in {record_dir} ({e.strerror or e})",
                             "pick another directory with --record DIR, or use --no-record"
                             ) from None
-    if opts.image:
-        recorder.add_event("image", path=opts.image)
+    if image_name:
+        recorder.add_event("image", path=image_name)
     return recorder
+
+
+CAMERA_NAME = "camera"
+
+
+def _open_camera(opts: AppOptions) -> tuple[Camera | None, CameraTicker | None, Any]:
+    """The camera (with --camera), its periodic refresh, and its first snapshot."""
+    if opts.camera is None:
+        return None, None, None
+    camera = Camera(parse_camera(opts.camera or None))
+    try:
+        picture = camera.snapshot()
+        ticker = CameraTicker(camera, opts.camera_every) if opts.camera_every else None
+    except BaseException:
+        camera.close()
+        raise
+    return camera, ticker, picture
 
 
 def run_live(opts: AppOptions, console: Console) -> int:
     interactive = console.is_terminal and sys.stdin.isatty()
     want_vision = not opts.no_image
     picture = load_picture(opts.image) if opts.image else None
-    with Steps(console, 2 + opening_steps(want_vision, picture is not None)) as steps:
-        # The devices first: a missing microphone (or macOS asking for permission) should
-        # not wait until a 7B model has loaded.
+    image_name = opts.image
+    n_steps = 2 + (opts.camera is not None)
+    first_image = picture is not None or opts.camera is not None
+    with Steps(console, n_steps + opening_steps(want_vision, first_image)) as steps:
+        # The devices first: a missing microphone or camera (or macOS asking for
+        # permission) should not wait until a 7B model has loaded.
         with steps.step("audio devices"):
-            audio = AudioIO(opts.input_device, opts.output_device)
+            echo = echo_canceller(opts.echo_cancel, RELEASED.sample_rate, RELEASED.frame_size)
+            audio = AudioIO(opts.input_device, opts.output_device, echo=echo)
             audio.open()
-        worker = ModelWorker(lambda: _prepare(opts, steps, want_vision, picture),
-                             audio.read_frame)
+        camera = ticker = None
         try:
+            if opts.camera is not None:
+                with steps.step("camera"):
+                    camera, ticker, picture = _open_camera(opts)
+                image_name = CAMERA_NAME
+            worker = ModelWorker(lambda: _prepare(opts, steps, want_vision, image_name,
+                                                  picture), audio.read_frame)
             worker.start()
+        except BaseException:
+            audio.close()
+            if camera is not None:
+                camera.close()
+            raise
+        try:
             opened = worker.wait_ready()
         except BaseException:
             worker.stop(timeout=0.5)  # a failed or interrupted load: do not wait for it
             audio.close()
+            if camera is not None:
+                camera.close()
             raise
     session = opened.session
 
@@ -126,12 +168,15 @@ def run_live(opts: AppOptions, console: Console) -> int:
                                 f"{devices.sample_rate} Hz: live mode cannot use it",
                                 "use file mode (--input-wav)")
         if opts.record:
-            recorder = _recorder(opts, opened, audio)
+            recorder = _recorder(opts, opened, audio, image_name)
     except BaseException:
         worker.stop()
         audio.close()
+        if camera is not None:
+            camera.close()
         raise
     display: queue.Queue[Event] = queue.Queue(maxsize=MAX_EVENTS)
+    snapshots = _Snapshots(worker, camera, ticker)
 
     fatal: BaseException | None = None
     old_handlers = {}
@@ -143,14 +188,15 @@ def run_live(opts: AppOptions, console: Console) -> int:
         audio.start()
         worker.begin(_sink(audio, recorder, display))
         if interactive:
-            ui = TerminalUI(os.path.basename(opts.image) if opts.image else None, picture,
+            ui = TerminalUI(os.path.basename(image_name) if image_name else None, picture,
                             str(recorder.dir) if recorder else None, audio.description,
-                            image_enabled=want_vision, geometry=session.geometry)
-            fatal = _terminal_loop(ui, worker, audio, display, console, opts.debug)
+                            image_enabled=want_vision, geometry=session.geometry,
+                            camera=camera is not None)
+            fatal = _terminal_loop(ui, worker, audio, display, console, snapshots, opts.debug)
         else:
             ui = PlainUI(geometry=session.geometry)
             ui.print(f"listening ({audio.description}); Ctrl-C to stop")
-            fatal = _plain_loop(ui, worker, audio, display)
+            fatal = _plain_loop(ui, worker, audio, display, snapshots)
     except KeyboardInterrupt:
         pass
     except MoshivisError as e:
@@ -158,13 +204,16 @@ def run_live(opts: AppOptions, console: Console) -> int:
     finally:
         worker.stop()
         audio.close()
+        if camera is not None:
+            camera.close()
         for sig, handler in old_handlers.items():
             signal.signal(sig, handler)
         if isinstance(ui, PlainUI):
             ui.close()
         summary = {"dropped_frames": audio.dropped, "underruns": audio.underruns,
                    "input_overflows": audio.input_overflows,
-                   "output_dropped": audio.fifo.dropped}
+                   "output_dropped": audio.fifo.dropped,
+                   "echo_cancel": _echo_summary(audio.echo.stats)}
         if ui is not None:
             ui.stats.counters(audio.dropped, audio.underruns)
             summary["latency"] = ui.stats.summary()
@@ -181,19 +230,51 @@ def run_live(opts: AppOptions, console: Console) -> int:
     return 0
 
 
+def _echo_summary(stats: Any) -> dict[str, Any]:
+    return {"enabled": stats.enabled, "erle_db": None if stats.erle_db is None
+            else round(stats.erle_db, 1), "delay_ms": round(stats.delay_ms, 1)}
+
+
+class _Snapshots:
+    """Camera snapshots (the `c` key, and every --camera-every seconds) handed to the
+    model thread as the new image; the conversation goes on."""
+
+    def __init__(self, worker: ModelWorker, camera: Camera | None,
+                 ticker: CameraTicker | None):
+        self.worker, self.camera, self.ticker = worker, camera, ticker
+        self.count = 0
+
+    def _send(self, picture: Any) -> None:
+        self.count += 1
+        self.worker.show_picture(f"{CAMERA_NAME} #{self.count}", picture)
+
+    def poll(self) -> None:
+        picture = self.ticker.poll() if self.ticker is not None else None
+        if picture is not None:
+            self._send(picture)
+
+    def take(self) -> None:
+        if self.camera is not None:
+            self._send(self.ticker.snapshot() if self.ticker else self.camera.snapshot())
+
+
 def _update(ui: TerminalUI | PlainUI, worker: ModelWorker, audio: AudioIO,
-            display: queue.Queue[Event], limit: int = 500) -> BaseException | None:
-    """Shows the session's news and the audio counters; returns what ends the session, if
-    anything: a device that failed, or the model thread's error."""
+            display: queue.Queue[Event], snapshots: _Snapshots,
+            limit: int = 500) -> BaseException | None:
+    """Shows the session's news and the audio counters, takes the camera's periodic
+    snapshot; returns what ends the session, if anything: a device (or the camera) that
+    failed, or the model thread's error."""
     for _ in range(limit):
         try:
             ui.handle(display.get_nowait())
         except queue.Empty:
             break
     ui.stats.counters(audio.dropped, audio.underruns, audio.backlog)
+    ui.stats.echo = audio.echo.stats
     try:
         audio.check()
-    except AudioDeviceError as e:
+        snapshots.poll()
+    except (AudioDeviceError, CameraError) as e:
         return e
     if not worker.running:
         return worker.error or MoshivisError("the model thread stopped unexpectedly")
@@ -221,13 +302,13 @@ def _quiet_stderr(enabled: bool) -> Iterator[None]:
 
 
 def _terminal_loop(ui: TerminalUI, worker: ModelWorker, audio: AudioIO,
-                   display: queue.Queue[Event], console: Console,
+                   display: queue.Queue[Event], console: Console, snapshots: _Snapshots,
                    debug: bool = False) -> BaseException | None:
     with _quiet_stderr(not debug), KeyReader() as keys, Live(
             ui.render(), console=console, screen=True, auto_refresh=False,
             redirect_stderr=False) as live:
         while True:
-            failure = _update(ui, worker, audio, display)
+            failure = _update(ui, worker, audio, display, snapshots)
             if failure is not None:
                 return failure
             for k in keys.read(1.0 / FPS):
@@ -244,13 +325,19 @@ def _terminal_loop(ui: TerminalUI, worker: ModelWorker, audio: AudioIO,
                 elif action[0] == "image":
                     ui.say(f"loading {action[1]} ...")
                     worker.load_image(action[1])
+                elif action[0] == "camera":
+                    ui.say("camera snapshot ...")
+                    try:
+                        snapshots.take()
+                    except CameraError as e:
+                        return e
             live.update(ui.render(), refresh=True)
 
 
 def _plain_loop(ui: PlainUI, worker: ModelWorker, audio: AudioIO,
-                display: queue.Queue[Event]) -> BaseException | None:
+                display: queue.Queue[Event], snapshots: _Snapshots) -> BaseException | None:
     while True:
-        failure = _update(ui, worker, audio, display)
+        failure = _update(ui, worker, audio, display, snapshots)
         if failure is not None:
             return failure
         time.sleep(0.05)

@@ -53,6 +53,13 @@ class AppOptions:
     input_device: int | str | None = None
     """A device number or part of its name (None: the system's)."""
     output_device: int | str | None = None
+    echo_cancel: bool = True
+    """Live mode: take the model's own voice out of the microphone (off: headphones)."""
+    camera: str | None = None
+    """Live mode: the image comes from this camera ("" the system's first; or a video
+    file); None: no camera."""
+    camera_every: float | None = None
+    """Live mode: a new camera snapshot every this many seconds (None: only on `c`)."""
     record: bool = True
     record_dir: Path | None = None
     """Where to save a live session (None: ./moshivis-sessions/<date-time>/)."""

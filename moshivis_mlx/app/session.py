@@ -6,6 +6,7 @@ Commands go in as method calls; each returns the events it caused, in order:
                         Piece        the text piece of this frame with its gate (if any)
                         Stats        what the frame cost, the step, the time, the mic level
     set_image(path)  -> ImageChanged, or a Message saying why the image was not used
+                        (or set_image(name, picture): a picture already decoded)
     restart()        -> Restarted
     mute(muted)      -> (nothing)
 
@@ -171,13 +172,15 @@ class Session:
 
         return events
 
-    def set_image(self, path: str) -> list[Event]:
-        """Look at another picture from now on; the conversation goes on. A file that
-        cannot be used is reported and changes nothing."""
+    def set_image(self, path: str, picture: Any = None) -> list[Event]:
+        """Look at another picture from now on; the conversation goes on (only the image
+        keys and values are recomputed). `picture`: an image already decoded (a camera
+        snapshot), `path` then only names it. A file that cannot be used is reported and
+        changes nothing."""
         if self.vision is None:
             return [Message("this model runs without images (--no-image)", "warning")]
         try:
-            picture = load_picture(path)
+            picture = load_picture(path) if picture is None else picture
             tokens = self.vision.encode_image(picture)
         except Exception as e:  # a bad file must not end the conversation
             return [Message(str(e), "error")]

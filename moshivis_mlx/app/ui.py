@@ -34,6 +34,7 @@ STATS_SECONDS = 5.0
 SILENT_MIC_SECONDS = 3.0
 THUMB_COLS, THUMB_ROWS = 32, 16
 KEYS_HELP = "i image  r restart  space mute  q quit"
+CAMERA_KEYS_HELP = "c snapshot  i image  r restart  space mute  q quit"
 
 # Gate 0 -> 1: dim blue, violet, red, yellow (readable on dark and light backgrounds).
 GATE_RAMP = [(0.0, (90, 110, 200)), (0.35, (160, 80, 220)), (0.7, (235, 70, 90)),
@@ -142,6 +143,8 @@ class LiveStats:
         self.dropped = 0
         self.underruns = 0
         self.backlog = 0
+        self.echo: Any = None
+        """The echo canceller's `EchoStats` (None: not in live mode)."""
         self.t = 0.0
         self.steps = 0
 
@@ -169,7 +172,21 @@ class LiveStats:
         else:
             headroom = self.budget_ms / max(p[1], 1e-3)
             lat = f"step p50 {p[0]:.0f} ms p95 {p[1]:.0f} ms, headroom {headroom:.1f}x"
-        return f"{lat}, dropped {self.dropped}, underruns {self.underruns}"
+        text = f"{lat}, dropped {self.dropped}, underruns {self.underruns}"
+        echo = echo_label(self.echo)
+        return f"{text}, {echo}" if echo else text
+
+
+def echo_label(stats: Any) -> str:
+    """The echo canceller in a few words: off, or how much quieter it makes the echo
+    (echo return loss enhancement, over the last second the model was heard)."""
+    if stats is None:
+        return ""
+    if not stats.enabled:
+        return "echo cancel off"
+    if stats.erle_db is None:
+        return "echo cancel on"
+    return f"echo -{stats.erle_db:.0f} dB"
 
 
 def silent_mic_hint(stats: LiveStats) -> str | None:
@@ -219,7 +236,7 @@ class TerminalUI:
 
     def __init__(self, image_name: str | None, image: Any | None, record_dir: str | None,
                  devices: str = "", image_enabled: bool = True, keep_words: int = 600,
-                 geometry: FrameGeometry = RELEASED):
+                 geometry: FrameGeometry = RELEASED, camera: bool = False):
         self.transcript = Transcript(keep=keep_words, keep_text=False)
         self.gates = GateScale()
         self.view = TranscriptView(self.transcript, self.gates)
@@ -227,6 +244,7 @@ class TerminalUI:
         self.record_dir = record_dir
         self.devices = devices
         self.image_enabled = image_enabled
+        self.camera = camera
         self.muted = False
         self.prompt: str | None = None  # the image path being typed, when asking
         self.message: Text = Text("")
@@ -292,6 +310,11 @@ class TerminalUI:
             return ("restart", "")
         if k == " ":
             return ("mute", "")
+        if k in ("c", "C"):
+            if not self.camera:
+                self.say("no camera (start with --camera)", "yellow")
+                return None
+            return ("camera", "")
         if k in ("i", "I"):
             if not self.image_enabled:
                 self.say("images are off (--no-image)", "yellow")
@@ -333,13 +356,16 @@ class TerminalUI:
         else:
             mic.append("mic ")
             mic.append_text(level_meter(self.stats.level))
+        echo = echo_label(self.stats.echo)
+        if echo:
+            mic.append(f"  {echo}", style="bright_black" if "off" in echo else "")
         mic.append("   ")
         if self.prompt is not None:
             mic.append_text(Text.assemble(
                 ("image path: ", "bold"), self.prompt, ("\u2588", "blink"),
                 ("   (Enter to load, Esc to cancel)", "bright_black")))
         else:
-            mic.append(KEYS_HELP, style="bold")
+            mic.append(CAMERA_KEYS_HELP if self.camera else KEYS_HELP, style="bold")
             if self.record_dir:
                 mic.append(f"    recording to {self.record_dir}", style="bright_black")
         lines.append(mic)

@@ -64,7 +64,11 @@ class ModelWorker(threading.Thread):
         self.finished.wait(timeout)
 
     def load_image(self, path: str) -> None:
-        self.commands.put(("image", path))
+        self.commands.put(("image", (path, None)))
+
+    def show_picture(self, name: str, picture: object) -> None:
+        """A picture already decoded (a camera snapshot) becomes the image."""
+        self.commands.put(("image", (name, picture)))
 
     def restart(self) -> None:
         self.commands.put(("restart", None))
@@ -114,6 +118,6 @@ class ModelWorker(threading.Thread):
             if name == "restart":
                 self._sink(session.restart())
             elif name == "image":
-                self._sink(session.set_image(arg))
+                self._sink(session.set_image(*arg))
             elif name == "mute":
                 self._sink(session.mute(arg))
