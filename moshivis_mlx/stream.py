@@ -159,17 +159,19 @@ class Stream:
             raise ValueError(f"a frame is {self.geometry.frame_size} samples, got {pcm.shape[0]}")
         return pcm
 
-    def submit(self, pcm: np.ndarray) -> PendingFrame:
+    def submit(self, pcm: np.ndarray, force_text: int | None = None,
+               force_audio: np.ndarray | None = None) -> PendingFrame:
         """One frame of the user's audio (float32 samples in [-1, 1]), built as one graph
-        and evaluated once, asynchronously."""
+        and evaluated once, asynchronously. `force_text` / `force_audio` replace the
+        model's own tokens of this step (words typed into its text stream)."""
         pcm = self._frame(pcm)
         if self.serial:
-            return _Done(self._serial_step(pcm))
+            return _Done(self._serial_step(pcm, force_text, force_audio))
         t0 = time.perf_counter()
         with mx.stream(self.codec_stream):
             user_codes = self.encoder(mx.array(pcm))
         with mx.stream(self.generation_stream):
-            step = self.gen.step_async(user_codes, evaluate=False)
+            step = self.gen.step_async(user_codes, force_text, force_audio, evaluate=False)
         voice = None
         if step.tokens is not None:
             with mx.stream(self.codec_stream):
@@ -186,12 +188,13 @@ class Stream:
         """One frame in, its result out (live mode: the lowest latency)."""
         return self.submit(pcm).result()
 
-    def _serial_step(self, pcm: np.ndarray) -> StepResult:
+    def _serial_step(self, pcm: np.ndarray, force_text: int | None = None,
+                     force_audio: np.ndarray | None = None) -> StepResult:
         """The reference path: encoder, generator and decoder each evaluated and timed."""
         t0 = time.perf_counter()
         user_codes = np.asarray(self.encoder.step(pcm)).reshape(-1)
         t1 = time.perf_counter()
-        out = self.gen.step(user_codes)
+        out = self.gen.step(user_codes, force_text, force_audio)
         t2 = time.perf_counter()
         if out is None:
             voice, token, piece, gate = self.silence, None, None, None

@@ -170,37 +170,13 @@ def test_the_command_line_becomes_typed_options():
         opts.image = "x.jpg"  # modes derive their options with dataclasses.replace
 
 
-class _TalksThenStops:
-    """A session stand-in: the model speaks (a word and a loud voice each frame) until
-    `speaks` frames have passed, then falls silent."""
-
-    def __init__(self, speaks: int):
-        from moshivis_mlx.stream import RELEASED
-
-        self.geometry = RELEASED
-        self.speaks = speaks
-        self.frames = 0
-
-    def submit(self, frame):
-        from moshivis_mlx.app.session import AudioFrame, Piece
-
-        step, t = self.frames, self.frames * 0.08
-        self.frames += 1
-        loud = step < self.speaks
-        pcm = np.full(1920, 0.3 if loud else 0.001, np.float32)
-        events = [AudioFrame(step, t, pcm, frame)]
-        if loud:
-            events.append(Piece(step, t, "\u2581word", None))
-        return lambda: events
-
-
 def test_file_mode_hears_the_answer_to_its_end(tmp_path):
     """After the question the model hears silence until it has been silent for the given
     time; the output ends there, and a cap cuts an answer that never ends."""
-    from rich.console import Console
+    from session_support import ScriptedStream
 
     from moshivis_mlx.app.files import process
-    from moshivis_mlx.app.session import AnswerWatch
+    from moshivis_mlx.app.session import AnswerWatch, Session
     from moshivis_mlx.app.transcript import Transcript
     from moshivis_mlx.app.wav import WavWriter, read_wav
 
@@ -211,20 +187,23 @@ def test_file_mode_hears_the_answer_to_its_end(tmp_path):
             for _ in range(self.frames):
                 yield np.zeros(1920, np.float32), 1920
 
-    for speaks, cap, outcome, frames in ((12, 30.0, "finished", 12 + 25), (10**6, 1.6, "cap",
-                                                                          5 + 20)):
-        session = _TalksThenStops(speaks)
+    # The model speaks at steps 0-11 (its words come out at 1-12), then falls silent: 25
+    # quiet frames (2 s) later the answer is over. A model that never stops meets the cap.
+    for script, cap, outcome, frames, words in (
+            ({s: 11 for s in range(12)}, 30.0, "finished", 38, 12),
+            ({s: 11 for s in range(999)}, 1.6, "cap", 25, 24)):
+        stream = ScriptedStream(script)
         watch = AnswerWatch(0.08, quiet_s=2.0, max_s=cap)
         path = tmp_path / f"{outcome}.wav"
         transcript = Transcript()
         with WavWriter(path, 24000, 1) as out:
-            done = process(session, Question(), out, transcript, Console(file=io.StringIO()),
-                           watch)
+            done = process(Session(stream), Question(), out, transcript,
+                           Console(file=io.StringIO()), watch)
         assert watch.outcome == outcome
         assert done == frames and read_wav(path)[0].shape[0] == frames * 1920
-        assert transcript.count == min(speaks, frames)
+        assert transcript.count == words
         # One frame was submitted ahead and dropped once the answer had ended.
-        assert session.frames == frames + 1
+        assert stream.submitted == frames + 1
 
 
 def test_answer_watch_counts_quiet_frames_only_in_a_row():

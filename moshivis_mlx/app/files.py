@@ -75,55 +75,27 @@ def _writable(path: Path, what: str) -> None:
         raise MoshivisError(f"cannot write {what} {path}: directory {parent} does not exist")
 
 
-def _with_answer(frames: InputFrames, frame_size: int,
-                 more: AnswerWatch | None) -> Iterator[tuple[np.ndarray, int, bool]]:
-    """(frame, valid samples, part of the answer's tail): the question's frames, then
-    silence for as long as the watch says the answer goes on."""
-    for frame, valid in frames:
-        yield frame, valid, False
-    silence = np.zeros(frame_size, dtype=np.float32)
-    while more is not None and more.outcome is None:
-        yield silence, frame_size, True
-
-
 def process(session: Session, frames: InputFrames, out: WavWriter, transcript: Transcript,
             console: Console, watch: AnswerWatch | None = None) -> int:
-    """Runs the question (and, with a `watch`, the answer after it) through the session,
-    one frame submitted ahead; returns the frames done (an interrupt leaves `out` and
-    `transcript` holding everything before it)."""
+    """Runs the question (and, with a `watch`, the answer after it) through the session;
+    returns the frames done (an interrupt leaves `out` and `transcript` holding everything
+    before it)."""
     frame_seconds = session.geometry.frame_seconds
     t0 = time.perf_counter()
     done = 0
     with Counter(console, unit="frames", quarters=True) as bar:
         task = bar.add("model", frames.frames)
-        pending = None
-        for frame, valid, tail in _with_answer(frames, session.geometry.frame_size, watch):
-            submitted = (session.submit(frame), valid, tail)
-            if pending is not None:
-                done += _collect(pending, out, transcript, watch)
-            pending = submitted
+        question = ((frame, None, valid) for frame, valid in frames)
+        for valid, events in session.converse(question, watch):
+            for ev in events:
+                if isinstance(ev, AudioFrame):
+                    out.write(ev.pcm if valid is None else ev.pcm[:valid])
+                elif isinstance(ev, Piece):
+                    transcript.add(ev.text, ev.t, ev.gate, ev.step)
+            done += 1
             speed = done * frame_seconds / max(time.perf_counter() - t0, 1e-9)
             bar.update(task, min(done, frames.frames), rate=f"{speed:.1f}x real time")
-        if pending is not None and (watch is None or watch.outcome is None):
-            done += _collect(pending, out, transcript, watch)
     return done
-
-
-def _collect(pending, out: WavWriter, transcript: Transcript,
-             watch: AnswerWatch | None) -> int:
-    """One submitted frame's events into the output and the transcript."""
-    events_of, valid, tail = pending
-    if tail and watch.outcome is not None:  # submitted ahead, after the answer ended
-        return 0
-    events = events_of()
-    for ev in events:
-        if isinstance(ev, AudioFrame):
-            out.write(ev.pcm[:valid])
-        elif isinstance(ev, Piece):
-            transcript.add(ev.text, ev.t, ev.gate, ev.step)
-    if tail:
-        watch.update(events)
-    return 1
 
 
 def run_file(opts: AppOptions, console: Console) -> int:

@@ -18,7 +18,7 @@ stream (MLX streams belong to their thread).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -94,8 +94,12 @@ class AnswerWatch:
     silent for `quiet_s`, or when `max_s` have passed (the cap)."""
 
     def __init__(self, frame_seconds: float, quiet_s: float = 2.0, max_s: float = 30.0,
-                 silence_rms: float = 0.01):
+                 silence_rms: float = 0.01, after_speech: bool = False):
+        """`after_speech`: the quiet counts only once the model has said a word (a
+        benchmark waits for its answer; file mode does not)."""
         self.frame_seconds = frame_seconds
+        self.after_speech = after_speech
+        self.spoke = False
         self.quiet_s = quiet_s
         self.max_s = max_s
         self.silence_rms = silence_rms
@@ -111,7 +115,9 @@ class AnswerWatch:
             if isinstance(ev, AudioFrame):
                 spoke |= float(np.sqrt(np.mean(ev.pcm * ev.pcm))) >= self.silence_rms
         self.elapsed += self.frame_seconds
-        self.quiet = 0.0 if spoke else self.quiet + self.frame_seconds
+        self.spoke |= any(isinstance(ev, Piece) for ev in events)
+        waiting = self.after_speech and not self.spoke
+        self.quiet = 0.0 if spoke or waiting else self.quiet + self.frame_seconds
         if self.quiet >= self.quiet_s - 1e-9:
             self.outcome = "finished"
         elif self.elapsed >= self.max_s - 1e-9:
@@ -146,19 +152,25 @@ class Session:
         self.frames = 0
         self.muted = False
         self._silence = np.zeros(self.geometry.frame_size, dtype=np.float32)
+        self._silent_codes: np.ndarray | None = None
 
     def feed(self, frame: np.ndarray) -> list[Event]:
         """One frame of the user's audio -> the model's frame, its text, the step's stats."""
         return self.submit(frame)()
 
-    def submit(self, frame: np.ndarray) -> Callable[[], list[Event]]:
+    def submit(self, frame: np.ndarray, text: int | None = None) -> Callable[[], list[Event]]:
         """`feed` in two halves: the frame goes to the device now, its events come when the
         returned function is called. A caller holding the next frame (file mode) submits
-        it before collecting this one, so the host's work overlaps the device's."""
+        it before collecting this one, so the host's work overlaps the device's.
+
+        `text`: a token typed into the model's text stream for this step, its voice then
+        silent (how a question is given as text: the user's words in the text stream, as
+        MoshiVis' speechless training samples carry them)."""
         frame = np.asarray(frame, dtype=np.float32).reshape(-1)
         level = float(np.sqrt(np.mean(frame * frame)))
         heard = self._silence if self.muted else frame
-        pending = self.stream.submit(heard)
+        silent = self.silent_codes() if text is not None else None
+        pending = self.stream.submit(heard, text, silent)
         step, t = self.frames, self.frames * self.geometry.frame_seconds
         self.frames += 1
 
@@ -171,6 +183,47 @@ class Session:
             return out
 
         return events
+
+    def converse(self, frames: Iterable[tuple[np.ndarray, int | None, Any]],
+                 watch: AnswerWatch | None = None) -> Iterator[tuple[Any, list[Event]]]:
+        """Each (frame, text, tag) in turn, then silence for as long as `watch` says the
+        answer goes on; yields (tag, that frame's events), the tag None for the silence.
+        One frame is submitted ahead of being collected: the host builds the next while
+        the device computes this one (one frame past the end is computed and dropped)."""
+        def inputs() -> Iterator[tuple[np.ndarray, int | None, Any, bool]]:
+            for frame, text, tag in frames:
+                yield frame, text, tag, False
+            while watch is not None and watch.outcome is None:
+                yield self._silence, None, None, True
+
+        pending = None
+        for frame, text, tag, tail in inputs():
+            submitted = (self.submit(frame, text), tag, tail)
+            if pending is not None:
+                yield self._collect(pending, watch)
+            pending = submitted
+            if tail and watch.outcome is not None:
+                return
+        if pending is not None and (watch is None or watch.outcome is None):
+            yield self._collect(pending, watch)
+
+    @staticmethod
+    def _collect(pending: tuple, watch: AnswerWatch | None) -> tuple[Any, list[Event]]:
+        events_of, tag, tail = pending
+        events = events_of()
+        if tail:
+            watch.update(events)
+        return tag, events
+
+    def silent_codes(self) -> np.ndarray:
+        """The model's codes for silence (its voice while its text is typed in): what
+        Mimi makes of silence once its state has settled; computed once."""
+        if self._silent_codes is None:
+            enc = self.stream.mimi.streaming_encoder(self.stream.gen.lm.cfg.dep_q)
+            for _ in range(4):
+                codes = np.asarray(enc.step(self._silence)).reshape(-1)
+            self._silent_codes = codes.astype(np.int64)
+        return self._silent_codes
 
     def set_image(self, path: str, picture: Any = None) -> list[Event]:
         """Look at another picture from now on; the conversation goes on (only the image

@@ -16,9 +16,10 @@ A question is asked in a fresh conversation (the stream is reset; the image is k
 3. silence, until the model has answered: it has spoken, then produced only text
    padding for `silence_s` ("silence"), or `max_answer_s` has passed ("cap").
 
-The answer is what the model's text stream says in 3. The model's voice is not decoded:
-the benchmarks score text. The app's shared "feed silence until the model has finished"
-will replace the loop of step 3 here; nothing else in the runner drives the model.
+The answer is what the model's text stream says in 3. The frames go through the app's own
+`Session` (Mimi encoder, the step, Mimi decoder: one graph a frame, one frame submitted
+ahead) and its `AnswerWatch` decides when the answer is over, so a benchmark measures the
+product, not a side path.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..stream import Stream
+from ..app.session import AnswerWatch, Piece, Session
 from ..text import WORD_START
 
 MODES = ("audio", "text")
@@ -73,33 +74,22 @@ def pieces_text(pieces: list[str]) -> str:
 
 
 class Answerer:
-    """Asks one question at a time of a `Stream` (its encoder, generator, tokenizer)."""
+    """Asks one question at a time of a `Session` (its stream's tokenizer included)."""
 
-    def __init__(self, stream: Stream, settings: AnswerSettings | None = None):
-        if stream.tokenizer is None:
+    def __init__(self, session: Session, settings: AnswerSettings | None = None):
+        if session.stream.tokenizer is None:
             raise ValueError("the stream needs its text tokenizer")
-        self.stream = stream
-        self.gen = stream.gen
+        self.session = session
+        self.stream = session.stream
         self.settings = settings or AnswerSettings()
-        self.frame_size = stream.geometry.frame_size
-        self.frame_s = stream.geometry.frame_seconds
-        self.sample_rate = stream.geometry.sample_rate
+        self.frame_size = session.geometry.frame_size
+        self.frame_s = session.geometry.frame_seconds
+        self.sample_rate = session.geometry.sample_rate
         self.silence = np.zeros(self.frame_size, dtype=np.float32)
-        self._silent_codes: np.ndarray | None = None
 
     def set_image(self, tokens) -> None:
+        """The image's keys and values, computed once for all its questions."""
         self.stream.set_image(tokens)
-
-    def silent_codes(self) -> np.ndarray:
-        """The model's codes for silence (its audio while its text is forced): what Mimi
-        makes of silence once its state has settled."""
-        if self._silent_codes is None:
-            enc = self.stream.mimi.streaming_encoder(self.gen.lm.cfg.dep_q)
-            codes = None
-            for _ in range(4):
-                codes = np.asarray(enc.step(self.silence)).reshape(-1)
-            self._silent_codes = codes.astype(np.int64)
-        return self._silent_codes
 
     def question_tokens(self, text: str) -> list[int]:
         return list(self.stream.tokenizer.sp.encode(text))
@@ -110,61 +100,38 @@ class Answerer:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         s = self.settings
         t0 = time.perf_counter()
-        self.stream.reset()
-        opening = round(s.opening_s / self.frame_s)
+        self.session.restart()
+        base = self.session.frames
+        n_open = round(s.opening_s / self.frame_s)
         if mode == "audio":
             pcm = np.asarray(question, dtype=np.float32).reshape(-1)
             n = max(1, math.ceil(len(pcm) / self.frame_size))
             padded = np.zeros(n * self.frame_size, dtype=np.float32)
             padded[: len(pcm)] = pcm
-            frames = [(padded[i * self.frame_size:(i + 1) * self.frame_size], None)
-                      for i in range(n)]
+            asked = [(padded[i * self.frame_size:(i + 1) * self.frame_size], None)
+                     for i in range(n)]
         else:
-            tokens = self.question_tokens(str(question)) or [self.gen.lm.cfg.text_padding_id]
-            frames = [(self.silence, t) for t in tokens]
-        q_start, q_end = opening, opening + len(frames)
-        silence_frames = max(1, round(s.silence_s / self.frame_s))
-        cap_frames = max(1, round(s.max_answer_s / self.frame_s))
-
+            tokens = self.question_tokens(str(question)) or [
+                self.stream.gen.lm.cfg.text_padding_id]
+            asked = [(self.silence, t) for t in tokens]
+        q_start, q_end = n_open, n_open + len(asked)
+        frames = [(self.silence, None, "opening")] * n_open
+        frames += [(pcm, text, "question") for pcm, text in asked]
+        watch = AnswerWatch(self.frame_s, s.silence_s, s.max_answer_s, after_speech=True)
         said: dict[str, list[str]] = {"opening": [], "question": [], "answer": []}
-        spoke, quiet, step, stop = False, 0, 0, "cap"
-        delay = self.gen.max_delay
-        while True:
-            if step < q_start or step >= q_end:
-                pcm, forced = self.silence, None
-            else:
-                pcm, forced = frames[step - q_start]
-            out = self._step(pcm, forced)
-            step += 1
-            if out is None:
-                continue
-            made_at = step - 1 - delay  # the step that produced this text token
-            piece = self.stream.tokenizer.piece(out.text_token)
-            phase = ("opening" if made_at < q_start else
-                     "question" if made_at < q_end else "answer")
-            if piece:
-                said[phase].append(piece)
-            if phase != "answer":
-                continue
-            if piece:
-                spoke, quiet = True, 0
-            else:
-                quiet += 1
-            if spoke and quiet >= silence_frames:
-                stop = "silence"
-                break
-            if made_at - q_end + 1 >= cap_frames:
-                break
-        answer_frames = made_at - q_end + 1
-        return Answer(text=pieces_text(said["answer"]), stop=stop,
+        delay = self.stream.gen.max_delay
+        fed = 0
+        for _, events in self.session.converse(frames, watch):
+            fed += 1
+            for ev in events:
+                if isinstance(ev, Piece):
+                    made_at = ev.step - base - delay  # the step that produced the token
+                    phase = ("opening" if made_at < q_start else
+                             "question" if made_at < q_end else "answer")
+                    said[phase].append(ev.text)
+        return Answer(text=pieces_text(said["answer"]),
+                      stop="silence" if watch.outcome == "finished" else "cap",
                       opening=pieces_text(said["opening"]),
-                      during_question=pieces_text(said["question"]), frames=step,
-                      question_frames=len(frames), answer_s=round(answer_frames * self.frame_s, 3),
+                      during_question=pieces_text(said["question"]), frames=fed,
+                      question_frames=len(asked), answer_s=round(watch.elapsed, 3),
                       seconds=time.perf_counter() - t0)
-
-    def _step(self, pcm: np.ndarray, forced_text: int | None):
-        """One frame through the stream's encoder and generator (text forced or not)."""
-        codes = np.asarray(self.stream.encoder.step(pcm)).reshape(-1)
-        if forced_text is None:
-            return self.gen.step(codes)
-        return self.gen.step(codes, force_text=forced_text, force_audio=self.silent_codes())

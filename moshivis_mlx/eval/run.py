@@ -21,6 +21,7 @@ from typing import Any
 
 from rich.console import Console
 
+from ..app.session import Session
 from ..errors import MoshivisError, UsageError, WeightsError
 from .answer import MODES, Answerer, AnswerSettings
 from .data import (
@@ -233,8 +234,8 @@ def load_models(opts: EvalOptions, bundle: Path,
     else:
         text, audio = generation.text_sampler(opts.seed), generation.audio_sampler(opts.seed)
     gen = Generator(lm, text_sampler=text, audio_sampler=audio, xa_start=generation.xa_start)
-    stream = Stream(mimi, gen, tokenizer)
-    return Models(bundle, bundle_quantization(bundle), Answerer(stream, opts.settings), vision,
+    session = Session(Stream(mimi, gen, tokenizer))
+    return Models(bundle, bundle_quantization(bundle), Answerer(session, opts.settings), vision,
                   describe_sampling(opts, bundle))
 
 
