@@ -281,7 +281,7 @@ class Attention(nn.Module):
     ) -> mx.array:
         """q, k, v [3, B, H, T, head_dim] -> the attention output [B, T, D], before out_proj.
         `offset`: the position of the first step (an int32 array when streaming)."""
-        q, k, v = qkv[0], qkv[1], qkv[2]
+        q, k, v = (a.squeeze(0) for a in mx.split(qkv, 3, axis=0))
         b, _, t, _ = q.shape
         if self.rope:
             # Interleaved ("traditional") RoPE, the absolute position as offset.
