@@ -1,4 +1,4 @@
-"""The echo canceller's figures in the simulated room of the tests (docs/ROOM.md):
+"""The echo canceller's figures in the simulated room of the tests (docs/APP.md):
 ERLE after convergence, the user's voice in double talk, added latency, CPU per frame.
 
     .venv/bin/python scripts/echo_figures.py [--synthetic]

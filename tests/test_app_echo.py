@@ -132,7 +132,7 @@ def test_user_passes_during_double_talk(source, delay_ms):
     AEC3's suppressor clips the first 100-200 ms of each word said while the model
     speaks, so the correlation depends on how loud the user is at the microphone next to
     the echo: about 0.75-0.80 at equal levels, 0.83-0.89 with the user 12 dB louder
-    (docs/ROOM.md). The floors below catch a regression, with room for other builds."""
+    (docs/APP.md). The floors below catch a regression, with room for other builds."""
     for level_db, floor in [(0.0, 0.70), (12.0, 0.80)]:
         run = simulate(source, delay_ms, user_over_echo_db=level_db)
         dt = slice(SINGLE, DT_END)

@@ -28,7 +28,7 @@ buffers) would not be cancelled at all. A microphone frame that arrives before i
 reference is compared with silence, which is what the speaker played.
 
 Figures (tests/test_app_echo.py, a simulated laptop: a 250 ms room response, 40-700 ms
-of delay, noise 45 dB below the echo; docs/ROOM.md has the tables): 32-34 dB less echo
+of delay, noise 45 dB below the echo; docs/APP.md has the tables): 32-34 dB less echo
 from 2 s after it starts, 40-48 dB after 4 s; the module delays the microphone by 9.3 ms;
 about 1 ms of CPU per 80 ms frame. In double talk AEC3 favours removing echo: it holds
 down the first 100-200 ms of each word the user says while the model speaks.
