@@ -96,7 +96,7 @@ def _run_with_progress(bench, opts):
     """Bars on a terminal; elsewhere (make bench, CI logs) a line per phase and quarter."""
     from moshivis_mlx.progress import Counter
 
-    with Counter(quarters=True) as bars:
+    with Counter(every=0.25) as bars:
         def progress(label, total):
             if not bars.console.is_terminal:
                 bars.console.print(label, highlight=False)

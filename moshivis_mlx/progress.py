@@ -2,9 +2,10 @@
 
 `Steps` follows a short sequence of named steps (finding the weights, downloading them,
 loading each model): one bar over the steps on a terminal, a plain line per step
-elsewhere. `Counter` counts frames, steps or bytes, one bar per task, with a rate and the
-time remaining; off a terminal it stays silent or, if asked, prints a line at each
-quarter. Neither knows what is being counted.
+elsewhere. `Counter` counts frames, steps, samples or bytes, one bar per task, with the
+caller's rate text (speed, a running score) and the time remaining; off a terminal it
+stays silent or, if asked, prints a line at every given fraction of the work. Neither
+knows what is being counted.
 """
 
 from __future__ import annotations
@@ -85,15 +86,17 @@ class Counter:
 
     unit: "frames", "steps", ... (shown after the count), "bytes" (sizes), or "" (a bare
     count). rate: the caller's text for the rate ("3.1x real time"), given to `update`.
-    quarters: when not on a terminal, print a line at each quarter of each task.
+    every: when not on a terminal, print a line (with the rate text) each time this
+    fraction of a task is done (0.25: at each quarter); None: silent.
     """
 
     def __init__(self, console: Console | None = None, unit: str = "",
-                 transient: bool = True, quarters: bool = False, show: bool | None = None):
+                 transient: bool = True, every: float | None = None,
+                 show: bool | None = None):
         """`show`: draw the bars (default: only on a terminal)."""
         self.console = console or Console()
         self.unit = unit
-        self.quarters = quarters and not self.console.is_terminal
+        self.every = every if not self.console.is_terminal else None
         count: ProgressColumn
         if unit == "bytes":
             count = DownloadColumn()
@@ -116,15 +119,18 @@ class Counter:
     def __exit__(self, *exc) -> None:
         self.progress.stop()
 
-    def add(self, description: str, total: int) -> TaskID:
-        task = self.progress.add_task(description, total=total, rate="")
-        self._next_note[task] = 0.25
+    def add(self, description: str, total: int, completed: int = 0) -> TaskID:
+        task = self.progress.add_task(description, total=total, completed=completed, rate="")
+        self._next_note[task] = self.every or 1.0
+        if self.every and total:
+            while self._next_note[task] <= completed / total:
+                self._next_note[task] += self.every
         return task
 
     def update(self, task: TaskID, completed: int, rate: str | None = None) -> None:
         fields = {} if rate is None else {"rate": rate}
         self.progress.update(task, completed=completed, **fields)
-        if self.quarters:
+        if self.every is not None:
             self._note(task, completed)
 
     def track(self, description: str, completed: int, total: int) -> None:
@@ -137,13 +143,16 @@ class Counter:
 
     def advance(self, task: TaskID, n: int = 1) -> None:
         self.progress.advance(task, n)
-        if self.quarters:
+        if self.every is not None:
             self._note(task, int(self.progress.tasks[task].completed))
 
     def _note(self, task: TaskID, done: int) -> None:
-        total = self.progress.tasks[task].total or 0
-        if total and done / total >= self._next_note[task]:
+        t = self.progress.tasks[task]
+        total = t.total or 0
+        if total and done / total >= self._next_note[task] - 1e-9:
             unit = f" {self.unit}" if self.unit else ""
-            self.console.print(f"  {100 * done // total}% ({done}/{total}{unit})",
-                               highlight=False)
-            self._next_note[task] += 0.25
+            rate = t.fields.get("rate") or ""
+            self.console.print(f"  {100 * done // total}% ({done}/{total}{unit})"
+                               f"{', ' + rate if rate else ''}", highlight=False)
+            while self._next_note[task] <= done / total + 1e-9:
+                self._next_note[task] += self.every

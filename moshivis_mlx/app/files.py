@@ -83,7 +83,7 @@ def process(session: Session, frames: InputFrames, out: WavWriter, transcript: T
     frame_seconds = session.geometry.frame_seconds
     t0 = time.perf_counter()
     done = 0
-    with Counter(console, unit="frames", quarters=True) as bar:
+    with Counter(console, unit="frames", every=0.25) as bar:
         task = bar.add("model", frames.frames)
         question = ((frame, None, valid) for frame, valid in frames)
         for valid, events in session.converse(question, watch):

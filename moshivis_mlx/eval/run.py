@@ -23,6 +23,7 @@ from rich.console import Console
 
 from ..app.session import Session
 from ..errors import MoshivisError, UsageError, WeightsError
+from ..progress import Counter
 from .answer import MODES, Answerer, AnswerSettings
 from .data import (
     TASKS,
@@ -239,68 +240,6 @@ def load_models(opts: EvalOptions, bundle: Path,
                   describe_sampling(opts, bundle))
 
 
-# -- progress ----------------------------------------------------------------------------------
-
-class EvalProgress:
-    """samples done / total, samples/s, time left and the running score: a rich bar on a
-    terminal, a plain line every 5% (or 30 s) otherwise."""
-
-    def __init__(self, console: Console, total: int, done: int, metric: str):
-        self.console, self.total, self.done, self.metric = console, total, done, metric
-        self.start_done, self.t0 = done, time.perf_counter()
-        self.score = float("nan")
-        self.progress = None
-        self._last_line, self._next_pct = self.t0, 0.05
-        if console.is_terminal:
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeRemainingColumn,
-            )
-
-            self.progress = Progress(
-                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("{task.fields[rate]}"), TimeRemainingColumn(),
-                TextColumn("{task.fields[score]}"), console=console, transient=False)
-            self.task = self.progress.add_task("samples", total=total, completed=done,
-                                               rate="", score="")
-
-    def __enter__(self) -> EvalProgress:
-        if self.progress is not None:
-            self.progress.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.progress is not None:
-            self.progress.stop()
-
-    def rate(self) -> float:
-        return (self.done - self.start_done) / max(time.perf_counter() - self.t0, 1e-9)
-
-    def advance(self, score: float | None = None) -> None:
-        self.done += 1
-        if score is not None:
-            self.score = score
-        rate = self.rate()
-        score_text = f"{self.metric} {self.score:.1f}" if self.score == self.score else ""
-        if self.progress is not None:
-            self.progress.update(self.task, completed=self.done, rate=f"{rate:.2f} samples/s",
-                                 score=score_text)
-            return
-        now = time.perf_counter()
-        if self.done / self.total >= self._next_pct or now - self._last_line >= 30 \
-                or self.done == self.total:
-            while self._next_pct <= self.done / self.total:
-                self._next_pct += 0.05
-            self._last_line = now
-            left = (self.total - self.done) / rate if rate > 0 else float("nan")
-            eta = f"{left / 60:.1f} min left" if left == left else ""
-            self.console.print(f"  {self.done}/{self.total} samples, {rate:.2f} samples/s, "
-                               f"{eta}, {score_text}".rstrip(", "), highlight=False)
-
-
 # -- the run -------------------------------------------------------------------------------------
 
 METRIC_SHORT = {"coco": "CIDEr", "vqav2": "VQA acc", "ocrvqa": "acc"}
@@ -390,9 +329,12 @@ def _ask(opts: EvalOptions, plan: Plan, models: Models, groups: list[Group],
     new: list[dict] = []
     scored = [(r["prediction"], r["references"]) for r in records]
     last_scored = len(scored)
+    metric, total = METRIC_SHORT[opts.task], len(plan.samples)
+    done_now, t_start = len(records), time.perf_counter()
     with _writer(out / PREDICTIONS) as writer, \
-            EvalProgress(console, len(plan.samples), len(records),
-                         METRIC_SHORT[opts.task]) as progress:
+            Counter(console, unit="samples", transient=False, every=0.05) as bar:
+        task = bar.add("samples", total, completed=done_now)
+        latest = float("nan")
         for group in groups:
             t0 = time.perf_counter()
             answerer.set_image(models.vision.encode_image(group.path))
@@ -419,10 +361,12 @@ def _ask(opts: EvalOptions, plan: Plan, models: Models, groups: list[Group],
                 writer.write(record)
                 new.append(record)
                 scored.append((a.text, record["references"]))
-                score = None
                 if len(scored) - last_scored >= max(1, last_scored // 20):
-                    score = running_score(opts.task, [p for p, _ in scored],
-                                          [r for _, r in scored])
+                    latest = running_score(opts.task, [p for p, _ in scored],
+                                           [r for _, r in scored])
                     last_scored = len(scored)
-                progress.advance(score)
+                done_now += 1
+                rate = len(new) / max(time.perf_counter() - t_start, 1e-9)
+                score = f" \u00b7 {metric} {latest:.1f}" if latest == latest else ""
+                bar.update(task, done_now, rate=f"{rate:.2f} samples/s{score}")
     return new
