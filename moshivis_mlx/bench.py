@@ -20,6 +20,7 @@ encoder, the step and the decoder separately).
 
 from __future__ import annotations
 
+import gc
 import json
 import platform
 import time
@@ -247,6 +248,50 @@ def _models(opts: BenchOptions, report: dict[str, Any], progress: Progress) -> _
     return _Models(lm, mimi, vision)
 
 
+def _scenario(name: str, opts: BenchOptions, models: _Models, codes: np.ndarray,
+              audio: np.ndarray, image: mx.array, report: dict[str, Any],
+              progress: Progress) -> dict[str, Any]:
+    """One scenario: a fresh conversation (its own caches), compiled, warmed up, timed."""
+    lm = models.lm
+    with_image = name in ("moshivis", "frame-image")
+    codec = mx.cpu if opts.codec_device == "cpu" else None
+    gen = Generator(lm, KYUTAI_GENERATION.text_sampler(opts.seed),
+                    KYUTAI_GENERATION.audio_sampler(opts.seed))
+    if with_image:
+        t0 = time.perf_counter()
+        gen.set_image(image)
+        report.setdefault("image_kv_ms", (time.perf_counter() - t0) * 1e3)
+    stream = Stream(models.mimi, gen, codec_device=codec) if name in FRAME_SCENARIOS else None
+    t0 = time.perf_counter()
+    stream.step(audio[0]) if stream else gen.step(codes[0])
+    first = (time.perf_counter() - t0) * 1e3
+    tick = progress(f"{name}: compiling and {opts.warmup} warm-up steps", opts.warmup + 1)
+    gen.warm_up(image_tokens=IMAGE_TOKENS if with_image else None)
+    gen.xa_start = 0 if with_image else gen.xa_start
+    tick()
+    for t in range(opts.warmup):
+        stream.step(audio[t % len(audio)]) if stream else gen.step(codes[t % len(codes)])
+        tick()
+    mx.reset_peak_memory()
+    tick = progress(f"{name}: timing {opts.steps} steps", opts.steps)
+    entry: dict[str, Any] = {"first_step_ms": first}
+    if stream is None:
+        ms = time_steps(gen, codes, opts.steps, opts.pipelined, tick)
+    else:
+        ms, host = time_frames(stream, audio, opts.steps, opts.pipelined, tick)
+        entry["host_ms"] = percentiles(host)
+    entry.update(percentiles(ms))
+    entry["peak_memory_gb"] = mx.get_peak_memory() / 1e9
+    if stream is not None:
+        serial = Stream(models.mimi, gen, codec_device=codec, serial=True)
+        for f in audio[:3]:  # its own codec steps compile first
+            serial.step(f)
+        n = min(opts.steps, STAGE_FRAMES)
+        entry["stages"] = time_stages(serial, audio, n, progress(f"{name}: stages", n))
+    entry["steps_ms"] = ms
+    return entry
+
+
 def run(opts: BenchOptions, progress: Progress | None = None) -> dict[str, Any]:
     """Runs the benchmark; `progress(label, total)` returns a per-unit callback."""
     progress = progress or _no_progress
@@ -275,50 +320,16 @@ def run(opts: BenchOptions, progress: Progress | None = None) -> dict[str, Any]:
     codes = rng.integers(0, lm.cfg.card, size=(256, lm.cfg.n_q - lm.cfg.dep_q))
     audio = (0.1 * rng.standard_normal((64, geometry.frame_size))).astype(np.float32)
     image = mx.random.normal((IMAGE_TOKENS, lm.cfg.image_dim), key=mx.random.key(opts.seed))
-    codec = mx.cpu if opts.codec_device == "cpu" else None
     report["scenarios"] = {}
     for name in opts.scenarios:
-        with_image = name in ("moshivis", "frame-image")
-        if with_image and not lm.cfg.cross_attention:
+        if name in ("moshivis", "frame-image") and not lm.cfg.cross_attention:
             raise UsageError(f"the {name} scenario needs a MoshiVis model (cross-attention)")
         if name in FRAME_SCENARIOS and models.mimi is None:
             raise UsageError(f"the {name} scenario needs Mimi (the bundle holds none)")
-        gen = Generator(lm, KYUTAI_GENERATION.text_sampler(opts.seed),
-                        KYUTAI_GENERATION.audio_sampler(opts.seed))
-        if with_image:
-            t0 = time.perf_counter()
-            gen.set_image(image)
-            report.setdefault("image_kv_ms", (time.perf_counter() - t0) * 1e3)
-        stream = Stream(models.mimi, gen, codec_device=codec) if name in FRAME_SCENARIOS \
-            else None
-        t0 = time.perf_counter()
-        stream.step(audio[0]) if stream else gen.step(codes[0])
-        first = (time.perf_counter() - t0) * 1e3
-        tick = progress(f"{name}: compiling and {opts.warmup} warm-up steps", opts.warmup + 1)
-        gen.warm_up(image_tokens=IMAGE_TOKENS if with_image else None)
-        gen.xa_start = 0 if with_image else gen.xa_start
-        tick()
-        for t in range(opts.warmup):
-            stream.step(audio[t % len(audio)]) if stream else gen.step(codes[t % len(codes)])
-            tick()
-        mx.reset_peak_memory()
-        tick = progress(f"{name}: timing {opts.steps} steps", opts.steps)
-        entry: dict[str, Any] = {"first_step_ms": first}
-        if stream is None:
-            ms = time_steps(gen, codes, opts.steps, opts.pipelined, tick)
-        else:
-            ms, host = time_frames(stream, audio, opts.steps, opts.pipelined, tick)
-            entry["host_ms"] = percentiles(host)
-        entry.update(percentiles(ms))
-        entry["peak_memory_gb"] = mx.get_peak_memory() / 1e9
-        if stream is not None:
-            serial = Stream(models.mimi, gen, codec_device=codec, serial=True)
-            for f in audio[:3]:  # its own codec steps compile first
-                serial.step(f)
-            n = min(opts.steps, STAGE_FRAMES)
-            entry["stages"] = time_stages(serial, audio, n, progress(f"{name}: stages", n))
-        entry["steps_ms"] = ms
+        entry = _scenario(name, opts, models, codes, audio, image, report, progress)
         report["scenarios"][name] = entry
+        gc.collect()  # this scenario's caches go before the next one's peak is measured
+        mx.clear_cache()
     if opts.codec_frames > 0 and models.mimi is not None:
         report.update(time_codec(models.mimi, opts.codec_frames, opts.seed,
                                  progress=progress))
