@@ -24,11 +24,11 @@ from convert_support import assert_same_tensors, nothing_left, ok, run
 from moshivis_mlx.cli.convert import main as convert_main
 from safetensors.numpy import save_file
 from synthetic import (
-    FAKE_TOKENIZER,
     LM_SIZES,
     MANIFESTS,
     TINY_LM_CONFIG,
     TINY_SIGLIP_CONFIG,
+    TINY_TOKENIZER,
     TOWER_SIZES,
     manifest,
     manifest_shapes,
@@ -85,7 +85,7 @@ def configs(work) -> dict[str, Path]:
     lm.write_text(json.dumps(TINY_LM_CONFIG))
     siglip.write_text(json.dumps(TINY_SIGLIP_CONFIG))
     tokenizer = work / "tokenizer_spm_32k_3.model"
-    tokenizer.write_bytes(FAKE_TOKENIZER)
+    tokenizer.write_bytes(TINY_TOKENIZER)
     mimi, mimi_cfg = tiny_mimi_tensors()
     save_file(mimi, str(work / "mimi.safetensors"))
     (work / "mimi_config.json").write_text(json.dumps(mimi_cfg))
@@ -251,7 +251,7 @@ def test_bundle_config_holds_everything(full_f32):
                                       "audio_top_k", "xa_start"}
     assert cfg["vision"]["siglip"]["dim"] == 48 and cfg["mimi"]["sample_rate"] == 24000
     assert cfg["tokenizer"] == "tokenizer.model"
-    assert (full_f32 / "tokenizer.model").read_bytes() == FAKE_TOKENIZER
+    assert (full_f32 / "tokenizer.model").read_bytes() == TINY_TOKENIZER
     assert cfg["source"]["tokenizer"] == "tokenizer_spm_32k_3.model"
     assert cfg["converter"]["name"] == "moshivis-convert"
     assert sorted(p.name for p in full_f32.iterdir()) == [
@@ -273,7 +273,7 @@ def test_bundle_requantized_equals_direct_conversion(work, configs, sources, ful
     assert cfg["vision"]["quantization"] == {"bits": 8, "group_size": 32}
     assert cfg["source"]["layout"] == "bundle" and cfg["source"]["from"]["layout"] == \
         "moshivis-pytorch"
-    assert (via / "tokenizer.model").read_bytes() == FAKE_TOKENIZER
+    assert (via / "tokenizer.model").read_bytes() == TINY_TOKENIZER
     assert cfg["mimi"] == read_config(full_f32)["mimi"]
     assert load_mimi(via).cfg == load_mimi(full_f32).cfg
 
@@ -431,17 +431,24 @@ def test_missing_unexpected_and_misshaped_tensors(work, configs):
 
 
 def test_existing_output_needs_force(work, configs):
+    """An existing bundle is replaced only with --force; anything else is never replaced
+    (--force over a folder of someone's files would delete them)."""
+    mimi = ("--mimi-weights", configs["mimi"], "--mimi-config", configs["mimi_config"])
     out = work / "existing"
-    out.mkdir()
-    (out / "keep.txt").write_text("mine")
-    rc, _, err = run("--mimi-weights", configs["mimi"], "--mimi-config", configs["mimi_config"],
-                     "--out", out)
+    ok(*mimi, "--out", out)
+    before = (out / "config.json").stat().st_mtime_ns
+    rc, _, err = run(*mimi, "--out", out)
     assert rc == 1 and "already exists (use --force" in err and err.count("\n") == 1
-    assert (out / "keep.txt").read_text() == "mine"
-    ok("--mimi-weights", configs["mimi"], "--mimi-config", configs["mimi_config"],
-       "--out", out, "--force")
-    assert not (out / "keep.txt").exists() and (out / "mimi.safetensors").exists()
-    assert not list(work.glob(".existing.*"))
+    assert (out / "config.json").stat().st_mtime_ns == before
+    ok(*mimi, "--out", out, "--force")
+    assert (out / "mimi.safetensors").exists() and not list(work.glob(".existing.*"))
+
+    mine = work / "mine"
+    mine.mkdir()
+    (mine / "keep.txt").write_text("mine")
+    rc, _, err = run(*mimi, "--out", mine, "--force")
+    assert rc == 1 and "not a moshivis-mlx bundle" in err and err.count("\n") == 1
+    assert (mine / "keep.txt").read_text() == "mine" and not list(work.glob(".mine.*"))
 
 
 def test_interrupted_conversion_leaves_nothing(work, configs, sources, monkeypatch):
