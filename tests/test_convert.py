@@ -337,15 +337,15 @@ def test_dry_run_on_every_manifest(name):
             head = line.split(" -> ")[0].strip()
             sources |= {part.split(" [")[0] for part in head.split(" + ")}
     assert sources == set(manifest(name)["tensors"])
-    sizes = re.search(r"bundle size: bfloat16 (.+) \| q8 \(group 64\) (.+) \| q4 \(group 64\) (.+)",
+    sizes = re.search(r"bundle size: bfloat16 (.+) \| q8 \(group 64\) (.+) \| q4 \(group 32\) (.+)",
                       out)
     assert sizes, out[-500:]
     bf16, q8, q4 = (_bytes(s) for s in sizes.groups())
     elements = manifest(name)["num_elements"]
     if name == "mimi.pt.json":  # float32, never quantized, usage statistics folded away
         assert bf16 == q8 == q4 < 4 * elements
-    elif name.startswith("siglip"):  # the tower never goes below 8 bits
-        assert bf16 == pytest.approx(2 * elements, rel=1e-3) and q8 == q4 < bf16
+    elif name.startswith("siglip"):  # the tower never goes below 8 bits (q4: groups of 32)
+        assert bf16 == pytest.approx(2 * elements, rel=1e-3) and q8 < q4 < bf16
     else:
         assert bf16 == pytest.approx(2 * elements, rel=1e-3) and q4 < q8 < 0.6 * bf16
 
@@ -356,15 +356,29 @@ def _bytes(text: str) -> float:
 
 
 def test_dry_run_on_files_writes_nothing_and_sizes_exactly(work, configs, sources):
+    """The dry run's size is the bundle's on disk, to the byte: what "wrote" then says."""
+    from moshivis_mlx.weights_convert.convert import (
+        ConvertOptions,
+        bundle_size,
+        human,
+        plan_conversion,
+    )
+
     out = work / "dry"
-    rc, text, err = run("--moshi-weights", sources["mlx-q4"], "--config", configs["lm"],
-                        "--vision-config", configs["siglip"], "--dry-run", "--out", out)
+    args = ("--moshi-weights", sources["mlx-q4"], "--config", configs["lm"], "--vision-config",
+            configs["siglip"], "--mimi-weights", configs["mimi"], "--mimi-config",
+            configs["mimi_config"], "--tokenizer", configs["tokenizer"])
+    rc, text, err = run(*args, "--dry-run", "--out", out)
     assert rc == 0 and not out.exists()
-    planned = re.search(r"this conversion \(bfloat16, q8/g64\): (.+)", text).group(1)
-    real = convert_lm(work, configs, sources["mlx-q4"], "dry_real")
-    stored = sum(v.nbytes for f in ("model", "vision") for v in
-                 mx.load(str(real / f"{f}.safetensors")).values())
-    assert _bytes(planned) == pytest.approx(stored, rel=5e-3)
+    planned = re.search(r"this conversion \(bfloat16, q8/g64\): (.+) on disk", text).group(1)
+    wrote = ok(*args, "--out", work / "dry_real")
+    on_disk = sum(f.stat().st_size for f in (work / "dry_real").iterdir())
+    assert f"wrote {work / 'dry_real'} ({planned})" in wrote and planned == human(on_disk)
+    plan = plan_conversion(ConvertOptions(
+        moshi_weights=sources["mlx-q4"], kyutai_config=configs["lm"],
+        vision_config=configs["siglip"], mimi_weights=configs["mimi"],
+        mimi_config=configs["mimi_config"], tokenizer=configs["tokenizer"]))
+    assert bundle_size(plan, 5 << 30) == on_disk
     assert "dequantized, quantized q8/g64" in text
 
 

@@ -535,6 +535,10 @@ def _plan_bundle(opts: ConvertOptions) -> Plan:
         plan.found.append("image encoder: SigLIP, bundle layout")
     if "mimi" in sources:
         src = sources["mimi"]
+        try:
+            MimiConfig.from_dict(bcfg["mimi"], "mimi.")
+        except (TypeError, ValueError) as e:
+            raise WeightsError(f"{bundle}/config.json: invalid mimi section ({e})") from None
         mimi = _in_bundle(src, bcfg["mimi"], src.shapes(sorted(src.keys())), None)
         plan.parts.append(_mimi_part(mimi))
         plan.found.append("Mimi codec (copied)")
@@ -542,6 +546,12 @@ def _plan_bundle(opts: ConvertOptions) -> Plan:
         raise WeightsError(f"{bundle}: the bundle holds no model")
     tokenizer = bundle / TOKENIZER_NAME
     plan.tokenizer = tokenizer if tokenizer.exists() else None
+    if plan.tokenizer is not None:
+        pieces = check_tokenizer(tokenizer)
+        text_card = plan.config.get("lm", {}).get("text_card")
+        if "model" in sources and pieces != text_card:
+            raise WeightsError(f"{tokenizer}: {pieces} text pieces, but the language model's "
+                               f"text vocabulary has {text_card}: not this model's tokenizer")
     plan.config["tokenizer"] = TOKENIZER_NAME if plan.tokenizer is not None else None
     plan.config["source"] = {**opts.origin, "layout": BUNDLE, "bundle": bundle.name,
                              "from": bcfg.get("source")}
