@@ -25,7 +25,7 @@ EPILOG = """examples:
   moshivis-convert --bundle moshika-vis-q8 --dequantize --out moshika-vis-bf16
   moshivis-convert --hf-repo kyutai/moshika-vis-pytorch-bf16 --dry-run
   moshivis-convert --dry-run --manifest tests/data/manifests/moshivis.mlx.json
-"""
+"""  # noqa: E501 (a command line is not wrapped: it is copied as is)
 
 SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?i?B?)\s*", re.IGNORECASE)
 UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}

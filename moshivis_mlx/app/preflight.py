@@ -14,7 +14,6 @@ from .options import AppOptions
 from .recorder import DEFAULT_ROOT, FILES, existing_session, session_taken
 from .transcript import log_path
 
-
 RECORD_FIX = "pick another directory with --record DIR, or use --no-record"
 
 

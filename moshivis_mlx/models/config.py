@@ -110,7 +110,10 @@ class ConfigBase:
                 kwargs[k] = cls.nested[k].from_dict(v, f"{where}{k}.")
             else:
                 kwargs[k] = check_value(where + k, v, hints[k])
-        cfg = cls(**kwargs)
+        try:
+            cfg = cls(**kwargs)  # some configs check themselves here, not knowing `where`
+        except ConfigError as e:
+            raise ConfigError(f"{where}{e}") from None
         cfg.check(where)
         return cfg
 
