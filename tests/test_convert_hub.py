@@ -264,6 +264,7 @@ def test_dry_run_reads_only_the_remote_headers(tmp_path, hf_cache, kyutai_files,
                                data_offsets=(t.start, t.end)) for k, t in table.items()})
 
     monkeypatch.setattr(huggingface_hub.HfApi, "parse_safetensors_file_metadata", header)
+    monkeypatch.setattr(hub, "_online", True)  # the stand-in is a Hub that answers
     text = ok("--hf-repo", "kyutai/moshiko-pytorch-bf16", "--dry-run")
     assert sorted(asked) == sorted(["model.safetensors", MIMI])
     assert sorted(p.name for p in snap.iterdir()) == ["config.json", "mimi_config.json"]

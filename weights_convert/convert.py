@@ -214,6 +214,7 @@ def _converted(es: list[Entry], view: FloatView, dtype: mx.Dtype, q: QuantSpec |
                ) -> list[mx.array]:
     parts = [entry_value(e, view.__getitem__) for e in es]
     a = (parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=0)).astype(dtype)
+    _check_finite([e.src for e in es], [a], view.source.label, dtype)
     return [a] if q is None else list(mx.quantize(a, group_size=q.group_size, bits=q.bits))
 
 
@@ -221,7 +222,19 @@ def _packed(e: Entry, view: FloatView, dtype: mx.Dtype) -> list[mx.array]:
     w, s, b = view.packed(e.src)
     if e.rows is not None:
         w, s, b = (x[e.rows[0]: e.rows[1]] for x in (w, s, b))
-    return [w, s.astype(dtype), b.astype(dtype)]
+    s, b = s.astype(dtype), b.astype(dtype)
+    _check_finite([e.src], [s, b], view.source.label, dtype)
+    return [w, s, b]
+
+
+def _check_finite(srcs: list[str], arrays: list[mx.array], label: str, dtype: mx.Dtype) -> None:
+    """NaN or infinite values (or values beyond the target dtype's range, which become
+    infinite) make a model that speaks noise: refused, naming the tensor. Checked before
+    quantizing, which would hide them in finite scales."""
+    if not all(mx.all(mx.isfinite(a)).item() for a in arrays):
+        raise WeightsError(f"{label}: {' + '.join(srcs)} holds NaN or infinite values (or "
+                           f"values beyond {DTYPE_NAMES[dtype_code(dtype)]}'s range): a "
+                           f"damaged checkpoint?", "download it again")
 
 
 def plan_jobs(mapping: Mapping, view: FloatView, dtype: mx.Dtype, quant: QuantSpec | None,
@@ -278,14 +291,6 @@ def _check_float_sources(mapping: Mapping, view: FloatView) -> None:
         raise WeightsError(f"{view.source.label}: weights stored as integers or in an unsupported "
                            f"float type, expected bfloat16, float16 or float32 (or MLX's 8/4-bit "
                            f"quantization): {listing(bad, ', ')}")
-
-
-def _check_finite(job: Job, arrays: list[mx.array], label: str) -> None:
-    """NaN or infinite values make a model that speaks noise: refused, naming the tensor."""
-    floats = [a for a in arrays if mx.issubdtype(a.dtype, mx.floating)]
-    if floats and not all(mx.all(mx.isfinite(a)).item() for a in floats):
-        raise WeightsError(f"{label}: {' + '.join(job.srcs)} holds NaN or infinite values "
-                           f"(a damaged checkpoint?)", "download it again")
 
 
 def _quantized_modules(tensors: dict[str, tuple[int, ...]]) -> set[str]:
@@ -596,7 +601,6 @@ def write_part(part: Part, out_dir: Path, max_shard_bytes: int = DEFAULT_SHARD_S
                 for job in jobs:
                     arrays = job.run()
                     mx.eval(*arrays)
-                    _check_finite(job, arrays, part.view.source.label)
                     for (tensor, _, _), a in zip(job.outputs, arrays, strict=True):
                         writer.write(tensor, a)
                         weight_map[tensor] = name
