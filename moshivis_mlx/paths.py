@@ -54,10 +54,12 @@ def _within(path: Path, root: Path) -> bool:
     return path == root or root in path.parents
 
 
-def check_outputs(outputs: dict[str, Path | None], inputs: dict[str, Path | None]) -> None:
+def check_outputs(outputs: dict[str, Path | None], inputs: dict[str, Path | None],
+                  replaced: bool = False) -> None:
     """Refuses (UsageError, exit 2) any output that is an input, lies inside an input
-    directory, holds an input (an output directory replaced as a whole), or is another
-    output. Keys are what the user calls each path (an option, "the bundle")."""
+    directory, or is another output; with `replaced` (output directories replaced as a
+    whole), also one that holds an input. Keys are what the user calls each path (an
+    option, "the bundle")."""
     outs = {k: Path(v) for k, v in outputs.items() if v is not None}
     ins = {k: Path(v) for k, v in inputs.items() if v is not None}
     for out_name, out in outs.items():
@@ -68,7 +70,7 @@ def check_outputs(outputs: dict[str, Path | None], inputs: dict[str, Path | None
             if inp.is_dir() and _within(out, inp):
                 raise UsageError(f"{out_name} {out} is inside {in_name} {inp}: writing there "
                                  f"would change it", f"choose a path outside {inp}")
-            if out.is_dir() and _within(inp, out):
+            if replaced and out.is_dir() and _within(inp, out):
                 raise UsageError(f"{out_name} {out} holds {in_name} {inp}: replacing it would "
                                  f"delete it", f"choose another path for {out_name}")
     names = list(outs)

@@ -714,7 +714,7 @@ def convert(opts: ConvertOptions, progress: Progress | None = None) -> Path:
         raise WeightsError("no output directory given (--out DIR)")
     out = Path(os.path.abspath(Path(opts.out).expanduser()))
     plan = plan_conversion(opts)  # headers only: every bad input is refused here
-    check_outputs({"--out": out}, _inputs(opts))
+    check_outputs({"--out": out}, _inputs(opts), replaced=True)
     _replaceable(opts.force)(out)  # fail fast; checked again under the lock
     for check in plan.checks:
         check()

@@ -38,13 +38,16 @@ def _filter_bank(up: int, down: int, phases: int) -> tuple[np.ndarray, int]:
     half = ceil(ZERO_CROSSINGS / cutoff)
     k = np.arange(-half + 1, half + 1)  # input offsets around floor(t)
     step = 1 / up if phases == up else 1 / (phases - 1)
-    phase = np.arange(phases)[:, None] * step  # fractional part of t
-    t = k[None, :] - phase  # distance of each tap from the output instant
-    # The Kaiser window evaluated at the (fractional) tap positions, zero beyond `half`.
-    r = np.clip(t / half, -1.0, 1.0)
-    w = np.i0(KAISER_BETA * np.sqrt(1.0 - r * r)) / np.i0(KAISER_BETA)
-    taps = cutoff * np.sinc(cutoff * t) * w
-    return taps.astype(np.float32), half
+    taps = np.empty((phases, 2 * half), dtype=np.float32)
+    rows = max(1, (MAX_WORK // 8) // (2 * half))  # in blocks: np.i0's float64 temporaries
+    for start in range(0, phases, rows):
+        phase = np.arange(start, min(start + rows, phases))[:, None] * step  # fraction of t
+        t = k[None, :] - phase  # distance of each tap from the output instant
+        # The Kaiser window evaluated at the (fractional) tap positions, zero beyond `half`.
+        r = np.clip(t / half, -1.0, 1.0)
+        w = np.i0(KAISER_BETA * np.sqrt(1.0 - r * r)) / np.i0(KAISER_BETA)
+        taps[start: start + len(phase)] = cutoff * np.sinc(cutoff * t) * w
+    return taps, half
 
 
 class Resampler:
