@@ -431,3 +431,9 @@ def test_session_json_is_there_from_the_start_and_lists_every_image(tmp_path):
     assert session["latency"] == {"p50_ms": 20.0}
     assert sorted(p.name for p in (tmp_path / "s").iterdir()) == [
         "conversation.wav", "latency.csv", "session.json", "transcript.json"]
+
+
+def test_the_docs_say_where_make_install_puts_the_commands():
+    for doc in ("README.md", "docs/APP.md"):
+        text = (REPO / doc).read_text()
+        assert "source .venv/bin/activate" in text and ".venv/bin/moshivis-mlx" in text, doc

@@ -453,3 +453,24 @@ def test_help_reads_well():
     assert p.returncode == 0 and "\\" not in p.stdout
     description = p.stdout.split("\n\n")[1].splitlines()
     assert len(description) > 1 and all(len(line) <= 100 for line in description)
+
+
+def test_the_documented_sizes_are_the_dry_runs():
+    """docs/CONVERT.md's size table is what --dry-run prints for the released files."""
+    text = (ROOT / "docs" / "CONVERT.md").read_text()
+    for manifest, row in (("moshivis.pt.json", "MoshiVis"), ("moshi_7b_lm.pt.json", "Moshi (")):
+        _, out, _ = run("--dry-run", "--manifest", ROOT / "tests/data/manifests" / manifest)
+        line = next(x for x in out.splitlines() if x.startswith("bundle size: "))
+        sizes = [part.rsplit(" ", 2)[-2] + " GB" for part in line.split(" | ")]
+        documented = next(x for x in text.splitlines() if x.startswith(f"| {row}"))
+        assert [c.strip() for c in documented.split("|")[2:5]] == sizes, (documented, line)
+
+
+def test_installing_prints_no_license_deprecation():
+    """project.license is an SPDX string (setuptools >= 77 warns about a table, and about a
+    License classifier next to it)."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert project["license"] == "MIT"
+    assert not any(c.startswith("License ::") for c in project.get("classifiers", []))
