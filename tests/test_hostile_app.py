@@ -437,3 +437,29 @@ def test_the_docs_say_where_make_install_puts_the_commands():
     for doc in ("README.md", "docs/APP.md"):
         text = (REPO / doc).read_text()
         assert "source .venv/bin/activate" in text and ".venv/bin/moshivis-mlx" in text, doc
+
+
+# -- moshivis-bench ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("args,expected", [
+    (["--codec-frames", "-1"], "--codec-frames must be in [0, 1000000]"),
+    (["--image-encodes", "-2"], "--image-encodes in [0, 10000]"),
+    (["--steps", "1000000000000"], "--steps must be in [1, 1000000]"),
+    (["--json", "/nonexistent-dir/r.json"], "cannot write --json /nonexistent-dir/r.json"),
+])
+def test_bench_refuses_before_timing(tmp_path, args, expected):
+    p = subprocess.run([sys.executable, "-m", "moshivis_mlx.cli.bench", "--config", "tiny",
+                        "--steps", "3", *args], cwd=REPO, capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 1 and expected in p.stderr, p.stderr
+    assert p.stderr.count("\n") == 1 and "internal error" not in p.stderr
+    assert "p50" not in p.stdout  # nothing was timed
+
+
+def test_bench_json_is_not_the_bundle(bundle, tmp_path):
+    own = Path(shutil.copytree(bundle, tmp_path / "b"))
+    p = subprocess.run([sys.executable, "-m", "moshivis_mlx.cli.bench", "--weights", str(own),
+                        "--steps", "3", "--json", str(own / "config.json")], cwd=REPO,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 1 and "is inside --weights" in p.stderr, p.stderr
+    assert json.loads((own / "config.json").read_text())["lm"]
