@@ -320,13 +320,13 @@ sys.exit(main(sys.argv[1:]))
 
 
 def start_app(*args: str, fake_devices: bool = False, extra: str = "",
-              cwd: Path | None = None) -> subprocess.Popen:
+              cwd: Path | None = None, **env: str) -> subprocess.Popen:
     """The app as a process of its own (to signal or kill), stdout and stderr piped; with
     `fake_devices` live mode gets the stand-in microphone and speaker; `extra` is code run
-    before the app starts (to slow something down, say)."""
+    before the app starts (to slow something down, say); `env`: more variables."""
     code = FAKE_DEVICES.format(tests=str(Path(__file__).parent), extra=extra)
     cmd = [sys.executable, "-c", code, *args] if fake_devices or extra else [*APP, *args]
-    return subprocess.Popen(cmd, cwd=cwd or REPO, env=app_env(), stdout=subprocess.PIPE,
+    return subprocess.Popen(cmd, cwd=cwd or REPO, env=app_env(**env), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
 

@@ -463,3 +463,22 @@ def test_bench_json_is_not_the_bundle(bundle, tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 1 and "is inside --weights" in p.stderr, p.stderr
     assert json.loads((own / "config.json").read_text())["lm"]
+
+
+def test_offline_first_run_fails_in_seconds(tmp_path):
+    """No HF_HUB_OFFLINE, but no Hub either: one line with the manual steps in seconds
+    (it took 95 s of retry warnings)."""
+    import time
+
+    from app_support import app_env
+
+    env = app_env(HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path / "hf"),
+                  MOSHIVIS_MLX_CACHE=str(tmp_path / "cache"))
+    env.pop("HF_HUB_OFFLINE", None)
+    t0 = time.monotonic()
+    r = run_app("--image", str(SAMPLE_IMAGE), "--input-wav", str(SAMPLE_SPEECH), "--output-wav",
+                str(tmp_path / "o.wav"), env=env, timeout=120)
+    assert r.returncode == 4 and time.monotonic() - t0 < 20, r.stderr
+    assert "Retrying" not in r.stderr and r.stderr.count("moshivis-mlx: error:") == 1
+    for name in ("model.safetensors", "tokenizer_spm_32k_3.model", "--hf-repo F"):
+        assert name in r.stderr

@@ -16,7 +16,7 @@ import pytest
 from app_support import demo_bundle, run_main
 
 from moshivis_mlx.app.demo import SAMPLE_SPEECH
-from moshivis_mlx.bundle import check_fits, load_lm, load_mimi, read_config
+from moshivis_mlx.bundle import load_lm, load_mimi, read_config
 from moshivis_mlx.errors import EXIT_WEIGHTS, WeightsError
 from moshivis_mlx.models.lm import LmConfig
 
@@ -202,6 +202,7 @@ def test_a_model_too_large_for_the_machine_is_refused_before_allocating(bundle, 
 
 def test_memory_check_counts_weights_and_caches(bundle, monkeypatch):
     from moshivis_mlx import bundle as bundle_mod
+    from moshivis_mlx.bundle import check_fits
 
     cfg = LmConfig.from_dict(read_config(bundle)["lm"])
     weights = sum(f.stat().st_size for f in bundle.glob("*.safetensors"))
@@ -212,3 +213,9 @@ def test_memory_check_counts_weights_and_caches(bundle, monkeypatch):
     check_fits(bundle, cfg, "float32")
     load_lm(bundle)
     load_mimi(bundle)
+
+
+@pytest.mark.parametrize("data", [b"<html>Not Found</html>", b""], ids=["html", "empty"])
+def test_a_garbage_tokenizer_in_a_bundle(bundle, tmp_path, capsys, data):
+    (bundle / "tokenizer.model").write_bytes(data)
+    app_refuses(bundle, tmp_path, capsys, "tokenizer.model", "not a SentencePiece model")

@@ -474,3 +474,24 @@ def test_installing_prints_no_license_deprecation():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     assert project["license"] == "MIT"
     assert not any(c.startswith("License ::") for c in project.get("classifiers", []))
+
+
+@pytest.mark.parametrize("change,expected", [
+    ({"num_layers": 10_000_000}, "lm.num_layers: 10000000 is out of range"),
+    ({"context": 1_000_000_000}, "lm.context: 1000000000 is out of range"),
+    ({"num_heads": "four"}, "lm.num_heads: expected an integer"),
+])
+def test_bundle_configs_are_checked_before_anything_is_built(tmp_path, change, expected):
+    """--bundle with an absurd config: refused in seconds (ten million layers used to hang,
+    memory climbing)."""
+    import shutil
+
+    from app_support import demo_bundle
+
+    bundle = Path(shutil.copytree(demo_bundle(), tmp_path / "b"))
+    cfg = json.loads((bundle / "config.json").read_text())
+    cfg["lm"].update(change)
+    (bundle / "config.json").write_text(json.dumps(cfg))
+    t0 = time.monotonic()
+    err = refused(tmp_path / "out", "--bundle", bundle)
+    assert time.monotonic() - t0 < 20 and f"{bundle}/config.json" in err and expected in err

@@ -145,3 +145,67 @@ def test_a_second_ctrl_c_while_saving_waits_for_the_save(bundle, tmp_path):
     session = json.loads((rec / "session.json").read_text())
     assert session["complete"] is True
     assert json.loads((rec / "transcript.json").read_text())["words"]
+
+
+# -- the first run's conversion into the cache ----------------------------------------------------
+
+SLOW_WRITE = """from moshivis_mlx.weights_convert import safetensors_io
+import time
+original = safetensors_io.SafetensorsWriter.write
+def slow(self, name, array):
+    time.sleep(0.3)
+    return original(self, name, array)
+safetensors_io.SafetensorsWriter.write = slow
+"""
+
+
+@pytest.fixture
+def repo(tmp_path) -> Path:
+    """A folder holding a (tiny) Kyutai repository's files: what --hf-repo converts."""
+    from safetensors.numpy import save_file
+    from synthetic import TINY_LM_CONFIG, TINY_TOKENIZER, tiny_mimi_tensors, tiny_moshi_pt_tensors
+
+    d = tmp_path / "repo"
+    d.mkdir()
+    save_file(tiny_moshi_pt_tensors(), str(d / "model.safetensors"))
+    mimi, mimi_cfg = tiny_mimi_tensors()
+    save_file(mimi, str(d / "tokenizer-e351c8d8-checkpoint125.safetensors"))
+    (d / "mimi_config.json").write_text(json.dumps(mimi_cfg))
+    (d / "tokenizer_spm_32k_3.model").write_bytes(TINY_TOKENIZER)
+    (d / "config.json").write_text(json.dumps({**TINY_LM_CONFIG,
+                                               "mimi_config_name": "mimi_config.json"}))
+    return d
+
+
+def _first_run(repo: Path, tmp_path: Path, cache: Path, extra: str = ""):
+    from moshivis_mlx.app.demo import SAMPLE_SPEECH
+
+    return start_app("--hf-repo", str(repo), "--no-image", "--input-wav", str(SAMPLE_SPEECH),
+                     "--output-wav", str(tmp_path / "o.wav"), extra=extra,
+                     MOSHIVIS_MLX_CACHE=str(cache))
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGHUP, 129), (signal.SIGTERM, 143)])
+def test_closing_the_terminal_during_the_first_conversion_leaves_nothing(repo, tmp_path, sig,
+                                                                         code):
+    cache = tmp_path / "cache"
+    p = _first_run(repo, tmp_path, cache, SLOW_WRITE)
+    wait_until(lambda: any(cache.glob(".*.partial/*.safetensors")), 120, "the conversion", p)
+    p.send_signal(sig)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == code, err
+    assert list(cache.iterdir()) == [], list(cache.iterdir())
+
+
+def test_a_killed_first_conversion_is_cleaned_up_by_the_next_run(repo, tmp_path):
+    cache = tmp_path / "cache"
+    p = _first_run(repo, tmp_path, cache, SLOW_WRITE)
+    wait_until(lambda: any(cache.glob(".*.partial/*.safetensors")), 120, "the conversion", p)
+    p.kill()
+    p.wait(timeout=30)
+    assert any(cache.glob(".*.partial"))
+    p = _first_run(repo, tmp_path, cache)
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err
+    names = [x.name for x in cache.iterdir()]
+    assert len(names) == 1 and not names[0].startswith("."), names
