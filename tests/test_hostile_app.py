@@ -482,3 +482,27 @@ def test_offline_first_run_fails_in_seconds(tmp_path):
     assert "Retrying" not in r.stderr and r.stderr.count("moshivis-mlx: error:") == 1
     for name in ("model.safetensors", "tokenizer_spm_32k_3.model", "--hf-repo F"):
         assert name in r.stderr
+
+
+def test_a_failure_mid_run_keeps_both_files_complete(bundle, question, tmp_path, capsys,
+                                                    monkeypatch):
+    """The disk fills up halfway (here: the tenth frame fails): one line, exit 1, and the
+    answer and transcript so far are complete files, no log left behind."""
+    from moshivis_mlx.app import session as session_mod
+
+    original = session_mod.Session.submit
+
+    def submit(self, frame):
+        if self.frames == 10:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return original(self, frame)
+
+    monkeypatch.setattr(session_mod.Session, "submit", submit)
+    out, transcript = tmp_path / "o.wav", tmp_path / "o.json"
+    code = file_mode(bundle, question, out, "--transcript", str(transcript))
+    err = capsys.readouterr().err
+    assert code == EXIT_ERROR and err.count("moshivis-mlx: error:") == 1, err
+    assert "No space left on device" in err and "internal" not in err
+    assert len(read_wav(out)[0]) > 0
+    assert json.loads(transcript.read_text())["answer_end"] == "error"
+    assert not (tmp_path / "o.jsonl").exists()

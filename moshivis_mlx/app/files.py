@@ -183,19 +183,19 @@ def _run(opts: AppOptions, console: Console, session: Session, frames: InputFram
         session.geometry.frame_seconds, opts.answer_silence, opts.max_answer_seconds)
     clock = Clock()
     t0 = time.perf_counter()
-    stopped: KeyboardInterrupt | None = None
+    stopped: BaseException | None = None
     with WavWriter(out_path, rate, 1) as out:
         try:
             done = process(session, frames, out, transcript, console, watch, writer, clock)
-        except KeyboardInterrupt as e:  # Ctrl-C, SIGTERM, SIGHUP: keep what was made
-            stopped = e
+        except (KeyboardInterrupt, Exception) as e:  # Ctrl-C, SIGTERM, SIGHUP, a failure:
+            stopped = e                              # both files keep what was made
             done = session.frames
         with shielded():  # a second Ctrl-C waits until both files are complete
             out.close()
             samples = out.frames
             seconds = samples / rate
             question = frames.samples / rate
-            ending = _ending(watch, seconds - question, opts, stopped is not None)
+            ending = _ending(watch, seconds - question, opts, stopped)
             if writer is not None:
                 writer.close(transcript, {"duration_s": round(seconds, 3),
                                           "question_s": round(question, 3),
@@ -224,10 +224,12 @@ def _say(console: Console, line: str) -> None:
 
 
 def _ending(watch: AnswerWatch | None, after_s: float, opts: AppOptions,
-            interrupted: bool) -> tuple[str, str]:
+            stopped: BaseException | None) -> tuple[str, str]:
     """How the answer ended: a key for the transcript and a phrase for the user."""
-    if interrupted:
+    if isinstance(stopped, KeyboardInterrupt):
         return "interrupted", "interrupted"
+    if stopped is not None:
+        return "error", "stopped by an error"
     if watch is None:
         return "same-length", "as long as the question (--same-length)"
     if watch.outcome == "finished":
