@@ -328,15 +328,18 @@ def test_files_that_are_not_images_are_named(bundle, tmp_path, capsys, name):
     refused(capsys, code, EXIT_IMAGE, f"{path}: {kind}", "JPEG or PNG")
 
 
-def test_an_iphone_photo(tmp_path):
+def test_an_iphone_photo(bundle, tmp_path):
+    """A HEIC photo through the app (a fresh process: nothing registered beforehand)."""
+    import pillow_heif
     from PIL import Image
-    from pillow_heif import register_heif_opener
 
+    heic = tmp_path / "IMG_0001.HEIC"
+    pillow_heif.from_pillow(Image.open(SAMPLE_IMAGE)).save(heic)
+    r = run_app("--weights", str(bundle), "--image", str(heic), "--input-wav",
+                str(SAMPLE_SPEECH), "--output-wav", str(tmp_path / "o.wav"), "--same-length")
+    assert r.returncode == 0, r.stderr
     from moshivis_mlx.image import load_image
 
-    register_heif_opener()
-    heic = tmp_path / "IMG_0001.HEIC"
-    Image.open(SAMPLE_IMAGE).save(heic, format="HEIF")
     img = load_image(heic)
     assert img.mode == "RGB" and img.size == Image.open(SAMPLE_IMAGE).size
     diff = np.abs(np.asarray(img, np.float32) - np.asarray(Image.open(SAMPLE_IMAGE), np.float32))
