@@ -514,7 +514,7 @@ def _plan_bundle(opts: ConvertOptions) -> Plan:
     plan = Plan([], {k: v for k, v in bcfg.items() if k != "format_version"}, None, [], [])
     if "model" in sources:
         try:
-            cfg = LmConfig.from_dict(bcfg["lm"])
+            cfg = LmConfig.from_dict(bcfg["lm"], "lm.")
         except (TypeError, ValueError) as e:
             raise WeightsError(f"{bundle}/config.json: invalid lm section ({e})") from None
         lm = _in_bundle(sources["model"], cfg, expected_lm_tensors(cfg, None),
@@ -527,7 +527,7 @@ def _plan_bundle(opts: ConvertOptions) -> Plan:
     if "vision" in sources:
         section = bcfg["vision"]
         try:
-            vcfg = SiglipConfig.from_dict(section["siglip"])
+            vcfg = SiglipConfig.from_dict(section["siglip"], "vision.siglip.")
         except (KeyError, TypeError, ValueError) as e:
             raise WeightsError(f"{bundle}/config.json: invalid vision section ({e})") from None
         vision = _in_bundle(sources["vision"], vcfg, expected_vision_tensors(vcfg, None),
