@@ -145,20 +145,20 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error("--record and --no-record contradict each other")
     if args.camera is not None and (args.input_wav or args.demo):
         p.error("--camera is for live mode (not with --input-wav or --demo)")
-    if args.camera_every is not None and (args.camera is None or not args.camera_every > 0):
-        p.error("--camera-every needs --camera and a number of seconds > 0")
-    for name in ("text_temperature", "audio_temperature"):
-        v = getattr(args, name)
-        if v is not None and v < 0:
-            p.error(f"--{name.replace('_', '-')} must be >= 0")
-    if args.top_k is not None and args.top_k < 0:
-        p.error("--top-k must be >= 0")
-    if args.top_p is not None and not 0 <= args.top_p <= 1:
-        p.error("--top-p must be in [0, 1]")
-    if args.xa_start is not None and args.xa_start < 0:
-        p.error("--xa-start must be >= 0")
-    if not args.answer_silence > 0 or not args.max_answer_seconds >= 0:
-        p.error("--answer-silence must be > 0 and --max-answer-seconds >= 0")
+    if args.camera_every is not None and (args.camera is None
+                                          or not 0 < args.camera_every <= 3600):
+        p.error("--camera-every needs --camera and a number of seconds in (0, 3600]")
+    # Bounds as a bundle's config is checked (GenerationConfig); NaN fails every one.
+    for flag, v, lo, hi in (("--text-temperature", args.text_temperature, 0, 100),
+                            ("--audio-temperature", args.audio_temperature, 0, 100),
+                            ("--top-k", args.top_k, 0, 1 << 20), ("--top-p", args.top_p, 0, 1),
+                            ("--xa-start", args.xa_start, 0, 1 << 30),
+                            ("--seed", args.seed, 0, (1 << 63) - 2),
+                            ("--max-answer-seconds", args.max_answer_seconds, 0, 3600)):
+        if v is not None and not lo <= v <= hi:
+            p.error(f"{flag} must be in [{lo}, {hi}], got {v}")
+    if not 0 < args.answer_silence <= 3600:
+        p.error(f"--answer-silence must be in (0, 3600], got {args.answer_silence}")
 
 
 def options_from(args: argparse.Namespace) -> AppOptions:

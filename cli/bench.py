@@ -73,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
     if args.compare:
         print(bench.compare(bench.load_json(args.compare[0]), bench.load_json(args.compare[1])))
         return 0
+    _check_outputs(args)  # before minutes of timing, not after
     opts = bench.BenchOptions(
         config=args.config, quant=args.quant, steps=args.steps, warmup=args.warmup,
         scenarios=tuple(s.strip() for s in args.scenarios.split(",") if s.strip()),
@@ -90,6 +91,16 @@ def run(args: argparse.Namespace) -> int:
         plot_latency(report, args.plot)
         print(f"plot: {args.plot}")
     return 0
+
+
+def _check_outputs(args: argparse.Namespace) -> None:
+    """--json and --plot: writable, and neither the bundle nor each other."""
+    from moshivis_mlx.paths import check_outputs, check_writable
+
+    check_outputs({"--json": args.json, "--plot": args.plot}, {"--weights": args.weights})
+    for flag, path in (("--json", args.json), ("--plot", args.plot)):
+        if path is not None:
+            check_writable(path, f"write {flag}")
 
 
 def _run_with_progress(bench, opts):

@@ -11,16 +11,21 @@ from pathlib import Path
 from moshivis_mlx.errors import EXIT_ERROR, UsageError, guard
 from moshivis_mlx.quant import GROUP_SIZES, PRESETS, QuantSpec
 
+DESCRIPTION = """\
+Convert Kyutai's Moshi / MoshiVis checkpoints (PyTorch or MLX, on Hugging Face or local)
+or one of our bundles into a moshivis-mlx bundle directory (config.json, model*.safetensors,
+vision.safetensors, mimi.safetensors, tokenizer.model), 8-bit quantized by default.
+"""
+
 EPILOG = """examples:
   moshivis-convert --hf-repo kyutai/moshika-vis-pytorch-bf16 --out moshika-vis-q8
   moshivis-convert --hf-repo kyutai/moshiko-pytorch-bf16 --quant q4 --out moshiko-q4
   moshivis-convert --hf-repo kyutai/moshika-vis-mlx --moshi-weights model.q8.safetensors --out q8
-  moshivis-convert --moshi-weights model.safetensors --mimi-weights mimi.safetensors \\
-                   --tokenizer tokenizer_spm_32k_3.model --out moshivis-q8
+  moshivis-convert --moshi-weights model.safetensors --mimi-weights mimi.safetensors --tokenizer tokenizer_spm_32k_3.model --out moshivis-q8
   moshivis-convert --bundle moshika-vis-q8 --dequantize --out moshika-vis-bf16
   moshivis-convert --hf-repo kyutai/moshika-vis-pytorch-bf16 --dry-run
   moshivis-convert --dry-run --manifest tests/data/manifests/moshivis.mlx.json
-"""
+"""  # noqa: E501 (a command line is not wrapped: it is copied as is)
 
 SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?i?B?)\s*", re.IGNORECASE)
 UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
@@ -40,10 +45,7 @@ def parse_size(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="moshivis-convert",
-        description="Convert Kyutai's Moshi / MoshiVis checkpoints (PyTorch or MLX, on Hugging "
-                    "Face or local) or one of our bundles into a moshivis-mlx bundle directory "
-                    "(config.json, model*.safetensors, vision.safetensors, mimi.safetensors, "
-                    "tokenizer.model), 8-bit quantized by default.",
+        description=DESCRIPTION,
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

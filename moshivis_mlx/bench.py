@@ -35,6 +35,7 @@ import numpy as np
 
 from .bundle import load_lm, load_mimi, load_vision, read_config
 from .errors import UsageError
+from .fileio import atomic_write
 from .generate import Generator
 from .image import ImageEncoder
 from .models import siglip
@@ -47,6 +48,8 @@ from .stream import FrameGeometry, Stream
 
 STEP_SCENARIOS = ("moshi", "moshivis")
 FRAME_SCENARIOS = ("frame", "frame-image")
+MAX_STEPS = 1_000_000
+"""About 22 hours of audio: more is a typo, not a benchmark."""
 SCENARIOS = STEP_SCENARIOS + FRAME_SCENARIOS
 IMAGE_TOKENS = 1024
 STAGE_FRAMES = 200
@@ -298,8 +301,11 @@ def run(opts: BenchOptions, progress: Progress | None = None) -> dict[str, Any]:
     for name in opts.scenarios:
         if name not in SCENARIOS:
             raise UsageError(f"unknown scenario {name!r} (choose from {', '.join(SCENARIOS)})")
-    if opts.steps < 1 or opts.warmup < 0:
-        raise UsageError("--steps must be at least 1 and --warmup at least 0")
+    if not 1 <= opts.steps <= MAX_STEPS or not 0 <= opts.warmup <= MAX_STEPS:
+        raise UsageError(f"--steps must be in [1, {MAX_STEPS}] and --warmup in [0, {MAX_STEPS}]")
+    if not 0 <= opts.codec_frames <= MAX_STEPS or not 0 <= opts.image_encodes <= 10_000:
+        raise UsageError(f"--codec-frames must be in [0, {MAX_STEPS}] and --image-encodes in "
+                         f"[0, 10000]")
     if opts.codec_device not in ("default", "cpu"):
         raise UsageError(f"unknown codec device {opts.codec_device!r} (default or cpu)")
     report: dict[str, Any] = {
@@ -432,10 +438,7 @@ def compare(a: dict[str, Any], b: dict[str, Any]) -> str:
 
 def save_json(report: dict[str, Any], path: Path) -> None:
     """Written whole or not at all (a temporary file renamed)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text(json.dumps(report, indent=1) + "\n")
-    tmp.replace(path)
+    atomic_write(path, json.dumps(report, indent=1) + "\n")
 
 
 def load_json(path: Path) -> dict[str, Any]:

@@ -15,6 +15,8 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
+from .signals import exit_status, stop_on_signals
+
 EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -24,6 +26,9 @@ EXIT_IMAGE = 5
 EXIT_AUDIO_FILE = 6
 EXIT_CAMERA = 7
 EXIT_INTERRUPTED = 130
+"""Ctrl-C; SIGTERM gives 143 and SIGHUP 129 (128 + the signal, see signals.py)."""
+MAX_MESSAGE = 1500
+"""An error message is cut here: a line, not a page (lists are shortened where made)."""
 
 
 def one_line(text: object, limit: int | None = None) -> str:
@@ -44,8 +49,8 @@ class MoshivisError(ValueError):
 
     def __init__(self, message: str, fix: str | None = None):
         super().__init__(message)
-        self.message = one_line(message)
-        self.fix = one_line(fix) if fix else None
+        self.message = one_line(message, MAX_MESSAGE)
+        self.fix = one_line(fix, MAX_MESSAGE) if fix else None
 
     def __str__(self) -> str:
         return f"{self.message}; {self.fix}" if self.fix else self.message
@@ -94,8 +99,16 @@ class CameraError(MoshivisError):
     exit_code = EXIT_CAMERA
 
 
+def say(line: str) -> None:
+    """A line on stderr; a terminal that is gone (SIGHUP) is no reason to fail."""
+    try:
+        print(line, file=sys.stderr, flush=True)
+    except (OSError, ValueError):
+        pass
+
+
 def error_line(prog: str, message: object) -> None:
-    print(f"{prog}: error: {one_line(message)}", file=sys.stderr, flush=True)
+    say(f"{prog}: error: {one_line(message, 2 * MAX_MESSAGE)}")
 
 
 def environment_message(e: OSError) -> str:
@@ -112,25 +125,33 @@ def guard(prog: str, run: Callable[[], int], debug: bool = False,
     """Runs `run()` with the project's error policy and returns the exit status.
 
     A `MoshivisError` or an `OSError` (the environment: disk full, read-only, a path that
-    vanished) is one line on stderr and its exit code (`exit_code(e)` to override); Ctrl-C
-    is one line and 130; anything else is a bug, said so in one line. `debug` re-raises.
+    vanished) is one line on stderr and its exit code (`exit_code(e)` to override); Ctrl-C,
+    SIGTERM and SIGHUP (signals.py: they unwind like Ctrl-C, so everything is saved or
+    cleaned up) are one line and 128 + the signal; anything else is a bug, said so in one
+    line. `debug` re-raises.
     """
     try:
-        return run()
+        with stop_on_signals():
+            return run()
     except MoshivisError as e:
         if debug:
             raise
         error_line(prog, e)
         return exit_code(e) if exit_code is not None else e.exit_code
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         if debug:
             raise
-        print(f"{prog}: {interrupted}", file=sys.stderr, flush=True)
-        return EXIT_INTERRUPTED
+        say(f"{prog}: {interrupted}")
+        return exit_status(e)
     except OSError as e:
         if debug:
             raise
         error_line(prog, environment_message(e))
+        return EXIT_ERROR
+    except MemoryError:
+        if debug:
+            raise
+        error_line(prog, "out of memory (close other programs, or use a smaller model: -q 4)")
         return EXIT_ERROR
     except Exception as e:  # a bug: say so briefly, the traceback is one flag away
         if debug:

@@ -304,3 +304,47 @@ class FakeSoundDevice:
 
     def stream(self, kind: str) -> FakeStream:
         return next(s for s in self.streams if s.kind == kind)
+
+
+# -- the app in a process of its own, with stand-in devices ---------------------------------
+
+FAKE_DEVICES = """import sys
+sys.path.insert(0, {tests!r})
+from app_support import FakeSoundDevice
+from moshivis_mlx.app import audio
+audio.load_backend = lambda: FakeSoundDevice()
+{extra}
+from moshivis_mlx.cli.app import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def start_app(*args: str, fake_devices: bool = False, extra: str = "",
+              cwd: Path | None = None, **env: str) -> subprocess.Popen:
+    """The app as a process of its own (to signal or kill), stdout and stderr piped; with
+    `fake_devices` live mode gets the stand-in microphone and speaker; `extra` is code run
+    before the app starts (to slow something down, say); `env`: more variables."""
+    code = FAKE_DEVICES.format(tests=str(Path(__file__).parent), extra=extra)
+    cmd = [sys.executable, "-c", code, *args] if fake_devices or extra else [*APP, *args]
+    return subprocess.Popen(cmd, cwd=cwd or REPO, env=app_env(**env), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def wait_until(condition, timeout: float, what: str, process: subprocess.Popen | None = None
+               ) -> None:
+    """Polls `condition()` until it holds; fails saying `what` did not happen."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if process is not None and process.poll() is not None:
+            out, err = process.communicate()
+            raise AssertionError(f"the app ended before {what}: {err[-2000:]}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def jsonl(path: Path) -> list[dict]:
+    """A JSON Lines file's objects (every line must parse)."""
+    import json
+
+    return [json.loads(line) for line in path.read_text().splitlines()]

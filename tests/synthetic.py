@@ -205,7 +205,14 @@ def tiny_mimi_tensors(seed: int = 2) -> tuple[dict[str, np.ndarray], dict]:
     return out, mimi_config_to_kyutai(cfg)
 
 
-FAKE_TOKENIZER = b"\x0a\x0b\x0a\x05<unk>\x15\x00\x00\x00\x00" + bytes(range(32))
+def _tiny_tokenizer() -> bytes:
+    """A real SentencePiece model with the tiny LM's 96 text pieces (the demo's recipe)."""
+    from moshivis_mlx.app.demo import train_tokenizer
+
+    return train_tokenizer(LM_SIZES[32000])
+
+
+TINY_TOKENIZER = _tiny_tokenizer()
 
 
 def fake_hf_repo(hf_cache: Path, repo: str, files: dict[str, bytes | Path],

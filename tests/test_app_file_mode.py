@@ -42,8 +42,8 @@ def test_spoken_question_in_any_format(tmp_path, bundle, rate, channels, bits):
     answer, out_rate = read_wav(out)
     assert out_rate == 24000 and answer.shape[1] == 1
     assert answer.shape[0] == round(n_in * 24000 / rate)  # as long as the question
-    with open(out, "rb") as f:
-        assert f.read(44)[34] == 16  # 16-bit PCM
+    with WavReader(out) as w:
+        assert w.bits == 16 and not w.is_float  # 16-bit PCM
     # The model's first frame is silent (the acoustic delay); then the random Mimi speaks.
     assert np.abs(answer[:1920]).max() == 0
     assert np.sqrt(np.mean(answer[1920:] ** 2)) > 0.01
@@ -61,16 +61,17 @@ def test_spoken_question_in_any_format(tmp_path, bundle, rate, channels, bits):
     gated = [w["gate"] for w in words if w["start"] >= 0.4]
     assert gated and all(isinstance(g, float) and 0.0 <= g <= 1.0 for g in gated)
 
-    # The summary: the answer's length and frames, and a speed that is that length over the
-    # time taken (printed to 0.1 s and 0.1x), time spent within the app's run.
+    # The summary: the answer's length and frames, the time taken, and the steady speed:
+    # timed after the first frame (which compiles the step), so no slower than the whole
+    # run's average (printed to 0.1 s and 0.1x), time spent within the app's run.
     summary = re.search(r"\(([\d.]+) s at 24000 Hz, (\d+) frames in ([\d.]+) s: ([\d.]+)x real "
-                        r"time\)", r.stdout)
+                        r"time after the first frame\)", r.stdout)
     assert summary, r.stdout
     seconds, frames, elapsed, speed = (float(g) for g in summary.groups())
     assert seconds == pytest.approx(duration, abs=0.005)
     assert frames == -(-answer.shape[0] // 1920)
     assert 0 < elapsed <= wall_s + 0.05
-    assert seconds / (elapsed + 0.05) - 0.05 <= speed <= seconds / max(elapsed - 0.05, 1e-3) + 0.05
+    assert speed >= seconds / (elapsed + 0.05) - 0.05
     print(f"file mode: {duration:.2f} s of audio at {speed:.1f}x real time")
 
 

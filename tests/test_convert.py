@@ -24,11 +24,11 @@ from convert_support import assert_same_tensors, nothing_left, ok, run
 from moshivis_mlx.cli.convert import main as convert_main
 from safetensors.numpy import save_file
 from synthetic import (
-    FAKE_TOKENIZER,
     LM_SIZES,
     MANIFESTS,
     TINY_LM_CONFIG,
     TINY_SIGLIP_CONFIG,
+    TINY_TOKENIZER,
     TOWER_SIZES,
     manifest,
     manifest_shapes,
@@ -85,7 +85,7 @@ def configs(work) -> dict[str, Path]:
     lm.write_text(json.dumps(TINY_LM_CONFIG))
     siglip.write_text(json.dumps(TINY_SIGLIP_CONFIG))
     tokenizer = work / "tokenizer_spm_32k_3.model"
-    tokenizer.write_bytes(FAKE_TOKENIZER)
+    tokenizer.write_bytes(TINY_TOKENIZER)
     mimi, mimi_cfg = tiny_mimi_tensors()
     save_file(mimi, str(work / "mimi.safetensors"))
     (work / "mimi_config.json").write_text(json.dumps(mimi_cfg))
@@ -251,7 +251,7 @@ def test_bundle_config_holds_everything(full_f32):
                                       "audio_top_k", "xa_start"}
     assert cfg["vision"]["siglip"]["dim"] == 48 and cfg["mimi"]["sample_rate"] == 24000
     assert cfg["tokenizer"] == "tokenizer.model"
-    assert (full_f32 / "tokenizer.model").read_bytes() == FAKE_TOKENIZER
+    assert (full_f32 / "tokenizer.model").read_bytes() == TINY_TOKENIZER
     assert cfg["source"]["tokenizer"] == "tokenizer_spm_32k_3.model"
     assert cfg["converter"]["name"] == "moshivis-convert"
     assert sorted(p.name for p in full_f32.iterdir()) == [
@@ -273,7 +273,7 @@ def test_bundle_requantized_equals_direct_conversion(work, configs, sources, ful
     assert cfg["vision"]["quantization"] == {"bits": 8, "group_size": 32}
     assert cfg["source"]["layout"] == "bundle" and cfg["source"]["from"]["layout"] == \
         "moshivis-pytorch"
-    assert (via / "tokenizer.model").read_bytes() == FAKE_TOKENIZER
+    assert (via / "tokenizer.model").read_bytes() == TINY_TOKENIZER
     assert cfg["mimi"] == read_config(full_f32)["mimi"]
     assert load_mimi(via).cfg == load_mimi(full_f32).cfg
 
@@ -337,15 +337,15 @@ def test_dry_run_on_every_manifest(name):
             head = line.split(" -> ")[0].strip()
             sources |= {part.split(" [")[0] for part in head.split(" + ")}
     assert sources == set(manifest(name)["tensors"])
-    sizes = re.search(r"bundle size: bfloat16 (.+) \| q8 \(group 64\) (.+) \| q4 \(group 64\) (.+)",
+    sizes = re.search(r"bundle size: bfloat16 (.+) \| q8 \(group 64\) (.+) \| q4 \(group 32\) (.+)",
                       out)
     assert sizes, out[-500:]
     bf16, q8, q4 = (_bytes(s) for s in sizes.groups())
     elements = manifest(name)["num_elements"]
     if name == "mimi.pt.json":  # float32, never quantized, usage statistics folded away
         assert bf16 == q8 == q4 < 4 * elements
-    elif name.startswith("siglip"):  # the tower never goes below 8 bits
-        assert bf16 == pytest.approx(2 * elements, rel=1e-3) and q8 == q4 < bf16
+    elif name.startswith("siglip"):  # the tower never goes below 8 bits (q4: groups of 32)
+        assert bf16 == pytest.approx(2 * elements, rel=1e-3) and q8 < q4 < bf16
     else:
         assert bf16 == pytest.approx(2 * elements, rel=1e-3) and q4 < q8 < 0.6 * bf16
 
@@ -356,15 +356,29 @@ def _bytes(text: str) -> float:
 
 
 def test_dry_run_on_files_writes_nothing_and_sizes_exactly(work, configs, sources):
+    """The dry run's size is the bundle's on disk, to the byte: what "wrote" then says."""
+    from moshivis_mlx.weights_convert.convert import (
+        ConvertOptions,
+        bundle_size,
+        human,
+        plan_conversion,
+    )
+
     out = work / "dry"
-    rc, text, err = run("--moshi-weights", sources["mlx-q4"], "--config", configs["lm"],
-                        "--vision-config", configs["siglip"], "--dry-run", "--out", out)
+    args = ("--moshi-weights", sources["mlx-q4"], "--config", configs["lm"], "--vision-config",
+            configs["siglip"], "--mimi-weights", configs["mimi"], "--mimi-config",
+            configs["mimi_config"], "--tokenizer", configs["tokenizer"])
+    rc, text, err = run(*args, "--dry-run", "--out", out)
     assert rc == 0 and not out.exists()
-    planned = re.search(r"this conversion \(bfloat16, q8/g64\): (.+)", text).group(1)
-    real = convert_lm(work, configs, sources["mlx-q4"], "dry_real")
-    stored = sum(v.nbytes for f in ("model", "vision") for v in
-                 mx.load(str(real / f"{f}.safetensors")).values())
-    assert _bytes(planned) == pytest.approx(stored, rel=5e-3)
+    planned = re.search(r"this conversion \(bfloat16, q8/g64\): (.+) on disk", text).group(1)
+    wrote = ok(*args, "--out", work / "dry_real")
+    on_disk = sum(f.stat().st_size for f in (work / "dry_real").iterdir())
+    assert f"wrote {work / 'dry_real'} ({planned})" in wrote and planned == human(on_disk)
+    plan = plan_conversion(ConvertOptions(
+        moshi_weights=sources["mlx-q4"], kyutai_config=configs["lm"],
+        vision_config=configs["siglip"], mimi_weights=configs["mimi"],
+        mimi_config=configs["mimi_config"], tokenizer=configs["tokenizer"]))
+    assert bundle_size(plan, 5 << 30) == on_disk
     assert "dequantized, quantized q8/g64" in text
 
 
@@ -431,17 +445,24 @@ def test_missing_unexpected_and_misshaped_tensors(work, configs):
 
 
 def test_existing_output_needs_force(work, configs):
+    """An existing bundle is replaced only with --force; anything else is never replaced
+    (--force over a folder of someone's files would delete them)."""
+    mimi = ("--mimi-weights", configs["mimi"], "--mimi-config", configs["mimi_config"])
     out = work / "existing"
-    out.mkdir()
-    (out / "keep.txt").write_text("mine")
-    rc, _, err = run("--mimi-weights", configs["mimi"], "--mimi-config", configs["mimi_config"],
-                     "--out", out)
+    ok(*mimi, "--out", out)
+    before = (out / "config.json").stat().st_mtime_ns
+    rc, _, err = run(*mimi, "--out", out)
     assert rc == 1 and "already exists (use --force" in err and err.count("\n") == 1
-    assert (out / "keep.txt").read_text() == "mine"
-    ok("--mimi-weights", configs["mimi"], "--mimi-config", configs["mimi_config"],
-       "--out", out, "--force")
-    assert not (out / "keep.txt").exists() and (out / "mimi.safetensors").exists()
-    assert not list(work.glob(".existing.*"))
+    assert (out / "config.json").stat().st_mtime_ns == before
+    ok(*mimi, "--out", out, "--force")
+    assert (out / "mimi.safetensors").exists() and not list(work.glob(".existing.*"))
+
+    mine = work / "mine"
+    mine.mkdir()
+    (mine / "keep.txt").write_text("mine")
+    rc, _, err = run(*mimi, "--out", mine, "--force")
+    assert rc == 1 and "not a moshivis-mlx bundle" in err and err.count("\n") == 1
+    assert (mine / "keep.txt").read_text() == "mine" and not list(work.glob(".mine.*"))
 
 
 def test_interrupted_conversion_leaves_nothing(work, configs, sources, monkeypatch):

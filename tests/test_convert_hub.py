@@ -24,8 +24,8 @@ from moshivis_mlx.weights_convert.hub import (
 )
 from safetensors.numpy import save_file
 from synthetic import (
-    FAKE_TOKENIZER,
     TINY_LM_CONFIG,
+    TINY_TOKENIZER,
     fake_hf_repo,
     quantize_kyuteye,
     tiny_mimi_tensors,
@@ -75,7 +75,7 @@ def kyutai_files(tmp_path_factory) -> dict:
     mimi, mimi_cfg = tiny_mimi_tensors()
     save_file(mimi, str(d / MIMI))
     (d / "mimi_config.json").write_text(json.dumps(mimi_cfg))
-    (d / TOKENIZER).write_bytes(FAKE_TOKENIZER)
+    (d / TOKENIZER).write_bytes(TINY_TOKENIZER)
     # A Kyutai config.json: the LM's kwargs and the names of the other files.
     (d / "config.json").write_text(json.dumps({**kw, "mimi_config_name": "mimi_config.json",
                                                "lm_gen_config": {"temp": 0.6, "top_k": 100}}))
@@ -102,7 +102,7 @@ def test_hf_repo_matches_kyutais_pytorch_model(tmp_path, hf_cache, kyutai_files)
     assert cfg["source"]["revision"] == COMMIT
     assert cfg["source"]["layout"] == "moshi-pytorch"
     assert cfg["lm"]["context"] == 50 and cfg["generation"]["audio_top_k"] == 100
-    assert (out / "tokenizer.model").read_bytes() == FAKE_TOKENIZER
+    assert (out / "tokenizer.model").read_bytes() == TINY_TOKENIZER
     assert load_mimi(out).num_codebooks == 8
     worst_text, worst_audio = compare(kyutai_files["lm"], greedy_generator(out), 8)
     assert worst_text < LOGIT_TOL and worst_audio < LOGIT_TOL
@@ -264,6 +264,7 @@ def test_dry_run_reads_only_the_remote_headers(tmp_path, hf_cache, kyutai_files,
                                data_offsets=(t.start, t.end)) for k, t in table.items()})
 
     monkeypatch.setattr(huggingface_hub.HfApi, "parse_safetensors_file_metadata", header)
+    monkeypatch.setattr(hub, "_online", True)  # the stand-in is a Hub that answers
     text = ok("--hf-repo", "kyutai/moshiko-pytorch-bf16", "--dry-run")
     assert sorted(asked) == sorted(["model.safetensors", MIMI])
     assert sorted(p.name for p in snap.iterdir()) == ["config.json", "mimi_config.json"]

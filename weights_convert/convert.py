@@ -24,10 +24,11 @@ one of our bundles (config.json), re-quantized, dequantized or re-typed.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
+import os
 import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -37,24 +38,50 @@ from typing import Any
 
 import mlx.core as mx
 
-from moshivis_mlx.bundle import DTYPES, read_config, weight_files, write_config
+from moshivis_mlx.bundle import (
+    DTYPES,
+    FORMAT_VERSION,
+    config_text,
+    read_config,
+    weight_files,
+    write_config,
+)
+from moshivis_mlx.fileio import staged_dir
 from moshivis_mlx.models.lm import LmConfig
 from moshivis_mlx.models.mimi import MimiConfig
 from moshivis_mlx.models.siglip import SiglipConfig
+from moshivis_mlx.paths import check_outputs
 from moshivis_mlx.quant import PRESETS, QuantSpec
 from moshivis_mlx.text import TOKENIZER_NAME
 
 from .lm_layout import (
     BUNDLE,
+    check_kyutai_types,
     expected_lm_tensors,
     find_lm,
     is_lm,
     kyutai_generation_defaults,
     read_kyutai_config,
 )
-from .mapping import Entry, Found, Mapping, check_mapping, entry_value, identity_mapping
+from .mapping import (
+    Entry,
+    Found,
+    Mapping,
+    check_mapping,
+    entry_value,
+    identity_mapping,
+    listing,
+)
 from .mimi_layout import check_codebooks_trained, find_mimi, is_mimi, mimi_config_from_kyutai
-from .safetensors_io import DTYPE_NAMES, ITEMSIZE, SafetensorsWriter, WeightsError, dtype_code
+from .safetensors_io import (
+    DTYPE_NAMES,
+    FLOAT_CODES,
+    ITEMSIZE,
+    SafetensorsWriter,
+    WeightsError,
+    dtype_code,
+    file_size,
+)
 from .source import FloatView, Source
 from .vision_layout import (
     expected_vision_tensors,
@@ -187,6 +214,7 @@ def _converted(es: list[Entry], view: FloatView, dtype: mx.Dtype, q: QuantSpec |
                ) -> list[mx.array]:
     parts = [entry_value(e, view.__getitem__) for e in es]
     a = (parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=0)).astype(dtype)
+    _check_finite([e.src for e in es], [a], view.source.label, dtype)
     return [a] if q is None else list(mx.quantize(a, group_size=q.group_size, bits=q.bits))
 
 
@@ -194,13 +222,26 @@ def _packed(e: Entry, view: FloatView, dtype: mx.Dtype) -> list[mx.array]:
     w, s, b = view.packed(e.src)
     if e.rows is not None:
         w, s, b = (x[e.rows[0]: e.rows[1]] for x in (w, s, b))
-    return [w, s.astype(dtype), b.astype(dtype)]
+    s, b = s.astype(dtype), b.astype(dtype)
+    _check_finite([e.src], [s, b], view.source.label, dtype)
+    return [w, s, b]
+
+
+def _check_finite(srcs: list[str], arrays: list[mx.array], label: str, dtype: mx.Dtype) -> None:
+    """NaN or infinite values (or values beyond the target dtype's range, which become
+    infinite) make a model that speaks noise: refused, naming the tensor. Checked before
+    quantizing, which would hide them in finite scales."""
+    if not all(mx.all(mx.isfinite(a)).item() for a in arrays):
+        raise WeightsError(f"{label}: {' + '.join(srcs)} holds NaN or infinite values (or "
+                           f"values beyond {DTYPE_NAMES[dtype_code(dtype)]}'s range): a "
+                           f"damaged checkpoint?", "download it again")
 
 
 def plan_jobs(mapping: Mapping, view: FloatView, dtype: mx.Dtype, quant: QuantSpec | None,
               quantized: set[str]) -> list[Job]:
     """A job per destination (entries sharing one are concatenated); the weights of the
     modules in `quantized` are quantized with `quant`."""
+    _check_float_sources(mapping, view)
     groups: dict[str, list[Entry]] = {}
     for e in mapping.entries:
         groups.setdefault(e.dst, []).append(e)
@@ -235,6 +276,23 @@ def plan_jobs(mapping: Mapping, view: FloatView, dtype: mx.Dtype, quant: QuantSp
     return sorted(jobs, key=lambda j: first[j.srcs[0]])
 
 
+def _check_float_sources(mapping: Mapping, view: FloatView) -> None:
+    """Every weight comes from a float tensor (or MLX's packed quantization): an int8 or
+    float64 tensor where a weight belongs is another format, not something to cast."""
+    bad = []
+    used = {e.src for e in mapping.entries} | {e.aux for e in mapping.entries if e.aux}
+    for name in sorted(used):
+        if name in view.quantized:
+            continue
+        info = view.source.info(name)
+        if info.dtype not in FLOAT_CODES:
+            bad.append(f"{name} {info.dtype_name}")
+    if bad:
+        raise WeightsError(f"{view.source.label}: weights stored as integers or in an unsupported "
+                           f"float type, expected bfloat16, float16 or float32 (or MLX's 8/4-bit "
+                           f"quantization): {listing(bad, ', ')}")
+
+
 def _quantized_modules(tensors: dict[str, tuple[int, ...]]) -> set[str]:
     return {k[: -len(".scales")] for k in tensors if k.endswith(".scales")}
 
@@ -260,17 +318,20 @@ def check_copies(source: Source, copies: list[tuple[str, str]]) -> None:
             f"steps): {', '.join(differ[:4])}{' ...' if len(differ) > 4 else ''}")
 
 
-def check_tokenizer(path: Path) -> None:
-    """A SentencePiece model (a protobuf whose first field is the pieces), not, say, an
-    HTML error page saved under its name."""
+def check_tokenizer(path: Path) -> int:
+    """A SentencePiece model that SentencePiece loads (not, say, an HTML error page saved
+    under its name); returns its number of pieces."""
+    import sentencepiece
+
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"{path}: no such tokenizer file")
-    with open(path, "rb") as f:
-        head = f.read(1)
-    if head != b"\x0a":
+    try:
+        sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
+    except (OSError, RuntimeError):
         raise WeightsError(f"{path}: not a SentencePiece model (expected Kyutai's "
-                           f"tokenizer_spm_32k_3.model)")
+                           f"tokenizer_spm_32k_3.model)") from None
+    return sp.get_piece_size()
 
 
 # -- the parts ------------------------------------------------------------------------------
@@ -358,7 +419,9 @@ def plan_conversion(opts: ConvertOptions) -> Plan:
         doc, keys = _manifest_doc(opts.manifest), src.keys()
         if is_lm(keys):
             lm_src = src
-            kc = kc if kc is not None else doc.get("lm_kwargs")
+            if kc is None and isinstance(doc.get("lm_kwargs"), dict):
+                kc = doc["lm_kwargs"]
+                check_kyutai_types(kc, opts.manifest)
         if is_mimi(keys):
             mimi_src = src
             if mimi_config is None and isinstance(doc.get("mimi_config"), dict):
@@ -381,8 +444,7 @@ def plan_conversion(opts: ConvertOptions) -> Plan:
         raise WeightsError("--vision-config given but no vision tower to convert "
                            "(give --vision-weights)")
     tokenizer = Path(opts.tokenizer) if opts.tokenizer is not None else None
-    if tokenizer is not None:
-        check_tokenizer(tokenizer)
+    pieces = check_tokenizer(tokenizer) if tokenizer is not None else None
 
     # Every part is planned before anything is written: bad inputs fail first.
     lm = find_lm(lm_src, kc) if lm_src is not None else None
@@ -393,6 +455,10 @@ def plan_conversion(opts: ConvertOptions) -> Plan:
     source_info: dict[str, Any] = dict(opts.origin)
     if lm is not None:
         cfg = lm.cfg
+        if pieces is not None and pieces != cfg.text_card:
+            raise WeightsError(f"{tokenizer}: {pieces} text pieces, but the language model's "
+                               f"text vocabulary has {cfg.text_card}: not this model's "
+                               f"tokenizer")
         if vision is not None and cfg.cross_attention and cfg.image_dim != vision.cfg.dim:
             raise WeightsError(f"the language model takes {cfg.image_dim}-wide image tokens, "
                                f"the vision tower makes {vision.cfg.dim}")
@@ -448,7 +514,7 @@ def _plan_bundle(opts: ConvertOptions) -> Plan:
     plan = Plan([], {k: v for k, v in bcfg.items() if k != "format_version"}, None, [], [])
     if "model" in sources:
         try:
-            cfg = LmConfig.from_dict(bcfg["lm"])
+            cfg = LmConfig.from_dict(bcfg["lm"], "lm.")
         except (TypeError, ValueError) as e:
             raise WeightsError(f"{bundle}/config.json: invalid lm section ({e})") from None
         lm = _in_bundle(sources["model"], cfg, expected_lm_tensors(cfg, None),
@@ -461,7 +527,7 @@ def _plan_bundle(opts: ConvertOptions) -> Plan:
     if "vision" in sources:
         section = bcfg["vision"]
         try:
-            vcfg = SiglipConfig.from_dict(section["siglip"])
+            vcfg = SiglipConfig.from_dict(section["siglip"], "vision.siglip.")
         except (KeyError, TypeError, ValueError) as e:
             raise WeightsError(f"{bundle}/config.json: invalid vision section ({e})") from None
         vision = _in_bundle(sources["vision"], vcfg, expected_vision_tensors(vcfg, None),
@@ -474,6 +540,10 @@ def _plan_bundle(opts: ConvertOptions) -> Plan:
         plan.found.append("image encoder: SigLIP, bundle layout")
     if "mimi" in sources:
         src = sources["mimi"]
+        try:
+            MimiConfig.from_dict(bcfg["mimi"], "mimi.")
+        except (TypeError, ValueError) as e:
+            raise WeightsError(f"{bundle}/config.json: invalid mimi section ({e})") from None
         mimi = _in_bundle(src, bcfg["mimi"], src.shapes(sorted(src.keys())), None)
         plan.parts.append(_mimi_part(mimi))
         plan.found.append("Mimi codec (copied)")
@@ -481,6 +551,12 @@ def _plan_bundle(opts: ConvertOptions) -> Plan:
         raise WeightsError(f"{bundle}: the bundle holds no model")
     tokenizer = bundle / TOKENIZER_NAME
     plan.tokenizer = tokenizer if tokenizer.exists() else None
+    if plan.tokenizer is not None:
+        pieces = check_tokenizer(tokenizer)
+        text_card = plan.config.get("lm", {}).get("text_card")
+        if "model" in sources and pieces != text_card:
+            raise WeightsError(f"{tokenizer}: {pieces} text pieces, but the language model's "
+                               f"text vocabulary has {text_card}: not this model's tokenizer")
     plan.config["tokenizer"] = TOKENIZER_NAME if plan.tokenizer is not None else None
     plan.config["source"] = {**opts.origin, "layout": BUNDLE, "bundle": bundle.name,
                              "from": bcfg.get("source")}
@@ -536,34 +612,98 @@ def write_part(part: Part, out_dir: Path, max_shard_bytes: int = DEFAULT_SHARD_S
     finally:
         part.view.release()
     if len(names) > 1:
-        index = {"metadata": {"total_size": total, "format": "mlx"},
-                 "weight_map": dict(sorted(weight_map.items()))}
         (out_dir / f"{part.stem}.safetensors.index.json").write_text(
-            json.dumps(index, indent=2) + "\n")
+            index_text(total, weight_map))
     return names
+
+
+def index_text(total: int, weight_map: dict[str, str]) -> str:
+    index = {"metadata": {"total_size": total, "format": "mlx"},
+             "weight_map": dict(sorted(weight_map.items()))}
+    return json.dumps(index, indent=2) + "\n"
+
+
+def part_files(part: Part, max_shard_bytes: int) -> dict[str, int]:
+    """The files a part is written as, and their exact sizes (headers and index too)."""
+    shards = shard_jobs(part.jobs, max_shard_bytes)
+    names = shard_names(part.stem, len(shards))
+    files = {n: file_size([o for j in jobs for o in j.outputs]) for n, jobs in zip(names, shards)}
+    if len(names) > 1:
+        weight_map = {o[0]: n for n, jobs in zip(names, shards) for j in jobs for o in j.outputs}
+        files[f"{part.stem}.safetensors.index.json"] = len(
+            index_text(part.nbytes, weight_map).encode())
+    return files
+
+
+def bundle_size(plan: Plan, max_shard_bytes: int) -> int | None:
+    """What the bundle takes on disk, to the byte, as `convert` writes it (None: the
+    tokenizer's size is not known here: a dry run from a remote repository)."""
+    size = sum(sum(part_files(p, max_shard_bytes).values()) for p in plan.parts)
+    size += len(config_text({"format_version": FORMAT_VERSION, **plan.config}).encode())
+    if plan.tokenizer is not None:
+        size += Path(plan.tokenizer).stat().st_size
+    elif plan.config.get("source", {}).get("tokenizer"):
+        return None  # named by the repository, not fetched for the dry run
+    return size
+
+
+def is_bundle(path: Path) -> bool:
+    """Whether `path` is a bundle directory (what --force may replace)."""
+    return path.is_dir() and (path / "config.json").is_file() and \
+        "format_version" in _manifest_doc(path / "config.json")
+
+
+def _replaceable(force: bool) -> Callable[[Path], None]:
+    """The check made under the output's lock: `out` is free, or --force replaces a
+    bundle (never a file or a folder of something else: that is someone's data)."""
+    def check(out: Path) -> None:
+        if not (out.exists() or out.is_symlink()):
+            return
+        if not force:
+            raise WeightsError(f"{out} already exists (use --force to replace it)")
+        if out.is_symlink() or not (is_bundle(out) or (out.is_dir() and not any(out.iterdir()))):
+            kind = "a directory" if out.is_dir() else "a file"
+            raise WeightsError(f"{out} is {kind}, not a moshivis-mlx bundle: --force replaces "
+                               f"only a bundle (or an empty directory)",
+                               "remove it yourself, or choose another --out")
+    return check
 
 
 @contextmanager
 def staging_dir(out: Path, force: bool) -> Iterator[Path]:
-    """A temporary directory next to `out`, renamed to `out` on success, removed otherwise."""
-    out = Path(out)
-    if out.exists() and not force:
-        raise WeightsError(f"{out} already exists (use --force to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
+    """A directory next to `out`, renamed to `out` when the block completes and removed
+    if anything (an error, Ctrl-C, SIGTERM, SIGHUP) stops it; `out` is locked meanwhile,
+    so a second conversion to it is refused (fileio.staged_dir)."""
+    with staged_dir(out, _replaceable(force)) as tmp:
         yield tmp
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+
+def _inputs(opts: ConvertOptions) -> dict[str, Path | None]:
+    def path(x: Path | Source | None) -> Path | None:
+        return Path(x) if isinstance(x, (str, Path)) else None
+
+    return {"--moshi-weights": path(opts.moshi_weights), "--mimi-weights": path(opts.mimi_weights),
+            "--vision-weights": path(opts.vision_weights), "--config": path(opts.kyutai_config),
+            "--mimi-config": path(opts.mimi_config), "--vision-config": path(opts.vision_config),
+            "--tokenizer": path(opts.tokenizer), "--bundle": path(opts.bundle),
+            "--hf-repo": _local_repo(opts.origin.get("hf_repo"))}
+
+
+def _local_repo(repo: str | None) -> Path | None:
+    """A folder given as --hf-repo (an input like any other)."""
+    return Path(repo) if repo and Path(repo).is_dir() else None
+
+
+def _write_error(out: Path, e: OSError) -> WeightsError:
+    """A failed write, as what to do: the disk is full, read-only, not ours."""
+    fixes = {errno.ENOSPC: "free some space or choose another --out",
+             errno.EDQUOT: "free some space or choose another --out",
+             errno.EROFS: "choose an --out on a writable disk",
+             errno.EACCES: "choose an --out you may write to",
+             errno.EPERM: "choose an --out you may write to"}
+    where = f" ({e.filename})" if e.filename else ""
+    return WeightsError(f"cannot write the bundle {out}: {e.strerror or e}{where}",
+                        fixes.get(e.errno, "choose another --out"))
 
 
 def convert(opts: ConvertOptions, progress: Progress | None = None) -> Path:
@@ -572,18 +712,21 @@ def convert(opts: ConvertOptions, progress: Progress | None = None) -> Path:
         raise WeightsError("a manifest holds no data: use it with --dry-run")
     if opts.out is None:
         raise WeightsError("no output directory given (--out DIR)")
-    out = Path(opts.out)
-    if out.exists() and not opts.force:
-        raise WeightsError(f"{out} already exists (use --force to replace it)")
-    plan = plan_conversion(opts)
+    out = Path(os.path.abspath(Path(opts.out).expanduser()))
+    plan = plan_conversion(opts)  # headers only: every bad input is refused here
+    check_outputs({"--out": out}, _inputs(opts), replaced=True)
+    _replaceable(opts.force)(out)  # fail fast; checked again under the lock
     for check in plan.checks:
         check()
-    with staging_dir(out, opts.force) as tmp:
-        for part in plan.parts:
-            write_part(part, tmp, opts.shard_size, progress)
-        if plan.tokenizer is not None:
-            shutil.copyfile(plan.tokenizer, tmp / TOKENIZER_NAME)
-        write_config(tmp, plan.config)
+    try:
+        with staging_dir(out, opts.force) as tmp:
+            for part in plan.parts:
+                write_part(part, tmp, opts.shard_size, progress)
+            if plan.tokenizer is not None:
+                shutil.copyfile(plan.tokenizer, tmp / TOKENIZER_NAME)
+            write_config(tmp, plan.config)
+    except OSError as e:
+        raise _write_error(out, e) from None
     return out
 
 
@@ -625,14 +768,21 @@ def describe_part(part: Part, max_shard_bytes: int) -> list[str]:
 
 
 def size_table(opts: ConvertOptions) -> list[tuple[str, int]]:
-    """The bundle's size at bfloat16, q8 and q4 (group size of `opts`), and as asked."""
-    group = opts.quantization.group_size if opts.quantization else 64
+    """The bundle's size on disk at bfloat16, q8 and q4 (the presets the app converts
+    to: groups of 64 and 32), the tokenizer left out when its size is not known."""
     rows = []
-    for label, bits in (("bfloat16", None), ("q8", 8), ("q4", 4)):
-        q = Quantization(bits, group) if bits else None
-        name = label if bits is None else f"{label} (group {group})"
-        rows.append((name, plan_conversion(replace(opts, dtype="bfloat16", quantization=q)).nbytes))
+    for label in ("bf16", "q8", "q4"):
+        q = PRESETS[label]
+        name = "bfloat16" if q is None else f"{label} (group {q.group_size})"
+        plan = plan_conversion(replace(opts, dtype="bfloat16", quantization=q))
+        size = bundle_size(plan, opts.shard_size)
+        rows.append((name, size if size is not None else _known_size(plan, opts.shard_size)))
     return rows
+
+
+def _known_size(plan: Plan, max_shard_bytes: int) -> int:
+    return sum(sum(part_files(p, max_shard_bytes).values()) for p in plan.parts) + len(
+        config_text({"format_version": FORMAT_VERSION, **plan.config}).encode())
 
 
 def _label(x: Path | Source | None) -> str | None:
@@ -652,12 +802,16 @@ def dry_run(opts: ConvertOptions) -> list[str]:
     if plan.tokenizer is not None:
         lines.append(f"tokenizer -> {TOKENIZER_NAME} (copied from {plan.tokenizer})")
     q = opts.quantization
+    size = bundle_size(plan, opts.shard_size)
+    on_disk = (f"{human(size)} on disk" if size is not None else
+               f"{human(_known_size(plan, opts.shard_size))} on disk + the tokenizer")
     if any(p.stem != "mimi" for p in plan.parts):
         dtype = plan.config.get("dtype") or plan.config.get("vision", {}).get("dtype")
         lines.append(f"this conversion ({dtype}, {q.label if q else 'no quantization'}): "
-                     f"{human(plan.nbytes)}")
+                     f"{on_disk}")
     else:
-        lines.append(f"this conversion (Mimi is always float32): {human(plan.nbytes)}")
+        lines.append(f"this conversion (Mimi is always float32): {on_disk}")
+    unknown = " (+ the tokenizer)" if size is None else ""
     lines.append("bundle size: " + " | ".join(f"{name} {human(n)}"
-                                              for name, n in size_table(opts)))
+                                              for name, n in size_table(opts)) + unknown)
     return lines

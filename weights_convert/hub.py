@@ -26,9 +26,12 @@ from pathlib import Path
 
 from moshivis_mlx.bundle import FORMAT_VERSION, read_config
 from moshivis_mlx.errors import BundleError, one_line
+from moshivis_mlx.fileio import sweep
+from moshivis_mlx.paths import inside
 from moshivis_mlx.quant import PRESETS, QuantSpec, preset_name
 
 from .convert import ConvertOptions, Progress, convert
+from .lm_layout import check_kyutai_types
 from .safetensors_io import WeightsError, check_table, read_json_config
 from .source import Source
 
@@ -90,6 +93,47 @@ class _NotReachable(Exception):
     """Offline, or the Hub cannot be reached, and the file is not cached."""
 
 
+PROBE_SECONDS = 3.0
+_online: bool | None = None
+
+
+def hub_online() -> bool:
+    """Whether the Hub can be reached, decided once per process: HF_HUB_OFFLINE, else a
+    connection to its host within a few seconds (a name lookup that hangs counts as
+    offline). Offline, every file comes from the Hugging Face cache or not at all, so a
+    missing file is reported in seconds instead of after minutes of retries."""
+    global _online
+    if _online is None:
+        from huggingface_hub import constants
+
+        _online = not constants.HF_HUB_OFFLINE and _reachable(constants.ENDPOINT)
+    return _online
+
+
+def _reachable(endpoint: str, timeout: float = PROBE_SECONDS) -> bool:
+    import socket
+    import threading
+    from urllib.parse import urlsplit
+
+    url = urlsplit(endpoint)
+    if not url.hostname:
+        return False
+    port = url.port or (443 if url.scheme == "https" else 80)
+    result: list[bool] = []
+
+    def connect() -> None:
+        try:
+            socket.create_connection((url.hostname, port), timeout=timeout).close()
+            result.append(True)
+        except OSError:
+            result.append(False)
+
+    probe = threading.Thread(target=connect, daemon=True)
+    probe.start()
+    probe.join(timeout + 0.5)  # getaddrinfo has no timeout of its own
+    return bool(result and result[0])
+
+
 def _why(e: Exception) -> str:
     """A download failure in a few words."""
     name = type(e).__name__
@@ -116,7 +160,7 @@ def _fetch(repo: str, filename: str, optional: bool = False) -> Path | None:
     repository has no such file and it is `optional`."""
     hub, EntryNotFoundError, LocalEntryNotFoundError = _hub()
     try:
-        return Path(hub.hf_hub_download(repo, filename))
+        return Path(hub.hf_hub_download(repo, filename, local_files_only=not hub_online()))
     except LocalEntryNotFoundError:
         cached = hub.try_to_load_from_cache(repo, filename)
         if cached is not None and not isinstance(cached, str) and optional:
@@ -137,6 +181,8 @@ def remote_header(repo: str, filename: str) -> Source:
     (an HTTP range request): what --dry-run needs, without the download."""
     hub, _, _ = _hub()
     label = f"hf://{repo}/{filename}"
+    if not hub_online():
+        raise _NotReachable()
     try:
         meta = hub.HfApi().parse_safetensors_file_metadata(repo, filename)
     except Exception as e:
@@ -149,6 +195,9 @@ def remote_header(repo: str, filename: str) -> Source:
 
 
 def _offline(repo: str, files: list[str]) -> HubError:
+    """Offline: what to fetch by hand, every file the conversion needs (also those a dry
+    run did not need itself)."""
+    files = list(dict.fromkeys(files))
     return HubError(f"cannot download {repo}: offline, or huggingface.co cannot be reached, "
                     f"and the files are not in the Hugging Face cache; to do it by hand, "
                     f"fetch {', '.join(files)} from https://huggingface.co/{repo} into a folder "
@@ -231,16 +280,26 @@ def resolve_repo(repo: str, moshi_weights: str | Path | None = None,
             missing.append(CONFIG_FILE)
     try:
         raw = read_json_config(cfg_path) if cfg_path is not None else {}
+        check_kyutai_types(raw, cfg_path)
     except WeightsError as e:
         raise HubError(str(e)) from None
     if "format_version" in raw and any(k in raw for k in ("lm", "mimi", "vision")):
         return _bundle_repo(repo, local_dir, cfg_path, opts)
     opts.kyutai_config = cfg_path
 
-    # The file names Kyutai's loader reads (or kyuteye's), the released ones by default.
-    lm_name = raw.get("moshi_name") or raw.get("model") or LM_FILE
-    mimi_name = raw.get("mimi_name") or raw.get("mimi_codec") or MIMI_FILE
-    tokenizer_name = raw.get("tokenizer_name") or raw.get("text_tokenizer") or TOKENIZER_FILE
+    # The file names Kyutai's loader reads (or kyuteye's), the released ones by default;
+    # each must name a file of the repository (not ../elsewhere, not /etc/passwd).
+    def named(*keys: str, default: str) -> str:
+        for key in keys:
+            if raw.get(key):
+                inside(local_dir or Path(repo), raw[key], f"{cfg_path}: {key}")
+                return raw[key]
+        return default
+
+    lm_name = named("moshi_name", "model", default=LM_FILE)
+    mimi_name = named("mimi_name", "mimi_codec", default=MIMI_FILE)
+    tokenizer_name = named("tokenizer_name", "text_tokenizer", default=TOKENIZER_FILE)
+    mimi_config_name = named("mimi_config_name", default="")
     if moshi_weights is not None:
         opts.moshi_weights = _option(moshi_weights, repo, local_dir, missing, headers_only)
     else:
@@ -251,12 +310,17 @@ def resolve_repo(repo: str, moshi_weights: str | Path | None = None,
         opts.tokenizer = _option(tokenizer, repo, local_dir, missing)
     elif not headers_only or local_dir is not None:
         opts.tokenizer = get(tokenizer_name)
+    else:
+        opts.origin["tokenizer"] = tokenizer_name  # not fetched: a dry run cannot size it
     if mimi_config is not None:
         opts.mimi_config = _option(mimi_config, repo, local_dir, missing)
-    elif raw.get("mimi_config_name"):
-        opts.mimi_config = get(raw["mimi_config_name"])
+    elif mimi_config_name:
+        opts.mimi_config = get(mimi_config_name)
     if missing:
-        raise _offline(repo, [n for n in missing if n != CONFIG_FILE] or [CONFIG_FILE])
+        needed = [lm_name, mimi_name, tokenizer_name] + ([mimi_config_name] if
+                                                         mimi_config_name else [])
+        raise _offline(repo, needed + [n for n in missing if n not in needed and
+                                       n != CONFIG_FILE])
     if local_dir is not None:
         absent = [p.name for p in (opts.moshi_weights, opts.mimi_weights, opts.tokenizer,
                                    opts.mimi_config) if p is not None and not p.exists()]
@@ -292,7 +356,8 @@ def _bundle_repo(repo: str, local_dir: Path | None, cfg_path: Path, opts: Conver
         return opts
     hub, _, _ = _hub()
     try:
-        opts.bundle = Path(hub.snapshot_download(repo, allow_patterns=BUNDLE_PATTERNS))
+        opts.bundle = Path(hub.snapshot_download(repo, allow_patterns=BUNDLE_PATTERNS,
+                                                 local_files_only=not hub_online()))
     except Exception as e:
         if _is_network_error(e):
             raise _offline(repo, ["config.json", "*.safetensors", "tokenizer.model"]) from None
@@ -340,6 +405,7 @@ def bundle_for_repo(repo: str, quantize: str = "8", progress: Progress | None = 
     `progress(what, done_bytes, total_bytes)`.
     """
     _check_quantize(quantize)
+    sweep(cache_root())  # what killed conversions left behind
     out = bundle_path(repo, quantize)
     if _is_complete(out):
         return out
@@ -369,6 +435,7 @@ def bundle_for_files(moshi_weights: str | Path, mimi_weights: str | Path,
             raise HubError(f"{p}: no such file") from None
         key.update(f"\n{p.resolve()} {st.st_size} {st.st_mtime_ns}".encode())
     quant = QUANTIZATIONS[quantize]
+    sweep(cache_root())
     out = cache_root() / f"local-{paths[0].stem}-{key.hexdigest()[:12]}-{preset_name(quant)}"
     if _is_complete(out):
         return out

@@ -34,6 +34,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from moshivis_mlx.models.config import ConfigError, check_value
 from moshivis_mlx.models.lm import LM, DepformerConfig, LmConfig
 from moshivis_mlx.quant import QuantSpec
 from moshivis_mlx.sampling import GenerationConfig
@@ -248,6 +249,9 @@ def infer_lm_config(shapes: dict[str, tuple[int, ...]], layout: str,
             n += 1
         return n
 
+    def given(key: str, default: Any) -> Any:
+        return default if kc.get(key) is None else kc[key]
+
     def pick(key: str, inferred: Any) -> Any:
         if key in kc and kc[key] is not None and kc[key] != inferred:
             raise WeightsError(f"config says {key}={kc[key]} but the weights have {inferred}")
@@ -271,58 +275,106 @@ def infer_lm_config(shapes: dict[str, tuple[int, ...]], layout: str,
     per_step = has("depformer.transformer.layers.0.ffn.0.linear_out.weight")
     dep_ffn = f"depformer.transformer.layers.0.{'ffn.0' if per_step else 'ffn'}.linear_out.weight"
     cross = has("xa.q_proj.weight")
-    return LmConfig(
-        dim=pick("dim", dim),
-        num_heads=int(num_heads),
-        num_layers=pick("num_layers", count("transformer.layers.{}.norm1.weight")),
-        ffn_hidden=shape("transformer.layers.0.ffn.linear_out.weight")[1],
-        context=int(kc.get("context") or defaults.context),
-        max_period=float(kc.get("max_period") or defaults.max_period),
-        text_card=pick("text_card", text_card),
-        card=pick("audio_card", pick("card", shape("audio_emb.0.weight")[0] - 1)),
-        n_q=pick("n_q", count("audio_emb.{}.weight")),
-        dep_q=pick("dep_q", count("depformer.heads.{}.weight")),
-        delays=list(kc.get("delays") or defaults.delays),
-        text_padding_id=int(kc.get("existing_text_padding_id", kc.get("padding_token_id", 3))),
-        end_of_text_padding_id=int(kc.get("existing_text_end_padding_id", 0)),
-        depformer=DepformerConfig(
-            dim=pick("depformer_dim", dep_dim),
-            num_heads=int(dep_heads),
-            num_layers=pick("depformer_num_layers",
-                            count("depformer.transformer.layers.{}.norm1.weight")),
-            ffn_hidden=shape(dep_ffn)[1],
-            weights_per_step=per_step,
-            multi_linear=has("depformer.in_proj.1.weight"),
-        ),
-        cross_attention=cross,
-        image_dim=shape("image_prefix.proj_xa.weight")[1] if cross else defaults.image_dim,
-        xa_gate_hidden=(shape("transformer.layers.0.xa_gate.linear_in.weight")[0] if cross
-                        else defaults.xa_gate_hidden),
-    )
+    try:
+        return LmConfig(
+            dim=pick("dim", dim),
+            num_heads=int(num_heads),
+            num_layers=pick("num_layers", count("transformer.layers.{}.norm1.weight")),
+            ffn_hidden=shape("transformer.layers.0.ffn.linear_out.weight")[1],
+            context=int(kc.get("context") or defaults.context),
+            max_period=float(kc.get("max_period") or defaults.max_period),
+            text_card=pick("text_card", text_card),
+            card=pick("audio_card", pick("card", shape("audio_emb.0.weight")[0] - 1)),
+            n_q=pick("n_q", count("audio_emb.{}.weight")),
+            dep_q=pick("dep_q", count("depformer.heads.{}.weight")),
+            delays=list(kc.get("delays") or defaults.delays),
+            text_padding_id=given("existing_text_padding_id", given("padding_token_id", 3)),
+            end_of_text_padding_id=given("existing_text_end_padding_id", 0),
+            depformer=DepformerConfig(
+                dim=pick("depformer_dim", dep_dim),
+                num_heads=int(dep_heads),
+                num_layers=pick("depformer_num_layers",
+                                count("depformer.transformer.layers.{}.norm1.weight")),
+                ffn_hidden=shape(dep_ffn)[1],
+                weights_per_step=per_step,
+                multi_linear=has("depformer.in_proj.1.weight"),
+            ),
+            cross_attention=cross,
+            image_dim=shape("image_prefix.proj_xa.weight")[1] if cross else defaults.image_dim,
+            xa_gate_hidden=(shape("transformer.layers.0.xa_gate.linear_in.weight")[0] if cross
+                            else defaults.xa_gate_hidden),
+        )
+    except ConfigError as e:  # a bound or a relation: name the file the value came from
+        raise ConfigError(f"{kc.get(CONFIG_PATH) or 'the weights'}: {e}") from None
+
+
+KYUTAI_TYPES: dict[str, Any] = {
+    **{k: int for k in ("dim", "num_heads", "num_layers", "context", "text_card", "card",
+                        "audio_card", "n_q", "dep_q", "existing_text_padding_id",
+                        "existing_text_end_padding_id", "padding_token_id", "depformer_dim",
+                        "depformer_num_heads", "depformer_num_layers", "xa_start")},
+    "max_period": float,
+    "delays": list[int],
+    **{k: str for k in ("moshi_name", "mimi_name", "tokenizer_name", "mimi_config_name",
+                        "model", "mimi_codec", "text_tokenizer")},
+}
+"""The keys of Kyutai's config.json that are read, and their types (others are ignored)."""
+CONFIG_PATH = "__path__"
+"""Where read_kyutai_config found the settings (for messages about them)."""
+GEN_TYPES: dict[str, Any] = {"temp_text": float, "top_k_text": int, "temp": float, "top_k": int}
+
+
+def check_kyutai_types(cfg: dict[str, Any], where: str | Path) -> None:
+    """Each key that is read has its type (`"four"` or `true` is no number of heads),
+    or a ConfigError naming the file and the key."""
+    def check(key: str, value: Any, tp: Any) -> None:
+        if value is not None:
+            check_value(f"{where}: {key}", value, tp)
+
+    for key, tp in KYUTAI_TYPES.items():
+        check(key, cfg.get(key), tp)
+    gen = cfg.get("lm_gen_config")
+    if gen is not None:
+        if not isinstance(gen, dict):
+            raise ConfigError(f"{where}: lm_gen_config: expected a JSON object, got {gen!r}")
+        for key, tp in GEN_TYPES.items():
+            check(f"lm_gen_config.{key}", gen.get(key), tp)
 
 
 def read_kyutai_config(path: Path | None) -> dict[str, Any] | None:
-    """Kyutai's config.json (flat, or with the model's settings under `lm_kwargs`)."""
+    """Kyutai's config.json (flat, or with the model's settings under `lm_kwargs`), its
+    types checked."""
     if path is None:
         return None
     cfg = read_json_config(path)
     if "format_version" in cfg:
         raise WeightsError(f"{path}: this is the config of a moshivis-mlx bundle; convert the "
                            f"bundle with --bundle DIR")
-    return {**cfg, **cfg.get("lm_kwargs", {})}
+    kwargs = cfg.get("lm_kwargs", {})
+    if not isinstance(kwargs, dict):
+        raise ConfigError(f"{path}: lm_kwargs: expected a JSON object, got {kwargs!r}")
+    cfg = {**cfg, **kwargs}
+    check_kyutai_types(cfg, path)
+    return {**cfg, CONFIG_PATH: str(path)}
 
 
 def kyutai_generation_defaults(kyutai_config: dict[str, Any] | None) -> dict[str, Any]:
     """The bundle's generation settings: Kyutai's config's `lm_gen_config` and `xa_start`
-    where it gives them, else Kyutai's defaults."""
+    where it gives them, else Kyutai's defaults (bounds checked: GenerationConfig)."""
     kc = kyutai_config or {}
     d = GenerationConfig()
-    xa_start = kc.get("xa_start")
     gen = kc.get("lm_gen_config") if isinstance(kc.get("lm_gen_config"), dict) else {}
-    return GenerationConfig(
-        text_temperature=float(gen.get("temp_text", d.text_temperature)),
-        text_top_k=int(gen.get("top_k_text", d.text_top_k)),
-        audio_temperature=float(gen.get("temp", d.audio_temperature)),
-        audio_top_k=int(gen.get("top_k", d.audio_top_k)),
-        xa_start=xa_start if isinstance(xa_start, int) else d.xa_start,
-    ).to_dict()
+
+    def get(value: Any, default: Any) -> Any:
+        return default if value is None else value
+
+    try:
+        return GenerationConfig.from_dict({
+            "text_temperature": get(gen.get("temp_text"), d.text_temperature),
+            "text_top_k": get(gen.get("top_k_text"), d.text_top_k),
+            "audio_temperature": get(gen.get("temp"), d.audio_temperature),
+            "audio_top_k": get(gen.get("top_k"), d.audio_top_k),
+            "xa_start": get(kc.get("xa_start"), d.xa_start),
+        }).to_dict()
+    except ConfigError as e:
+        raise ConfigError(f"{kc.get(CONFIG_PATH)}: lm_gen_config: {e}") from None

@@ -26,6 +26,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from moshivis_mlx.models.config import ConfigError
 from moshivis_mlx.quant import QuantSpec, quantize_model
 
 from .safetensors_io import WeightsError
@@ -151,5 +152,7 @@ def about(label: str) -> Iterator[None]:
     """Errors raised inside say which file they are about."""
     try:
         yield
+    except ConfigError:
+        raise  # it names its own file and key
     except WeightsError as e:
         raise WeightsError(f"{label}: {e}") from None

@@ -23,6 +23,7 @@ from typing import Any
 
 import mlx.core as mx
 
+from moshivis_mlx.models.config import check_value
 from moshivis_mlx.models.mimi import MimiConfig
 from moshivis_mlx.models.quantizer import QuantizerConfig
 from moshivis_mlx.models.seanet import SeanetConfig
@@ -72,17 +73,19 @@ def mimi_config_from_kyutai(d: dict[str, Any]) -> MimiConfig:
     if in_dim != t["d_model"] or list(out_dims) != [t["d_model"]]:
         raise ValueError("projected Mimi transformers (input_dimension or "
                          "output_dimensions != d_model) are not supported")
-    transformer = TransformerConfig(
+    transformer = TransformerConfig.from_dict(dict(
         d_model=t["d_model"], num_heads=t["num_heads"], num_layers=t["num_layers"],
         ffn_hidden=t.get("dim_feedforward", 2048), ffn="gelu", norm="layer_norm",
         norm_eps=1e-5, bias=False, causal=True, context=t.get("context"), rope=True,
-        max_period=float(t.get("max_period", 10000)), layer_scale=layer_scale is not None)
+        max_period=t.get("max_period", 10000.0), layer_scale=layer_scale is not None),
+        "transformer.")
     channels = d.get("channels", seanet.channels)
     if channels != seanet.channels:
         raise ValueError(f"channels {channels} != seanet.channels {seanet.channels}")
-    cfg = MimiConfig(sample_rate=int(d["sample_rate"]), frame_rate=float(d["frame_rate"]),
-              seanet=seanet, quantizer=quantizer, transformer=transformer)
-    cfg.validate()
+    cfg = MimiConfig(sample_rate=check_value("sample_rate", d["sample_rate"], int),
+                     frame_rate=check_value("frame_rate", d["frame_rate"], float),
+                     seanet=seanet, quantizer=quantizer, transformer=transformer)
+    cfg.check()
     return cfg
 
 

@@ -1,6 +1,7 @@
 """Reading and writing safetensors files safely, without torch.
 
-The header is parsed and validated before any tensor data is touched: a truncated file,
+The header is parsed and validated before any tensor data is touched (in
+`moshivis_mlx.safetensors`, which the app's bundle loading shares): a truncated file,
 overlapping or out-of-range offsets, sizes that disagree with shapes, or absurd shapes
 are reported with the file and tensor names. Tensors are then read one at a time
 (`read_tensor`), so a conversion never holds more than the tensor it is working on.
@@ -16,54 +17,34 @@ from __future__ import annotations
 import json
 import math
 import struct
-from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 
 from moshivis_mlx.errors import WeightsError
+from moshivis_mlx.safetensors import (  # noqa: F401 (the converter's names for them)
+    DTYPE_NAMES,
+    DTYPES,
+    FLOAT_CODES,
+    ITEMSIZE,
+    MAX_ELEMENTS,
+    MAX_HEADER_BYTES,
+    PICKLE_SUFFIXES,
+    TensorInfo,
+    _check_entry,
+    check_table,
+    parse_json,
+    read_header,
+    read_json,
+    refuse_pickle,
+)
 
-# safetensors dtype code -> (bytes per element, name in MLX and NumPy).
-DTYPES = {
-    "BOOL": (1, "bool"), "U8": (1, "uint8"), "I8": (1, "int8"), "U16": (2, "uint16"),
-    "I16": (2, "int16"), "F16": (2, "float16"), "BF16": (2, "bfloat16"), "U32": (4, "uint32"),
-    "I32": (4, "int32"), "F32": (4, "float32"), "U64": (8, "uint64"), "I64": (8, "int64"),
-    "F64": (8, "float64"), "F8_E4M3": (1, "float8_e4m3fn"), "F8_E5M2": (1, "float8_e5m2"),
-}
-ITEMSIZE = {code: size for code, (size, _) in DTYPES.items()}
-DTYPE_NAMES = {code: name for code, (_, name) in DTYPES.items()}
-CODES = {name: code for code, name in DTYPE_NAMES.items()}
 # What MLX can hold (bfloat16 travels through NumPy as uint16).
 MX_DTYPES = {code: getattr(mx, "bool_" if name == "bool" else name)
              for code, name in DTYPE_NAMES.items() if code not in ("F64", "F8_E4M3", "F8_E5M2")}
-MAX_HEADER_BYTES = 100 * 1024 * 1024
-MAX_ELEMENTS = 1 << 36  # no single tensor of a 7B model comes near this
-PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle")
+CODES = {name: code for code, name in DTYPE_NAMES.items()}
 COMPARE_CHUNK = 4 << 20
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-    start: int
-    end: int
-    data_start: int = 0
-    """Where the data section begins in the file (the offsets are relative to it)."""
-
-    @property
-    def nbytes(self) -> int:
-        return self.end - self.start
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    @property
-    def dtype_name(self) -> str:
-        return DTYPE_NAMES.get(self.dtype, self.dtype)
 
 
 def dtype_code(dtype: mx.Dtype) -> str:
@@ -74,89 +55,9 @@ def dtype_code(dtype: mx.Dtype) -> str:
     raise WeightsError(f"cannot store dtype {dtype} in safetensors")
 
 
-def refuse_pickle(path: Path) -> None:
-    if path.suffix.lower() in PICKLE_SUFFIXES:
-        raise WeightsError(
-            f"{path}: refusing to read a pickle checkpoint (it can run arbitrary code); "
-            f"use the .safetensors file of the same model, or convert it with "
-            f"safetensors' convert script on a trusted machine")
-
-
 def read_json_config(path: str | Path, expected: str = "a JSON object") -> dict:
     """A JSON config file as a dict; a WeightsError naming the file otherwise."""
-    try:
-        cfg = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise WeightsError(f"{path}: no such config file") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise WeightsError(f"{path}: invalid JSON ({e})") from None
-    if not isinstance(cfg, dict):
-        raise WeightsError(f"{path}: expected {expected}")
-    return cfg
-
-
-def read_header(path: str | Path) -> dict[str, TensorInfo]:
-    """Validated tensor table of a safetensors file (reads only the header)."""
-    path = Path(path)
-    refuse_pickle(path)
-    if not path.exists():
-        raise WeightsError(f"{path}: no such file")
-    if path.is_dir():
-        raise WeightsError(f"{path}: is a directory, expected a .safetensors file")
-    size = path.stat().st_size
-    if size < 8:
-        raise WeightsError(f"{path}: truncated ({size} bytes), not a safetensors file")
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        if n > MAX_HEADER_BYTES or n > size - 8:
-            raise WeightsError(f"{path}: not a safetensors file (header length {n} is impossible)")
-        raw = f.read(n)
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise WeightsError(f"{path}: not a safetensors file (header is not JSON: {e})") from None
-    if not isinstance(header, dict):
-        raise WeightsError(f"{path}: not a safetensors file (header is not a table)")
-    return check_table(path, header, size - 8 - n, 8 + n)
-
-
-def check_table(where: str | Path, header: dict, data_size: int, data_start: int = 0
-                ) -> dict[str, TensorInfo]:
-    """A validated tensor table from a parsed safetensors header (`data_size`: the bytes
-    after the header; the header of a remote file is checked with a size it cannot reach)."""
-    tensors = {name: _check_entry(where, name, entry, data_size, data_start)
-               for name, entry in header.items() if name != "__metadata__"}
-    spans = sorted((t for t in tensors.values() if t.end > t.start), key=lambda t: (t.start, t.end))
-    for a, b in zip(spans, spans[1:]):
-        if b.start < a.end:
-            raise WeightsError(f"{where}: tensors {a.name!r} and {b.name!r} overlap in the file")
-    return tensors
-
-
-def _check_entry(path: str | Path, name: str, entry: object, data_size: int,
-                 data_start: int = 0) -> TensorInfo:
-    where = f"{path}: tensor {name!r}"
-    if not isinstance(entry, dict):
-        raise WeightsError(f"{where}: malformed header entry")
-    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if dtype not in ITEMSIZE:
-        raise WeightsError(f"{where}: unknown dtype {dtype!r}")
-    if (not isinstance(shape, list) or len(shape) > 8
-            or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape)):
-        raise WeightsError(f"{where}: invalid shape {shape!r}")
-    numel = math.prod(shape)
-    if numel > MAX_ELEMENTS:
-        raise WeightsError(f"{where}: absurd shape {shape}")
-    if (not isinstance(offsets, list) or len(offsets) != 2
-            or not all(isinstance(o, int) and o >= 0 for o in offsets) or offsets[0] > offsets[1]):
-        raise WeightsError(f"{where}: invalid data offsets {offsets!r}")
-    start, end = offsets
-    if end - start != numel * ITEMSIZE[dtype]:
-        raise WeightsError(
-            f"{where}: {end - start} bytes in the file for shape {shape} of {dtype}")
-    if end > data_size:
-        raise WeightsError(f"{where}: data runs past the end of the file (truncated download?)")
-    return TensorInfo(name, dtype, tuple(shape), start, end, data_start)
+    return read_json(path, expected)
 
 
 def read_tensor(path: str | Path, info: TensorInfo) -> mx.array:
@@ -195,13 +96,8 @@ def read_manifest(path: str | Path) -> dict[str, TensorInfo]:
     A manifest describes a released checkpoint without its data; it is validated like a
     header (known dtypes, sane shapes) and gets the offsets the file would have."""
     path = Path(path)
-    try:
-        doc = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise WeightsError(f"{path}: no such manifest") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise WeightsError(f"{path}: not a manifest (invalid JSON: {e})") from None
-    table = doc.get("tensors") if isinstance(doc, dict) else None
+    doc = read_json(path, "a manifest (a JSON object)")
+    table = doc.get("tensors")
     if not isinstance(table, dict) or not table:
         raise WeightsError(f"{path}: not a manifest (expected a non-empty \"tensors\" table)")
     tensors: dict[str, TensorInfo] = {}
@@ -222,6 +118,24 @@ def read_manifest(path: str | Path) -> dict[str, TensorInfo]:
     return tensors
 
 
+def header_bytes(plan: list[tuple[str, str, tuple[int, ...]]]) -> bytes:
+    """The JSON header of a file holding `plan`'s tensors in order (8-byte aligned)."""
+    header: dict[str, object] = {"__metadata__": {"format": "mlx"}}
+    offset = 0
+    for name, code, shape in plan:
+        nbytes = math.prod(shape) * ITEMSIZE[code]
+        header[name] = {"dtype": code, "shape": list(shape),
+                        "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    return raw + b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned
+
+
+def file_size(plan: list[tuple[str, str, tuple[int, ...]]]) -> int:
+    """The exact size of the file `SafetensorsWriter` makes for `plan`."""
+    return 8 + len(header_bytes(plan)) + sum(math.prod(s) * ITEMSIZE[c] for _, c, s in plan)
+
+
 class SafetensorsWriter:
     """Writes a safetensors file whose tensors (names, dtypes, shapes, order) are known in
     advance: the header goes first, then each tensor as it is produced, so the file can be
@@ -230,15 +144,7 @@ class SafetensorsWriter:
     def __init__(self, path: str | Path, plan: list[tuple[str, str, tuple[int, ...]]]):
         self.path = Path(path)
         self.plan = list(plan)
-        header: dict[str, object] = {"__metadata__": {"format": "mlx"}}
-        offset = 0
-        for name, code, shape in self.plan:
-            nbytes = math.prod(shape) * ITEMSIZE[code]
-            header[name] = {"dtype": code, "shape": list(shape),
-                            "data_offsets": [offset, offset + nbytes]}
-            offset += nbytes
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned
+        raw = header_bytes(self.plan)
         self._next = 0
         self._file = open(self.path, "wb")
         self._file.write(struct.pack("<Q", len(raw)))

@@ -29,10 +29,11 @@ import re
 from pathlib import Path
 from typing import Any
 
+from moshivis_mlx.models.config import check_value
 from moshivis_mlx.models.siglip import SiglipConfig, SiglipVision, paligemma2_448
 from moshivis_mlx.quant import QuantSpec
 
-from .lm_layout import KYUTEYE_MLX, MOSHIVIS_PT
+from .lm_layout import CONFIG_PATH, KYUTEYE_MLX, MOSHIVIS_PT
 from .mapping import Entry, Found, Mapping, about, check_mapping, model_tensors, rename, renames
 from .safetensors_io import WeightsError, read_json_config
 from .source import FloatView, Source, infer_quant_spec
@@ -218,7 +219,8 @@ def find_vision(source: Source, hf_config: dict[str, Any] | None) -> Found:
 def read_vision_config(path: Path | None) -> dict[str, Any] | None:
     if path is None:
         return None
-    return read_json_config(path, "a JSON object (HF's SiglipVisionConfig)")
+    cfg = read_json_config(path, "a JSON object (HF's SiglipVisionConfig)")
+    return {**cfg, CONFIG_PATH: str(path)}
 
 
 def siglip_config_from_hf(d: dict[str, Any]) -> SiglipConfig:
@@ -229,20 +231,16 @@ def siglip_config_from_hf(d: dict[str, Any]) -> SiglipConfig:
         d = d["vision_config"]
     c = {**HF_DEFAULTS, **{k: v for k, v in d.items() if v is not None}}
     act = c["hidden_act"]
-    if act not in HF_ACTIVATIONS:
-        raise ValueError(f"unsupported hidden_act {act!r} "
+    if not isinstance(act, str) or act not in HF_ACTIVATIONS:
+        raise ValueError(f"hidden_act: unsupported {act!r} "
                          f"(expected one of {', '.join(HF_ACTIVATIONS)})")
-    return SiglipConfig(
-        dim=int(c["hidden_size"]),
-        num_heads=int(c["num_attention_heads"]),
-        num_layers=int(c["num_hidden_layers"]),
-        ffn_hidden=int(c["intermediate_size"]),
-        ffn=HF_ACTIVATIONS[act],
-        norm_eps=float(c["layer_norm_eps"]),
-        image_size=int(c["image_size"]),
-        patch_size=int(c["patch_size"]),
-        num_channels=int(c["num_channels"]),
-    )
+    keys = {"dim": "hidden_size", "num_heads": "num_attention_heads",
+            "num_layers": "num_hidden_layers", "ffn_hidden": "intermediate_size",
+            "norm_eps": "layer_norm_eps", "image_size": "image_size",
+            "patch_size": "patch_size", "num_channels": "num_channels"}
+    values = {ours: check_value(theirs, c[theirs], float if ours == "norm_eps" else int)
+              for ours, theirs in keys.items()}
+    return SiglipConfig(ffn=HF_ACTIVATIONS[act], **values)
 
 
 def vision_config_from(hf_config: dict[str, Any] | None) -> SiglipConfig:
@@ -252,4 +250,5 @@ def vision_config_from(hf_config: dict[str, Any] | None) -> SiglipConfig:
     try:
         return siglip_config_from_hf(hf_config)
     except (ValueError, TypeError) as e:
-        raise WeightsError(f"invalid vision config: {e}") from None
+        where = hf_config.get(CONFIG_PATH) or "the vision config"
+        raise WeightsError(f"{where}: invalid vision config: {e}") from None

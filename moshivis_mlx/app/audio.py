@@ -80,7 +80,9 @@ def list_devices(backend: Any | None = None) -> str:
         lines.append(f"  {i:3d}  {d['name']}  ({', '.join(kinds) or 'no channels'}, "
                      f"{d['default_samplerate']:.0f} Hz){extra}")
     if len(lines) == 1:
-        lines.append("  (none found)")
+        raise AudioDeviceError("no audio devices found",
+                               "connect a microphone and speakers; on Linux, check that the "
+                               "sound server (PulseAudio or PipeWire) is running")
     return "\n".join(lines)
 
 

@@ -11,13 +11,12 @@ that everything runs, end to end, on this machine.
 from __future__ import annotations
 
 import io
-import shutil
-import tempfile
 from dataclasses import replace
 from pathlib import Path
 
 from rich.console import Console
 
+from ..fileio import staged_dir, sweep
 from .options import AppOptions
 
 ASSETS = Path(__file__).parent / "assets"
@@ -100,10 +99,7 @@ def build_demo_bundle(out: Path, seed: int = 0) -> Path:
     from ..models.siglip import tiny as siglip_tiny
     from ..sampling import GenerationConfig
 
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
+    with staged_dir(out) as tmp:  # built aside, renamed when complete, removed if stopped
         mx.random.seed(seed)
         lm = LM(tiny(cross_attention=True))
         mx.eval(lm.parameters())
@@ -130,19 +126,14 @@ def build_demo_bundle(out: Path, seed: int = 0) -> Path:
                          "quantization": None}
         cfg["source"] = {"demo": f"tiny random weights, seed {seed}, recipe v{DEMO_VERSION}"}
         write_config(tmp, cfg)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return Path(out)
 
 
 def demo_bundle(root: Path | None = None) -> tuple[Path, bool]:
     """The cached demo bundle (generated if missing); and whether it was just made."""
     from moshivis_mlx.weights_convert.hub import cache_root
 
+    sweep(root or cache_root())  # what a killed run left behind
     path = (root or cache_root()) / f"demo-tiny-v{DEMO_VERSION}"
     if (path / "config.json").exists():
         try:  # a few MB: loading is the surest check that this version can read it

@@ -20,11 +20,14 @@ from pathlib import Path
 import numpy as np
 from rich.console import Console
 
-from ..errors import MoshivisError
+from ..errors import AudioFileError
+from ..paths import check_readable_file
 from ..progress import Counter, Steps
+from ..signals import shielded
 from ..stream import FrameGeometry
 from .opening import open_session, opening_steps
 from .options import AppOptions
+from .preflight import check_file_mode
 from .resample import Resampler
 from .session import AnswerWatch, AudioFrame, Piece, Session, load_picture
 from .transcript import Transcript, TranscriptWriter
@@ -69,19 +72,14 @@ class InputFrames:
             yield frame, valid
 
 
-def _writable(path: Path, what: str) -> None:
-    parent = path.expanduser().resolve().parent
-    if not parent.is_dir():
-        raise MoshivisError(f"cannot write {what} {path}: directory {parent} does not exist")
-
-
 def process(session: Session, frames: InputFrames, out: WavWriter, transcript: Transcript,
-            console: Console, watch: AnswerWatch | None = None) -> int:
+            console: Console, watch: AnswerWatch | None = None,
+            writer: TranscriptWriter | None = None, clock: Clock | None = None) -> int:
     """Runs the question (and, with a `watch`, the answer after it) through the session;
     returns the frames done (an interrupt leaves `out` and `transcript` holding everything
     before it)."""
     frame_seconds = session.geometry.frame_seconds
-    t0 = time.perf_counter()
+    clock = clock or Clock()
     done = 0
     with Counter(console, unit="frames", every=0.25) as bar:
         task = bar.add("model", frames.frames)
@@ -92,23 +90,50 @@ def process(session: Session, frames: InputFrames, out: WavWriter, transcript: T
                     out.write(ev.pcm if valid is None else ev.pcm[:valid])
                 elif isinstance(ev, Piece):
                     transcript.add(ev.text, ev.t, ev.gate, ev.step)
+            if writer is not None:
+                writer.tick(transcript)
             done += 1
-            speed = done * frame_seconds / max(time.perf_counter() - t0, 1e-9)
-            bar.update(task, min(done, frames.frames), rate=f"{speed:.1f}x real time")
+            clock.frame_done()
+            bar.update(task, min(done, frames.frames),
+                       rate=f"{clock.speed(frame_seconds):.1f}x real time")
     return done
+
+
+class Clock:
+    """The real-time factor of the steady state: timed from the end of the first frame,
+    which pays for compiling the step (and the lazy imports behind it)."""
+
+    def __init__(self) -> None:
+        self.first: float | None = None
+        self.last: float | None = None
+        self.frames = 0
+
+    def frame_done(self) -> None:
+        now = time.perf_counter()
+        if self.first is None:
+            self.first = now
+        else:
+            self.frames += 1
+        self.last = now
+
+    def speed(self, frame_seconds: float) -> float:
+        if self.first is None or self.last is None or self.last <= self.first:
+            return 0.0
+        return self.frames * frame_seconds / (self.last - self.first)
 
 
 def run_file(opts: AppOptions, console: Console) -> int:
     out_path = opts.output_wav
     transcript_path = opts.transcript
-    _writable(out_path, "the output")
-    if transcript_path is not None:
-        _writable(transcript_path, "the transcript")
-    reader = WavReader(opts.input_wav)  # an unusable input fails before anything loads
+    # Before anything loads: an unusable input, an output that would overwrite an input
+    # (or the bundle), or one that cannot be written.
+    reader = WavReader(check_readable_file(opts.input_wav, "a WAV file", AudioFileError))
     try:
         picture = load_picture(opts.image) if opts.image else None
+        check_file_mode(opts)
         with Steps(console, opening_steps(picture is not None, picture is not None)) as steps:
             opened = open_session(opts.model, steps, picture is not None, opts.image, picture)
+        check_file_mode(opts, opened.bundle)  # the bundle may be elsewhere than expected
         frames = InputFrames(reader, opened.session.geometry)
         return _run(opts, console, opened.session, frames, out_path, transcript_path)
     finally:
@@ -123,44 +148,59 @@ def _run(opts: AppOptions, console: Console, session: Session, frames: InputFram
         writer = TranscriptWriter(transcript_path, {
             "sample_rate": rate, "frame_seconds": session.geometry.frame_seconds,
             "input": opts.input_wav, "output": str(out_path), "image": opts.image})
-    transcript = Transcript(keep=1, on_word=writer.write_word if writer else None)
+    transcript = Transcript(keep=1, on_word=writer.write_word if writer else None,
+                            on_event=writer.write_event if writer else None)
     watch = None if opts.same_length else AnswerWatch(
         session.geometry.frame_seconds, opts.answer_silence, opts.max_answer_seconds)
+    clock = Clock()
     t0 = time.perf_counter()
-    interrupted = False
+    stopped: BaseException | None = None
     with WavWriter(out_path, rate, 1) as out:
         try:
-            done = process(session, frames, out, transcript, console, watch)
-        except KeyboardInterrupt:
-            interrupted = True
+            done = process(session, frames, out, transcript, console, watch, writer, clock)
+        except (KeyboardInterrupt, Exception) as e:  # Ctrl-C, SIGTERM, SIGHUP, a failure:
+            stopped = e                              # both files keep what was made
             done = session.frames
-        samples = out.frames
+        with shielded():  # a second Ctrl-C waits until both files are complete
+            out.close()
+            samples = out.frames
+            seconds = samples / rate
+            question = frames.samples / rate
+            ending = _ending(watch, seconds - question, opts, stopped)
+            if writer is not None:
+                writer.close(transcript, {"duration_s": round(seconds, 3),
+                                          "question_s": round(question, 3),
+                                          "answer_end": ending[0]})
     elapsed = time.perf_counter() - t0
-    seconds = samples / rate
-    question = frames.samples / rate
-    ending = _ending(watch, seconds - question, opts, interrupted)
-    if writer is not None:
-        writer.close(transcript, {"duration_s": round(seconds, 3),
-                                  "question_s": round(question, 3), "answer_end": ending[0]})
-    speed = seconds / max(elapsed, 1e-9)
-    console.print(f"wrote {out_path} ({seconds:.2f} s at {rate} Hz, {done} frames in "
-                  f"{elapsed:.1f} s: {speed:.1f}x real time); {ending[1]}", highlight=False)
+    steady = clock.speed(session.geometry.frame_seconds)
+    speed = f"{steady:.1f}x real time after the first frame" if steady else "real time -"
+    _say(console, f"wrote {out_path} ({seconds:.2f} s at {rate} Hz, {done} frames in "
+                  f"{elapsed:.1f} s: {speed}); {ending[1]}")
     if transcript_path is not None:
-        console.print(f"wrote {transcript_path} ({transcript.count} words)", highlight=False)
+        _say(console, f"wrote {transcript_path} ({transcript.count} words)")
     text = transcript.text
     if text:
-        console.print(f"model said: {text[:300]}{' ...' if len(text) > 300 else ''}",
-                      highlight=False)
-    if interrupted:
-        raise KeyboardInterrupt
+        _say(console, f"model said: {text[:300]}{' ...' if len(text) > 300 else ''}")
+    if stopped is not None:
+        raise stopped
     return 0
 
 
+def _say(console: Console, line: str) -> None:
+    """A line for the user; after SIGHUP there may be no terminal left to print to."""
+    try:
+        console.print(line, highlight=False)
+    except OSError:
+        pass
+
+
 def _ending(watch: AnswerWatch | None, after_s: float, opts: AppOptions,
-            interrupted: bool) -> tuple[str, str]:
+            stopped: BaseException | None) -> tuple[str, str]:
     """How the answer ended: a key for the transcript and a phrase for the user."""
-    if interrupted:
+    if isinstance(stopped, KeyboardInterrupt):
         return "interrupted", "interrupted"
+    if stopped is not None:
+        return "error", "stopped by an error"
     if watch is None:
         return "same-length", "as long as the question (--same-length)"
     if watch.outcome == "finished":

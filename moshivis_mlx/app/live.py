@@ -11,19 +11,20 @@
                                   camera: its snapshots become commands); draws the
                                   display, turns keys into commands; on exit, saves
 
-The session is saved whatever ends it: `q`, Ctrl-C, SIGTERM, a device that vanishes or
-any error in the model thread (which is then reported after saving).
+The session is saved whatever ends it: `q`, Ctrl-C, SIGTERM, SIGHUP (errors.guard makes
+them unwind like Ctrl-C), a device that vanishes or any error in the model thread (which
+is then reported after saving); a second Ctrl-C while saving waits for the save.
 """
 
 from __future__ import annotations
 
 import os
 import queue
-import signal
 import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
@@ -31,14 +32,16 @@ from rich.live import Live
 
 from ..errors import AudioDeviceError, CameraError, MoshivisError
 from ..progress import Steps
+from ..signals import shielded
 from ..stream import RELEASED
 from .audio import AudioIO
 from .camera import Camera, CameraTicker
 from .camera import parse_device as parse_camera
 from .echo import echo_canceller
-from .opening import Opened, open_session, opening_steps
+from .opening import Opened, open_session, opening_steps, resolve_bundle
 from .options import AppOptions
-from .recorder import SessionRecorder, default_session_dir
+from .preflight import check_live
+from .recorder import DEFAULT_ROOT, SessionRecorder, default_session_dir
 from .session import AudioFrame, Event, load_picture
 from .ui import KeyReader, PlainUI, TerminalUI
 from .worker import EventSink, ModelWorker
@@ -49,14 +52,10 @@ MAX_EVENTS = 2000
 them all)."""
 
 
-def _terminate_as_interrupt(signum, frame):  # SIGTERM / SIGHUP end the session like Ctrl-C
-    raise KeyboardInterrupt
-
-
 def _prepare(opts: AppOptions, steps: Steps, want_vision: bool, image_name: str | None,
-             picture: Any) -> Opened:
+             picture: Any, bundle: Path) -> Opened:
     """Loading and warm-up; runs on the model thread (see worker.py)."""
-    opened = open_session(opts.model, steps, want_vision, image_name, picture)
+    opened = open_session(opts.model, steps, want_vision, image_name, picture, bundle)
     with steps.step("warm-up"):
         opened.session.warm_up()
     return opened
@@ -84,10 +83,11 @@ def _sink(audio: AudioIO, recorder: SessionRecorder | None,
 
 def _recorder(opts: AppOptions, opened: Opened, audio: AudioIO,
               image_name: str | None) -> SessionRecorder:
-    record_dir = opts.record_dir or default_session_dir()
     session = opened.session
     gen = session.stream.gen
+    record_dir = opts.record_dir
     try:
+        record_dir = record_dir or default_session_dir(create=True)
         recorder = SessionRecorder(record_dir, session.geometry, {
             "bundle": str(opened.bundle),
             "image": image_name,
@@ -96,7 +96,8 @@ def _recorder(opts: AppOptions, opened: Opened, audio: AudioIO,
                          "xa_start": gen.xa_start},
         })
     except OSError as e:
-        raise MoshivisError(f"cannot record the session in {record_dir} ({e.strerror or e})",
+        where = record_dir or DEFAULT_ROOT
+        raise MoshivisError(f"cannot record the session in {where} ({e.strerror or e})",
                             "pick another directory with --record DIR, or use --no-record"
                             ) from None
     if image_name:
@@ -124,6 +125,7 @@ def _open_camera(opts: AppOptions) -> tuple[Camera | None, CameraTicker | None, 
 def run_live(opts: AppOptions, console: Console) -> int:
     interactive = console.is_terminal and sys.stdin.isatty()
     want_vision = not opts.no_image
+    check_live(opts)  # the recording's directory, before anything loads
     picture = load_picture(opts.image) if opts.image else None
     image_name = opts.image
     n_steps = 2 + (opts.camera is not None)
@@ -141,8 +143,10 @@ def run_live(opts: AppOptions, console: Console) -> int:
                 with steps.step("camera"):
                     camera, ticker, picture = _open_camera(opts)
                 image_name = CAMERA_NAME
+            # A download and conversion run here, where a signal can clean them up.
+            bundle = resolve_bundle(opts.model, steps)
             worker = ModelWorker(lambda: _prepare(opts, steps, want_vision, image_name,
-                                                  picture), audio.read_frame)
+                                                  picture, bundle), audio.read_frame)
             worker.start()
         except BaseException:
             audio.close()
@@ -179,10 +183,6 @@ def run_live(opts: AppOptions, console: Console) -> int:
     snapshots = _Snapshots(worker, camera, ticker)
 
     fatal: BaseException | None = None
-    old_handlers = {}
-    for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
-        if sig is not None:
-            old_handlers[sig] = signal.signal(sig, _terminate_as_interrupt)
     ui: Any = None
     try:
         audio.start()
@@ -202,32 +202,39 @@ def run_live(opts: AppOptions, console: Console) -> int:
     except MoshivisError as e:
         fatal = e
     finally:
-        worker.stop()
-        audio.close()
-        if camera is not None:
-            camera.close()
-        for sig, handler in old_handlers.items():
-            signal.signal(sig, handler)
-        if isinstance(ui, PlainUI):
-            ui.close()
-        summary = {"dropped_frames": audio.dropped, "underruns": audio.underruns,
-                   "input_overflows": audio.input_overflows,
-                   "output_dropped": audio.fifo.dropped,
-                   "echo_cancel": _echo_summary(audio.echo.stats)}
-        if ui is not None:
-            ui.stats.counters(audio.dropped, audio.underruns)
-            summary["latency"] = ui.stats.summary()
-        if recorder is not None:
-            if fatal is not None:
-                recorder.add_event("error", message=str(fatal))
-            saved = recorder.close(summary)
-            console.print(f"session saved to {saved}/ ({recorder.seconds:.1f} s: "
-                          f"conversation.wav, transcript.json, latency.csv)", highlight=False)
-        if ui is not None:
-            console.print(ui.stats.summary(), highlight=False)
+        with shielded():  # a second Ctrl-C waits: the session is saved first
+            worker.stop()
+            audio.close()
+            if camera is not None:
+                camera.close()
+            if isinstance(ui, PlainUI):
+                ui.close()
+            summary = {"dropped_frames": audio.dropped, "underruns": audio.underruns,
+                       "input_overflows": audio.input_overflows,
+                       "output_dropped": audio.fifo.dropped,
+                       "echo_cancel": _echo_summary(audio.echo.stats)}
+            if ui is not None:
+                ui.stats.counters(audio.dropped, audio.underruns)
+                summary["latency"] = ui.stats.numbers()
+            if recorder is not None:
+                if fatal is not None:
+                    recorder.add_event("error", message=str(fatal))
+                saved = recorder.close(summary)
+                _print(console, f"session saved to {saved}/ ({recorder.seconds:.1f} s: "
+                                f"conversation.wav, transcript.json, latency.csv)")
+            if ui is not None:
+                _print(console, ui.stats.summary())
     if fatal is not None:
         raise fatal
     return 0
+
+
+def _print(console: Console, line: str) -> None:
+    """A line for the user; after SIGHUP there is no terminal to print to."""
+    try:
+        console.print(line, highlight=False)
+    except OSError:
+        pass
 
 
 def _echo_summary(stats: Any) -> dict[str, Any]:

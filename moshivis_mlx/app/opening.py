@@ -44,10 +44,12 @@ def opening_steps(want_vision: bool, first_image: bool) -> int:
 
 
 def open_session(opts: ModelOptions, steps: Steps, want_vision: bool,
-                 image: str | None = None, picture: Any = None) -> Opened:
-    """Bundle -> models -> generator -> stream -> session, with `picture` (decoded from
-    `image`) as the first image if given. Runs on the thread that will step the stream."""
-    bundle = resolve_bundle(opts, steps)
+                 image: str | None = None, picture: Any = None,
+                 bundle: Path | None = None) -> Opened:
+    """Bundle (`bundle`, else resolved here) -> models -> generator -> stream -> session,
+    with `picture` (decoded from `image`) as the first image if given. Runs on the thread
+    that will step the stream."""
+    bundle = bundle if bundle is not None else resolve_bundle(opts, steps)
     lm, mimi, vision, tokenizer = load_models(bundle, want_vision, steps)
     stream = Stream(mimi, make_generator(lm, opts, load_generation(bundle)), tokenizer)
     if picture is not None:
@@ -83,8 +85,17 @@ def resolve_bundle(opts: ModelOptions, steps: Steps) -> Path:
 
 
 def _bundle_error(e: Exception, bundle: Path) -> WeightsError:
-    return WeightsError(f"cannot use the weights in {bundle}: {one_line(e)}",
-                        "convert them again with moshivis-convert, or use --hf-repo")
+    return WeightsError(f"cannot use the weights in {bundle}: {one_line(e)}", _fix(bundle))
+
+
+def _fix(bundle: Path) -> str:
+    """What to do about a bundle that cannot be used: one the app converted into its
+    cache is removed (the next run converts again); one of the user's is converted again."""
+    from moshivis_mlx.weights_convert.hub import cache_root
+
+    if Path(bundle).resolve().parent == cache_root().resolve():
+        return f"remove {bundle} and run again: it is converted anew"
+    return "convert them again with moshivis-convert, or use --hf-repo"
 
 
 def load_models(bundle: Path, want_vision: bool, steps: Steps
@@ -93,7 +104,7 @@ def load_models(bundle: Path, want_vision: bool, steps: Steps
     try:
         cfg = read_config(bundle)
     except BundleError as e:
-        raise WeightsError(str(e)) from None
+        raise WeightsError(str(e), _fix(bundle)) from None
     try:
         with steps.step("language model"):
             lm = load_lm(bundle)
@@ -113,7 +124,7 @@ def load_models(bundle: Path, want_vision: bool, steps: Steps
             tokenizer = TextTokenizer(find_tokenizer(bundle), lm.cfg.text_padding_ids)
     except (BundleError, TokenizerError, ValueError, OSError) as e:
         if isinstance(e, WeightsError):
-            raise
+            raise WeightsError(e.message, e.fix or _fix(bundle)) from None
         raise _bundle_error(e, bundle) from None
     return lm, mimi, vision, tokenizer
 

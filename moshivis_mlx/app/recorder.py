@@ -3,15 +3,24 @@
     conversation.wav   stereo 16-bit 24 kHz: the user on the left, the model on the right
     transcript.json    the model's words with start/end times (s) and gate values, events
     latency.csv        one row per 80 ms step: what each stage cost, the input backlog
-    session.json       when, which image(s), settings, dropped frames and underruns
+    session.json       when, which images, settings, dropped frames and underruns
 
-Audio and latency rows go to disk as they come (the WAV header is kept valid), so memory
-stays flat in an hour-long session and a crash loses at most the last second.
+Everything goes to disk as it comes, so memory stays flat in an hour-long session and a
+hard stop (SIGKILL, a crash) loses at most the last second: the WAV's header is rewritten
+every second, latency rows are flushed every second, the words and events go to
+`transcript.jsonl` as they come (transcript.json is made from it at the end), and
+session.json is rewritten (atomically) every second with the duration so far
+(`"complete": false` until the end).
+
+A directory holding a session is never written over: session.json is created exclusively
+first, so a second run with the same --record DIR (or two started in the same second) is
+refused before it writes anything.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
 from datetime import datetime
 from pathlib import Path
@@ -19,24 +28,53 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import UsageError
+from ..fileio import atomic_write
 from ..stream import FrameGeometry
 from .session import AudioFrame, Event, ImageChanged, Piece, Restarted, Stats
-from .transcript import Transcript, TranscriptWriter
+from .transcript import Transcript, TranscriptWriter, log_path
 from .wav import WavWriter
 
 DEFAULT_ROOT = Path("moshivis-sessions")
 LATENCY_HEADER = "step,t_s,total_ms,host_ms,backlog_frames\n"
+FILES = ("session.json", "conversation.wav", "transcript.json", "transcript.jsonl",
+         "latency.csv")
+"""What a session directory holds (transcript.jsonl only while recording, or after a
+hard stop)."""
+SYNC_SECONDS = 1.0
 
 
-def default_session_dir(root: Path = DEFAULT_ROOT) -> Path:
-    """`moshivis-sessions/<YYYYmmdd-HHMMSS>`, with a suffix if that already exists."""
+def default_session_dir(root: Path = DEFAULT_ROOT, create: bool = False) -> Path:
+    """`moshivis-sessions/<YYYYmmdd-HHMMSS>`, with a suffix if that already exists; with
+    `create`, made here (atomically: two runs never get the same one)."""
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    path = root / stamp
     n = 1
-    while path.exists():
+    while True:
+        path = root / (stamp if n == 1 else f"{stamp}-{n}")
         n += 1
-        path = root / f"{stamp}-{n}"
-    return path
+        if path.exists():
+            continue
+        if not create:
+            return path
+        root.mkdir(parents=True, exist_ok=True)
+        try:
+            path.mkdir()
+        except FileExistsError:
+            continue
+        return path
+
+
+def existing_session(directory: Path) -> str | None:
+    """The session file already in `directory`, if any (it is not written over)."""
+    for name in FILES:
+        if (directory / name).exists():
+            return name
+    return None
+
+
+def session_taken(directory: Path, found: str) -> UsageError:
+    return UsageError(f"{directory} already holds a session ({found}): it is not written over",
+                         "choose a new directory with --record DIR, or leave --record out")
 
 
 class SessionRecorder:
@@ -48,18 +86,54 @@ class SessionRecorder:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.geometry = geometry
         self.metadata = dict(metadata or {})
+        self.images: list[dict[str, Any]] = []
+        """Every image used, with when it came: {"t", "path"}."""
         self.started = datetime.now().astimezone()
+        self.frames = 0
+        self._claim()
         self._words = TranscriptWriter(self.dir / "transcript.json", {
             "sample_rate": geometry.sample_rate, "frame_seconds": geometry.frame_seconds,
             "started": self.started.isoformat(timespec="seconds")})
-        self.transcript = Transcript(keep=1, on_word=self._words.write_word)
-        self.frames = 0
+        self.transcript = Transcript(keep=1, on_word=self._words.write_word,
+                                     on_event=self._words.write_event)
         self.wav = WavWriter(self.dir / "conversation.wav", geometry.sample_rate, channels=2)
         self._latency = open(self.dir / "latency.csv", "w", buffering=1 << 16)
         self._latency.write(LATENCY_HEADER)
         self._stereo = np.zeros((0, 2), dtype=np.float32)
         self._last_flush = time.monotonic()
         self.closed = False
+
+    def _claim(self) -> None:
+        """session.json, created exclusively: the directory is this run's, or an error."""
+        found = existing_session(self.dir)
+        if found is None:
+            try:
+                fd = os.open(self.dir / "session.json", os.O_WRONLY | os.O_CREAT | os.O_EXCL,
+                             0o666)
+            except FileExistsError:
+                found = "session.json"
+            else:
+                os.write(fd, self._session_text())
+                os.close(fd)
+        if found is not None:
+            raise session_taken(self.dir, found)
+
+    def _session_text(self, summary: dict[str, Any] | None = None, complete: bool = False
+                      ) -> bytes:
+        session = {
+            "started": self.started.isoformat(timespec="seconds"),
+            "complete": complete,
+            "duration_s": round(self.seconds, 2),
+            "frames": self.frames,
+            **self.metadata,
+            "images": self.images,
+            **(summary or {}),
+            "files": {"audio": "conversation.wav (left: user, right: model)",
+                      "transcript": "transcript.json" if complete else
+                      f"{log_path(Path('transcript.json'))} (transcript.json at the end)",
+                      "latency": "latency.csv"},
+        }
+        return (json.dumps(session, indent=1, default=str) + "\n").encode()
 
     @property
     def seconds(self) -> float:
@@ -92,13 +166,24 @@ class SessionRecorder:
     def add_stats(self, s: Stats, backlog: int = 0) -> None:
         self._latency.write(f"{s.step},{s.t:.2f},{s.latency_ms:.3f},{s.host_ms:.3f},"
                             f"{backlog}\n")
+        self.tick()
+
+    def tick(self) -> None:
+        """At most once a second: everything on disk up to now (see the module docstring)."""
         now = time.monotonic()
-        if now - self._last_flush > 1.0:
-            self._latency.flush()
-            self._last_flush = now
+        if now - self._last_flush < SYNC_SECONDS:
+            return
+        self._last_flush = now
+        self.wav.sync()
+        self._latency.flush()
+        self._words.tick(self.transcript)
+        atomic_write(self.dir / "session.json", self._session_text())
 
     def add_event(self, kind: str, **info: Any) -> None:
-        """An image change, a restart, an error: kept in the transcript at the current time."""
+        """An image change, a restart, an error: kept in the transcript at the current time
+        (images also in session.json)."""
+        if kind == "image":
+            self.images.append({"t": round(self.seconds, 3), **info})
         self.transcript.add_event(self.seconds, kind, **info)
 
     def close(self, summary: dict[str, Any] | None = None) -> Path:
@@ -109,14 +194,5 @@ class SessionRecorder:
         self.wav.close()
         self._latency.close()
         self._words.close(self.transcript, {"duration_s": round(self.seconds, 2)})
-        session = {
-            "started": self.started.isoformat(timespec="seconds"),
-            "duration_s": round(self.seconds, 2),
-            "frames": self.frames,
-            **self.metadata,
-            **(summary or {}),
-            "files": {"audio": "conversation.wav (left: user, right: model)",
-                      "transcript": "transcript.json", "latency": "latency.csv"},
-        }
-        (self.dir / "session.json").write_text(json.dumps(session, indent=1, default=str) + "\n")
+        atomic_write(self.dir / "session.json", self._session_text(summary, complete=True))
         return self.dir

@@ -4,7 +4,10 @@ Microphones often run at 44.1 or 48 kHz and WAV files come at any rate, while Mi
 works at 24 kHz. The ratio out/in is reduced to a fraction up/down; output sample n
 sits at input time n * down / up, and is a dot product of the neighbouring input
 samples with a Kaiser-windowed sinc evaluated at that fractional position. There are
-only `up` distinct fractional positions, so the filter is tabulated once per phase.
+only `up` distinct fractional positions, so the filter is tabulated once per phase; for
+an odd rate (a prime number of Hz: `up` in the tens of thousands) the table holds
+`MAX_PHASES` evenly spaced phases instead and the taps of a position are interpolated
+between its two neighbours, so memory is bounded whatever the rates.
 The cutoff is placed a little below the lower of the two Nyquist frequencies, which
 keeps the pass band flat to ~90% of it and pushes aliases down by ~80 dB.
 """
@@ -21,20 +24,30 @@ KAISER_BETA = 8.6
 ROLLOFF = 0.94
 """Cutoff as a fraction of the lower Nyquist frequency (room for the transition band)."""
 CHUNK = 1 << 16
+MAX_PHASES = 1024
+"""Phases tabulated at most (beyond, the taps are interpolated between phases)."""
+MAX_WORK = 1 << 20
+"""Elements of the tap matrix computed at once (outputs x taps): bounded memory."""
 
 
-def _filter_bank(up: int, down: int) -> tuple[np.ndarray, int]:
-    """Per-phase taps [up, 2 * half] and `half`, the filter's reach in input samples."""
+def _filter_bank(up: int, down: int, phases: int) -> tuple[np.ndarray, int]:
+    """Taps [phases, 2 * half] at the fractional positions j / (phases - 1) of an input
+    sample (j / up when `phases == up`: one row per exact phase), and `half`, the
+    filter's reach in input samples."""
     cutoff = ROLLOFF * min(1.0, up / down)  # relative to the input Nyquist
     half = ceil(ZERO_CROSSINGS / cutoff)
     k = np.arange(-half + 1, half + 1)  # input offsets around floor(t)
-    phase = np.arange(up)[:, None] / up  # fractional part of t
-    t = k[None, :] - phase  # distance of each tap from the output instant
-    # The Kaiser window evaluated at the (fractional) tap positions, zero beyond `half`.
-    r = np.clip(t / half, -1.0, 1.0)
-    w = np.i0(KAISER_BETA * np.sqrt(1.0 - r * r)) / np.i0(KAISER_BETA)
-    taps = cutoff * np.sinc(cutoff * t) * w
-    return taps.astype(np.float32), half
+    step = 1 / up if phases == up else 1 / (phases - 1)
+    taps = np.empty((phases, 2 * half), dtype=np.float32)
+    rows = max(1, (MAX_WORK // 8) // (2 * half))  # in blocks: np.i0's float64 temporaries
+    for start in range(0, phases, rows):
+        phase = np.arange(start, min(start + rows, phases))[:, None] * step  # fraction of t
+        t = k[None, :] - phase  # distance of each tap from the output instant
+        # The Kaiser window evaluated at the (fractional) tap positions, zero beyond `half`.
+        r = np.clip(t / half, -1.0, 1.0)
+        w = np.i0(KAISER_BETA * np.sqrt(1.0 - r * r)) / np.i0(KAISER_BETA)
+        taps[start: start + len(phase)] = cutoff * np.sinc(cutoff * t) * w
+    return taps, half
 
 
 class Resampler:
@@ -53,10 +66,12 @@ class Resampler:
         self.in_rate, self.out_rate = int(in_rate), int(out_rate)
         self.up, self.down = self.out_rate // g, self.in_rate // g
         self.passthrough = self.up == self.down
+        self.exact = self.up <= MAX_PHASES
         if self.passthrough:
             self.taps, self.half = None, 0
         else:
-            self.taps, self.half = _filter_bank(self.up, self.down)
+            phases = self.up if self.exact else MAX_PHASES + 1
+            self.taps, self.half = _filter_bank(self.up, self.down, phases)
         self.reset()
 
     def reset(self) -> None:
@@ -75,13 +90,27 @@ class Resampler:
         n_max = -(-(last + 1) * self.up // self.down)
         return max(0, n_max - self._n_out)
 
+    def _taps(self, phase: np.ndarray) -> np.ndarray:
+        """The taps of each output's phase (`phase` / `up` of an input sample)."""
+        if self.exact:
+            return self.taps[phase]
+        pos = phase * ((len(self.taps) - 1) / self.up)
+        lo = np.minimum(pos.astype(np.int64), len(self.taps) - 2)
+        w = (pos - lo)[:, None].astype(np.float32)
+        return (1 - w) * self.taps[lo] + w * self.taps[lo + 1]
+
     def _compute(self, count: int) -> np.ndarray:
-        n = self._n_out + np.arange(count, dtype=np.int64)
-        num = n * self.down
-        base = num // self.up
-        phase = num % self.up
-        idx = (base - self._buf_start)[:, None] + np.arange(-self.half + 1, self.half + 1)
-        return np.einsum("ij,ij->i", self._buf[idx], self.taps[phase]).astype(np.float32)
+        out = np.empty(count, dtype=np.float32)
+        step = max(1, MAX_WORK // (2 * self.half))
+        offsets = np.arange(-self.half + 1, self.half + 1)
+        for s in range(0, count, step):
+            n = self._n_out + s + np.arange(min(step, count - s), dtype=np.int64)
+            num = n * self.down
+            base = num // self.up
+            idx = (base - self._buf_start)[:, None] + offsets
+            out[s: s + len(n)] = np.einsum("ij,ij->i", self._buf[idx],
+                                           self._taps(num % self.up))
+        return out
 
     def process(self, x: np.ndarray) -> np.ndarray:
         """Next block of input -> the output samples it completes."""

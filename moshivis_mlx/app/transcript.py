@@ -5,20 +5,23 @@ the current one. A word's gate is the mean gate of its pieces: how much the mode
 looking at the image while saying it (the colouring of the MoshiVis paper's Figure 7).
 
 Memory stays flat however long the conversation: only the last `keep` words are held,
-finished words go to a `TranscriptWriter` (streamed JSON) and the plain text is kept
-as one compact string.
+finished words go to a `TranscriptWriter` (a JSON Lines log on disk as they come, the
+JSON document at the end) and the plain text is kept as one compact string.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import os
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..fileio import atomic_writer
 from ..text import WORD_START, starts_word
 
 
@@ -48,14 +51,17 @@ class Transcript:
     on_word: called with each word once it is complete (the next word started, or
     `finish()`), e.g. `TranscriptWriter.write_word`.
     keep_text: whether `text` has everything said (else only the current word).
+    on_event: called with each event as it is added.
     """
 
     def __init__(self, keep: int | None = None, on_word: Callable[[Word], None] | None = None,
-                 keep_text: bool = True):
+                 keep_text: bool = True,
+                 on_event: Callable[[dict[str, Any]], None] | None = None):
         self.words: deque[Word] = deque(maxlen=keep)
         self.keep_text = keep_text
         self.events: list[dict[str, Any]] = []
         self.on_word = on_word
+        self.on_event = on_event
         self.count = 0
         self._text = io.StringIO()
         self._open: Word | None = None  # the word that the next piece may extend
@@ -96,7 +102,15 @@ class Transcript:
 
     def add_event(self, t: float, kind: str, **info: Any) -> None:
         self.finish()
-        self.events.append({"t": round(t, 3), "event": kind, **info})
+        event = {"t": round(t, 3), "event": kind, **info}
+        self.events.append(event)
+        if self.on_event is not None:
+            self.on_event(event)
+
+    @property
+    def current(self) -> Word | None:
+        """The word being spoken (the next piece may still extend it)."""
+        return self._open
 
     def clear(self) -> None:
         """Forgets the held words (the display after a restart); nothing else changes."""
@@ -111,29 +125,89 @@ class Transcript:
         return text
 
 
-class TranscriptWriter:
-    """transcript.json written as the words come:
+def log_path(path: Path) -> Path:
+    """Where a transcript's log goes while it is written: T.json -> T.jsonl."""
+    return path.with_suffix(".jsonl") if path.suffix == ".json" else \
+        path.with_name(path.name + ".jsonl")
 
-        {"sample_rate": 24000, ..., "words": [{"word", "start", "end", "step", "gate"}, ...],
-         "events": [...], "text": "..."}
+
+class TranscriptWriter:
+    """transcript.json, made so that no stop loses more than the last second of it.
+
+    While the conversation goes on, everything goes to a log next to it (`log_path`:
+    transcript.jsonl), one JSON object a line, on disk as it comes:
+
+        {"type": "header", "sample_rate": 24000, ...}
+        {"type": "word", "word", "start", "end", "step", "gate"}     each finished word
+        {"type": "event", "t", "event", ...}                         image, restart, error
+        {"type": "pending", "word", ...}    the word being spoken, at most a second old
+        {"type": "end", "duration_s", ...}                           a clean end
+
+    A hard stop (SIGKILL, a crash, power) leaves that log. `close` writes the whole
+    document (atomically, streamed from the log: memory stays flat)
+
+        {"sample_rate": 24000, ..., "words": [...], "events": [...], "text": "..."}
+
+    and removes the log.
     """
+
+    PENDING_EVERY = 1.0
 
     def __init__(self, path: str | Path, header: dict[str, Any]):
         self.path = Path(path)
-        self._f = open(self.path, "w")
-        fields = [f" {json.dumps(k)}: {json.dumps(v, default=str)}" for k, v in header.items()]
-        self._f.write("{\n" + "".join(f + ",\n" for f in fields) + ' "words": [')
-        self._first = True
+        self.log = log_path(self.path)
+        self._f = open(self.log, "w", encoding="utf-8")
+        self._line({"type": "header", **header})
+        self._pending_at = time.monotonic()
+        self._pending: tuple | None = None
+
+    def _line(self, obj: dict[str, Any]) -> None:
+        self._f.write(json.dumps(obj, default=str) + "\n")
+        self._f.flush()  # in the OS's hands: survives the process
 
     def write_word(self, word: Word) -> None:
-        self._f.write(("\n  " if self._first else ",\n  ") + json.dumps(word.to_json()))
-        self._first = False
+        self._line({"type": "word", **word.to_json()})
+
+    def write_event(self, event: dict[str, Any]) -> None:
+        self._line({"type": "event", **event})
+
+    def tick(self, transcript: Transcript) -> None:
+        """Called as the conversation goes: once a second, the word being spoken is logged
+        (so a hard stop loses at most the last second of it)."""
+        now = time.monotonic()
+        if now - self._pending_at < self.PENDING_EVERY or self._f.closed:
+            return
+        self._pending_at = now
+        word = transcript.current
+        state = None if word is None else (word.text, word.end, len(word.gates))
+        if word is not None and state != self._pending:
+            self._line({"type": "pending", **word.to_json()})
+        self._pending = state
 
     def close(self, transcript: Transcript, extra: dict[str, Any] | None = None) -> None:
         if self._f.closed:
             return
         transcript.finish()
-        tail = {"events": transcript.events, **(extra or {}), "text": transcript.text}
-        # `tail` as JSON without its opening brace continues the object.
-        self._f.write("\n ],\n" + json.dumps(tail, indent=1, default=str)[2:] + "\n")
+        self._line({"type": "end", **(extra or {})})
         self._f.close()
+        self._write_document(transcript, extra or {})
+        os.unlink(self.log)
+
+    def _write_document(self, transcript: Transcript, extra: dict[str, Any]) -> None:
+        """transcript.json: the log's header fields and words, then the events, `extra`
+        and the text."""
+        with open(self.log, encoding="utf-8") as log, atomic_writer(self.path) as out:
+            out.write("{\n")
+            first = True
+            for line in log:
+                item = json.loads(line)
+                kind = item.pop("type")
+                if kind == "header":
+                    out.write("".join(f" {json.dumps(k)}: {json.dumps(v, default=str)},\n"
+                                      for k, v in item.items()) + ' "words": [')
+                elif kind == "word":
+                    out.write(("\n  " if first else ",\n  ") + json.dumps(item))
+                    first = False
+            tail = {"events": transcript.events, **extra, "text": transcript.text}
+            # `tail` as JSON without its opening brace continues the object.
+            out.write("\n ],\n" + json.dumps(tail, indent=1, default=str)[2:] + "\n")

@@ -166,15 +166,25 @@ class LiveStats:
         return float(np.percentile(a, 50)), float(np.percentile(a, 95))
 
     def summary(self) -> str:
+        """The exit line: the status line's figures (headroom as on screen)."""
         p = self.percentiles()
         if p is None:
             lat = "step -"
         else:
-            headroom = self.budget_ms / max(p[1], 1e-3)
-            lat = f"step p50 {p[0]:.0f} ms p95 {p[1]:.0f} ms, headroom {headroom:.1f}x"
+            budget = self.budget_ms
+            room = (f"headroom {budget - p[1]:.0f}/{budget:.0f} ms" if p[1] <= budget
+                    else f"behind real time ({p[1]:.0f} > {budget:.0f} ms)")
+            lat = f"step p50 {p[0]:.0f} ms p95 {p[1]:.0f} ms, {room}"
         text = f"{lat}, dropped {self.dropped}, underruns {self.underruns}"
         echo = echo_label(self.echo)
         return f"{text}, {echo}" if echo else text
+
+    def numbers(self) -> dict[str, float | None]:
+        """The same figures for session.json, as numbers (ms)."""
+        p = self.percentiles()
+        p50, p95 = (None, None) if p is None else (round(p[0], 2), round(p[1], 2))
+        return {"p50_ms": p50, "p95_ms": p95, "budget_ms": round(self.budget_ms, 2),
+                "headroom_ms": None if p95 is None else round(self.budget_ms - p95, 2)}
 
 
 def echo_label(stats: Any) -> str:

@@ -6,6 +6,14 @@ parsed here. Every unusable file becomes an `AudioFileError` with a one-line mes
 
 `WavWriter` writes 16-bit PCM incrementally and rewrites the header's sizes as it goes,
 so a recording interrupted at any point is still a valid file holding what was written.
+Past 4 GiB (about 12 hours of stereo at 24 kHz) a RIFF header cannot count the bytes any
+more: the header becomes RF64's (EBU Tech 3306: the same file with 64-bit sizes in a
+`ds64` chunk that replaces the `JUNK` chunk reserved for it), which sox, ffmpeg and
+this reader read.
+
+What a header claims is never trusted for memory: the sample rate must be one that
+recorders make (1 kHz to 768 kHz), and a read takes a bounded number of bytes whatever
+the channel count.
 """
 
 from __future__ import annotations
@@ -19,14 +27,23 @@ import numpy as np
 from ..errors import AudioFileError
 
 PCM, IEEE_FLOAT, EXTENSIBLE = 0x0001, 0x0003, 0xFFFE
+MIN_RATE, MAX_RATE = 1000, 768_000
+"""Sample rates accepted (768 kHz is the highest any audio interface records)."""
+MAX_CHUNKS = 4096
+"""RIFF chunks looked at before giving up: a real WAV has a handful."""
+MAX_FMT_BYTES = 1024
+READ_BYTES = 4 << 20
+"""The most bytes one `read` takes from the file (a block of frames, whatever their width)."""
 FORMAT_NAMES = {0x0002: "MS ADPCM", 0x0006: "A-law", 0x0007: "mu-law", 0x0011: "IMA ADPCM",
                 0x0055: "MP3"}
 
 
-def _chunks(f: BinaryIO, size: int):
+def _chunks(f: BinaryIO, size: int, name: str):
     """(chunk id, payload offset, payload size) of each RIFF chunk."""
     pos = 12
-    while pos + 8 <= size:
+    for _ in range(MAX_CHUNKS):
+        if pos + 8 > size:
+            return
         f.seek(pos)
         head = f.read(8)
         if len(head) < 8:
@@ -34,6 +51,7 @@ def _chunks(f: BinaryIO, size: int):
         cid, csize = struct.unpack("<4sI", head)
         yield cid, pos + 8, csize
         pos += 8 + csize + (csize & 1)  # chunks are word-aligned
+    raise AudioFileError(f"{name}: broken WAV file (more than {MAX_CHUNKS} chunks)")
 
 
 def _parse_fmt(data: bytes, name: str) -> tuple[int, int, int, bool]:
@@ -53,6 +71,10 @@ def _parse_fmt(data: bytes, name: str) -> tuple[int, int, int, bool]:
     is_float = tag == IEEE_FLOAT
     if channels < 1 or rate < 1:
         raise AudioFileError(f"{name}: broken WAV header ({channels} channels at {rate} Hz)")
+    if not MIN_RATE <= rate <= MAX_RATE:
+        raise AudioFileError(f"{name}: a sample rate of {rate} Hz is not audio (the reader takes "
+                             f"{MIN_RATE} Hz to {MAX_RATE // 1000} kHz); resample it first, e.g. "
+                             f"sox {name} -r 24000 out.wav")
     if (is_float and bits not in (32, 64)) or (not is_float and bits not in (8, 16, 24, 32)):
         kind = "float" if is_float else "PCM"
         raise AudioFileError(f"{name}: {bits}-bit {kind} WAV is not supported "
@@ -109,20 +131,27 @@ class WavReader:
     def _parse(self, name: str, size: int) -> None:
         f = self._f
         head = f.read(12)
-        if len(head) < 12 or head[:4] not in (b"RIFF", b"RIFX") or head[8:12] != b"WAVE":
+        if (len(head) < 12 or head[:4] not in (b"RIFF", b"RF64", b"RIFX")
+                or head[8:12] != b"WAVE"):
             raise AudioFileError(f"{name}: not a WAV file (convert it first, e.g. "
                                  f"sox {name} out.wav, or ffmpeg -i {name} out.wav)")
         if head[:4] == b"RIFX":
             raise AudioFileError(f"{name}: big-endian WAV (RIFX) is not supported")
         fmt = None
         data_at = None
-        for cid, offset, csize in _chunks(f, size):
-            if cid == b"fmt ":
+        data64 = None
+        for cid, offset, csize in _chunks(f, size, name):
+            if cid == b"ds64" and head[:4] == b"RF64" and csize >= 24:
                 f.seek(offset)
-                fmt = _parse_fmt(f.read(csize), name)
+                data64 = struct.unpack("<QQQ", f.read(24))[1]
+            elif cid == b"fmt ":
+                f.seek(offset)
+                fmt = _parse_fmt(f.read(min(csize, MAX_FMT_BYTES)), name)
             elif cid == b"data":
-                # Streamed writers leave the size at 0 or 0xFFFFFFFF: read to the end.
+                # RF64 keeps the size in ds64; streamed writers leave 0 or 0xFFFFFFFF: to the end.
                 available = size - offset
+                if csize == 0xFFFFFFFF and data64 is not None:
+                    csize = data64
                 data_at = (offset, available if csize in (0, 0xFFFFFFFF) else min(csize, available))
                 if fmt is not None:
                     break
@@ -139,9 +168,15 @@ class WavReader:
         self._remaining = self.frames
         f.seek(offset)
 
+    @property
+    def max_read(self) -> int:
+        """The most frames one `read` returns (a bounded number of bytes)."""
+        return max(1, READ_BYTES // self._block)
+
     def read(self, frames: int) -> np.ndarray:
-        """Up to `frames` frames as float32 [n, channels] in [-1, 1] (n = 0: the end)."""
-        n = min(frames, self._remaining)
+        """Up to `frames` frames (at most `max_read`) as float32 [n, channels] in [-1, 1]
+        (n = 0: the end)."""
+        n = min(frames, self._remaining, self.max_read)
         raw = self._f.read(n * self._block)
         n = len(raw) // self._block
         self._remaining -= n
@@ -163,7 +198,11 @@ class WavReader:
 def read_wav(path: str | Path) -> tuple[np.ndarray, int]:
     """A whole WAV file -> (float32 samples [frames, channels], sample rate)."""
     with WavReader(path) as r:
-        return r.read(r.frames), r.sample_rate
+        blocks = []
+        while len(block := r.read(r.max_read)):
+            blocks.append(block)
+        audio = np.concatenate(blocks) if blocks else np.zeros((0, r.channels), np.float32)
+        return audio, r.sample_rate
 
 
 def to_int16(x: np.ndarray) -> np.ndarray:
@@ -172,7 +211,14 @@ def to_int16(x: np.ndarray) -> np.ndarray:
 
 class WavWriter:
     """16-bit PCM WAV written as it comes: `write` appends frames, the header's sizes are
-    rewritten every `sync_every` frames and at `close`, so the file is always playable."""
+    rewritten every `sync_every` frames and at `close`, so the file is always playable.
+
+    The header reserves a JUNK chunk for RF64's ds64: past `MAX_RIFF` bytes the file turns
+    into an RF64 file in place (see the module docstring)."""
+
+    MAX_RIFF = 0xFFFFFFFF
+    """The largest size a RIFF header can hold."""
+    HEADER = 80
 
     def __init__(self, path: str | Path, sample_rate: int, channels: int = 1,
                  sync_every: int = 24000):
@@ -185,16 +231,27 @@ class WavWriter:
         self._f: BinaryIO | None = open(self.path, "wb")
         self._write_header()
 
+    @property
+    def rf64(self) -> bool:
+        return self.HEADER - 8 + self.frames * self.channels * 2 > self.MAX_RIFF
+
     def _write_header(self) -> None:
         assert self._f is not None
         data_bytes = self.frames * self.channels * 2
         block = self.channels * 2
-        self._f.seek(0)
-        self._f.write(struct.pack("<4sI4s", b"RIFF", 36 + data_bytes, b"WAVE"))
-        self._f.write(struct.pack("<4sIHHIIHH", b"fmt ", 16, PCM, self.channels,
-                                  self.sample_rate, self.sample_rate * block, block, 16))
-        self._f.write(struct.pack("<4sI", b"data", data_bytes))
-        self._f.seek(0, 2)
+        riff = self.HEADER - 8 + data_bytes
+        f = self._f
+        f.seek(0)
+        if self.rf64:
+            f.write(struct.pack("<4sI4s", b"RF64", 0xFFFFFFFF, b"WAVE"))
+            f.write(struct.pack("<4sIQQQI", b"ds64", 28, riff, data_bytes, self.frames, 0))
+        else:
+            f.write(struct.pack("<4sI4s", b"RIFF", riff, b"WAVE"))
+            f.write(struct.pack("<4sI28x", b"JUNK", 28))
+        f.write(struct.pack("<4sIHHIIHH", b"fmt ", 16, PCM, self.channels,
+                            self.sample_rate, self.sample_rate * block, block, 16))
+        f.write(struct.pack("<4sI", b"data", 0xFFFFFFFF if self.rf64 else data_bytes))
+        f.seek(0, 2)
 
     def write(self, samples: np.ndarray) -> None:
         """float samples in [-1, 1], [frames] (mono) or [frames, channels]."""
@@ -220,9 +277,11 @@ class WavWriter:
 
     def close(self) -> None:
         if self._f is not None:
-            self._write_header()
-            self._f.close()
-            self._f = None
+            try:
+                self._write_header()
+            finally:
+                self._f.close()
+                self._f = None
 
     def __enter__(self) -> WavWriter:
         return self

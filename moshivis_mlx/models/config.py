@@ -28,7 +28,7 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
-def _check_value(key: str, value: Any, tp: Any) -> Any:
+def check_value(key: str, value: Any, tp: Any) -> Any:
     """`value` as the field type `tp` wants it, or a ConfigError naming `key`."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
@@ -39,7 +39,7 @@ def _check_value(key: str, value: Any, tp: Any) -> Any:
             if option is type(None):
                 continue
             try:
-                return _check_value(key, value, option)
+                return check_value(key, value, option)
             except ConfigError:
                 pass
         names = " or ".join("null" if o is type(None) else _type_name(o) for o in options)
@@ -48,7 +48,7 @@ def _check_value(key: str, value: Any, tp: Any) -> Any:
         (item,) = typing.get_args(tp)
         if not isinstance(value, list):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
-        return [_check_value(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
+        return [check_value(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{key}: expected true or false, got {value!r}")
@@ -109,8 +109,11 @@ class ConfigBase:
             if k in cls.nested:
                 kwargs[k] = cls.nested[k].from_dict(v, f"{where}{k}.")
             else:
-                kwargs[k] = _check_value(where + k, v, hints[k])
-        cfg = cls(**kwargs)
+                kwargs[k] = check_value(where + k, v, hints[k])
+        try:
+            cfg = cls(**kwargs)  # some configs check themselves here, not knowing `where`
+        except ConfigError as e:
+            raise ConfigError(f"{where}{e}") from None
         cfg.check(where)
         return cfg
 

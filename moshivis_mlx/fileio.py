@@ -1,0 +1,185 @@
+"""Writing files so that no stop, crash or second writer leaves a broken one.
+
+* `atomic_write`, `atomic_writer`: the new content goes to a temporary file next to the
+  target, which is then renamed over it: a reader (or a run killed at any instant) sees
+  the old file or the new one, never half of one.
+* `staged_dir`: a directory made as a whole (a converted bundle). It is built in
+  `.NAME.partial` next to `NAME` and renamed into place when complete; any exception,
+  Ctrl-C, SIGTERM or SIGHUP (see signals.py) removes it. While it is built, `.NAME.lock`
+  is held (flock), so a second writer to the same `NAME` is refused at once instead of
+  racing; what a killed run (SIGKILL, power loss) left behind is removed by the next run
+  that takes the lock, and `sweep` clears a whole cache directory of such remains.
+"""
+
+from __future__ import annotations
+
+import atexit
+import fcntl
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO
+
+from .errors import WeightsError
+from .signals import shielded
+
+PARTIAL, OLD, LOCK = ".partial", ".old", ".lock"
+_building: set[Path] = set()
+"""Stages being built: removed at exit if the thread building them never finished."""
+
+
+def atomic_write(path: str | Path, data: str | bytes) -> None:
+    """Replaces `path` with `data` in one step (temporary file + rename)."""
+    with atomic_writer(path, "w" if isinstance(data, str) else "wb") as f:
+        f.write(data)
+
+
+@contextmanager
+def atomic_writer(path: str | Path, mode: str = "w") -> Iterator[IO]:
+    """A file to write `path`'s new content into; it replaces `path` when the block
+    completes, and nothing changes if the block fails."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            yield f
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        _remove(Path(tmp))
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _remove(path: Path) -> None:
+    """Removes a file or a directory tree, if there."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+        except OSError:
+            pass
+
+
+def _names(out: Path) -> tuple[Path, Path, Path]:
+    return (out.with_name(f".{out.name}{PARTIAL}"), out.with_name(f".{out.name}{OLD}"),
+            out.with_name(f".{out.name}{LOCK}"))
+
+
+class Locked(WeightsError):
+    """Another process is writing the same output."""
+
+
+def _take_lock(lock: Path, out: Path) -> int:
+    """An exclusive flock on `lock` (created if need be), or `Locked`. Retries when the
+    file was replaced between opening and locking (its owner finished meanwhile)."""
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            os.close(fd)
+            raise Locked(f"{out} is being written by another process"
+                         f"{f' (pid {owner})' if owner.isdigit() else ''}",
+                         "wait for it to finish, or choose another output") from None
+        try:
+            same = os.stat(lock).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, str(os.getpid()).encode(), 0)
+            return fd
+        os.close(fd)
+
+
+def _recover(out: Path, stage: Path, old: Path) -> None:
+    """Under the lock: clears what a killed run left, and puts back a bundle that a run
+    killed halfway through replacing it had moved aside."""
+    _remove(stage)
+    if old.exists() or old.is_symlink():
+        if not out.exists():
+            os.rename(old, out)
+        else:
+            _remove(old)
+
+
+@contextmanager
+def staged_dir(out: str | Path, check: Callable[[Path], None] | None = None
+               ) -> Iterator[Path]:
+    """Yields an empty directory that becomes `out` when the block completes.
+
+    `check(out)` runs once the lock is held (is `out` there, may it be replaced?): two
+    runs cannot both pass it. An `out` that exists when the block completes is replaced
+    (moved aside, the new one renamed in, the old one removed)."""
+    out = Path(os.path.abspath(Path(out).expanduser()))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage, old, lock = _names(out)
+    fd = _take_lock(lock, out)
+    try:
+        _recover(out, stage, old)
+        if check is not None:
+            check(out)
+        stage.mkdir(mode=0o777)  # the umask applies: a bundle others may read
+        _building.add(stage)
+        try:
+            yield stage
+            with shielded():
+                if out.exists() or out.is_symlink():
+                    os.rename(out, old)
+                    os.rename(stage, out)
+                    _remove(old)
+                else:
+                    os.rename(stage, out)
+        except BaseException:
+            with shielded():
+                _remove(stage)
+            raise
+        finally:
+            _building.discard(stage)
+    finally:
+        with shielded():
+            _remove(lock)
+            os.close(fd)
+
+
+def sweep(directory: str | Path) -> None:
+    """Removes the remains of killed runs in `directory` (a cache of staged outputs):
+    each `.NAME.partial` whose lock nobody holds."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return
+    for stage in directory.glob(f".*{PARTIAL}"):
+        out = stage.with_name(stage.name[1: -len(PARTIAL)])
+        _, old, lock = _names(out)
+        try:
+            fd = _take_lock(lock, out)
+        except (Locked, OSError):
+            continue  # being written right now (or not ours to clean)
+        try:
+            _recover(out, stage, old)
+        except OSError:
+            pass
+        finally:
+            _remove(lock)
+            os.close(fd)
+
+
+@atexit.register
+def _remove_unfinished() -> None:
+    """A stage still being built when the interpreter exits (its thread was a daemon, the
+    main thread was stopped) is removed rather than left behind."""
+    for stage in list(_building):
+        _remove(stage)
