@@ -495,10 +495,10 @@ def test_a_failure_mid_run_keeps_both_files_complete(bundle, question, tmp_path,
 
     original = session_mod.Session.submit
 
-    def submit(self, frame):
+    def submit(self, frame, text=None):
         if self.frames == 10:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return original(self, frame)
+        return original(self, frame, text)
 
     monkeypatch.setattr(session_mod.Session, "submit", submit)
     out, transcript = tmp_path / "o.wav", tmp_path / "o.json"
