@@ -87,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     loss.add_argument("--audio-codebooks", type=int, default=2, metavar="N",
                       help="supervise the model's first N codebooks of speech samples "
                            "(default 2, the paper's; 8: all)")
+    loss.add_argument("--user-text-weight", type=float, default=1.0, metavar="W",
+                      help="weight of the user's turns in speechless samples (0: input only, "
+                           "as mlx-lm's --mask-prompt; default 1)")
     loss.add_argument("--text-loss-weight", type=float, default=1.0)
     loss.add_argument("--audio-loss-weight", type=float, default=1.0)
 
@@ -114,7 +117,8 @@ def options_from(args: argparse.Namespace):
     loss = LossConfig(text_padding_weight=args.text_padding_weight,
                       first_codebook_weight=args.first_codebook_weight,
                       audio_codebooks=args.audio_codebooks, text_weight=args.text_loss_weight,
-                      audio_weight=args.audio_loss_weight)
+                      audio_weight=args.audio_loss_weight,
+                      user_text_weight=args.user_text_weight)
     return TrainOptions(
         train=args.train, out=args.out, valid=args.valid, weights=args.weights,
         hf_repo=args.hf_repo, quantize=args.quantize, steps=args.steps,

@@ -19,23 +19,18 @@ from PIL import Image, ImageDraw
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 170, 40), "blue": (30, 60, 220),
            "yellow": (235, 205, 20)}
-NOUNS = ("shape", "object", "thing", "figure")
-"""The question's last word, drawn at random: the image says nothing about it."""
+QUESTION = "what colour is the shape?"
 SHAPES = ("disc", "square", "triangle")
-
-
-def question(noun: str) -> str:
-    return f"what colour is the {noun}?"
 
 
 def task_tokenizer() -> bytes:
     """A SentencePiece word model holding the task's words (and Moshi's special ids 0-3)."""
     import sentencepiece as spm
 
-    lines = [f"{question(n)} {c}" for c in COLOURS for n in NOUNS] * 5
+    lines = [f"{QUESTION} {c}" for c in COLOURS] * 20
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines), model_writer=model, vocab_size=len(COLOURS) + len(NOUNS) + 9,
+        sentence_iterator=iter(lines), model_writer=model, vocab_size=len(COLOURS) + 9,
         model_type="word", character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=3,
         num_threads=1, minloglevel=2, hard_vocab_limit=False)
     return model.getvalue()
@@ -112,6 +107,7 @@ def teach_text(lm, tokenizer: bytes, silence: np.ndarray, steps: int, seed: int,
     for path, module in lm.named_modules():
         if is_adapter(path):
             module.freeze()
+    q = sp.encode(QUESTION)
     opt = optim.Adam(learning_rate=lr)
 
     def loss_fn(model, codes):
@@ -120,11 +116,10 @@ def teach_text(lm, tokenizer: bytes, silence: np.ndarray, steps: int, seed: int,
 
     step = nn.value_and_grad(lm, loss_fn)
     for _ in range(steps):
-        codes = np.empty((16, 17, 6), dtype=np.int32)
+        codes = np.empty((16, 17, len(q) + 1), dtype=np.int32)
         codes[:, 1:] = np.tile(silence, 2)[None, :, None]
         for row in codes:
-            noun = NOUNS[int(rng.integers(len(NOUNS)))]
-            row[0] = sp.encode(question(noun)) + sp.encode(names[int(rng.integers(len(names)))])
+            row[0] = q + sp.encode(names[int(rng.integers(len(names)))])
         _, grads = step(lm, mx.array(codes))
         opt.update(lm, grads)
         mx.eval(lm.parameters(), opt.state)
@@ -162,9 +157,8 @@ def write_task(root: Path, n: int, name: str, seed: int, **shape) -> tuple[Path,
     for i, colour in enumerate(colours):
         image = f"images/{name}-{i:03d}.png"
         picture(colour, rng, **shape).save(root / image)
-        noun = NOUNS[int(rng.integers(len(NOUNS)))]
         lines.append(json.dumps({"image": image, "turns": [
-            {"role": "user", "text": question(noun)}, {"role": "assistant", "text": colour}]}))
+            {"role": "user", "text": QUESTION}, {"role": "assistant", "text": colour}]}))
     manifest = root / f"{name}.jsonl"
     manifest.write_text("\n".join(lines) + "\n")
     return manifest, colours
