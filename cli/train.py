@@ -68,8 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = p.add_argument_group("optimisation")
     t.add_argument("--steps", type=int, default=1000, metavar="N", help="optimizer steps")
-    t.add_argument("--batch-size", type=int, default=4, metavar="B",
-                   help="samples per micro-batch, all processes together (default 4)")
+    t.add_argument("--batch-size", type=int, metavar="B",
+                   help="samples per micro-batch, all processes together (default 4; "
+                        "--estimate: 1)")
     t.add_argument("--grad-accum", type=int, default=1, metavar="K",
                    help="micro-batches accumulated per step (default 1)")
     t.add_argument("--learning-rate", type=float, default=1e-4, metavar="LR")
@@ -122,7 +123,7 @@ def options_from(args: argparse.Namespace):
     return TrainOptions(
         train=args.train, out=args.out, valid=args.valid, weights=args.weights,
         hf_repo=args.hf_repo, quantize=args.quantize, steps=args.steps,
-        batch_size=args.batch_size, grad_accum=args.grad_accum,
+        batch_size=args.batch_size or 4, grad_accum=args.grad_accum,
         learning_rate=args.learning_rate, warmup=args.warmup, weight_decay=args.weight_decay,
         max_grad_norm=args.max_grad_norm, p_audio=args.p_audio, max_seconds=args.max_seconds,
         seed=args.seed, val_every=args.val_every, val_batches=args.val_batches,
@@ -144,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.estimate:
             from moshivis_mlx.train.estimate import estimate_report
 
-            print(estimate_report(quantize=args.quantize or "8", batch=args.batch_size,
+            print(estimate_report(quantize=args.quantize or "8", batch=args.batch_size or 1,
                                   seconds=args.max_seconds,
                                   audio_codebooks=args.audio_codebooks,
                                   grad_checkpoint=args.grad_checkpoint))
