@@ -123,7 +123,7 @@ def options_from(args: argparse.Namespace):
     return TrainOptions(
         train=args.train, out=args.out, valid=args.valid, weights=args.weights,
         hf_repo=args.hf_repo, quantize=args.quantize, steps=args.steps,
-        batch_size=args.batch_size or 4, grad_accum=args.grad_accum,
+        batch_size=4 if args.batch_size is None else args.batch_size, grad_accum=args.grad_accum,
         learning_rate=args.learning_rate, warmup=args.warmup, weight_decay=args.weight_decay,
         max_grad_norm=args.max_grad_norm, p_audio=args.p_audio, max_seconds=args.max_seconds,
         seed=args.seed, val_every=args.val_every, val_batches=args.val_batches,
@@ -145,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.estimate:
             from moshivis_mlx.train.estimate import estimate_report
 
-            print(estimate_report(quantize=args.quantize or "8", batch=args.batch_size or 1,
+            print(estimate_report(quantize=args.quantize or "8",
+                                  batch=1 if args.batch_size is None else args.batch_size,
                                   seconds=args.max_seconds,
                                   audio_codebooks=args.audio_codebooks,
                                   grad_checkpoint=args.grad_checkpoint))
