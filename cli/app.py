@@ -77,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
                         f"(default: {DEFAULT_HF_REPO})")
     w.add_argument("-q", "--quantize", type=quantize_arg, metavar="8|4|none",
                    help="weight quantization when converting --hf-repo (default: 8)")
+    w.add_argument("--adapters", metavar="DIR",
+                   help="fine-tuned adapters (moshivis-train's OUT/adapters) on top of the bundle")
 
     a = p.add_argument_group("audio (live mode)")
     a.add_argument("--list-devices", action="store_true",
@@ -169,7 +171,8 @@ def options_from(args: argparse.Namespace) -> AppOptions:
         hf_repo=args.hf_repo, weights=Path(args.weights) if args.weights else None,
         quantize=args.quantize, text_temperature=args.text_temperature,
         audio_temperature=args.audio_temperature, top_k=args.top_k, top_p=args.top_p,
-        xa_start=args.xa_start, seed=args.seed)
+        xa_start=args.xa_start, seed=args.seed,
+        adapters=Path(args.adapters) if args.adapters else None)
     return AppOptions(
         model=model, image=args.image, no_image=args.no_image,
         input_device=args.input_device, output_device=args.output_device,

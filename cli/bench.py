@@ -42,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"weights: bf16, or blockwise quantized ({presets}; default q8)")
     p.add_argument("--weights", type=Path, metavar="DIR",
                    help="time a converted bundle (its LM, Mimi and image encoder) instead")
+    p.add_argument("--adapters", type=Path, metavar="DIR",
+                   help="fine-tuned adapters (moshivis-train's OUT/adapters) on the model")
     p.add_argument("--steps", type=int, default=3750,
                    help="timed steps per scenario (default 3750 = 5 minutes of audio)")
     p.add_argument("--warmup", type=int, default=32,
@@ -79,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
         scenarios=tuple(s.strip() for s in args.scenarios.split(",") if s.strip()),
         weights=args.weights, pipelined=args.pipelined, seed=args.seed,
         codec_frames=args.codec_frames, image_encodes=args.image_encodes,
-        codec_device=args.codec_device)
+        codec_device=args.codec_device, adapters=args.adapters)
     report = _run_with_progress(bench, opts)
     print(bench.summary(report))
     if args.json:

@@ -23,6 +23,7 @@ EPILOG = """examples:
   moshivis-convert --hf-repo kyutai/moshika-vis-mlx --moshi-weights model.q8.safetensors --out q8
   moshivis-convert --moshi-weights model.safetensors --mimi-weights mimi.safetensors --tokenizer tokenizer_spm_32k_3.model --out moshivis-q8
   moshivis-convert --bundle moshika-vis-q8 --dequantize --out moshika-vis-bf16
+  moshivis-convert --bundle moshika-vis-q8 --adapters runs/a/adapters --out moshika-vis-a
   moshivis-convert --hf-repo kyutai/moshika-vis-pytorch-bf16 --dry-run
   moshivis-convert --dry-run --manifest tests/data/manifests/moshivis.mlx.json
 """  # noqa: E501 (a command line is not wrapped: it is copied as is)
@@ -58,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "folder holding its files; its config.json is honoured")
     s.add_argument("--bundle", type=Path, metavar="DIR",
                    help="one of our bundles: re-quantize, --dequantize or change --dtype")
+    s.add_argument("--adapters", type=Path, metavar="DIR",
+                   help="with --bundle: merge trained adapters (moshivis-train's OUT/adapters) "
+                        "into the new bundle")
     s.add_argument("--moshi-weights", metavar="F.safetensors",
                    help="language model (Moshi / MoshiVis PyTorch, or Kyutai's MLX layout, "
                         "quantized or not)")
@@ -140,6 +144,8 @@ def options_from(args: argparse.Namespace):
 
     if args.hf_repo and args.bundle:
         raise UsageError("give either --hf-repo or --bundle, not both")
+    if args.adapters and not args.bundle:
+        raise UsageError("--adapters merges into one of our bundles: give --bundle too")
     if args.manifest and not args.dry_run:
         raise UsageError("a manifest holds no data: use --manifest with --dry-run")
     if args.out is None and not args.dry_run:
@@ -159,7 +165,8 @@ def options_from(args: argparse.Namespace):
     return ConvertOptions(
         moshi_weights=_path(args.moshi_weights), kyutai_config=_path(args.config),
         mimi_weights=_path(args.mimi_weights), mimi_config=_path(args.mimi_config),
-        tokenizer=_path(args.tokenizer), bundle=args.bundle, manifest=args.manifest, **common)
+        tokenizer=_path(args.tokenizer), bundle=args.bundle, manifest=args.manifest,
+        adapters=args.adapters, **common)
 
 
 def byte_bars():

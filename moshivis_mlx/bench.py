@@ -76,6 +76,8 @@ class BenchOptions:
     """Photos to encode with the SigLIP tower, after one warm-up (0: skip)."""
     codec_device: str = "default"
     """'default' (Mimi on the LM's device) or 'cpu' (Mimi on the CPU, the LM on the GPU)."""
+    adapters: Path | None = None
+    """Fine-tuned adapters put on the model (they must fit its shape)."""
 
 
 def percentiles(ms: list[float]) -> dict[str, float]:
@@ -232,6 +234,7 @@ def _models(opts: BenchOptions, report: dict[str, Any], progress: Progress) -> _
         report["quant"] = f"q{q['bits']}/g{q['group_size']}" if q else cfg.get("dtype", "?")
         tick = progress("loading the bundle", 3)
         lm = load_lm(opts.weights)
+        _put_adapters(lm, opts)
         tick()
         mimi = load_mimi(opts.weights) if need_mimi and cfg.get("mimi") else None
         tick()
@@ -243,12 +246,20 @@ def _models(opts: BenchOptions, report: dict[str, Any], progress: Progress) -> _
     tick = progress(f"building {opts.config} {opts.quant} (random weights)", 3)
     mx.random.seed(opts.seed)
     lm = random_lm(PRESETS[opts.config](), opts.quant)
+    _put_adapters(lm, opts)
     tick()
     mimi = random_mimi(tiny, opts.seed) if need_mimi else None
     tick()
     vision = random_vision(tiny, opts.quant) if opts.image_encodes else None
     tick()
     return _Models(lm, mimi, vision)
+
+
+def _put_adapters(lm: LM, opts: BenchOptions) -> None:
+    if opts.adapters is not None:
+        from .adapters import apply_adapters
+
+        apply_adapters(lm, opts.adapters, str(opts.weights or f"--config {opts.config}"))
 
 
 def _scenario(name: str, opts: BenchOptions, models: _Models, codes: np.ndarray,

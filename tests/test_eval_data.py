@@ -17,7 +17,7 @@ from eval_support import (
     write_parquet,
 )
 
-from moshivis_mlx.errors import EXIT_IMAGE, EXIT_USAGE, ImageError
+from moshivis_mlx.errors import EXIT_IMAGE, EXIT_USAGE, EXIT_WEIGHTS, ImageError
 from moshivis_mlx.eval.data import (
     Babillage,
     DataError,
@@ -177,5 +177,5 @@ def test_cli_errors(coco, tmp_path, capsys):
     assert run_cli("--task", "coco", *base, "--annotations", ann, "--shard", "2/2") == EXIT_USAGE
     assert "--shard 2/2" in _one_line(capsys)
     assert run_cli("--task", "coco", *base, "--annotations", ann, "--adapters", tmp_path) \
-        == EXIT_USAGE
-    assert "adapters are not available yet" in _one_line(capsys)
+        == EXIT_WEIGHTS
+    assert "no adapter_config.json" in _one_line(capsys)

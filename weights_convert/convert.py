@@ -124,6 +124,8 @@ class ConvertOptions:
     shard_size: int = DEFAULT_SHARD_SIZE
     origin: dict[str, Any] = field(default_factory=dict)
     """Where the files came from (hf_repo, revision): recorded in config.json."""
+    adapters: Path | None = None
+    """With `bundle`: trained adapters (moshivis-train's OUT/adapters) merged in."""
 
 
 @dataclass
@@ -524,6 +526,9 @@ def _plan_bundle(opts: ConvertOptions) -> Plan:
         plan.config.update(_lm_section(cfg, dtype, quant))
         stored = f", stored {lm.view.spec.label}" if lm.view.spec else ""
         plan.found.append(f"language model: {plan.config['model_type']}, bundle layout{stored}")
+        if opts.adapters is not None:
+            plan.found.append(merge_adapters(plan.parts[-1], opts.adapters, cfg, dtype, quant,
+                                             str(bundle)))
     if "vision" in sources:
         section = bcfg["vision"]
         try:
@@ -549,6 +554,8 @@ def _plan_bundle(opts: ConvertOptions) -> Plan:
         plan.found.append("Mimi codec (copied)")
     if not plan.parts:
         raise WeightsError(f"{bundle}: the bundle holds no model")
+    if opts.adapters is not None and "model" not in sources:
+        raise WeightsError(f"{bundle}: no language model to merge --adapters into")
     tokenizer = bundle / TOKENIZER_NAME
     plan.tokenizer = tokenizer if tokenizer.exists() else None
     if plan.tokenizer is not None:
@@ -560,8 +567,38 @@ def _plan_bundle(opts: ConvertOptions) -> Plan:
     plan.config["tokenizer"] = TOKENIZER_NAME if plan.tokenizer is not None else None
     plan.config["source"] = {**opts.origin, "layout": BUNDLE, "bundle": bundle.name,
                              "from": bcfg.get("source")}
+    if opts.adapters is not None:
+        plan.config["source"]["adapters"] = str(Path(opts.adapters).expanduser())
     plan.config["converter"] = _converter()
     return plan
+
+
+def merge_adapters(part: Part, path: Path, cfg: LmConfig, dtype: str, quant: QuantSpec | None,
+                   where: str) -> str:
+    """The language model's adapter tensors taken from a trained set instead of the bundle
+    (stored as the rest: `dtype`, quantized with `quant` where the layer is); refused with
+    one line if the set does not fit the bundle's backbone."""
+    from moshivis_mlx.adapters import expected_adapter_shapes, read_adapters
+
+    adapters = read_adapters(path)
+    adapters.check_fits(cfg, where)
+    adapters.check_tensors(expected_adapter_shapes(cfg))
+    merged = 0
+    for i, job in enumerate(part.jobs):
+        value = adapters.weights.get(job.dst)
+        if value is None:
+            continue
+        q = quant if len(job.outputs) > 1 else None
+        how = "from the adapters" + (f", quantized {q.label}" if q else f", {dtype}")
+        part.jobs[i] = replace(job, how=how, run=partial(_adapter_tensor, value, DTYPES[dtype], q))
+        merged += 1
+    trained_on = adapters.training.get("bundle", "?")
+    return f"adapters: {merged} tensors from {path} (trained on {trained_on})"
+
+
+def _adapter_tensor(value: mx.array, dtype: mx.Dtype, q: QuantSpec | None) -> list[mx.array]:
+    a = value.astype(dtype)
+    return [a] if q is None else list(mx.quantize(a, group_size=q.group_size, bits=q.bits))
 
 
 # -- writing ---------------------------------------------------------------------------------

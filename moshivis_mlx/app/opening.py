@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..adapters import apply_adapters, read_adapters
 from ..bundle import load_generation, load_lm, load_mimi, load_vision, read_config
 from ..errors import BundleError, TokenizerError, WeightsError, one_line
 from ..generate import Generator
@@ -50,7 +51,7 @@ def open_session(opts: ModelOptions, steps: Steps, want_vision: bool,
     with `picture` (decoded from `image`) as the first image if given. Runs on the thread
     that will step the stream."""
     bundle = bundle if bundle is not None else resolve_bundle(opts, steps)
-    lm, mimi, vision, tokenizer = load_models(bundle, want_vision, steps)
+    lm, mimi, vision, tokenizer = load_models(bundle, want_vision, steps, opts.adapters)
     stream = Stream(mimi, make_generator(lm, opts, load_generation(bundle)), tokenizer)
     if picture is not None:
         with steps.step(f"image {Path(image).name}"):
@@ -98,16 +99,20 @@ def _fix(bundle: Path) -> str:
     return "convert them again with moshivis-convert, or use --hf-repo"
 
 
-def load_models(bundle: Path, want_vision: bool, steps: Steps
+def load_models(bundle: Path, want_vision: bool, steps: Steps, adapters: Path | None = None
                 ) -> tuple[LM, Mimi, ImageEncoder | None, TextTokenizer]:
-    """The bundle's language model, Mimi, image encoder (if wanted) and tokenizer."""
+    """The bundle's language model (with `adapters` on it), Mimi, image encoder (if
+    wanted) and tokenizer."""
     try:
         cfg = read_config(bundle)
     except BundleError as e:
         raise WeightsError(str(e), _fix(bundle)) from None
+    trained = read_adapters(adapters) if adapters is not None else None
     try:
         with steps.step("language model"):
             lm = load_lm(bundle)
+            if trained is not None:
+                apply_adapters(lm, trained, str(bundle))
         with steps.step("Mimi codec"):
             mimi = load_mimi(bundle)
         vision = None

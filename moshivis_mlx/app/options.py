@@ -30,6 +30,8 @@ class ModelOptions:
     """Text and audio alike."""
     xa_start: int | None = None
     seed: int | None = None
+    adapters: Path | None = None
+    """Fine-tuned adapters (moshivis-train's OUT/adapters) put on the bundle's model."""
 
     def generation(self, defaults: GenerationConfig) -> GenerationConfig:
         """The bundle's sampling settings with the ones given here on top."""

@@ -158,6 +158,11 @@ class Babillage:
     def __len__(self) -> int:
         return len(self.samples)
 
+    def columns(self) -> list[str]:
+        """The columns every file has."""
+        names = [set(r.schema_arrow.names) for r in self._readers]
+        return sorted(set.intersection(*names)) if names else []
+
     def _row_group(self, fi: int, rg: int, column: str) -> list:
         key = (fi, rg, column)
         if key not in self._groups:
@@ -167,11 +172,21 @@ class Babillage:
                 self._groups.popitem(last=False)
         return self._groups[key]
 
+    def cell(self, sample: Sample, column: str) -> Any:
+        """One column's raw value for a sample (read with its row group)."""
+        fi, rg, row = sample.source
+        return self._row_group(fi, rg, column)[row]
+
+    def find(self, sample_id: int) -> Sample | None:
+        """The sample with this id (None: not in these files)."""
+        if not hasattr(self, "_by_id"):
+            self._by_id = {s.sample_id: s for s in self.samples}
+        return self._by_id.get(sample_id)
+
     def question_audio(self, sample: Sample) -> tuple[np.ndarray, int]:
         """The spoken question: float32 mono samples and their rate."""
-        fi, rg, row = sample.source
-        value = self._row_group(fi, rg, "question_audio")[row]
-        return decode_audio(value, f"{self.files[fi].name} sample {sample.sample_id}")
+        name = f"{self.files[sample.source[0]].name} sample {sample.sample_id}"
+        return decode_audio(self.cell(sample, "question_audio"), name)
 
     def answer_transcripts(self) -> dict[int, str]:
         """Babillage's spoken answers' words by sample id (coco, ocrvqa)."""

@@ -174,12 +174,15 @@ def resolve_bundle(opts: EvalOptions, console: Console) -> Path:
 
 
 def adapter_loader(path: Path | None) -> Callable[[Any], None]:
-    """The hook that applies fine-tuned adapters to the language model, resolved before
-    anything is loaded (adapters are not available yet: asking for them is an error)."""
+    """The hook that puts fine-tuned adapters (moshivis-train's OUT/adapters) on the
+    language model; they are read here, before anything is loaded, so a bad directory
+    fails at once, and checked against the model when it is applied."""
     if path is None:
         return lambda lm: None
-    raise UsageError(f"--adapters {path}: adapters are not available yet in moshivis-mlx",
-                     "evaluate the bundle without --adapters")
+    from ..adapters import apply_adapters, read_adapters
+
+    adapters = read_adapters(path)
+    return lambda lm: apply_adapters(lm, adapters)
 
 
 def describe_sampling(opts: EvalOptions, bundle: Path) -> str:
@@ -253,6 +256,7 @@ def run_settings(opts: EvalOptions, plan: Plan, bundle: Path, quantization: str,
         "quantization": quantization, "sampling": sampling, "settings": opts.settings.to_dict(),
         "limit": opts.limit, "ptb": opts.ptb, "shard": list(opts.shard),
         "planned": len(plan.samples),
+        "adapters": str(Path(opts.adapters).resolve()) if opts.adapters else None,
     }
 
 
@@ -261,7 +265,7 @@ def _check_resumable(out: Path, run: dict[str, Any]) -> None:
     if old is None:
         return
     for k in ("task", "split", "mode", "data", "bundle", "quantization", "sampling", "settings",
-              "limit", "shard", "ptb"):
+              "limit", "shard", "ptb", "adapters"):
         if old.get(k) != run.get(k):
             raise UsageError(f"{out} holds a run with another {k} ({old.get(k)!r}, this one "
                              f"{run.get(k)!r})", "give another --out, or the same options")

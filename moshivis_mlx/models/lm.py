@@ -244,13 +244,16 @@ class Depformer(nn.Module):
 
     def forward(self, h: mx.array, prev_tokens: mx.array) -> mx.array:
         """Every frame at once, teacher-forced: h [B, T, dim] and the input token of each
-        sub-step prev_tokens [B, dep_q, T] -> logits [B, dep_q, T, card]."""
+        sub-step prev_tokens [B, n, T] -> logits [B, n, T, card] of the first n <= dep_q
+        sub-steps (the later ones are not run: they cannot change the earlier ones)."""
         b, t, _ = h.shape
-        n = len(self.heads)
+        n = prev_tokens.shape[1]
+        if not 1 <= n <= len(self.heads):
+            raise ValueError(f"the depth transformer has {len(self.heads)} sub-steps, asked {n}")
         x = mx.stack([self._input(k, h, prev_tokens[:, k]) for k in range(n)], axis=2)
         y = self.transformer(x.reshape(b * t, n, -1))  # position k: sub-step k's weights
-        return mx.stack([head(y[:, k]).reshape(b, t, -1) for k, head in enumerate(self.heads)],
-                        axis=1)
+        return mx.stack([head(y[:, k]).reshape(b, t, -1)
+                         for k, head in enumerate(self.heads[:n])], axis=1)
 
 
 @dataclass
@@ -364,7 +367,8 @@ class LM(nn.Module):
         return h, self.text_linear(h)
 
     def forward(self, codes: mx.array, image_tokens: mx.array | None = None,
-                force_gate: float | None = None) -> LMOutput:
+                force_gate: float | None = None, audio_codebooks: int | None = None
+                ) -> LMOutput:
         """Teacher-forced logits for a whole sequence, as Kyutai's `LMModel.forward`.
 
         `codes` [B, 1 + n_q, T]: every stream's tokens, not delayed (row 0 text, rows
@@ -372,6 +376,8 @@ class LM(nn.Module):
         no loss. The streams are delayed here, the initial tokens put first, and the logits
         undelayed again, so `out.text_logits[:, 0, t]` scores `codes[:, 0, t]`. With
         `image_tokens` [B, N, image_dim] (SigLIP's) every step attends to the image.
+        `audio_codebooks`: score only the model's first n codebooks (the depth transformer
+        runs n sub-steps, none for 0; `audio_logits` is [B, n, T, card]); default all dep_q.
         """
         cfg = self.cfg
         b, k, t = codes.shape
@@ -384,10 +390,15 @@ class LM(nn.Module):
         cross = None
         if image_tokens is not None:
             cross = CrossAttentionInput(self.xa, *self.image_kv(image_tokens), force_gate)
+        n = cfg.dep_q if audio_codebooks is None else audio_codebooks
         h, text_logits = self.forward_text(sequence[:, :, :-1], None, cross)
-        audio_logits = self.depformer.forward(h, sequence[:, : cfg.dep_q, 1:])
-        audio_logits, audio_mask = undelay_logits(audio_logits, cfg.delays[1: 1 + cfg.dep_q])
-        audio_mask = audio_mask & (codes[:, 1: 1 + cfg.dep_q] != -1)
+        if n > 0:
+            audio_logits = self.depformer.forward(h, sequence[:, :n, 1:])
+            audio_logits, audio_mask = undelay_logits(audio_logits, cfg.delays[1: 1 + n])
+            audio_mask = audio_mask & (codes[:, 1: 1 + n] != -1)
+        else:  # nothing to score: the depth transformer is not run
+            audio_logits = mx.zeros((b, 0, t, cfg.card), dtype=text_logits.dtype)
+            audio_mask = mx.zeros((b, 0, t), dtype=mx.bool_)
         text_logits, text_mask = undelay_logits(text_logits[:, None], cfg.delays[:1])
         text_mask = text_mask & (codes[:, :1] != -1)
         return LMOutput(text_logits, audio_logits, text_mask, audio_mask,

@@ -410,7 +410,7 @@ class TransformerLayer(nn.Module):
         elif step is not None:
             y = self.self_attn[step](h, cache, mask, offset)
         else:
-            attn = self.self_attn
+            attn = self.self_attn[: h.shape[1]]  # the first sub-steps only, if fewer
             qkv = mx.concatenate([a.qkv(h[:, k: k + 1]) for k, a in enumerate(attn)], axis=3)
             y = attn[0].attend(qkv, cache, mask, offset)
             y = mx.concatenate([a.out_proj(y[:, k: k + 1]) for k, a in enumerate(attn)], axis=1)
@@ -423,7 +423,8 @@ class TransformerLayer(nn.Module):
         elif step is not None:
             y = self.ffn[step](h)
         else:
-            y = mx.concatenate([f(h[:, k: k + 1]) for k, f in enumerate(self.ffn)], axis=1)
+            y = mx.concatenate([f(h[:, k: k + 1]) for k, f in enumerate(self.ffn[: h.shape[1]])],
+                               axis=1)
         return x + (self.layer_scale_2(y) if self.has_layer_scale else y)
 
     def cross_attention_block(self, x: mx.array, cross: CrossAttentionInput) -> mx.array:
@@ -434,7 +435,9 @@ class TransformerLayer(nn.Module):
         else:
             gate = mx.full(y.shape, cross.force_gate, dtype=y.dtype)
         cross.gates.append(gate.astype(mx.float32).mean(axis=-1))
-        return x + gate * y
+        # Adapters kept in float32 while training must not turn a bfloat16 residual
+        # stream into float32 (a no-op when they share its dtype, as at inference).
+        return x + (gate * y).astype(x.dtype)
 
 
 class Transformer(nn.Module):
@@ -448,6 +451,9 @@ class Transformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.layers = [TransformerLayer(cfg) for _ in range(cfg.num_layers)]
+        self.checkpoint = False
+        """Gradient checkpointing of a whole sequence (training): each layer's activations
+        are recomputed in the backward pass instead of kept, only its input is."""
 
     def make_cache(self, batch: int = 1, chunk: int = 1, dtype: mx.Dtype = mx.float32,
                    context: int | None = None) -> list[RingKVCache]:
@@ -475,5 +481,33 @@ class Transformer(nn.Module):
         if not self.cfg.weights_per_step:
             step = 0
         for i, layer in enumerate(self.layers):
-            x = layer(x, None if caches is None else caches[i], mask, offset, step, cross)
+            if self.checkpoint and caches is None:
+                x = checkpointed(layer, x, mask, step, cross)
+            else:
+                x = layer(x, None if caches is None else caches[i], mask, offset, step, cross)
         return x
+
+
+def checkpointed(layer: TransformerLayer, x: mx.array, mask: mx.array | str | None,
+                 step: int | None, cross: CrossAttentionInput | None) -> mx.array:
+    """`layer` on a whole sequence under `mx.checkpoint`. Gradients only reach what the
+    checkpointed function takes as arguments, so the trainable parameters of the layer and
+    of the shared cross-attention, and the image's keys and values, are passed explicitly."""
+    xa = cross.attention if cross is not None else None
+    params = {"layer": layer.trainable_parameters(),
+              "xa": xa.trainable_parameters() if xa is not None else {}}
+    kv = [cross.keys, cross.values] if cross is not None else []
+
+    def run(params, x, *kv):
+        layer.update(params["layer"])
+        inner = None
+        if xa is not None:
+            xa.update(params["xa"])
+            inner = CrossAttentionInput(xa, kv[0], kv[1], cross.force_gate)
+        y = layer(x, None, mask, 0, step, inner)
+        return [y] + inner.gates if inner is not None else [y]
+
+    out = mx.checkpoint(run)(params, x, *kv)
+    if cross is not None:
+        cross.gates.append(out[1])
+    return out[0]

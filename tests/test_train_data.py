@@ -1,0 +1,308 @@
+"""moshivis-train's data: the manifest (each kind of line, and every bad line as one line
+naming it), the interleaving of a speech sample's words into the text stream, Mimi
+encoding of stereo dialogues and Babillage rows (cached), speechless samples, and the
+seeded mixing order."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from train_support import build_task_bundle, write_dialogue, write_task
+
+from moshivis_mlx.bundle import load_lm
+from moshivis_mlx.models.lm import LmConfig
+from moshivis_mlx.text import TextTokenizer, find_tokenizer
+from moshivis_mlx.train.batches import Order, collate, shard
+from moshivis_mlx.train.dataset import Preparer, Sample
+from moshivis_mlx.train.interleave import text_stream
+from moshivis_mlx.train.manifest import ManifestError, read_manifest
+
+PAD, EPAD = 3, 0
+
+
+# -- interleaving ---------------------------------------------------------------------------
+
+def words_encoder(table: dict[str, list[int]]):
+    return lambda w: table[w]
+
+
+def test_words_go_at_their_start_frames_with_end_of_padding_before():
+    # 12.5 Hz: frame t covers [0.08 t, 0.08 (t + 1)).
+    words = [("hello", 0.10, 0.40), ("big", 0.50, 0.60), ("world", 0.58, 0.9)]
+    enc = words_encoder({"hello": [10, 11, 12], "big": [20], "world": [30, 31]})
+    got = text_stream(words, 14, 12.5, enc, PAD, EPAD).tolist()
+    #       0     1   2   3   4    5    6   7   8    9  ...
+    assert got == [EPAD, 10, 11, 12, PAD, EPAD, 20, 30, 31, PAD, PAD, PAD, PAD, PAD]
+
+
+def test_a_word_starting_early_replaces_what_is_left_of_the_previous_one():
+    """moshi-finetune's default: the tokens still pending are dropped."""
+    words = [("long", 0.0, 0.3), ("next", 0.1, 0.2)]
+    enc = words_encoder({"long": [1, 2, 3, 4], "next": [7, 8]})
+    # 0.1 s is in frame 1: "next" takes over there, "long" keeps only its first token.
+    assert text_stream(words, 5, 12.5, enc, PAD, EPAD).tolist() == [1, 7, 8, PAD, PAD]
+
+
+def test_no_words_is_all_padding():
+    assert text_stream([], 4, 12.5, None, PAD, EPAD).tolist() == [PAD] * 4
+
+
+# -- manifests ------------------------------------------------------------------------------
+
+def one_line_error(path: Path, lines: list[object]) -> str:
+    path.write_text("\n".join(x if isinstance(x, str) else json.dumps(x) for x in lines) + "\n")
+    with pytest.raises(ManifestError) as e:
+        read_manifest(path)
+    message = str(e.value)
+    assert "\n" not in message
+    return message
+
+
+def test_manifest_kinds_and_relative_paths(tmp_path):
+    (tmp_path / "data").mkdir()
+    manifest, _ = write_task(tmp_path / "data", 2, "m", 0)
+    wav, alignment = write_dialogue(tmp_path / "data", "talk", 1.0, [("hi", 0.2, 0.4)])
+    lines = manifest.read_text().splitlines()
+    lines.append(json.dumps({"image": "images/m-000.png", "audio": "talk.wav",
+                             "alignment": "talk.json"}))
+    manifest.write_text("\n".join(lines) + "\n\n")
+    entries = read_manifest(manifest)
+    assert [e.kind for e in entries] == ["speechless", "speechless", "speech"]
+    assert entries[0].image == tmp_path / "data/images/m-000.png"
+    assert entries[0].turns[1].role == "assistant"
+    assert entries[2].audio == wav and entries[2].words == [("hi", 0.2, 0.4)]
+    assert entries[2].where.endswith("m.jsonl:3")
+
+
+def test_alignment_keeps_the_assistant_s_words_in_order(tmp_path):
+    (tmp_path / "a.png").write_bytes(b"")
+    (tmp_path / "a.wav").write_bytes(b"")
+    (tmp_path / "a.json").write_text(json.dumps({"alignments": [
+        ["world", [1.0, 1.3], "SPEAKER_MAIN"], ["user", [0.1, 0.5], "SPEAKER_OTHER"],
+        ["hello", [0.5, 0.9], "SPEAKER_MAIN"], ["", [2.0, 2.1], "SPEAKER_MAIN"],
+        ["bad", [3.0, 3.0], "SPEAKER_MAIN"], ["plain", [4.0, 4.2]]]}))
+    m = tmp_path / "m.jsonl"
+    m.write_text(json.dumps({"image": "a.png", "audio": "a.wav", "alignment": "a.json"}))
+    assert read_manifest(m)[0].words == [("hello", 0.5, 0.9), ("world", 1.0, 1.3),
+                                         ("plain", 4.0, 4.2)]
+
+
+def test_every_bad_line_is_one_line_naming_it(tmp_path):
+    manifest, _ = write_task(tmp_path, 1, "m", 0)
+    good = json.loads(manifest.read_text().splitlines()[0])
+    (tmp_path / "talk.wav").write_bytes(b"RIFF")
+    (tmp_path / "broken.json").write_text("{not json")
+    (tmp_path / "shape.json").write_text(json.dumps({"alignments": [["w", 0.1]]}))
+    m = tmp_path / "bad.jsonl"
+    cases = [
+        ({**good, "image": "images/missing.png"}, r"bad\.jsonl:2: image .*missing\.png: no such"),
+        ({"image": good["image"], "audio": "nope.wav", "alignment": "broken.json"},
+         r"bad\.jsonl:2: audio .*nope\.wav: no such file"),
+        ({"image": good["image"], "audio": "talk.wav", "alignment": "broken.json"},
+         r"bad\.jsonl:2: alignment .*broken\.json: unreadable"),
+        ({"image": good["image"], "audio": "talk.wav", "alignment": "shape.json"},
+         r"bad\.jsonl:2: alignment .*entry 0 .*expected \[word, \[start, end\], speaker\]"),
+        ({"image": good["image"], "audio": "talk.wav"}, r"bad\.jsonl:2: .*needs 'alignment'"),
+        ("{oops", r"bad\.jsonl:2: not JSON"),
+        ({**good, "colour": 1}, r"bad\.jsonl:2: unknown key 'colour'"),
+        ({"image": good["image"]}, r"bad\.jsonl:2: a sample has exactly one of"),
+        ({**good, "turns": [{"role": "user", "text": "hi"}]},
+         r"bad\.jsonl:2: no assistant turn"),
+        ({**good, "turns": [{"role": "robot", "text": "hi"}]}, r"bad\.jsonl:2: turn 0 must"),
+    ]
+    for line, pattern in cases:
+        message = one_line_error(m, [good, line])
+        assert re.search(pattern, message), message
+    m.write_text("\n\n")
+    with pytest.raises(ManifestError, match=r"bad\.jsonl: no samples \(an empty split\)"):
+        read_manifest(m)
+    with pytest.raises(ManifestError, match="no such file"):
+        read_manifest(tmp_path / "absent.jsonl")
+
+
+def test_babillage_rows_are_checked(tmp_path):
+    data = babillage_file(tmp_path)
+    (tmp_path / "a.png").write_bytes(b"x")
+    m = tmp_path / "m.jsonl"
+    m.write_text(json.dumps({"image": "a.png", "babillage": data.name, "sample_id": 11}) + "\n")
+    assert read_manifest(m)[0].kind == "babillage"
+    assert "no sample_id 99" in one_line_error(
+        m, [{"image": "a.png", "babillage": data.name, "sample_id": 99}])
+    assert "'sample_id' must be an integer" in one_line_error(
+        m, [{"image": "a.png", "babillage": data.name, "sample_id": "11"}])
+
+
+# -- samples --------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory) -> Path:
+    return build_task_bundle(tmp_path_factory.mktemp("task") / "bundle")
+
+
+def preparer(bundle: Path, cache: Path, speechless: str = "zero", max_frames: int = 375):
+    cfg = load_lm(bundle).cfg
+    tok = TextTokenizer(find_tokenizer(bundle), cfg.text_padding_ids)
+    return Preparer(bundle, cfg, tok, cache, max_frames, speechless), cfg, tok
+
+
+def test_speechless_samples_hold_the_whole_transcript(bundle, tmp_path):
+    manifest, colours = write_task(tmp_path, 2, "m", 0)
+    entries = read_manifest(manifest)
+    p, cfg, tok = preparer(bundle, tmp_path / "cache")
+    p.encode_all(entries)
+    s = p.samples(entries)[0]
+    tokens = tok.sp.encode(entries[0].turns[0].text) + tok.sp.encode(colours[0])
+    assert s.codes.shape == (17, len(tokens)) and not s.speech
+    assert s.codes[0].tolist() == tokens and (s.codes[1:] == -1).all()
+    assert s.user_text.tolist() == [True] * (len(tokens) - 1) + [False]
+    assert p.images.get(s.image).shape == (16, cfg.image_dim)
+    quiet = preparer(bundle, tmp_path / "cache", "silence")[0].samples(entries)[0]
+    assert (quiet.codes[0] == s.codes[0]).all()
+    # Both audio streams: the tiny Mimi's one code of silence, every frame.
+    assert (quiet.codes[1:] == quiet.codes[1:, :1]).all() and (quiet.codes[1:] >= 0).all()
+
+
+def test_speech_samples_mimi_codes_of_both_channels_and_the_words(bundle, tmp_path):
+    import mlx.core as mx
+
+    from moshivis_mlx.app.wav import read_wav
+    from moshivis_mlx.bundle import load_mimi
+
+    write_task(tmp_path, 1, "m", 0)
+    words = [("what", 0.30, 0.50), ("colour", 0.9, 1.2)]
+    write_dialogue(tmp_path, "talk", 2.0, words, rate=16000)
+    m = tmp_path / "speech.jsonl"
+    m.write_text(json.dumps({"image": "images/m-000.png", "audio": "talk.wav",
+                             "alignment": "talk.json"}) + "\n")
+    entries = read_manifest(m)
+    p, cfg, tok = preparer(bundle, tmp_path / "cache", max_frames=16)
+    p.encode_all(entries)
+    samples = p.samples(entries)
+    assert [s.frames for s in samples] == [16, 9]  # 2 s = 25 frames, cut at 16
+    assert samples[1].where.endswith("(part 2)") and all(s.speech for s in samples)
+    codes = np.concatenate([s.codes for s in samples], axis=1)
+    pcm, rate = read_wav(tmp_path / "talk.wav")
+    from moshivis_mlx.app.resample import resample
+
+    mimi = load_mimi(bundle)
+    for channel, rows in ((0, slice(1, 9)), (1, slice(9, 17))):
+        x = resample(pcm[:, channel], rate, 24000)
+        x = np.concatenate([x, np.zeros(-len(x) % 1920, np.float32)])
+        np.testing.assert_array_equal(codes[rows], np.asarray(mimi.encode(mx.array(x))))
+    expected = text_stream(words, 25, 12.5, tok.sp.encode, PAD, EPAD)
+    np.testing.assert_array_equal(codes[0], expected)
+    assert codes[0, 3] == tok.sp.encode("what")[0] and codes[0, 2] == EPAD
+    # Cached: a second preparer encodes nothing (no Mimi is loaded).
+    again, _, _ = preparer(bundle, tmp_path / "cache", max_frames=16)
+    again.encode_all(entries)
+    assert again._mimi is None and again._vision is None
+    np.testing.assert_array_equal(
+        np.concatenate([s.codes for s in again.samples(entries)], axis=1), codes)
+
+
+def test_a_mono_wav_is_refused_naming_the_line(bundle, tmp_path):
+    write_task(tmp_path, 1, "m", 0)
+    write_dialogue(tmp_path, "mono", 0.5, [("hi", 0.1, 0.2)], channels=1)
+    m = tmp_path / "speech.jsonl"
+    m.write_text(json.dumps({"image": "images/m-000.png", "audio": "mono.wav",
+                             "alignment": "mono.json"}) + "\n")
+    p, _, _ = preparer(bundle, tmp_path / "cache")
+    with pytest.raises(ManifestError, match=r"speech\.jsonl:1: audio .*mono\.wav: 1 channel"):
+        p.encode_all(read_manifest(m))
+
+
+def babillage_file(root: Path) -> Path:
+    """Babillage's coco schema with one row: a 0.5 s question, a 0.4 s answer of two
+    words (at 16 kHz, as Babillage stores it)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from eval_support import tone_bytes
+
+    table = pa.table({
+        "sample_id": [11], "image_id": [42],
+        "question_audio": [{"bytes": tone_bytes(0.5), "path": "q.wav"}],
+        "question_transcript": [["what", "is", "it"]],
+        "question_alignment": [[[0.0, 0.1], [0.1, 0.2], [0.2, 0.4]]],
+        "answer_audio": [{"bytes": tone_bytes(0.4), "path": "a.wav"}],
+        "answer_transcript": [["a", "house"]],
+        "answer_alignment": [[[0.05, 0.1], [0.2, 0.35]]],
+    })
+    path = root / "train-00000-of-00001.parquet"
+    pq.write_table(table, path)
+    return path
+
+
+def test_babillage_rows_become_a_question_then_an_answer(bundle, tmp_path):
+    data = babillage_file(tmp_path)
+    write_task(tmp_path, 1, "m", 0)
+    m = tmp_path / "b.jsonl"
+    m.write_text(json.dumps({"image": "images/m-000.png", "babillage": data.name,
+                             "sample_id": 11}) + "\n")
+    entries = read_manifest(m)
+    p, cfg, tok = preparer(bundle, tmp_path / "cache")
+    p.encode_all(entries)
+    (s,) = p.samples(entries)
+    assert s.speech and s.frames == 12  # 0.9 s
+    # The answer's words are shifted by the question's 0.5 s: frames 6 and 8.
+    expected = text_stream([("a", 0.55, 0.6), ("house", 0.7, 0.85)], 12, 12.5,
+                           tok.sp.encode, PAD, EPAD)
+    np.testing.assert_array_equal(s.codes[0], expected)
+    assert (s.codes[0] != PAD).sum() >= 2
+
+
+# -- order and batches -----------------------------------------------------------------------
+
+def fake_samples(n_speech: int, n_text: int) -> list[Sample]:
+    return [Sample(np.zeros((17, 3 + i % 5), np.int32), f"img{i}", i < n_speech, f"m:{i}")
+            for i in range(n_speech + n_text)]
+
+
+def test_order_mixes_by_p_audio_and_is_seeded():
+    samples = fake_samples(30, 70)
+    order = Order(samples, 0.25, seed=3)
+    drawn = [b for _, b in zip(range(400), order.batches(4))]
+    flat = [i for b in drawn for i in b]
+    share = np.mean([samples[i].speech for i in flat])
+    assert 0.2 < share < 0.3
+    mixed = np.mean([len({samples[i].speech for i in b}) == 2 for b in drawn])
+    assert mixed > 0.5  # most batches hold both kinds
+    assert flat == [i for b in zip(range(400), Order(samples, 0.25, 3).batches(4))
+                    for i in b[1]]
+    assert flat[:40] != [i for _, b in zip(range(10), Order(samples, 0.25, 4).batches(4))
+                         for i in b]
+    # Every sample of a kind comes once per epoch of that kind.
+    speech = [i for i in flat if samples[i].speech][:30]
+    assert sorted(speech) == list(range(30))
+    # Resuming at batch k replays the same order.
+    tail = [b for _, b in zip(range(5), order.batches(4, start=7))]
+    assert tail == drawn[7:12]
+
+
+def test_order_with_one_kind_only():
+    only_text = fake_samples(0, 5)
+    assert Order(only_text, 0.25, 0).p_audio == 0.0
+    assert Order(fake_samples(5, 0), 0.25, 0).p_audio == 1.0
+
+
+def test_collate_pads_with_the_zero_token_and_shards():
+    samples = fake_samples(1, 2)
+    samples[0].codes[:] = 7
+    codes, user = collate(samples, 17)
+    assert codes.shape == (3, 17, 8) and (codes[0, :, 3:] == -1).all() and user.shape == (3, 8)
+    assert shard([1, 2, 3, 4], 0, 2) == [1, 2] and shard([1, 2, 3, 4], 1, 2) == [3, 4]
+
+
+def test_loss_weights_follow_the_config_delays():
+    from moshivis_mlx.train.loss import LossConfig, loss_weights
+
+    cfg = LmConfig(dim=8, num_heads=1, num_layers=1, ffn_hidden=8, text_card=8, card=8)
+    codes = np.zeros((1, 17, 5), dtype=np.int32)
+    codes[0, 0] = [PAD, 5, EPAD, 6, -1]
+    w_text, w_audio = loss_weights(codes, cfg, LossConfig(audio_codebooks=3))
+    assert w_text.tolist() == [[0.5, 1.0, 0.5, 1.0, 0.0]]
+    assert w_audio[0, 0].tolist() == [100.0] * 5  # semantic: no delay
+    assert w_audio[0, 1].tolist() == [1, 1, 1, 1, 0] and w_audio.shape == (1, 3, 5)
