@@ -29,9 +29,10 @@ def test_phases_and_silence():
     assert a.opening == "hello" and a.during_question == "red"
     assert a.text == "a red houses" and a.stop == "silence"
     # The last word made at step 19 comes out with frame 20; then 5 quiet frames (0.4 s):
-    # 21-25, so 26 frames in all, of which 11 after the question.
+    # 21-25, so 26 frames in all. The answer's words come out from frame 16 (the text is a
+    # step late): 10 frames of answer.
     assert a.frames == 26 and a.question_frames == 3
-    assert a.answer_s == pytest.approx(11 * 0.08)
+    assert a.answer_s == pytest.approx(10 * 0.08)
 
 
 def test_cap_when_it_never_stops_or_never_speaks():

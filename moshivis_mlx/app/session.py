@@ -94,9 +94,11 @@ class AnswerWatch:
     silent for `quiet_s`, or when `max_s` have passed (the cap)."""
 
     def __init__(self, frame_seconds: float, quiet_s: float = 2.0, max_s: float = 30.0,
-                 silence_rms: float = 0.01, after_speech: bool = False):
-        """`after_speech`: the quiet counts only once the model has said a word (a
-        benchmark waits for its answer; file mode does not)."""
+                 silence_rms: float | None = 0.01, after_speech: bool = False):
+        """`silence_rms`: the voice's level below which it counts as silent (None: only
+        the text counts, as when the answer is scored as text). `after_speech`: the quiet
+        counts only once the model has said a word (a benchmark waits for its answer;
+        file mode does not)."""
         self.frame_seconds = frame_seconds
         self.after_speech = after_speech
         self.spoke = False
@@ -112,7 +114,7 @@ class AnswerWatch:
         """One frame's events; returns the outcome once there is one."""
         spoke = any(isinstance(ev, Piece) for ev in events)
         for ev in events:
-            if isinstance(ev, AudioFrame):
+            if isinstance(ev, AudioFrame) and self.silence_rms is not None:
                 spoke |= float(np.sqrt(np.mean(ev.pcm * ev.pcm))) >= self.silence_rms
         self.elapsed += self.frame_seconds
         self.spoke |= any(isinstance(ev, Piece) for ev in events)

@@ -115,11 +115,15 @@ class Answerer:
                 self.stream.gen.lm.cfg.text_padding_id]
             asked = [(self.silence, t) for t in tokens]
         q_start, q_end = n_open, n_open + len(asked)
+        delay = self.stream.gen.max_delay
         frames = [(self.silence, None, "opening")] * n_open
         frames += [(pcm, text, "question") for pcm, text in asked]
-        watch = AnswerWatch(self.frame_s, s.silence_s, s.max_answer_s, after_speech=True)
+        # The text comes `delay` frames late: these frames still bring the question's.
+        frames += [(self.silence, None, "question")] * delay
+        # The answer is scored as text: its end is the text's (the voice is not listened to).
+        watch = AnswerWatch(self.frame_s, s.silence_s, s.max_answer_s, silence_rms=None,
+                            after_speech=True)
         said: dict[str, list[str]] = {"opening": [], "question": [], "answer": []}
-        delay = self.stream.gen.max_delay
         fed = 0
         for _, events in self.session.converse(frames, watch):
             fed += 1
