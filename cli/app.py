@@ -79,6 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weight quantization when converting --hf-repo (default: 8)")
     w.add_argument("--adapters", metavar="DIR",
                    help="fine-tuned adapters (moshivis-train's OUT/adapters) on top of the bundle")
+    # The choices are stream.CODEC_DEVICES, not imported here: --help loads no MLX.
+    w.add_argument("--codec-device", choices=("default", "cpu"), default="default",
+                   help="where the Mimi codec runs: with the model (default) or on the CPU "
+                        "beside it, as Kyutai's clients do; moshivis-bench --codec-device cpu "
+                        "tells which is faster on your Mac")
 
     a = p.add_argument_group("audio (live mode)")
     a.add_argument("--list-devices", action="store_true",
@@ -172,7 +177,8 @@ def options_from(args: argparse.Namespace) -> AppOptions:
         quantize=args.quantize, text_temperature=args.text_temperature,
         audio_temperature=args.audio_temperature, top_k=args.top_k, top_p=args.top_p,
         xa_start=args.xa_start, seed=args.seed,
-        adapters=Path(args.adapters) if args.adapters else None)
+        adapters=Path(args.adapters) if args.adapters else None,
+        codec_device=args.codec_device)
     return AppOptions(
         model=model, image=args.image, no_image=args.no_image,
         input_device=args.input_device, output_device=args.output_device,

@@ -28,6 +28,7 @@ scenarios:
 def build_parser() -> argparse.ArgumentParser:
     from moshivis_mlx.bench import SCENARIOS
     from moshivis_mlx.quant import PRESETS
+    from moshivis_mlx.stream import CODEC_DEVICES
 
     p = argparse.ArgumentParser(
         prog="moshivis-bench",
@@ -54,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pipelined", action="store_true",
                    help="submit each step before collecting the previous one (file mode's "
                         "throughput) instead of one step's latency")
-    p.add_argument("--codec-device", choices=["default", "cpu"], default="default",
+    p.add_argument("--codec-device", choices=CODEC_DEVICES, default="default",
                    help="where Mimi runs: on the LM's device (default) or on the CPU")
     p.add_argument("--codec-frames", type=int, default=50,
                    help="frames of streaming Mimi encode+decode to time on their own (0: skip)")

@@ -38,13 +38,14 @@ from .errors import UsageError
 from .fileio import atomic_write
 from .generate import Generator
 from .image import ImageEncoder
+from .memory import weight_bytes, wire_weights
 from .models import siglip
 from .models.lm import LM, PRESETS, LmConfig
 from .models.mimi import Mimi, MimiConfig
 from .quant import PRESETS as QUANT_PRESETS
 from .quant import QuantSpec, quantize_model
 from .sampling import KYUTAI_GENERATION
-from .stream import FrameGeometry, Stream
+from .stream import CODEC_DEVICES, FrameGeometry, Stream, codec_device
 
 STEP_SCENARIOS = ("moshi", "moshivis")
 FRAME_SCENARIOS = ("frame", "frame-image")
@@ -268,7 +269,7 @@ def _scenario(name: str, opts: BenchOptions, models: _Models, codes: np.ndarray,
     """One scenario: a fresh conversation (its own caches), compiled, warmed up, timed."""
     lm = models.lm
     with_image = name in ("moshivis", "frame-image")
-    codec = mx.cpu if opts.codec_device == "cpu" else None
+    codec = codec_device(opts.codec_device)
     gen = Generator(lm, KYUTAI_GENERATION.text_sampler(opts.seed),
                     KYUTAI_GENERATION.audio_sampler(opts.seed))
     if with_image:
@@ -317,8 +318,9 @@ def run(opts: BenchOptions, progress: Progress | None = None) -> dict[str, Any]:
     if not 0 <= opts.codec_frames <= MAX_STEPS or not 0 <= opts.image_encodes <= 10_000:
         raise UsageError(f"--codec-frames must be in [0, {MAX_STEPS}] and --image-encodes in "
                          f"[0, 10000]")
-    if opts.codec_device not in ("default", "cpu"):
-        raise UsageError(f"unknown codec device {opts.codec_device!r} (default or cpu)")
+    if opts.codec_device not in CODEC_DEVICES:
+        raise UsageError(f"unknown codec device {opts.codec_device!r} "
+                         f"({' or '.join(CODEC_DEVICES)})")
     report: dict[str, Any] = {
         "tool": "moshivis-bench", "machine": machine_info(), "config": opts.config,
         "quant": opts.quant, "steps": opts.steps, "warmup": opts.warmup,
@@ -329,7 +331,10 @@ def run(opts: BenchOptions, progress: Progress | None = None) -> dict[str, Any]:
     models = _models(opts, report, progress)
     lm = models.lm
     report["load_s"] = time.perf_counter() - start
-    report["weights_gb"] = sum(v.nbytes for _, v in nn.utils.tree_flatten(lm.parameters())) / 1e9
+    report["weights_gb"] = weight_bytes(lm) / 1e9
+    warning = wire_weights(lm, models.mimi, models.vision.model if models.vision else None)
+    if warning:
+        report["warning"] = warning
     geometry = FrameGeometry.of(models.mimi.cfg if models.mimi else MimiConfig())
     report["budget_ms"] = geometry.budget_ms
 
@@ -424,6 +429,8 @@ def summary(report: dict[str, Any]) -> str:
                        ("mimi_frame_ms", "Mimi encode+decode per frame")):
         if key in report:
             lines.append(f"  {label}: {report[key]:.2f} ms")
+    if "warning" in report:
+        lines.append(f"  note: {report['warning']}")
     return "\n".join(lines)
 
 

@@ -103,6 +103,18 @@ class PendingFrame:
         return self._result
 
 
+CODEC_DEVICES = ("default", "cpu")
+
+
+def codec_device(name: str) -> mx.Device | None:
+    """Where Mimi runs, by name: "default" (with the language model) or "cpu" (beside it,
+    as Kyutai's clients run their Rust codec; `moshivis-bench --codec-device cpu` tells
+    which is faster on a given machine)."""
+    if name not in CODEC_DEVICES:
+        raise ValueError(f"unknown codec device {name!r} ({' or '.join(CODEC_DEVICES)})")
+    return mx.cpu if name == "cpu" else None
+
+
 class Stream:
     """Mimi encoder + generator + Mimi decoder, streaming.
 

@@ -170,6 +170,7 @@ def test_microphone_refused(tmp_path, bundle, monkeypatch, capsys, message, expe
     assert not (tmp_path / "rec").exists()  # nothing was recorded: nothing to keep
 
 
+@pytest.mark.slow
 def test_microphone_unplugged_mid_session_keeps_the_recording(tmp_path, bundle, monkeypatch,
                                                              capsys):
     sd = FakeSoundDevice(input_stops_after=25)  # 2 s of audio, then the device is gone

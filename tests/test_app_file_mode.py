@@ -124,6 +124,7 @@ def test_offline_demo(tmp_path):
     assert np.array_equal(read_wav(tmp_path / "moshivis-demo" / "answer.wav")[0], answer)
 
 
+@pytest.mark.slow
 def test_the_answer_goes_on_after_the_question(tmp_path, bundle):
     """A spoken question without trailing silence (espeak-ng, 1.4 s): the model goes on
     hearing silence until it has finished or the cap, and the transcript covers it all."""

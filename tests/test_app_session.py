@@ -7,6 +7,7 @@ import dataclasses
 import io
 from pathlib import Path
 
+import mlx.core as mx
 import numpy as np
 import pytest
 from app_support import demo_bundle, second_image
@@ -26,7 +27,7 @@ from moshivis_mlx.app.session import (
 )
 from moshivis_mlx.progress import Steps
 from moshivis_mlx.sampling import GenerationConfig
-from moshivis_mlx.stream import RELEASED, StepResult
+from moshivis_mlx.stream import CODEC_DEVICES, RELEASED, StepResult
 
 FRAMES = 10
 
@@ -39,10 +40,10 @@ def speech_like(n_frames: int, seed: int = 0) -> list[np.ndarray]:
     return np.split(audio, n_frames)
 
 
-def open_(image: bool = True, vision: bool = True, seed: int = 4):
+def open_(image: bool = True, vision: bool = True, seed: int = 4, **options):
     out = io.StringIO()
     console = Console(file=out, width=100)
-    opts = ModelOptions(hf_repo="unused", weights=demo_bundle(), seed=seed)
+    opts = ModelOptions(hf_repo="unused", weights=demo_bundle(), seed=seed, **options)
     with Steps(console, opening_steps(vision, image)) as steps:
         opened = open_session(opts, steps, vision, str(SAMPLE_IMAGE) if image else None,
                               load_picture(SAMPLE_IMAGE) if image else None)
@@ -69,6 +70,19 @@ def test_opening_sequence(opened):
     for step in ("language model", "Mimi codec", "image encoder", "tokenizer",
                  "image sample.jpg"):
         assert f"{step} ..." in printed  # plain lines off a terminal
+
+
+def test_the_codec_on_the_cpu_says_the_same():
+    """--codec-device cpu: Mimi on a CPU stream of its own, the conversation unchanged
+    (here the model's device is the CPU too, so every sample must be the same)."""
+    beside = open_(codec_device="cpu")[0].session
+    assert beside.stream.codec_device == mx.cpu
+    assert beside.stream.codec_stream != beside.stream.generation_stream
+    usual = open_()[0].session
+    assert usual.stream.codec_device is None
+    for frame in speech_like(6):
+        a, b = usual.feed(frame), beside.feed(frame)
+        assert np.array_equal(a[0].pcm, b[0].pcm) and tokens(a) == tokens(b)
 
 
 def test_events_of_each_frame():
@@ -166,6 +180,12 @@ def test_the_command_line_becomes_typed_options():
     g = opts.model.generation(GenerationConfig(xa_start=2))
     assert g.text_top_k == g.audio_top_k == 5 and g.text_temperature == 0.5
     assert g.audio_temperature == 0.8 and g.xa_start == 2  # the bundle's where not given
+    assert opts.model.codec_device == "default"
+    cpu = options_from(build_parser().parse_args(["--codec-device", "cpu"]))
+    assert cpu.model.codec_device == "cpu"
+    assert build_parser()._option_string_actions["--codec-device"].choices == CODEC_DEVICES
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--codec-device", "gpu"])
     with pytest.raises(dataclasses.FrozenInstanceError):
         opts.image = "x.jpg"  # modes derive their options with dataclasses.replace
 

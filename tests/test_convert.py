@@ -557,6 +557,7 @@ def peak_rss(*args) -> int:
     return int(line[0].split()[1]) * 1024
 
 
+@pytest.mark.slow
 def test_peak_memory_stays_far_below_the_checkpoint(tmp_path):
     """A ~400 MB bfloat16 checkpoint converts (q8) with ~50 MB more than the process needs to
     start and plan: tensors are read, converted and written one at a time (measured: 315 MB

@@ -328,6 +328,7 @@ def test_files_that_are_not_images_are_named(bundle, tmp_path, capsys, name):
     refused(capsys, code, EXIT_IMAGE, f"{path}: {kind}", "JPEG or PNG")
 
 
+@pytest.mark.slow
 def test_an_iphone_photo(bundle, tmp_path):
     """A HEIC photo through the app (a fresh process: nothing registered beforehand)."""
     import pillow_heif

@@ -297,6 +297,7 @@ def test_a_second_conversion_to_the_same_out_is_refused(tmp_path, files):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
 
 
+@pytest.mark.slow
 def test_two_conversions_at_once(tmp_path, files):
     """Two processes converting to one --out at the same moment: one writes it, the other
     is refused (never both exit 0, one silently replacing the other)."""

@@ -21,11 +21,12 @@ from ..bundle import load_generation, load_lm, load_mimi, load_vision, read_conf
 from ..errors import BundleError, TokenizerError, WeightsError, one_line
 from ..generate import Generator
 from ..image import ImageEncoder
+from ..memory import wire_weights
 from ..models.lm import LM
 from ..models.mimi import Mimi
 from ..progress import Steps
 from ..sampling import GenerationConfig
-from ..stream import Stream
+from ..stream import Stream, codec_device
 from ..text import TextTokenizer, find_tokenizer
 from .options import ModelOptions
 from .session import Session
@@ -52,7 +53,11 @@ def open_session(opts: ModelOptions, steps: Steps, want_vision: bool,
     that will step the stream."""
     bundle = bundle if bundle is not None else resolve_bundle(opts, steps)
     lm, mimi, vision, tokenizer = load_models(bundle, want_vision, steps, opts.adapters)
-    stream = Stream(mimi, make_generator(lm, opts, load_generation(bundle)), tokenizer)
+    warning = wire_weights(lm, mimi, vision.model if vision is not None else None)
+    if warning:
+        steps.console.print(f"note: {warning}", highlight=False)
+    stream = Stream(mimi, make_generator(lm, opts, load_generation(bundle)), tokenizer,
+                    codec_device=codec_device(opts.codec_device))
     if picture is not None:
         with steps.step(f"image {Path(image).name}"):
             stream.set_image(vision.encode_image(picture))

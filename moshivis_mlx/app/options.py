@@ -32,6 +32,8 @@ class ModelOptions:
     seed: int | None = None
     adapters: Path | None = None
     """Fine-tuned adapters (moshivis-train's OUT/adapters) put on the bundle's model."""
+    codec_device: str = "default"
+    """Where Mimi runs: "default" (the language model's device) or "cpu"."""
 
     def generation(self, defaults: GenerationConfig) -> GenerationConfig:
         """The bundle's sampling settings with the ones given here on top."""

@@ -209,6 +209,7 @@ def load_models(opts: EvalOptions, bundle: Path,
                 apply_adapters: Callable[[Any], None] = lambda lm: None) -> Models:
     from .. import Generator, load_lm, load_mimi, load_vision
     from ..bundle import BundleError, load_generation, read_config
+    from ..memory import wire_weights
     from ..sampling import Sampler
     from ..stream import Stream
     from ..text import TextTokenizer, TokenizerError, find_tokenizer
@@ -238,6 +239,7 @@ def load_models(opts: EvalOptions, bundle: Path,
     else:
         text, audio = generation.text_sampler(opts.seed), generation.audio_sampler(opts.seed)
     gen = Generator(lm, text_sampler=text, audio_sampler=audio, xa_start=generation.xa_start)
+    wire_weights(lm, mimi, vision.model)
     session = Session(Stream(mimi, gen, tokenizer))
     return Models(bundle, bundle_quantization(bundle), Answerer(session, opts.settings), vision,
                   describe_sampling(opts, bundle))

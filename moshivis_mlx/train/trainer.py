@@ -325,6 +325,7 @@ def _tokenizer(bundle: Path, cfg):
 def train(opts: TrainOptions, console=None) -> dict[str, Any]:
     """Runs (or resumes) one training; returns the last metrics."""
     from ..bundle import load_lm
+    from ..memory import wire_weights
     from ..progress import Counter
 
     group = mx.distributed.init()
@@ -354,6 +355,9 @@ def train(opts: TrainOptions, console=None) -> dict[str, Any]:
         raise WeightsError(f"{bundle}: {cfg.n_q} audio streams for {cfg.dep_q} model codebooks; "
                            f"training expects as many user codebooks as model ones")
     opts.loss.check(cfg)
+    warning = wire_weights(lm)
+    if warning:
+        say(f"note: {warning}")
     cache = Path(opts.cache).expanduser() if opts.cache else out / "cache"
 
     def barrier() -> None:
