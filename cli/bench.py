@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"weights: bf16, or blockwise quantized ({presets}; default q8)")
     p.add_argument("--weights", type=Path, metavar="DIR",
                    help="time a converted bundle (its LM, Mimi and image encoder) instead")
+    p.add_argument("--kv-bits", type=int, choices=(8,),
+                   help="store the attention caches quantized (less memory; default: full "
+                        "precision)")
     p.add_argument("--adapters", type=Path, metavar="DIR",
                    help="fine-tuned adapters (moshivis-train's OUT/adapters) on the model")
     p.add_argument("--steps", type=int, default=3750,
@@ -82,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
         scenarios=tuple(s.strip() for s in args.scenarios.split(",") if s.strip()),
         weights=args.weights, pipelined=args.pipelined, seed=args.seed,
         codec_frames=args.codec_frames, image_encodes=args.image_encodes,
-        codec_device=args.codec_device, adapters=args.adapters)
+        codec_device=args.codec_device, adapters=args.adapters, kv_bits=args.kv_bits)
     report = _run_with_progress(bench, opts)
     print(bench.summary(report))
     if args.json:

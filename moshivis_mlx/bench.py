@@ -78,6 +78,8 @@ class BenchOptions:
     codec_device: str = "default"
     """'default' (Mimi on the LM's device) or 'cpu' (Mimi on the CPU, the LM on the GPU)."""
     adapters: Path | None = None
+    kv_bits: int | None = None
+    """Attention caches quantized to 8 bits (None: the model's dtype)."""
     """Fine-tuned adapters put on the model (they must fit its shape)."""
 
 
@@ -270,8 +272,11 @@ def _scenario(name: str, opts: BenchOptions, models: _Models, codes: np.ndarray,
     lm = models.lm
     with_image = name in ("moshivis", "frame-image")
     codec = codec_device(opts.codec_device)
-    gen = Generator(lm, KYUTAI_GENERATION.text_sampler(opts.seed),
-                    KYUTAI_GENERATION.audio_sampler(opts.seed))
+    try:
+        gen = Generator(lm, KYUTAI_GENERATION.text_sampler(opts.seed),
+                        KYUTAI_GENERATION.audio_sampler(opts.seed), kv_bits=opts.kv_bits)
+    except ValueError as e:
+        raise UsageError(f"--kv-bits {opts.kv_bits}: {e}") from None
     if with_image:
         t0 = time.perf_counter()
         gen.set_image(image)
@@ -325,6 +330,7 @@ def run(opts: BenchOptions, progress: Progress | None = None) -> dict[str, Any]:
         "tool": "moshivis-bench", "machine": machine_info(), "config": opts.config,
         "quant": opts.quant, "steps": opts.steps, "warmup": opts.warmup,
         "pipelined": opts.pipelined, "codec_device": opts.codec_device,
+        "kv_bits": opts.kv_bits,
     }
     mx.reset_peak_memory()
     start = time.perf_counter()
@@ -404,10 +410,11 @@ def time_codec(mimi: Mimi, frames: int, seed: int, warmup: int = 5,
 
 def summary(report: dict[str, Any]) -> str:
     budget = report.get("budget_ms", 80.0)
+    kv = f", KV cache {report['kv_bits']}-bit" if report.get("kv_bits") else ""
     lines = [f"{report['config']} {report['quant']} on {report['machine']['device']} "
              f"(mlx {report['machine']['mlx']}), {report['steps']} steps"
              f"{' pipelined' if report.get('pipelined') else ''}, load {report['load_s']:.1f} s, "
-             f"weights {_size(report['weights_gb'])}, budget {budget:g} ms"]
+             f"weights {_size(report['weights_gb'])}{kv}, budget {budget:g} ms"]
     for name, s in report["scenarios"].items():
         lines.append(f"  {name:11s} p50 {s['p50']:7.2f}  p90 {s['p90']:7.2f}  p99 {s['p99']:7.2f}  "
                      f"max {s['max']:7.2f} ms  first {s['first_step_ms']:8.1f} ms  "

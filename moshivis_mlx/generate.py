@@ -99,6 +99,7 @@ class Generator:
         keep_logits: bool = False,
         compiled: bool = True,
         batch_size: int = 1,
+        kv_bits: int | None = None,
     ):
         self.lm = lm
         cfg = lm.cfg
@@ -121,7 +122,8 @@ class Generator:
         self._use_initial = [mx.array([s <= d for d in self.delays])
                              for s in range(self.max_delay + 2)]
 
-        self.caches = lm.make_cache(batch_size)
+        self.caches = lm.make_cache(batch_size, kv_bits)
+        """The attention caches, keys and values quantized to `kv_bits` if given (memory)."""
         self._step_fns: dict[tuple, Callable[..., list[mx.array]]] = {}
         self.image_kv: tuple[mx.array, mx.array] | None = None
         self.last_text_logits: mx.array | None = None

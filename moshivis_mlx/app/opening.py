@@ -18,7 +18,7 @@ from typing import Any
 
 from ..adapters import apply_adapters, read_adapters
 from ..bundle import load_generation, load_lm, load_mimi, load_vision, read_config
-from ..errors import BundleError, TokenizerError, WeightsError, one_line
+from ..errors import BundleError, TokenizerError, UsageError, WeightsError, one_line
 from ..generate import Generator
 from ..image import ImageEncoder
 from ..memory import wire_weights
@@ -143,5 +143,9 @@ def make_generator(lm: LM, opts: ModelOptions, defaults: GenerationConfig) -> Ge
     """The generator with the bundle's sampling settings (Kyutai's), overridden by the
     options."""
     g = opts.generation(defaults)
-    return Generator(lm, text_sampler=g.text_sampler(opts.seed),
-                     audio_sampler=g.audio_sampler(opts.seed), xa_start=g.xa_start)
+    try:
+        return Generator(lm, text_sampler=g.text_sampler(opts.seed),
+                         audio_sampler=g.audio_sampler(opts.seed), xa_start=g.xa_start,
+                         kv_bits=opts.kv_bits)
+    except ValueError as e:  # only --kv-bits can make a loaded model's caches impossible
+        raise UsageError(f"--kv-bits {opts.kv_bits}: {e}", "leave --kv-bits out") from None

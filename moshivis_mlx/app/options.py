@@ -34,6 +34,8 @@ class ModelOptions:
     """Fine-tuned adapters (moshivis-train's OUT/adapters) put on the bundle's model."""
     codec_device: str = "default"
     """Where Mimi runs: "default" (the language model's device) or "cpu"."""
+    kv_bits: int | None = None
+    """The attention caches quantized to 8 bits (None: full precision)."""
 
     def generation(self, defaults: GenerationConfig) -> GenerationConfig:
         """The bundle's sampling settings with the ones given here on top."""

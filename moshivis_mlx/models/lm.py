@@ -329,8 +329,8 @@ class LM(nn.Module):
         """The activation dtype (norm weights are never quantized)."""
         return self.out_norm.weight.dtype
 
-    def make_cache(self, batch: int = 1) -> list[RingKVCache]:
-        return self.transformer.make_cache(batch=batch, dtype=self.dtype)
+    def make_cache(self, batch: int = 1, kv_bits: int | None = None) -> list[RingKVCache]:
+        return self.transformer.make_cache(batch=batch, dtype=self.dtype, kv_bits=kv_bits)
 
     def initial_tokens(self) -> mx.array:
         """[1 + n_q] the token each stream starts with (text start, then audio initial)."""
