@@ -143,6 +143,7 @@ def test_live_conversation_through_a_real_sound_server(tmp_path, pulse, bundle, 
     # The echo canceller is on by default; its delay is at least the output prebuffer.
     assert session["echo_cancel"]["enabled"] is True
     assert session["echo_cancel"]["delay_ms"] >= 80
+    assert session["codec_device"] == "default" and session["kv_bits"] is None
     # The latency summary in numbers (ms), the headroom as the status line shows it.
     lat = session["latency"]
     assert 0 < lat["p50_ms"] <= lat["p95_ms"] and lat["budget_ms"] == 80.0

@@ -13,6 +13,7 @@ from moshivis_mlx.cli.bench import main as bench_main
 from PIL import Image
 
 from moshivis_mlx import LM, bench
+from moshivis_mlx.errors import UsageError
 
 
 def tiny_weights_gb(bytes_per_weight: float) -> float:
@@ -103,6 +104,34 @@ def test_pipelined_quantized_and_the_codec_on_the_cpu():
     # bfloat16), plus the norms, not quantized.
     assert 0.3 * tiny_weights_gb(2) < r["weights_gb"] < 0.35 * tiny_weights_gb(2)
     assert r["scenarios"]["moshi"]["peak_memory_gb"] >= r["weights_gb"]
+
+
+def test_an_8_bit_attention_cache_takes_less_memory(monkeypatch):
+    """--kv-bits 8 on a tiny model with 32-wide heads and a long window (the cache, not
+    the weights, is most of the memory): the peak falls by most of the cache's saving."""
+    import dataclasses
+
+    from moshivis_mlx.models.lm import tiny
+
+    monkeypatch.setitem(bench.PRESETS, "tiny",
+                        lambda: dataclasses.replace(tiny(), num_heads=2, context=20_000))
+    peaks = {}
+    for bits in (None, 8):
+        r = bench.run(bench.BenchOptions(config="tiny", quant="bf16", steps=2, warmup=0,
+                                         scenarios=("moshivis",), codec_frames=0,
+                                         image_encodes=0, kv_bits=bits))
+        assert r["kv_bits"] == bits
+        peaks[bits] = r["scenarios"]["moshivis"]["peak_memory_gb"]
+    assert "KV cache 8-bit" in bench.summary(r)
+    full_cache = 2 * 2 * 20_000 * 64 * 2 / 1e9  # layers, keys and values, bfloat16
+    saved = full_cache * (1 - (8 + 32 / 32) / 16)  # 8 bits and a scale and bias per 32
+    assert peaks[None] - peaks[8] == pytest.approx(saved, rel=0.1)
+
+
+def test_8_bit_cache_on_heads_too_narrow():
+    with pytest.raises(UsageError, match="--kv-bits 8: cannot quantize 16-wide"):
+        bench.run(bench.BenchOptions(config="tiny", steps=1, warmup=0, scenarios=("moshi",),
+                                     codec_frames=0, image_encodes=0, kv_bits=8))
 
 
 def test_compare(report_path, capsys):

@@ -94,7 +94,7 @@ def _recorder(opts: AppOptions, opened: Opened, audio: AudioIO,
             "devices": audio.description,
             "sampling": {"text": repr(gen.text_sampler), "audio": repr(gen.audio_sampler),
                          "xa_start": gen.xa_start},
-            "codec_device": opts.model.codec_device,
+            "codec_device": opts.model.codec_device, "kv_bits": opts.model.kv_bits,
         })
     except OSError as e:
         where = record_dir or DEFAULT_ROOT
