@@ -279,3 +279,25 @@ def test_dry_run_reads_only_the_remote_headers(tmp_path, hf_cache, kyutai_files,
                                                                data_offsets=(0, 2))}))
     rc, _, err = run("--hf-repo", "kyutai/moshiko-pytorch-bf16", "--dry-run")
     assert rc == 1 and "absurd shape" in err and "hf://kyutai/moshiko-pytorch-bf16" in err
+
+
+def test_find_bundle_takes_the_given_weights_as_they_are(tmp_path):
+    """--weights is used as converted (-q only noted); a missing or non-directory path is
+    one clear error before anything is downloaded."""
+    from moshivis_mlx.errors import WeightsError
+    from moshivis_mlx.weights_convert.hub import find_bundle
+
+    notes: list[str] = []
+    bundle = tmp_path / "b"
+    bundle.mkdir()
+    assert find_bundle(bundle, "kyutai/unused", "4", note=notes.append) == bundle
+    assert notes == [f"note: -q 4 is ignored: the bundle in {bundle} is used as it was "
+                     f"converted"]
+    assert find_bundle(bundle, "kyutai/unused", None, note=notes.append) == bundle
+    assert len(notes) == 1
+    (tmp_path / "file").write_text("x")
+    for path, what in ((tmp_path / "nope", "does not exist"),
+                       (tmp_path / "file", "is not a directory")):
+        with pytest.raises(WeightsError, match=f"weights directory {path} {what}") as e:
+            find_bundle(path, "kyutai/unused")
+        assert "--weights DIR" in e.value.fix

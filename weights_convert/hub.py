@@ -396,6 +396,25 @@ def _convert_once(opts: ConvertOptions, what: str, stage: Stage | None,
     return opts.out
 
 
+def find_bundle(weights: str | Path | None, repo: str, quantize: str | None = None,
+                note: Callable[[str], None] | None = None, stage: Stage | None = None) -> Path:
+    """The bundle a tool runs on (the app, moshivis-eval, moshivis-train): `weights` as
+    given (a bundle made by moshivis-convert), else `repo` downloaded and converted once at
+    `quantize` (None: 8). `note(line)` hears that -q does not apply to a given bundle."""
+    if weights is not None:
+        path = Path(weights).expanduser()
+        if not path.is_dir():
+            what = "is not a directory" if path.exists() else "does not exist"
+            raise WeightsError(f"weights directory {path} {what}",
+                               "give a bundle made by moshivis-convert with --weights DIR, "
+                               "or leave --weights out to download Kyutai's model")
+        if quantize is not None and note is not None:
+            note(f"note: -q {quantize} is ignored: the bundle in {path} is used as it was "
+                 f"converted")
+        return path
+    return bundle_for_repo(repo, quantize or "8", stage=stage)
+
+
 def bundle_for_repo(repo: str, quantize: str = "8", progress: Progress | None = None,
                     stage: Stage | None = None) -> Path:
     """The converted bundle for `repo` at `quantize` ("8", "4" or "none"), made if needed.

@@ -66,17 +66,7 @@ def open_session(opts: ModelOptions, steps: Steps, want_vision: bool,
 
 def resolve_bundle(opts: ModelOptions, steps: Steps) -> Path:
     """The bundle directory: --weights, or --hf-repo downloaded and converted once."""
-    if opts.weights is not None:
-        if opts.quantize is not None:
-            steps.console.print(f"note: -q {opts.quantize} is ignored: the bundle in "
-                                f"{opts.weights} is used as it was converted", highlight=False)
-        path = opts.weights.expanduser()
-        if not path.exists():
-            raise WeightsError(f"weights directory {path} does not exist",
-                               "give a bundle made by moshivis-convert with --weights DIR, "
-                               "or leave --weights out to download Kyutai's model")
-        return path
-    from moshivis_mlx.weights_convert.hub import HubError, bundle_for_repo
+    from moshivis_mlx.weights_convert.hub import find_bundle
 
     @contextmanager
     def stage(description: str) -> Iterator[None]:
@@ -84,10 +74,8 @@ def resolve_bundle(opts: ModelOptions, steps: Steps) -> Path:
         with steps.step(description, own_output=description.startswith("download")):
             yield
 
-    try:
-        return bundle_for_repo(opts.hf_repo, opts.quantize or "8", stage=stage)
-    except HubError as e:
-        raise WeightsError(str(e)) from None
+    return find_bundle(opts.weights, opts.hf_repo, opts.quantize, stage=stage,
+                       note=lambda line: steps.console.print(line, highlight=False))
 
 
 def _bundle_error(e: Exception, bundle: Path) -> WeightsError:

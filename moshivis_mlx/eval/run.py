@@ -155,22 +155,10 @@ class Models:
 
 
 def resolve_bundle(opts: EvalOptions, console: Console) -> Path:
-    if opts.weights is not None:
-        path = Path(opts.weights).expanduser()
-        if not path.is_dir():
-            raise WeightsError(f"weights directory {path} does not exist",
-                               "give a bundle made by moshivis-convert with --weights DIR, "
-                               "or --hf-repo")
-        if opts.quantize is not None:
-            console.print(f"note: -q {opts.quantize} is ignored: the bundle in {path} is used "
-                          f"as it was converted", highlight=False)
-        return path
-    from moshivis_mlx.weights_convert.hub import HubError, bundle_for_repo
+    from moshivis_mlx.weights_convert.hub import find_bundle
 
-    try:
-        return bundle_for_repo(opts.hf_repo, opts.quantize or "8")
-    except HubError as e:
-        raise WeightsError(str(e)) from None
+    return find_bundle(opts.weights, opts.hf_repo, opts.quantize,
+                       note=lambda line: console.print(line, highlight=False))
 
 
 def adapter_loader(path: Path | None) -> Callable[[Any], None]:

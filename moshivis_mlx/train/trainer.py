@@ -272,19 +272,9 @@ class TrainProgress:
 # -- the run -------------------------------------------------------------------------------
 
 def resolve_bundle(opts: TrainOptions, console) -> Path:
-    if opts.weights is not None:
-        path = Path(opts.weights).expanduser()
-        if not path.is_dir():
-            raise WeightsError(f"weights directory {path} does not exist",
-                               "give a bundle made by moshivis-convert with --weights DIR, "
-                               "or --hf-repo")
-        return path
-    from moshivis_mlx.weights_convert.hub import HubError, bundle_for_repo
+    from moshivis_mlx.weights_convert.hub import find_bundle
 
-    try:
-        return bundle_for_repo(opts.hf_repo, opts.quantize or "8")
-    except HubError as e:
-        raise WeightsError(str(e)) from None
+    return find_bundle(opts.weights, opts.hf_repo, opts.quantize)
 
 
 def run_settings(opts: TrainOptions, bundle: Path) -> dict[str, Any]:
