@@ -1,6 +1,6 @@
 """Token sampling for the text and audio streams.
 
-Temperature is applied first (as Kyutai does), then mlx-lm's top-k / top-p filters on the
+Temperature is applied first (as Kyutai does), then the top-k / top-p filters on the
 tempered log-probabilities, then one categorical draw. Each sampler owns its random key,
 so a seeded text stream does not depend on how many audio tokens were drawn, and the draw
 is a pure function of (logits, key) that a compiled step can contain.
@@ -75,17 +75,31 @@ class Sampler:
         logprobs = logits / self.temperature
         if 0.0 < self.top_p < 1.0:  # the nucleus needs probabilities; the draw and top-k do not
             logprobs = logprobs - mx.logsumexp(logprobs, axis=-1, keepdims=True)
-        # Imported here: mlx-lm loads `transformers`, seconds a greedy run need not wait.
-        from mlx_lm.sample_utils import apply_top_k, apply_top_p
-
         if 0 < self.top_k < logprobs.shape[-1]:
-            logprobs = apply_top_k(logprobs, self.top_k)
+            logprobs = keep_top_k(logprobs, self.top_k)
         if 0.0 < self.top_p < 1.0:
-            logprobs = apply_top_p(logprobs, self.top_p)
+            logprobs = keep_top_p(logprobs, self.top_p)
         return mx.random.categorical(logprobs, axis=-1, key=key)
 
     def __call__(self, logits: mx.array) -> mx.array:
         return self.sample(logits, self.next_key())
+
+
+def keep_top_k(logprobs: mx.array, k: int) -> mx.array:
+    """Every token but the k most likely set to -inf (the draw then ignores them)."""
+    dropped = mx.argpartition(-logprobs, kth=k - 1, axis=-1)[..., k:]
+    return mx.put_along_axis(logprobs, dropped, mx.array(-mx.inf, logprobs.dtype), axis=-1)
+
+
+def keep_top_p(logprobs: mx.array, p: float) -> mx.array:
+    """The nucleus of normalised log-probabilities, as Kyutai samples it: the most likely
+    tokens while the mass of those more likely is at most p; the rest set to -inf."""
+    ranked = -mx.sort(-logprobs, axis=-1)
+    probs = mx.exp(ranked.astype(mx.float32))
+    before = mx.cumsum(probs, axis=-1) - probs
+    kept = (before <= p).sum(axis=-1, keepdims=True)  # >= 1: nothing precedes the first
+    threshold = mx.take_along_axis(ranked, kept - 1, axis=-1)
+    return mx.where(logprobs < threshold, mx.array(-mx.inf, logprobs.dtype), logprobs)
 
 
 @dataclass

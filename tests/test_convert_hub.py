@@ -284,8 +284,9 @@ def test_dry_run_reads_only_the_remote_headers(tmp_path, hf_cache, kyutai_files,
 def test_find_bundle_takes_the_given_weights_as_they_are(tmp_path):
     """--weights is used as converted (-q only noted); a missing or non-directory path is
     one clear error before anything is downloaded."""
-    from moshivis_mlx.errors import WeightsError
     from moshivis_mlx.weights_convert.hub import find_bundle
+
+    from moshivis_mlx.errors import WeightsError
 
     notes: list[str] = []
     bundle = tmp_path / "b"

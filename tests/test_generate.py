@@ -190,3 +190,34 @@ def test_warm_up_compiles_every_variant_and_starts_afresh(lm):
     variants = dict(warm._step_fns)
     assert [warm.step(c) for c in codes] == expected
     assert warm._step_fns == variants  # nothing compiled during the conversation
+
+
+def test_top_k_keeps_exactly_the_k_most_likely():
+    from moshivis_mlx.sampling import keep_top_k
+
+    logprobs = mx.random.normal((3, 50), key=mx.random.key(7))
+    kept = np.array(keep_top_k(logprobs, 5))
+    want = np.argsort(-np.array(logprobs), axis=-1)[:, :5]
+    for row, top in zip(kept, want):
+        assert set(np.flatnonzero(np.isfinite(row))) == set(top)
+    np.testing.assert_array_equal(kept[np.isfinite(kept)],
+                                  np.array(logprobs)[np.isfinite(kept)])
+
+
+@pytest.mark.parametrize("p", [0.05, 0.5, 0.9, 0.999])
+def test_top_p_is_kyutais_nucleus(p):
+    """Kyutai's rule (moshi's sampling): sort descending, drop a token when the mass of
+    those before it exceeds p."""
+    from moshivis_mlx.sampling import keep_top_p
+
+    logits = 2.0 * mx.random.normal((4, 40), key=mx.random.key(3))
+    logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    got = np.isfinite(np.array(keep_top_p(logprobs, p)))
+    probs = np.exp(np.array(logprobs, dtype=np.float64))
+    for row, prob in zip(got, probs):
+        order = np.argsort(-prob)
+        before = np.cumsum(prob[order]) - prob[order]
+        want = np.zeros_like(row)
+        want[order[before <= p]] = True
+        np.testing.assert_array_equal(row, want)
+        assert row.sum() >= 1

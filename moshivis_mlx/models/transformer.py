@@ -327,10 +327,10 @@ class Attention(nn.Module):
         self.out_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
 
     def qkv(self, x: mx.array) -> mx.array:
-        """x [B, T, D] -> q, k, v stacked [3, B, H, T, head_dim]."""
+        """x [B, T, D] -> the heads of q, then k, then v: [B, 3H, T, head_dim]."""
         b, t, _ = x.shape
-        qkv = self.in_proj(x).reshape(b, t, 3, self.num_heads, self.head_dim)
-        return qkv.transpose(2, 0, 3, 1, 4)
+        qkv = self.in_proj(x).reshape(b, t, 3 * self.num_heads, self.head_dim)
+        return qkv.transpose(0, 2, 1, 3)
 
     def attend(
         self,
@@ -339,16 +339,21 @@ class Attention(nn.Module):
         mask: mx.array | str | None,
         offset: int | mx.array,
     ) -> mx.array:
-        """q, k, v [3, B, H, T, head_dim] -> the attention output [B, T, D], before out_proj.
-        `offset`: the position of the first step (an int32 array when streaming)."""
-        q, k, v = (a.squeeze(0) for a in mx.split(qkv, 3, axis=0))
-        b, _, t, _ = q.shape
+        """q, k, v heads [B, 3H, T, head_dim] -> the attention output [B, T, D], before
+        out_proj. `offset`: the position of the first step (an int32 array when streaming).
+        Splitting along the heads and rotating q and k together keeps the step's graph
+        small: a step is a few thousand nodes, and each costs host time."""
+        b, _, t, _ = qkv.shape
+        h = self.num_heads
         if self.rope:
-            # Interleaved ("traditional") RoPE, the absolute position as offset.
-            q = mx.fast.rope(q, self.head_dim, traditional=True, base=self.max_period,
-                             scale=1.0, offset=offset)
-            k = mx.fast.rope(k, self.head_dim, traditional=True, base=self.max_period,
-                             scale=1.0, offset=offset)
+            qk, v = mx.split(qkv, [2 * h], axis=1)
+            # Interleaved ("traditional") RoPE, the absolute position as offset; q and k
+            # share their positions, so one rotation serves both.
+            qk = mx.fast.rope(qk, self.head_dim, traditional=True, base=self.max_period,
+                              scale=1.0, offset=offset)
+            q, k = mx.split(qk, 2, axis=1)
+        else:
+            q, k, v = mx.split(qkv, 3, axis=1)
         if cache is not None:
             k, v = cache.update(k, v)
         if isinstance(cache, QuantizedRingKVCache):
@@ -474,7 +479,7 @@ class TransformerLayer(nn.Module):
             y = self.self_attn[step](h, cache, mask, offset)
         else:
             attn = self.self_attn[: h.shape[1]]  # the first sub-steps only, if fewer
-            qkv = mx.concatenate([a.qkv(h[:, k: k + 1]) for k, a in enumerate(attn)], axis=3)
+            qkv = mx.concatenate([a.qkv(h[:, k: k + 1]) for k, a in enumerate(attn)], axis=2)
             y = attn[0].attend(qkv, cache, mask, offset)
             y = mx.concatenate([a.out_proj(y[:, k: k + 1]) for k, a in enumerate(attn)], axis=1)
         x = x + (self.layer_scale_1(y) if self.has_layer_scale else y)
