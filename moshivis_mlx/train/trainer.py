@@ -224,40 +224,31 @@ class Steps:
 # -- progress ----------------------------------------------------------------------------------
 
 class TrainProgress:
-    """Loss, samples/s, tokens/s, peak memory and the time left: a rich bar on a terminal,
-    a plain line per report elsewhere. Silent on every process but the first."""
+    """Loss, samples/s, tokens/s, peak memory and the time left: the project's progress bar
+    on a terminal, a plain line per report elsewhere. Silent on every process but the
+    first."""
 
     def __init__(self, console, total: int, done: int, show: bool):
-        self.console, self.show = console, show
-        self.progress = None
-        if show and console is not None and console.is_terminal:
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeRemainingColumn,
-            )
+        from ..progress import Counter
 
-            self.progress = Progress(TextColumn("{task.description}"), BarColumn(),
-                                     MofNCompleteColumn(), TextColumn("{task.fields[stats]}"),
-                                     TimeRemainingColumn(), console=console, transient=False)
-            self.task = self.progress.add_task("steps", total=total, completed=done, stats="")
+        self.console, self.show = console, show
+        terminal = show and console is not None and console.is_terminal
+        self.bars = Counter(console, unit="steps", transient=False, show=terminal)
+        self.task = self.bars.add("steps", total, done)
+        self.terminal = terminal
         self.total = total
         self.t0, self.done0 = time.perf_counter(), done
 
     def __enter__(self) -> TrainProgress:
-        if self.progress is not None:
-            self.progress.start()
+        self.bars.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
-        if self.progress is not None:
-            self.progress.stop()
+        self.bars.__exit__(*exc)
 
     def update(self, step: int, stats: str, report: bool) -> None:
-        if self.progress is not None:
-            self.progress.update(self.task, completed=step, stats=stats)
+        if self.terminal:
+            self.bars.update(self.task, step, rate=stats)
         elif self.show and report and self.console is not None:
             rate = (step - self.done0) / max(time.perf_counter() - self.t0, 1e-9)
             left = (self.total - step) / rate if rate > 0 else float("nan")
