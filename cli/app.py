@@ -37,7 +37,6 @@ transcript with gate values, latency trace) under ./moshivis-sessions/ unless --
 """
 
 
-DEFAULT_HF_REPO = "kyutai/moshika-vis-pytorch-bf16"
 
 
 def quantize_arg(q: str) -> str:
@@ -56,7 +55,10 @@ def device_arg(spec: str) -> int | str | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    # Nothing heavy is imported before the arguments are parsed: --help is instant.
+    from moshivis_mlx.weights_convert.hub import DEFAULT_HF_REPO
+
+    from moshivis_mlx.stream import CODEC_DEVICES
+
     p = argparse.ArgumentParser(prog="moshivis-mlx", description=DESCRIPTION, epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     img = p.add_mutually_exclusive_group()
@@ -79,12 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weight quantization when converting --hf-repo (default: 8)")
     w.add_argument("--adapters", metavar="DIR",
                    help="fine-tuned adapters (moshivis-train's OUT/adapters) on top of the bundle")
-    # The choices are stream.CODEC_DEVICES, not imported here: --help loads no MLX.
-    w.add_argument("--codec-device", choices=("default", "cpu"), default="default",
+    w.add_argument("--codec-device", choices=CODEC_DEVICES, default="default",
                    help="where the Mimi codec runs: with the model (default) or on the CPU "
                         "beside it, as Kyutai's clients do; moshivis-bench --codec-device cpu "
                         "tells which is faster on your Mac")
-
     w.add_argument("--kv-bits", type=int, choices=(8,),
                    help="keep the attention cache quantized: 8 bits halve its 1.6 GB (the 7B "
                         "model's 3000-position window), which lets -q 4 run on an 8 GB Mac "

@@ -27,11 +27,11 @@ See docs/EVAL.md for the downloads and the paper's numbers.
 """
 
 
-DEFAULT_HF_REPO = "kyutai/moshika-vis-pytorch-bf16"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    # Nothing heavy is imported before the arguments are parsed: --help is instant.
+    from moshivis_mlx.weights_convert.hub import DEFAULT_HF_REPO
+
     p = argparse.ArgumentParser(prog="moshivis-eval", description=DESCRIPTION, epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     d = p.add_argument_group("benchmark")

@@ -32,11 +32,11 @@ examples:
 See docs/TRAIN.md for the formats, the loss and the memory figures.
 """
 
-DEFAULT_HF_REPO = "kyutai/moshika-vis-pytorch-bf16"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    # Nothing heavy is imported before the arguments are parsed: --help is instant.
+    from moshivis_mlx.weights_convert.hub import DEFAULT_HF_REPO
+
     p = argparse.ArgumentParser(prog="moshivis-train", description=DESCRIPTION, epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     d = p.add_argument_group("data")

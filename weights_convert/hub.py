@@ -42,6 +42,9 @@ CONFIG_FILE = "config.json"
 BUNDLE_PATTERNS = ["config.json", "*.safetensors", "*.safetensors.index.json", "tokenizer.model"]
 QUANTIZATIONS = {"8": PRESETS["q8"], "4": PRESETS["q4"], "none": PRESETS["bf16"]}
 """The app's -q values -> the project's quantization presets."""
+DEFAULT_HF_REPO = "kyutai/moshika-vis-pytorch-bf16"
+"""What the app, moshivis-eval and moshivis-train download and convert without --weights."""
+
 Stage = Callable[[str], AbstractContextManager]
 """stage(description) wraps the download and the conversion (a progress display)."""
 

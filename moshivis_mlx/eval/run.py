@@ -21,6 +21,8 @@ from typing import Any
 
 from rich.console import Console
 
+from moshivis_mlx.weights_convert.hub import DEFAULT_HF_REPO
+
 from ..app.session import Session
 from ..errors import MoshivisError, UsageError, WeightsError
 from ..progress import Counter
@@ -45,7 +47,6 @@ from .report import (
     write_run,
 )
 
-DEFAULT_HF_REPO = "kyutai/moshika-vis-pytorch-bf16"
 QUANTIZE_CHOICES = ("8", "4", "none")
 
 

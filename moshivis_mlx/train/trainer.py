@@ -27,6 +27,8 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_map_with_path
 
+from moshivis_mlx.weights_convert.hub import DEFAULT_HF_REPO
+
 from ..adapters import write_adapters, write_text_atomic
 from ..errors import UsageError, WeightsError
 from . import checkpoint
@@ -39,7 +41,6 @@ from .model import prepare_for_training, trained_adapters
 ADAPTERS_DIR = "adapters"
 LOG = "log.jsonl"
 RUN = "run.json"
-DEFAULT_HF_REPO = "kyutai/moshika-vis-pytorch-bf16"
 
 RESUME_KEYS = ("bundle", "train", "train_sha1", "steps", "batch_size", "grad_accum",
                "learning_rate", "warmup", "weight_decay", "max_grad_norm", "p_audio",
