@@ -85,6 +85,20 @@ def test_the_codec_on_the_cpu_says_the_same():
         assert np.array_equal(a[0].pcm, b[0].pcm) and tokens(a) == tokens(b)
 
 
+def test_weights_close_to_what_the_gpu_keeps_are_noted(monkeypatch):
+    """A GPU that can keep less than the weights resident: the wired limit is raised to
+    what it can, and the opening says the steps may be slow."""
+    from moshivis_mlx import memory
+
+    limits: list[int] = []
+    monkeypatch.setattr(memory.mx, "device_info",
+                        lambda: {"max_recommended_working_set_size": 1000})
+    monkeypatch.setattr(memory.mx, "set_wired_limit", lambda n: limits.append(n) or 0)
+    printed = open_()[1]
+    assert limits == [1000]
+    assert "note: the weights take" in printed and "-q 4" in printed
+
+
 def test_events_of_each_frame():
     session = open_()[0].session
     frames = speech_like(FRAMES)

@@ -195,7 +195,10 @@ def bundle_quantization(bundle: Path) -> str:
 
 
 def load_models(opts: EvalOptions, bundle: Path,
-                apply_adapters: Callable[[Any], None] = lambda lm: None) -> Models:
+                apply_adapters: Callable[[Any], None] = lambda lm: None,
+                note: Callable[[str], None] = lambda line: None) -> Models:
+    """The bundle's models around one answering session; `note(line)` hears that the
+    weights come close to what the GPU can keep resident."""
     from .. import Generator, load_lm, load_mimi, load_vision
     from ..bundle import BundleError, load_generation, read_config
     from ..memory import wire_weights
@@ -228,7 +231,9 @@ def load_models(opts: EvalOptions, bundle: Path,
     else:
         text, audio = generation.text_sampler(opts.seed), generation.audio_sampler(opts.seed)
     gen = Generator(lm, text_sampler=text, audio_sampler=audio, xa_start=generation.xa_start)
-    wire_weights(lm, mimi, vision.model)
+    warning = wire_weights(lm, mimi, vision.model)
+    if warning:
+        note(f"note: {warning}")
     session = Session(Stream(mimi, gen, tokenizer))
     return Models(bundle, bundle_quantization(bundle), Answerer(session, opts.settings), vision,
                   describe_sampling(opts, bundle))
@@ -306,7 +311,8 @@ def evaluate(opts: EvalOptions, console: Console) -> dict[str, Any]:
     if todo:
         console.print(f"loading {bundle} ({run['quantization']}) ...", highlight=False,
                       soft_wrap=True)
-        models = load_models(opts, bundle, apply_adapters)
+        models = load_models(opts, bundle, apply_adapters,
+                             note=lambda line: console.print(line, highlight=False))
         records += _ask(opts, plan, models, todo, done, records, out, console)
     metrics = write_reports(out, run, records)
     console.print(f"{metrics['metric']}: {metrics['score']:.1f} (95% CI {metrics['ci95'][0]:.1f}-"
