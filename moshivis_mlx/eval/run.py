@@ -21,7 +21,7 @@ from typing import Any
 
 from rich.console import Console
 
-from moshivis_mlx.weights_convert.hub import DEFAULT_HF_REPO
+from moshivis_mlx.weights_convert.hub import DEFAULT_HF_REPO, find_bundle
 
 from ..app.session import Session
 from ..errors import MoshivisError, UsageError, WeightsError
@@ -155,13 +155,6 @@ class Models:
     sampling: str
 
 
-def resolve_bundle(opts: EvalOptions, console: Console) -> Path:
-    from moshivis_mlx.weights_convert.hub import find_bundle
-
-    return find_bundle(opts.weights, opts.hf_repo, opts.quantize,
-                       note=lambda line: console.print(line, highlight=False))
-
-
 def adapter_loader(path: Path | None) -> Callable[[Any], None]:
     """The hook that puts fine-tuned adapters (moshivis-train's OUT/adapters) on the
     language model; they are read here, before anything is loaded, so a bad directory
@@ -293,7 +286,8 @@ def evaluate(opts: EvalOptions, console: Console) -> dict[str, Any]:
     out = Path(opts.out).expanduser()
     apply_adapters = adapter_loader(opts.adapters)
     plan = make_plan(opts)
-    bundle = resolve_bundle(opts, console)
+    bundle = find_bundle(opts.weights, opts.hf_repo, opts.quantize,
+                         note=lambda line: console.print(line, highlight=False))
     run = run_settings(opts, plan, bundle, bundle_quantization(bundle),
                        describe_sampling(opts, bundle))
     _check_resumable(out, run)

@@ -27,7 +27,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_map_with_path
 
-from moshivis_mlx.weights_convert.hub import DEFAULT_HF_REPO
+from moshivis_mlx.weights_convert.hub import DEFAULT_HF_REPO, find_bundle
 
 from ..adapters import write_adapters, write_text_atomic
 from ..errors import UsageError, WeightsError
@@ -263,12 +263,6 @@ class TrainProgress:
 
 # -- the run -------------------------------------------------------------------------------
 
-def resolve_bundle(opts: TrainOptions, console) -> Path:
-    from moshivis_mlx.weights_convert.hub import find_bundle
-
-    return find_bundle(opts.weights, opts.hf_repo, opts.quantize)
-
-
 def run_settings(opts: TrainOptions, bundle: Path) -> dict[str, Any]:
     return {"bundle": str(Path(bundle).resolve()), "train": str(Path(opts.train).resolve()),
             "train_sha1": fingerprint(opts.train),
@@ -321,7 +315,7 @@ def train(opts: TrainOptions, console=None) -> dict[str, Any]:
     babillage = BabillageFiles()
     train_entries = read_manifest(opts.train, babillage)
     valid_entries = read_manifest(opts.valid, babillage) if opts.valid else []
-    bundle = resolve_bundle(opts, console)
+    bundle = find_bundle(opts.weights, opts.hf_repo, opts.quantize)
     settings = run_settings(opts, bundle)
     resume_from = check_resumable(out, settings, opts.resume)
     if opts.resume and resume_from is None:
