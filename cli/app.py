@@ -41,9 +41,12 @@ transcript with gate values, latency trace) under ./moshivis-sessions/ unless --
 
 def quantize_arg(q: str) -> str:
     """-q: 8, 4 or none."""
+    from moshivis_mlx.weights_convert.hub import QUANTIZATIONS
+
     q = str(q).lower()
-    if q not in ("8", "4", "none"):
-        raise argparse.ArgumentTypeError("choose 8, 4 or none")
+    if q not in QUANTIZATIONS:
+        raise argparse.ArgumentTypeError(f"choose {', '.join(list(QUANTIZATIONS)[:-1])} or "
+                                         f"{list(QUANTIZATIONS)[-1]}")
     return q
 
 

@@ -21,7 +21,7 @@ from typing import Any
 
 from rich.console import Console
 
-from moshivis_mlx.weights_convert.hub import DEFAULT_HF_REPO, find_bundle
+from moshivis_mlx.weights_convert.hub import DEFAULT_HF_REPO, QUANTIZATIONS, find_bundle
 
 from ..app.session import Session
 from ..errors import MoshivisError, UsageError, WeightsError
@@ -46,8 +46,6 @@ from .report import (
     write_reports,
     write_run,
 )
-
-QUANTIZE_CHOICES = ("8", "4", "none")
 
 
 @dataclass
@@ -84,8 +82,8 @@ class EvalOptions:
             raise UsageError("--opening-s must be >= 0, --silence-s and --max-answer-s > 0")
         if self.ptb not in ("python", "java"):
             raise UsageError("--ptb is python or java")
-        if self.quantize is not None and self.quantize not in QUANTIZE_CHOICES:
-            raise UsageError(f"-q must be one of {', '.join(QUANTIZE_CHOICES)}")
+        if self.quantize is not None and self.quantize not in QUANTIZATIONS:
+            raise UsageError(f"-q must be one of {', '.join(QUANTIZATIONS)}")
 
 
 def parse_shard(text: str) -> tuple[int, int]:

@@ -27,7 +27,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_map_with_path
 
-from moshivis_mlx.weights_convert.hub import DEFAULT_HF_REPO, find_bundle
+from moshivis_mlx.weights_convert.hub import DEFAULT_HF_REPO, QUANTIZATIONS, find_bundle
 
 from ..adapters import write_adapters, write_text_atomic
 from ..errors import UsageError, WeightsError
@@ -105,8 +105,8 @@ class TrainOptions:
             raise UsageError(f"--speechless-audio must be one of {', '.join(SPEECHLESS_AUDIO)}")
         if self.val_batches is not None and self.val_batches < 1:
             raise UsageError("--val-batches must be at least 1")
-        if self.quantize is not None and self.quantize not in ("8", "4", "none"):
-            raise UsageError("-q must be 8, 4 or none")
+        if self.quantize is not None and self.quantize not in QUANTIZATIONS:
+            raise UsageError(f"-q must be one of {', '.join(QUANTIZATIONS)}")
 
     @property
     def warmup_steps(self) -> int:
