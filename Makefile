@@ -25,9 +25,10 @@ $(TEST_STAMP): $(STAMP) requirements-test.txt
 	$(PIP) install -q --no-deps moshi==0.2.13
 	touch $@
 
-# pytest only (the package's `test` extra): no torch, no system tools, nothing needing root.
+# The package's `test` extra (pytest, safetensors to write checkpoints in Kyutai's layout, and
+# the evaluation's readers and scorer): no torch, no system tools, nothing needing root.
 $(FAST_STAMP): $(STAMP)
-	$(PIP) install -q "pytest>=8"
+	$(PIP) install -q -e ".[test]"
 	touch $@
 
 install: $(STAMP)
