@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
-from .generate import Generator
+from .generate import Generator, PendingStep
 from .models.mimi import MimiConfig
 from .text import TextTokenizer
 
@@ -180,6 +180,19 @@ class Stream:
         if self.serial:
             return _Done(self._serial_step(pcm, force_text, force_audio))
         t0 = time.perf_counter()
+        step, voice, state = self.build(pcm, force_text, force_audio)
+        mx.async_eval(step.outputs, voice, state)  # the frame's one evaluation
+        host_ms = 1e3 * (time.perf_counter() - t0)
+        pending = PendingFrame(self, self.frames, t0, host_ms, step, voice)
+        self.frames += 1
+        return pending
+
+    def build(self, pcm: np.ndarray, force_text: int | None = None,
+              force_audio: np.ndarray | None = None
+              ) -> tuple[PendingStep, mx.array | None, list[mx.array]]:
+        """The frame's graph, not evaluated: the model's step, the voice (None while the
+        acoustic delay holds it back) and the codec's new state. What `submit` evaluates,
+        and what the benchmark counts the kernels of."""
         with mx.stream(self.codec_stream):
             user_codes = self.encoder(mx.array(pcm))
         with mx.stream(self.generation_stream):
@@ -190,11 +203,7 @@ class Stream:
                 voice = self.decoder(step.tokens[0, 1:])
         state = self.encoder.state_arrays() + (
             self.decoder.state_arrays() if voice is not None else [])
-        mx.async_eval(step.outputs, voice, state)  # the frame's one evaluation
-        host_ms = 1e3 * (time.perf_counter() - t0)
-        pending = PendingFrame(self, self.frames, t0, host_ms, step, voice)
-        self.frames += 1
-        return pending
+        return step, voice, state
 
     def step(self, pcm: np.ndarray) -> StepResult:
         """One frame in, its result out (live mode: the lowest latency)."""
