@@ -124,6 +124,9 @@ class Generator:
 
         self.caches = lm.make_cache(batch_size, kv_bits)
         """The attention caches, keys and values quantized to `kv_bits` if given (memory)."""
+        self.window_full_at = self.caches[0].capacity - 1
+        """From this step on every slot of the caches is in the window: attention needs no
+        mask (a step variant of its own, compiled by `warm_up` too)."""
         self._step_fns: dict[tuple, Callable[..., list[mx.array]]] = {}
         self.image_kv: tuple[mx.array, mx.array] | None = None
         self.last_text_logits: mx.array | None = None
@@ -197,14 +200,22 @@ class Generator:
     def warm_up(self, steps: int = 2, image_tokens: int | None = None) -> None:
         """Runs once each variant of the step a conversation will use, so none compiles
         mid-conversation: the step without the image and, for MoshiVis, the step with an
-        image of `image_tokens` tokens (default: the current image's). Then starts afresh.
+        image of `image_tokens` tokens (default: the current image's), each also as it runs
+        once the attention window is full. Then starts afresh.
         """
         image_kv, xa_start = self.image_kv, self.xa_start
         silence = np.zeros((self.batch_size, self.num_user_codes), dtype=np.int32)
-        try:
-            self.image_kv = None
+
+        def run() -> None:
             for _ in range(steps):
                 self.step(silence)
+            # The variant of a full window (its values are thrown away with the reset).
+            self._step = max(self._step, self.window_full_at)
+            self.step(silence)
+
+        try:
+            self.image_kv = None
+            run()
             if image_kv is not None:
                 image_tokens = image_kv[0].shape[2]
             if self.lm.cfg.cross_attention and image_tokens:
@@ -213,8 +224,8 @@ class Generator:
                 else:
                     self.image_kv = image_kv
                 self.xa_start = 0
-                for _ in range(steps):
-                    self.step(silence)
+                self.reset()
+                run()
         finally:
             self.image_kv, self.xa_start = image_kv, xa_start
             self.reset()
@@ -277,7 +288,8 @@ class Generator:
         self._user.append(self._user_codes(user_codes))
         cross = self.image_kv is not None and s >= self.xa_start
         forced = self._forced(force_text, force_audio)
-        outputs = self._step_fn(cross, forced is not None)(
+        full = s >= self.window_full_at
+        outputs = self._step_fn(cross, forced is not None, full)(
             list(self._generated), list(self._gates), list(self._user),
             self._use_initial[min(s, self.max_delay + 1)],
             self.text_sampler.next_key(), self.audio_sampler.next_key(),
@@ -295,25 +307,27 @@ class Generator:
         self._step += 1
         return pending
 
-    def _step_fn(self, cross: bool, forced: bool) -> Callable[..., list[mx.array]]:
+    def _step_fn(self, cross: bool, forced: bool, full: bool = False
+                 ) -> Callable[..., list[mx.array]]:
         """The step function of this variant, compiled once and kept.
 
         Everything that changes the traced graph is part of the key; the position (in the
         caches), the random keys, the tokens and the image are arrays, so one compiled
         function serves every step of a conversation.
         """
-        key = (cross, forced, self.keep_logits, self.gate_override, self.compiled,
+        key = (cross, forced, full, self.keep_logits, self.gate_override, self.compiled,
                self.text_sampler.settings, self.audio_sampler.settings)
         fn = self._step_fns.get(key)
         if fn is None:
-            fn = self._make_step_fn(cross, forced)
+            fn = self._make_step_fn(cross, forced, full)
             if self.compiled:
                 state = [c.state for c in self.caches]
                 fn = mx.compile(fn, inputs=state, outputs=state)
             self._step_fns[key] = fn
         return fn
 
-    def _make_step_fn(self, cross: bool, forced: bool) -> Callable[..., list[mx.array]]:
+    def _make_step_fn(self, cross: bool, forced: bool, full: bool
+                      ) -> Callable[..., list[mx.array]]:
         lm, caches = self.lm, self.caches
         text_sampler, audio_sampler = self.text_sampler, self.audio_sampler
         keep_logits, gate_override = self.keep_logits, self.gate_override
@@ -333,7 +347,7 @@ class Generator:
         def step(generated, gates, user, use_initial, text_key, audio_key, image, forced_tokens):
             xa = CrossAttentionInput(lm.xa, *image, force_gate=gate_override) if cross else None
             tokens_in = input_tokens(generated, user, use_initial)
-            h, text_logits = lm.forward_text(tokens_in, caches, xa)
+            h, text_logits = lm.forward_text(tokens_in, caches, xa, window_full=full)
             text_logits = text_logits[:, 0]
             if forced:
                 text = forced_tokens[:, 0]
@@ -341,8 +355,14 @@ class Generator:
                 sample = lambda logits: next(codes)  # noqa: E731
             else:
                 text = text_sampler.sample(text_logits, text_key)
-                keys = iter(mx.random.split(audio_key, dep_q))
-                sample = lambda logits: audio_sampler.sample(logits, next(keys))  # noqa: E731
+                # The noise of the frame's dep_q audio draws at once: one kernel, not eight.
+                noise = audio_sampler.noise(audio_key, (dep_q, batch), lm.cfg.card)
+                draw = iter(range(dep_q))
+
+                def sample(logits: mx.array) -> mx.array:
+                    i = next(draw)
+                    return audio_sampler.sample(
+                        logits, noise=None if noise is None else noise[i])
             depformer_caches = lm.depformer.make_cache()
             audio, audio_logits = lm.depformer(h, text, sample, depformer_caches)
             now = mx.concatenate([text[:, None], audio], axis=1).astype(mx.int32)

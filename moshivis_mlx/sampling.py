@@ -4,6 +4,11 @@ Temperature is applied first (as Kyutai does), then the top-k / top-p filters on
 tempered log-probabilities, then one categorical draw. Each sampler owns its random key,
 so a seeded text stream does not depend on how many audio tokens were drawn, and the draw
 is a pure function of (logits, key) that a compiled step can contain.
+
+The draw is the Gumbel-max trick, argmax(logits + Gumbel noise), which samples exactly the
+softmax of the logits. It lets a step draw the noise of all its draws at once (`noise`:
+one kernel for the 8 codebooks of a frame), and top-k needs no scatter: the k best logits
+are gathered, drawn among, and the winner's index looked up, five kernels a draw on a GPU.
 """
 
 from __future__ import annotations
@@ -67,19 +72,40 @@ class Sampler:
         self._key, key = mx.random.split(self._key)
         return key
 
-    def sample(self, logits: mx.array, key: mx.array) -> mx.array:
-        """Token ids [...] from logits [..., V] with an explicit key (a pure function)."""
-        logits = logits.astype(mx.float32)
+    def _top_k_only(self, vocab: int) -> bool:
+        return 0 < self.top_k < vocab and not 0.0 < self.top_p < 1.0
+
+    def noise(self, key: mx.array, shape: tuple[int, ...], vocab: int) -> mx.array | None:
+        """The Gumbel noise of draws from logits of shape [*shape, vocab] (None if greedy):
+        one array for several draws (`sample(..., noise=n[i])`)."""
         if self.greedy:
-            return mx.argmax(logits, axis=-1)
-        logprobs = logits / self.temperature
+            return None
+        width = self.top_k if self._top_k_only(vocab) else vocab
+        return mx.random.gumbel((*shape, width), key=key)
+
+    def sample(self, logits: mx.array, key: mx.array | None = None,
+               noise: mx.array | None = None) -> mx.array:
+        """Token ids [...] from logits [..., V] with an explicit key, or the noise that
+        `noise` drew for them (a pure function either way)."""
+        if self.greedy:
+            return mx.argmax(logits, axis=-1)  # bfloat16 -> float32 is exact: no cast
+        vocab = logits.shape[-1]
+        if noise is None:
+            noise = self.noise(key, logits.shape[:-1], vocab)
+        if self._top_k_only(vocab):
+            # The k best (in any order), drawn among, and the winner's id looked up.
+            best = mx.argpartition(logits, kth=vocab - self.top_k, axis=-1)[..., -self.top_k:]
+            kept = mx.take_along_axis(logits, best, axis=-1).astype(mx.float32)
+            pick = mx.argmax(kept / self.temperature + noise, axis=-1, keepdims=True)
+            return mx.take_along_axis(best, pick, axis=-1)[..., 0]
+        logprobs = logits.astype(mx.float32) / self.temperature
         if 0.0 < self.top_p < 1.0:  # the nucleus needs probabilities; the draw and top-k do not
             logprobs = logprobs - mx.logsumexp(logprobs, axis=-1, keepdims=True)
-        if 0 < self.top_k < logprobs.shape[-1]:
+        if 0 < self.top_k < vocab:
             logprobs = keep_top_k(logprobs, self.top_k)
         if 0.0 < self.top_p < 1.0:
             logprobs = keep_top_p(logprobs, self.top_p)
-        return mx.random.categorical(logprobs, axis=-1, key=key)
+        return mx.argmax(logprobs + noise, axis=-1)
 
     def __call__(self, logits: mx.array) -> mx.array:
         return self.sample(logits, self.next_key())

@@ -108,6 +108,24 @@ def test_top_k_restricts_the_support():
     assert drawn == {1, 3, 5}
 
 
+@pytest.mark.parametrize("noise", [False, True])
+def test_top_k_draws_follow_the_tempered_distribution_of_the_k_best(noise):
+    """Top-k draws among the k best with the softmax of their tempered logits (the draw's
+    index mapped back to the vocabulary), whether the noise comes per draw or at once."""
+    logits = mx.array([[0.3, 2.0, -1.0, 1.2, 0.1, 1.6, -0.4]])
+    s = Sampler(temperature=0.8, top_k=4, seed=0)
+    if noise:
+        n = s.noise(mx.random.key(9), (4000, 1), logits.shape[-1])
+        draws = np.array([s.sample(logits, noise=n[i]).item() for i in range(4000)])
+    else:
+        draws = np.array([s(logits).item() for _ in range(4000)])
+    best = np.argsort(-np.array(logits[0]))[:4]
+    p = np.zeros(7)
+    p[best] = np.exp(np.array(logits[0])[best] / 0.8)
+    p /= p.sum()
+    np.testing.assert_allclose(np.bincount(draws, minlength=7) / len(draws), p, atol=0.03)
+
+
 def test_top_p_restricts_the_support():
     s = Sampler(temperature=1.0, top_p=0.05, seed=0)
     assert {s(LOGITS).item() for _ in range(100)} == {1}
@@ -185,11 +203,31 @@ def test_warm_up_compiles_every_variant_and_starts_afresh(lm):
 
     warm = make()
     warm.warm_up(image_tokens=5)  # no image yet: one may come later
-    assert len(warm._step_fns) == 2 and warm.step_index == 0 and warm.image_kv is None
+    # Without and with the image, each before and after the window is full.
+    assert len(warm._step_fns) == 4 and warm.step_index == 0 and warm.image_kv is None
     warm.set_image(image)
     variants = dict(warm._step_fns)
     assert [warm.step(c) for c in codes] == expected
     assert warm._step_fns == variants  # nothing compiled during the conversation
+
+
+def test_a_full_window_attends_without_a_mask_to_the_same_tokens(lm):
+    """Once the ring buffer has wrapped every slot is in the window: the step drops the
+    mask (a GPU build then has a fused kernel for it) and nothing else changes."""
+    codes = np.random.default_rng(5).integers(0, lm.cfg.card, size=(3 * lm.cfg.context, 8))
+    image = mx.random.normal((5, lm.cfg.image_dim), key=mx.random.key(6))
+
+    def run(unmasked: bool) -> list:
+        g = Generator(lm, Sampler(temperature=0.0), Sampler(temperature=0.0), xa_start=4)
+        g.set_image(image)
+        if not unmasked:
+            g.window_full_at = 10**9
+        out = [g.step(c) for c in codes]
+        fulls = {key[2] for key in g._step_fns}
+        assert fulls == ({False, True} if unmasked else {False})
+        return out
+
+    assert run(unmasked=True) == run(unmasked=False)
 
 
 def test_top_k_keeps_exactly_the_k_most_likely():

@@ -360,10 +360,12 @@ class LM(nn.Module):
         tokens: mx.array,
         caches: list[RingKVCache] | None,
         cross: CrossAttentionInput | None = None,
+        window_full: bool = False,
     ) -> tuple[mx.array, mx.array]:
-        """Temporal transformer: tokens [B, 17, T] -> (h [B, T, dim] after out_norm, logits)."""
+        """Temporal transformer: tokens [B, 17, T] -> (h [B, T, dim] after out_norm, logits).
+        `window_full`: the caches have wrapped (`Transformer`: no mask needed)."""
         x = self.embed_streams(tokens)
-        h = self.out_norm(self.transformer(x, caches, cross))
+        h = self.out_norm(self.transformer(x, caches, cross, window_full=window_full))
         return h, self.text_linear(h)
 
     def forward(self, codes: mx.array, image_tokens: mx.array | None = None,

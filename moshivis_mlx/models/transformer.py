@@ -39,7 +39,7 @@ class TransformerConfig(ConfigBase):
     ffn: str = "silu_gated"
     """'silu_gated' (Moshi), 'gelu' (exact erf, Mimi) or 'gelu_tanh' (SigLIP)."""
     norm: str = "rms_norm"
-    """'rms_norm' (computed in float32, as Kyutai's rms_norm_f32) or 'layer_norm'."""
+    """'rms_norm' (accumulated in float32, as Kyutai's rms_norm_f32) or 'layer_norm'."""
     norm_eps: float = 1e-8
     bias: bool = False
     causal: bool = True
@@ -79,7 +79,15 @@ class TransformerConfig(ConfigBase):
 
 
 class RMSNorm(nn.Module):
-    """x / sqrt(mean(x^2) + eps) * w, in float32 whatever the dtype (Kyutai's rms_norm_f32)."""
+    """x / sqrt(mean(x^2) + eps) * w, accumulated in float32 whatever the dtype.
+
+    The fused kernel takes x as it is (as mlx-lm runs its norms): it accumulates the mean
+    square in float32 itself, then rounds x / rms to x's dtype before the weight. In
+    float32 that is exactly Kyutai's rms_norm_f32; in bfloat16 it rounds once more than
+    casting x and w to float32 first would (within one bfloat16 step of it, which
+    tests/test_kernels.py bounds), and saves the three casts of each of a step's 193
+    norms: a kernel each on a GPU.
+    """
 
     def __init__(self, dims: int, eps: float = 1e-8):
         super().__init__()
@@ -87,8 +95,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def __call__(self, x: mx.array) -> mx.array:
-        y = mx.fast.rms_norm(x.astype(mx.float32), self.weight.astype(mx.float32), self.eps)
-        return y.astype(x.dtype)
+        w = self.weight if self.weight.dtype == x.dtype else self.weight.astype(x.dtype)
+        return mx.fast.rms_norm(x, w, self.eps)
 
 
 def make_norm(kind: str, dims: int, eps: float) -> nn.Module:
@@ -205,21 +213,25 @@ class RingKVCache:
         delta = (pos + mx.arange(t, dtype=pos.dtype))[:, None] - pos_k[None, :]
         return (pos_k >= 0)[None, :] & (delta >= 0) & (delta < self.context)
 
-    def update(self, k: mx.array, v: mx.array) -> tuple[mx.array, mx.array]:
-        """Writes the keys/values [B, H, chunk, D] of the next positions; returns the whole
-        buffer to attend to (under `mask`)."""
-        t = k.shape[2]
-        slot = self._slot(t)
+    def update(self, k: mx.array, v: mx.array, slot: mx.array) -> tuple[mx.array, mx.array]:
+        """Writes the keys/values [B, H, chunk, D] of the next positions at `slot` (from
+        `slot`); returns the whole buffer to attend to (under `mask`). The position moves
+        on with `advance`: a stack of layers computes both once, not once per layer."""
         keys = mx.slice_update(self.keys, k, start_indices=slot, axes=(2,))
         values = mx.slice_update(self.values, v, start_indices=slot, axes=(2,))
         # In place: a compiled step holds on to this very list.
-        self.state[0], self.state[1], self.state[2] = keys, values, self.position + t
+        self.state[0], self.state[1] = keys, values
         return keys, values
 
-    def _slot(self, t: int) -> mx.array:
+    def slot(self, t: int) -> mx.array:
+        """Where the next `t` positions go in the buffer."""
         if t != self.chunk:
             raise ValueError(f"this cache takes {self.chunk} positions per call, got {t}")
         return (self.position % self.capacity).reshape(1)
+
+    def advance(self, position: mx.array) -> None:
+        """The positions up to `position` are written (shared by a stack's caches)."""
+        self.state[-1] = position
 
 
 class QuantizedRingKVCache(RingKVCache):
@@ -257,13 +269,11 @@ class QuantizedRingKVCache(RingKVCache):
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self.state[:6])
 
-    def update(self, k: mx.array, v: mx.array) -> tuple[tuple, tuple]:
-        slot = self._slot(k.shape[2])
+    def update(self, k: mx.array, v: mx.array, slot: mx.array) -> tuple[tuple, tuple]:
         rows = [*mx.quantize(k, group_size=self.group_size, bits=self.bits),
                 *mx.quantize(v, group_size=self.group_size, bits=self.bits)]
         for i, row in enumerate(rows):
             self.state[i] = mx.slice_update(self.state[i], row, start_indices=slot, axes=(2,))
-        self.state[-1] = self.position + k.shape[2]
         return self.keys, self.values
 
     def attention(self, q: mx.array, keys: tuple, values: tuple, scale: float,
@@ -292,14 +302,19 @@ class StepCache:
             raise ValueError("a step cache takes one position per call")
         return None
 
-    def update(self, k: mx.array, v: mx.array) -> tuple[mx.array, mx.array]:
+    def slot(self, t: int) -> None:
+        return None
+
+    def update(self, k: mx.array, v: mx.array, slot: None = None) -> tuple[mx.array, mx.array]:
         if self.keys is None:
             self.keys, self.values = k, v
         else:
             self.keys = mx.concatenate([self.keys, k], axis=2)
             self.values = mx.concatenate([self.values, v], axis=2)
-        self.position += k.shape[2]
         return self.keys, self.values
+
+    def advance(self, position: int) -> None:
+        self.position = position
 
 
 def window_mask(t: int, causal: bool, context: int | None) -> mx.array | str | None:
@@ -338,9 +353,11 @@ class Attention(nn.Module):
         cache: RingKVCache | None,
         mask: mx.array | str | None,
         offset: int | mx.array,
+        slot: mx.array | None = None,
     ) -> mx.array:
         """q, k, v heads [B, 3H, T, head_dim] -> the attention output [B, T, D], before
-        out_proj. `offset`: the position of the first step (an int32 array when streaming).
+        out_proj. `offset`: the position of the first step (an int32 array when streaming),
+        `slot`: where the cache writes it (`cache.slot`).
         Splitting along the heads and rotating q and k together keeps the step's graph
         small: a step is a few thousand nodes, and each costs host time."""
         b, _, t, _ = qkv.shape
@@ -355,7 +372,7 @@ class Attention(nn.Module):
         else:
             q, k, v = mx.split(qkv, 3, axis=1)
         if cache is not None:
-            k, v = cache.update(k, v)
+            k, v = cache.update(k, v, slot)
         if isinstance(cache, QuantizedRingKVCache):
             y = cache.attention(q, k, v, self.scale, mask)
         else:
@@ -368,8 +385,9 @@ class Attention(nn.Module):
         cache: RingKVCache | None,
         mask: mx.array | str | None,
         offset: int | mx.array,
+        slot: mx.array | None = None,
     ) -> mx.array:
-        return self.out_proj(self.attend(self.qkv(x), cache, mask, offset))
+        return self.out_proj(self.attend(self.qkv(x), cache, mask, offset, slot))
 
 
 class CrossAttention(nn.Module):
@@ -419,9 +437,11 @@ class CrossAttentionGate(nn.Module):
 class CrossAttentionInput:
     """What the layers need to attend to an image: the shared module and the image's K/V.
 
-    `gates` collects each layer's gate, averaged over the channels ([B, T] per layer): how
-    much each step looked at the image (the paper's Figure 7). `force_gate` replaces every
-    gate by a constant (0 turns the image off exactly).
+    `gates` collects each layer's gate ([B, T, D], or [B, T, 1] already averaged over the
+    channels): how much each step looked at the image (the paper's Figure 7). They are
+    averaged once for the whole stack, not layer by layer (a few kernels per step instead
+    of three per layer). `force_gate` replaces every gate by a constant (0 turns the image
+    off exactly).
     """
 
     attention: CrossAttention
@@ -431,8 +451,8 @@ class CrossAttentionInput:
     gates: list[mx.array] = field(default_factory=list)
 
     def mean_gate(self) -> mx.array:
-        """The gate averaged over the layers, [B, T]."""
-        return mx.mean(mx.stack(self.gates), axis=0)
+        """The gate averaged over the layers and the channels, [B, T] (float32)."""
+        return mx.mean(mx.stack(self.gates).astype(mx.float32), axis=(0, -1))
 
 
 class TransformerLayer(nn.Module):
@@ -471,16 +491,17 @@ class TransformerLayer(nn.Module):
         offset: int | mx.array,
         step: int | None = 0,
         cross: CrossAttentionInput | None = None,
+        slot: mx.array | None = None,
     ) -> mx.array:
         h = self.norm1(x)
         if not isinstance(self.self_attn, list):
-            y = self.self_attn(h, cache, mask, offset)
+            y = self.self_attn(h, cache, mask, offset, slot)
         elif step is not None:
-            y = self.self_attn[step](h, cache, mask, offset)
+            y = self.self_attn[step](h, cache, mask, offset, slot)
         else:
             attn = self.self_attn[: h.shape[1]]  # the first sub-steps only, if fewer
             qkv = mx.concatenate([a.qkv(h[:, k: k + 1]) for k, a in enumerate(attn)], axis=2)
-            y = attn[0].attend(qkv, cache, mask, offset)
+            y = attn[0].attend(qkv, cache, mask, offset, slot)
             y = mx.concatenate([a.out_proj(y[:, k: k + 1]) for k, a in enumerate(attn)], axis=1)
         x = x + (self.layer_scale_1(y) if self.has_layer_scale else y)
         if cross is not None:
@@ -502,7 +523,7 @@ class TransformerLayer(nn.Module):
             gate = self.xa_gate(y)
         else:
             gate = mx.full(y.shape, cross.force_gate, dtype=y.dtype)
-        cross.gates.append(gate.astype(mx.float32).mean(axis=-1))
+        cross.gates.append(gate)
         # Adapters kept in float32 while training must not turn a bfloat16 residual
         # stream into float32 (a no-op when they share its dtype, as at inference).
         return x + (gate * y).astype(x.dtype)
@@ -541,20 +562,35 @@ class Transformer(nn.Module):
         caches: list[RingKVCache] | None = None,
         cross: CrossAttentionInput | None = None,
         step: int | None = None,
+        window_full: bool = False,
     ) -> mx.array:
         """x [B, T, D]. With weights per step, `step` is the sub-step of a streamed call
-        (None: x is a whole sequence of sub-steps, position k using weight set k)."""
+        (None: x is a whole sequence of sub-steps, position k using weight set k).
+
+        `window_full` (streaming, one position per call): the caches have wrapped, so every
+        slot holds a position the query sees and attention needs no mask. The caller knows
+        it on the host (it counts the steps); GPU builds have a fused kernel for a single
+        query without a mask only (MLX's CUDA backend)."""
+        t = x.shape[1]
         if caches is None:
-            offset, mask = 0, window_mask(x.shape[1], self.cfg.causal, self.cfg.context)
+            offset, mask, slot = 0, window_mask(t, self.cfg.causal, self.cfg.context), None
         else:
-            offset, mask = caches[0].position, caches[0].mask(x.shape[1])
+            # Every layer's cache is at the same position: one mask, one slot, one new
+            # position for the whole stack.
+            offset, slot = caches[0].position, caches[0].slot(t)
+            mask = None if window_full and t == 1 else caches[0].mask(t)
         if not self.cfg.weights_per_step:
             step = 0
         for i, layer in enumerate(self.layers):
             if self.checkpoint and caches is None:
                 x = checkpointed(layer, x, mask, step, cross)
             else:
-                x = layer(x, None if caches is None else caches[i], mask, offset, step, cross)
+                cache = None if caches is None else caches[i]
+                x = layer(x, cache, mask, offset, step, cross, slot)
+        if caches is not None:
+            end = offset + t
+            for cache in caches:
+                cache.advance(end)
         return x
 
 
@@ -575,7 +611,10 @@ def checkpointed(layer: TransformerLayer, x: mx.array, mask: mx.array | str | No
             xa.update(params["xa"])
             inner = CrossAttentionInput(xa, kv[0], kv[1], cross.force_gate)
         y = layer(x, None, mask, 0, step, inner)
-        return [y] + inner.gates if inner is not None else [y]
+        # Each gate averaged here: the checkpoint keeps [B, T, 1] per layer, not [B, T, D].
+        means = [g.astype(mx.float32).mean(axis=-1, keepdims=True) for g in inner.gates] \
+            if inner is not None else []
+        return [y] + means
 
     out = mx.checkpoint(run)(params, x, *kv)
     if cross is not None:
