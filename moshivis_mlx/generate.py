@@ -122,6 +122,7 @@ class Generator:
         self._use_initial = [mx.array([s <= d for d in self.delays])
                              for s in range(self.max_delay + 2)]
 
+        lm.stack()  # one lookup and one projection where a step would launch 17 and 8
         self.caches = lm.make_cache(batch_size, kv_bits)
         """The attention caches, keys and values quantized to `kv_bits` if given (memory)."""
         self.window_full_at = self.caches[0].capacity - 1
@@ -364,7 +365,8 @@ class Generator:
                     return audio_sampler.sample(
                         logits, noise=None if noise is None else noise[i])
             depformer_caches = lm.depformer.make_cache()
-            audio, audio_logits = lm.depformer(h, text, sample, depformer_caches)
+            audio, audio_logits = lm.depformer(h, text, sample, depformer_caches,
+                                               zero_tokens=forced)
             now = mx.concatenate([text[:, None], audio], axis=1).astype(mx.int32)
             gate = xa.mean_gate()[:, 0] if cross else mx.zeros((batch,))
             # The frame this step completes: row r as generated at step s - max_delay + d[r].

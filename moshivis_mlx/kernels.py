@@ -7,8 +7,9 @@ evaluated), write its graph with `mx.export_to_dot`, and count the primitive nod
 are not views. A fused `Compiled` node is one kernel.
 
 One thing differs between builds: the CPU build decomposes `mx.fast.rms_norm`,
-`layer_norm`, `rope` and `scaled_dot_product_attention` into their fallback graphs when
-the graph is built, where a GPU build runs each as one kernel, except where that backend
+`layer_norm`, `rope`, `scaled_dot_product_attention` and `mx.dequantize` (a quantized
+embedding's lookup) into their fallback graphs when the graph is built, where a GPU build
+runs each as one kernel, except where that backend
 has no kernel for the case (MLX's CUDA backend: attention of a single query under an
 array mask; Metal: head widths other than 64, 96, 128 or 256). `device_graph("cuda")` or
 `("metal")` builds the graph as that build would: each fused operation becomes one
@@ -36,7 +37,7 @@ VIEWS = frozenset({
 """Primitives that launch no kernel on contiguous input (they share their input's buffer)."""
 
 FAST_MARKERS = {"CumMax": "RMSNorm", "CumMin": "RoPE", "CumProd": "ScaledDotProductAttention",
-                "LogCumSumExp": "LayerNorm"}
+                "LogCumSumExp": "LayerNorm", "Hadamard": "Dequantize"}
 """The stand-in primitive of each fused operation in a graph built by `device_graph`; no
 step of ours uses these scans otherwise."""
 
@@ -111,6 +112,7 @@ def device_graph(device: str) -> Iterator[None]:
     fast = mx.fast
     saved = {name: getattr(fast, name) for name in
              ("rms_norm", "layer_norm", "rope", "scaled_dot_product_attention")}
+    saved_dequantize = mx.dequantize
 
     def rms_norm(x, weight, eps, **_):
         return mx.cummax(_after(x, weight), axis=-1)
@@ -128,15 +130,22 @@ def device_graph(device: str) -> Iterator[None]:
         out = q if q.shape[-1] == v.shape[-1] else q[..., :1] * v[..., :1, :]
         return mx.cumprod(_after(out, k, v, mask, sinks), axis=-1)
 
+    def dequantize(w, scales, biases=None, group_size=64, bits=8, **_):
+        groups = scales[..., None]
+        full = mx.broadcast_to(groups, (*scales.shape, w.shape[-1] * 32 // bits // scales.shape[-1]))
+        return mx.hadamard_transform(_after(full.reshape(*scales.shape[:-1], -1), w, biases))
+
     stand_ins = {"rms_norm": rms_norm, "layer_norm": layer_norm, "rope": rope,
                  "scaled_dot_product_attention": sdpa}
     try:
         for name, fn in stand_ins.items():
             setattr(fast, name, fn)
+        mx.dequantize = dequantize
         yield
     finally:
         for name, fn in saved.items():
             setattr(fast, name, fn)
+        mx.dequantize = saved_dequantize
 
 
 # -- the step and the frame of MoshiVis ---------------------------------------------------------

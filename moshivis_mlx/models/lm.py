@@ -17,6 +17,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .config import ConfigBase, ConfigError, check_divides, check_range
+from .stacked import RowStack
 from .transformer import (
     MAX_CONTEXT,
     MAX_LAYERS,
@@ -210,17 +211,28 @@ class Depformer(nn.Module):
         self.audio_emb = [nn.Embedding(cfg.card + 1, d.dim) for _ in range(cfg.dep_q - 1)]
         self.transformer = Transformer(cfg.depformer_transformer_config())
         self.heads = [nn.Linear(d.dim, cfg.card, bias=False) for _ in range(cfg.dep_q)]
+        self.in_stack: RowStack | None = None
+        """The input projections as one matmul (`stack`), for streaming."""
+
+    def stack(self) -> None:
+        """Streaming projects h once for all sub-steps (`RowStack`; no extra memory)."""
+        if (self.in_stack is None or not self.in_stack.intact()) and RowStack.fits(self.in_proj):
+            self.in_stack = RowStack(self.in_proj)
 
     def make_cache(self) -> list[StepCache]:
         """A frame's caches: its sub-steps only ever see each other."""
         return [StepCache() for _ in self.transformer.layers]
 
-    def _input(self, k: int, h: mx.array, prev: mx.array) -> mx.array:
-        """Sub-step k's input: its projection of h plus the embedding of the token before
-        (the text token for k = 0, codebook k - 1 after)."""
+    def _input(self, k: int, h: mx.array, prev: mx.array, projected: mx.array | None = None,
+               zero_tokens: bool = True) -> mx.array:
+        """Sub-step k's input: its projection of h (or `projected`, already) plus the
+        embedding of the token before (the text token for k = 0, codebook k - 1 after).
+        `zero_tokens`: prev may hold -1 (a zero embedding); sampled tokens never do."""
         table = self.text_emb if k == 0 else self.audio_emb[k - 1]
-        proj = self.in_proj[k] if len(self.in_proj) > 1 else self.in_proj[0]
-        return proj(h) + embed(table, prev)
+        if projected is None:
+            proj = self.in_proj[k] if len(self.in_proj) > 1 else self.in_proj[0]
+            projected = proj(h)
+        return projected + (embed(table, prev) if zero_tokens else table(prev))
 
     def __call__(
         self,
@@ -228,14 +240,20 @@ class Depformer(nn.Module):
         text_token: mx.array,
         sample: Callable[[mx.array], mx.array],
         caches: list[RingKVCache],
+        zero_tokens: bool = True,
     ) -> tuple[mx.array, list[mx.array]]:
         """One frame, streaming: h [B, 1, dim], text_token [B] -> codes [B, dep_q] and the
         logits of each sub-step. The caches must be fresh: the depth transformer starts
-        afresh every frame."""
+        afresh every frame. `zero_tokens`: the tokens may be -1 (given, not sampled)."""
         prev = text_token
         codes, logits = [], []
+        stack = self.in_stack if self.in_stack is not None and self.in_stack.intact() else None
+        projected = [None] * len(self.heads)
+        if stack is not None:  # one matmul for every sub-step's projection of h
+            projected = mx.split(stack.matmul(h), len(self.heads), axis=-1)
         for k, head in enumerate(self.heads):
-            y = self.transformer(self._input(k, h, prev[:, None]), caches, step=k)
+            x = self._input(k, h, prev[:, None], projected[k], zero_tokens)
+            y = self.transformer(x, caches, step=k)
             step_logits = head(y)[:, 0]
             prev = sample(step_logits)
             codes.append(prev)
@@ -323,6 +341,17 @@ class LM(nn.Module):
         self.out_norm = RMSNorm(cfg.dim, eps=1e-8)
         self.text_linear = nn.Linear(cfg.dim, cfg.text_card, bias=False)
         self.depformer = Depformer(cfg)
+        self.input_stack: RowStack | None = None
+        """The 17 input tables as one (`stack`), for streaming."""
+
+    def stack(self) -> None:
+        """Reads the input tables as one (one lookup for the 17 streams) and the depth
+        transformer's input projections as one matmul: what a streaming step launches
+        (`RowStack`: the same values, no extra memory). Idempotent."""
+        tables = [self.text_emb, *self.audio_emb]
+        if (self.input_stack is None or not self.input_stack.intact()) and RowStack.fits(tables):
+            self.input_stack = RowStack(tables, zero_row=True)
+        self.depformer.stack()
 
     @property
     def dtype(self) -> mx.Dtype:
@@ -348,6 +377,15 @@ class LM(nn.Module):
 
     def embed_streams(self, tokens: mx.array) -> mx.array:
         """tokens [B, 1 + n_q, T] -> summed embeddings [B, T, dim] (audio first, as Kyutai sums)."""
+        stack = self.input_stack
+        if stack is not None and stack.intact():
+            # One lookup: row k's ids offset into the stack, -1 to its zero row.
+            offsets = mx.array(stack.offsets, dtype=tokens.dtype)[None, :, None]
+            e = stack.lookup(mx.where(tokens >= 0, tokens + offsets, stack.zero))
+            x = e[:, 1]
+            for i in range(2, e.shape[1]):
+                x = x + e[:, i]
+            return e[:, 0] if e.shape[1] == 1 else x + e[:, 0]
         x = None
         for i, table in enumerate(self.audio_emb):
             e = embed(table, tokens[:, i + 1])

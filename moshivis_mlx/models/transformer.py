@@ -290,12 +290,29 @@ class QuantizedRingKVCache(RingKVCache):
 class StepCache:
     """Keys and values of a short sequence built one position at a time and started afresh
     often: the depth transformer's sub-steps of one frame. Every earlier position is
-    visible, so there is no mask and no ring; the position is a plain count."""
+    visible, so there is no mask and no ring; the position is a plain count.
+
+    Keys and values grow as one array [B, 2H, T, D] (`extend`): the input projection gives
+    them side by side, so one concatenation a layer and sub-step, not two.
+    """
 
     def __init__(self) -> None:
-        self.keys: mx.array | None = None
-        self.values: mx.array | None = None
+        self.kv: mx.array | None = None
         self.position = 0
+
+    @property
+    def keys(self) -> mx.array | None:
+        return None if self.kv is None else self.kv[:, : self.kv.shape[1] // 2]
+
+    @property
+    def values(self) -> mx.array | None:
+        return None if self.kv is None else self.kv[:, self.kv.shape[1] // 2:]
+
+    def extend(self, kv: mx.array) -> tuple[mx.array, mx.array]:
+        """Appends the keys and values of the next positions, [B, 2H, T, D] (keys' heads
+        first); returns all of them."""
+        self.kv = kv if self.kv is None else mx.concatenate([self.kv, kv], axis=2)
+        return self.keys, self.values
 
     def mask(self, t: int) -> None:
         if t != 1:
@@ -306,12 +323,7 @@ class StepCache:
         return None
 
     def update(self, k: mx.array, v: mx.array, slot: None = None) -> tuple[mx.array, mx.array]:
-        if self.keys is None:
-            self.keys, self.values = k, v
-        else:
-            self.keys = mx.concatenate([self.keys, k], axis=2)
-            self.values = mx.concatenate([self.values, v], axis=2)
-        return self.keys, self.values
+        return self.extend(mx.concatenate([k, v], axis=1))
 
     def advance(self, position: int) -> None:
         self.position = position
@@ -369,9 +381,12 @@ class Attention(nn.Module):
             qk = mx.fast.rope(qk, self.head_dim, traditional=True, base=self.max_period,
                               scale=1.0, offset=offset)
             q, k = mx.split(qk, 2, axis=1)
+        elif isinstance(cache, StepCache):
+            q, kv = mx.split(qkv, [h], axis=1)
+            k, v = cache.extend(kv)  # keys and values side by side: one concatenation
         else:
             q, k, v = mx.split(qkv, 3, axis=1)
-        if cache is not None:
+        if cache is not None and not isinstance(cache, StepCache):
             k, v = cache.update(k, v, slot)
         if isinstance(cache, QuantizedRingKVCache):
             y = cache.attention(q, k, v, self.scale, mask)
@@ -421,6 +436,10 @@ class CrossAttention(nn.Module):
         return self.out_proj(y.transpose(0, 2, 1, 3).reshape(b, t, d))
 
 
+GATE_OFFSET = 4.0
+"""The gate is sigmoid(scores - 4): nearly closed until trained to open."""
+
+
 class CrossAttentionGate(nn.Module):
     """Per-layer conditional gate g = sigmoid(W2 relu(W1 y) - 4) of the cross-attention output y."""
 
@@ -429,30 +448,44 @@ class CrossAttentionGate(nn.Module):
         self.linear_in = nn.Linear(dims, hidden, bias=False)
         self.linear_out = nn.Linear(hidden, dims, bias=False)
 
+    def scores(self, y: mx.array) -> mx.array:
+        """W2 relu(W1 y): the gate before its offset and sigmoid."""
+        return self.linear_out(nn.relu(self.linear_in(y)))
+
     def __call__(self, y: mx.array) -> mx.array:
-        return mx.sigmoid(self.linear_out(nn.relu(self.linear_in(y))) - 4.0)
+        return mx.sigmoid(self.scores(y) - GATE_OFFSET)
 
 
 @dataclass
 class CrossAttentionInput:
     """What the layers need to attend to an image: the shared module and the image's K/V.
 
-    `gates` collects each layer's gate ([B, T, D], or [B, T, 1] already averaged over the
-    channels): how much each step looked at the image (the paper's Figure 7). They are
-    averaged once for the whole stack, not layer by layer (a few kernels per step instead
-    of three per layer). `force_gate` replaces every gate by a constant (0 turns the image
-    off exactly).
+    The layers leave what `mean_gate` needs to tell how much each step looked at the image
+    (the paper's Figure 7): `scores`, each layer's gate before its sigmoid ([B, T, D]), or
+    `averaged`, a layer's gate already averaged over the channels ([B, T, 1]: checkpointed
+    layers, forced gates). The average is taken once for the whole stack: a few kernels a
+    step, where averaging each layer's gate as it goes would take three per layer and keep
+    the gate from fusing into the residual update. `force_gate` replaces every gate by a
+    constant (0 turns the image off exactly).
     """
 
     attention: CrossAttention
     keys: mx.array
     values: mx.array
     force_gate: float | None = None
-    gates: list[mx.array] = field(default_factory=list)
+    scores: list[mx.array] = field(default_factory=list)
+    averaged: list[mx.array] = field(default_factory=list)
 
     def mean_gate(self) -> mx.array:
         """The gate averaged over the layers and the channels, [B, T] (float32)."""
-        return mx.mean(mx.stack(self.gates).astype(mx.float32), axis=(0, -1))
+        if not self.averaged:
+            gates = mx.sigmoid(mx.stack(self.scores).astype(mx.float32) - GATE_OFFSET)
+            return mx.mean(gates, axis=(0, -1))
+        means = [mx.stack(self.averaged)[..., 0]]
+        if self.scores:
+            gates = mx.sigmoid(mx.stack(self.scores).astype(mx.float32) - GATE_OFFSET)
+            means.insert(0, mx.mean(gates, axis=-1))
+        return mx.mean(mx.concatenate(means), axis=0)
 
 
 class TransformerLayer(nn.Module):
@@ -520,10 +553,12 @@ class TransformerLayer(nn.Module):
         """x + g * y with y = xa(norm_cross x) and g this layer's gate of y."""
         y = cross.attention(self.norm_cross(x), cross.keys, cross.values)
         if cross.force_gate is None:
-            gate = self.xa_gate(y)
+            scores = self.xa_gate.scores(y)
+            cross.scores.append(scores)
+            gate = mx.sigmoid(scores - GATE_OFFSET)  # one kernel with the update below
         else:
             gate = mx.full(y.shape, cross.force_gate, dtype=y.dtype)
-        cross.gates.append(gate)
+            cross.averaged.append(mx.full((*y.shape[:-1], 1), cross.force_gate, mx.float32))
         # Adapters kept in float32 while training must not turn a bfloat16 residual
         # stream into float32 (a no-op when they share its dtype, as at inference).
         return x + (gate * y).astype(x.dtype)
@@ -612,11 +647,11 @@ def checkpointed(layer: TransformerLayer, x: mx.array, mask: mx.array | str | No
             inner = CrossAttentionInput(xa, kv[0], kv[1], cross.force_gate)
         y = layer(x, None, mask, 0, step, inner)
         # Each gate averaged here: the checkpoint keeps [B, T, 1] per layer, not [B, T, D].
-        means = [g.astype(mx.float32).mean(axis=-1, keepdims=True) for g in inner.gates] \
-            if inner is not None else []
-        return [y] + means
+        if inner is None:
+            return [y]
+        return [y, inner.mean_gate()[..., None]]
 
     out = mx.checkpoint(run)(params, x, *kv)
     if cross is not None:
-        cross.gates.append(out[1])
+        cross.averaged.append(out[1])
     return out[0]
