@@ -15,6 +15,8 @@ EPILOG = """examples:
   moshivis-bench --weights ~/moshivis-q8          # a converted bundle, its own Mimi and SigLIP
   moshivis-bench --codec-device cpu                # Mimi on the CPU, the LM on the GPU
   moshivis-bench --compare before.json after.json
+  moshivis-bench --count-kernels                   # kernels per step and frame, CUDA/Metal/CPU
+  moshivis-bench --count-kernels --devices metal --quant q4 --json k.json
 
 scenarios:
   moshi        the language-model step without an image (exactly plain Moshi)
@@ -22,11 +24,17 @@ scenarios:
   frame        the whole frame a user waits for: Mimi encoder + step + Mimi decoder,
   frame-image  one graph evaluated once, without / with the image; also the host's share
                of each frame and each stage timed on its own
+
+--count-kernels counts, instead of timing, the device kernels one step and one whole frame
+launch, as MLX's CUDA, Metal and CPU builds would (exact on any machine: the graph of a
+step is built and counted, never run), by part and by primitive, at the 7B's structure
+with tiny widths, and times the host's share of building a step and a frame here.
 """
 
 
 def build_parser() -> argparse.ArgumentParser:
     from moshivis_mlx.bench import SCENARIOS
+    from moshivis_mlx.kernels import DEVICES
     from moshivis_mlx.quant import PRESETS
     from moshivis_mlx.stream import CODEC_DEVICES
 
@@ -69,6 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--compare", nargs=2, type=Path, metavar=("A.json", "B.json"),
                    help="compare two reports instead of running")
+    p.add_argument("--count-kernels", action="store_true",
+                   help="count the kernels of a step and a frame (per device build, by part "
+                        "and by primitive) and the host's time to build them, instead of "
+                        "timing; takes --quant, --devices, --json")
+    p.add_argument("--devices", default=",".join(DEVICES),
+                   help=f"with --count-kernels: the builds to count for, of "
+                        f"{', '.join(DEVICES)} (default: all)")
     p.add_argument("--debug", action="store_true", help="show a traceback on errors")
     return p
 
@@ -80,13 +95,15 @@ def run(args: argparse.Namespace) -> int:
         print(bench.compare(bench.load_json(args.compare[0]), bench.load_json(args.compare[1])))
         return 0
     _check_outputs(args)  # before minutes of timing, not after
+    if args.count_kernels:
+        return _count_kernels(bench, args)
     opts = bench.BenchOptions(
         config=args.config, quant=args.quant, steps=args.steps, warmup=args.warmup,
         scenarios=tuple(s.strip() for s in args.scenarios.split(",") if s.strip()),
         weights=args.weights, pipelined=args.pipelined, seed=args.seed,
         codec_frames=args.codec_frames, image_encodes=args.image_encodes,
         codec_device=args.codec_device, adapters=args.adapters, kv_bits=args.kv_bits)
-    report = _run_with_progress(bench, opts)
+    report = _with_progress(lambda progress: bench.run(opts, progress))
     print(bench.summary(report))
     if args.json:
         bench.save_json(report, args.json)
@@ -96,6 +113,22 @@ def run(args: argparse.Namespace) -> int:
 
         plot_latency(report, args.plot)
         print(f"plot: {args.plot}")
+    return 0
+
+
+def _count_kernels(bench, args: argparse.Namespace) -> int:
+    from moshivis_mlx.errors import UsageError
+
+    if args.plot or args.weights:
+        raise UsageError("--count-kernels counts the 7B's structure at tiny widths: it takes "
+                         "neither --plot nor --weights")
+    devices = tuple(d.strip() for d in args.devices.split(",") if d.strip())
+    report = _with_progress(
+        lambda progress: bench.kernel_report(args.quant, devices, progress, seed=args.seed))
+    print(bench.kernel_summary(report))
+    if args.json:
+        bench.save_json(report, args.json)
+        print(f"report: {args.json}")
     return 0
 
 
@@ -109,8 +142,9 @@ def _check_outputs(args: argparse.Namespace) -> None:
             check_writable(path, f"write {flag}")
 
 
-def _run_with_progress(bench, opts):
-    """Bars on a terminal; elsewhere (make bench, CI logs) a line per phase and quarter."""
+def _with_progress(run):
+    """run(progress) with bars on a terminal; elsewhere (make bench, CI logs) a line per
+    phase and quarter."""
     from moshivis_mlx.progress import Counter
 
     with Counter(every=0.25) as bars:
@@ -120,7 +154,7 @@ def _run_with_progress(bench, opts):
             task = bars.add(label, total)
             return lambda: bars.advance(task)
 
-        return bench.run(opts, progress)
+        return run(progress)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -33,6 +33,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from . import kernels
 from .bundle import load_lm, load_mimi, load_vision, read_config
 from .errors import UsageError
 from .fileio import atomic_write
@@ -44,7 +45,7 @@ from .models.lm import LM, PRESETS, LmConfig
 from .models.mimi import Mimi, MimiConfig
 from .quant import PRESETS as QUANT_PRESETS
 from .quant import QuantSpec, quantize_model
-from .sampling import KYUTAI_GENERATION
+from .sampling import KYUTAI_GENERATION, Sampler
 from .stream import FrameGeometry, Stream, codec_device
 
 STEP_SCENARIOS = ("moshi", "moshivis")
@@ -475,3 +476,104 @@ def load_json(path: Path) -> dict[str, Any]:
     if not isinstance(report, dict) or report.get("tool") != "moshivis-bench":
         raise UsageError(f"{path}: not a moshivis-bench report")
     return report
+
+
+# -- kernels per step and per frame -------------------------------------------------------------
+
+KERNEL_ROWS = {
+    "step": "step, image, Kyutai's sampler",
+    "step-steady": "  the same, window full (after 3000 steps)",
+    "step-no-image": "step, no image, Kyutai's sampler",
+    "step-greedy": "step, image, greedy",
+    "frame": "whole frame with Mimi, image",
+}
+HOST_STEPS = 20
+"""Step builds timed for the host's share (median)."""
+
+
+def kernel_report(quant: str = "q8", devices: tuple[str, ...] = kernels.DEVICES,
+                  progress: Progress | None = None, seed: int = 0) -> dict[str, Any]:
+    """The kernels a step and a frame launch on each device's build (`kernels`), at the
+    7B's structure with tiny widths (`kernels.counting_lm_config`), and the host's time to
+    build a step and a frame here. Nothing is timed on the device: the counts are exact."""
+    progress = progress or _no_progress
+    if quant not in QUANT_PRESETS:
+        raise UsageError(f"unknown quantization {quant!r} ({', '.join(QUANT_PRESETS)})")
+    for d in devices:
+        if d not in kernels.DEVICES:
+            raise UsageError(f"unknown device {d!r} (choose from {', '.join(kernels.DEVICES)})")
+    mx.random.seed(seed)
+    tick = progress(f"building the 7B's structure at tiny widths ({quant})", 1)
+    lm = random_lm(kernels.counting_lm_config(), quant)
+    mimi = Mimi(kernels.counting_mimi_config())
+    materialise(mimi)
+    tick()
+    kyutai = (KYUTAI_GENERATION.text_sampler(seed), KYUTAI_GENERATION.audio_sampler(seed))
+    greedy = (Sampler(0.0), Sampler(0.0))
+    report: dict[str, Any] = {"tool": "moshivis-bench", "kind": "kernels", "quant": quant,
+                              "machine": machine_info(), "devices": {}}
+    tick = progress("counting kernels", len(devices))
+    for device in devices:
+        step = kernels.count_step(lm, device, True, *kyutai)
+        entry = {
+            "step": step["total"],
+            "step-steady": kernels.count_step(lm, device, True, *kyutai,
+                                              window_full=True)["total"],
+            "step-no-image": kernels.count_step(lm, device, False, *kyutai)["total"],
+            "step-greedy": kernels.count_step(lm, device, True, *greedy)["total"],
+        }
+        frame = kernels.count_frame(lm, mimi, device, True, *kyutai)
+        entry.update(frame=frame["total"], parts={**step["parts"],
+                     "mimi encode": frame["mimi_encode"], "mimi decode": frame["mimi_decode"]},
+                     primitives=step["primitives"])
+        report["devices"][device] = entry
+        tick()
+    report["host_ms"] = host_times(lm, mimi, *kyutai, progress=progress)
+    return report
+
+
+def host_times(lm: LM, mimi: Mimi, text_sampler: Sampler, audio_sampler: Sampler,
+               steps: int = HOST_STEPS, progress: Progress = _no_progress) -> dict[str, float]:
+    """Median host milliseconds to build a step and a whole frame (the graph, through the
+    compiled step; evaluated after each is timed), on this machine's build."""
+    gen = Generator(lm, text_sampler, audio_sampler, xa_start=0)
+    gen.set_image(mx.zeros((16, lm.cfg.image_dim)))
+    stream = Stream(mimi, gen)
+    codes = np.zeros(gen.num_user_codes, dtype=np.int32)
+    pcm = np.zeros(mimi.frame_size, dtype=np.float32)
+    step_ms, frame_ms = [], []
+    tick = progress("host time to build a step and a frame", 2 * (steps + 3))
+    for t in range(steps + 3):  # the first builds compile
+        t0 = time.perf_counter()
+        pending = gen.step_async(codes, evaluate=False)
+        step_ms.append(1e3 * (time.perf_counter() - t0))
+        mx.eval(pending.outputs)
+        tick()
+    for t in range(steps + 3):
+        t0 = time.perf_counter()
+        step, voice, state = stream.build(pcm)
+        frame_ms.append(1e3 * (time.perf_counter() - t0))
+        mx.eval(step.outputs, voice, state)
+        tick()
+    return {"step": float(np.median(step_ms[3:])), "frame": float(np.median(frame_ms[3:]))}
+
+
+def kernel_summary(report: dict[str, Any]) -> str:
+    devices = list(report["devices"])
+    lines = [f"kernels launched, {report['quant']}, the 7B's structure at tiny widths "
+             f"(mlx {report['machine']['mlx']})",
+             f"{'':44s}" + "".join(f"{d:>8s}" for d in devices)]
+    for key, label in KERNEL_ROWS.items():
+        lines.append(f"{label:44s}" + "".join(f"{report['devices'][d][key]:8d}"
+                                               for d in devices))
+    lines.append("by part (step, image):")
+    for part in report["devices"][devices[0]]["parts"]:
+        lines.append(f"  {part:42s}" + "".join(f"{report['devices'][d]['parts'][part]:8d}"
+                                               for d in devices))
+    top = list(report["devices"][devices[0]]["primitives"].items())[:12]
+    lines.append(f"by primitive ({devices[0]}, step, image): "
+                 + ", ".join(f"{k} {n}" for k, n in top))
+    host = report["host_ms"]
+    lines.append(f"host time to build (this machine, median of {HOST_STEPS}): "
+                 f"step {host['step']:.1f} ms, frame {host['frame']:.1f} ms")
+    return "\n".join(lines)

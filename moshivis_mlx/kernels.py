@@ -37,7 +37,7 @@ VIEWS = frozenset({
 """Primitives that launch no kernel on contiguous input (they share their input's buffer)."""
 
 FAST_MARKERS = {"CumMax": "RMSNorm", "CumMin": "RoPE", "CumProd": "ScaledDotProductAttention",
-                "LogCumSumExp": "LayerNorm", "Hadamard": "Dequantize"}
+                "CumLogAddExp": "LayerNorm", "Hadamard": "Dequantize"}
 """The stand-in primitive of each fused operation in a graph built by `device_graph`; no
 step of ours uses these scans otherwise."""
 
@@ -228,15 +228,18 @@ def temporal_graph(lm, image_kv: tuple | None) -> list[mx.array]:
 
 
 def count_step(lm, device: str, image: bool, text_sampler, audio_sampler,
-               kv_bits: int | None = None) -> dict:
+               kv_bits: int | None = None, window_full: bool = False) -> dict:
     """The kernels of one streaming step of `lm` as `device`'s build launches them: the
-    total, by part (`PARTS`) and by primitive."""
+    total, by part (`PARTS`) and by primitive. `window_full`: the step of a conversation
+    past its attention window (the caches have wrapped)."""
     from .generate import Generator
 
     def generator():
         gen = Generator(lm, text_sampler, audio_sampler, xa_start=0, kv_bits=kv_bits)
         if image:
             gen.set_image(mx.zeros((16, lm.cfg.image_dim)))
+        if window_full:
+            gen._step = gen.window_full_at
         return gen
 
     codes = mx.zeros((lm.cfg.n_q - lm.cfg.dep_q,), dtype=mx.int32)

@@ -340,6 +340,7 @@ class StreamingEncoder(_Streaming):
 
     def __init__(self, mimi: Mimi, num_codebooks: int, compiled: bool = True):
         self.num_codebooks = num_codebooks
+        mimi.quantizer.prepare()
         super().__init__(mimi, mimi.encoder_transformer, compiled)
 
     def _conv_state(self) -> list:

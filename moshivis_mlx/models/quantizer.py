@@ -30,19 +30,36 @@ class QuantizerConfig(ConfigBase):
 
 
 
+class _Norms:
+    """|c|^2 of a codebook's centroids, computed once per embedding (not a parameter)."""
+
+    def __init__(self, embedding: mx.array):
+        self.of = embedding
+        self.value = (embedding * embedding).sum(axis=-1)
+        mx.eval(self.value)
+
+
 class Codebook(nn.Module):
     """`bins` centroids; a vector's code is its nearest centroid (Euclidean)."""
 
     def __init__(self, bins: int, dim: int):
         super().__init__()
         self.embedding = mx.zeros((bins, dim))
+        self._norms: _Norms | None = None
+
+    def prepare(self) -> None:
+        """Computes |c|^2 once, so a streaming step reads it instead of computing it (two
+        kernels a codebook and frame). Call it outside a compiled function."""
+        if self._norms is None or self._norms.of is not self.embedding:
+            self._norms = _Norms(self.embedding)
 
     def encode(self, x: mx.array) -> mx.array:
-        """[..., D] -> [...] int32."""
+        """[..., D] -> [...] uint32 (the index type of argmin)."""
         # argmin |x - c|^2 = argmin |c|^2 - 2 x.c (|x|^2 is the same for every c).
         e = self.embedding
-        dist = (e * e).sum(axis=-1) - 2.0 * (x @ e.T)
-        return mx.argmin(dist, axis=-1).astype(mx.int32)
+        norms = self._norms
+        sq = norms.value if norms is not None and norms.of is e else (e * e).sum(axis=-1)
+        return mx.argmin(sq - 2.0 * (x @ e.T), axis=-1)
 
     def decode(self, codes: mx.array) -> mx.array:
         return self.embedding[codes]
@@ -65,7 +82,11 @@ class ResidualVectorQuantizer(nn.Module):
             c = cb.encode(residual)
             residual = residual - cb.decode(c)
             codes.append(c)
-        return mx.stack(codes, axis=1)
+        return mx.stack(codes, axis=1).astype(mx.int32)  # one cast for all codebooks
+
+    def prepare(self) -> None:
+        for cb in self.codebooks:
+            cb.prepare()
 
     def decode(self, codes: mx.array) -> mx.array:
         """codes [B, K, T] -> [B, T, output_dimension]."""
@@ -95,6 +116,11 @@ class SplitResidualVectorQuantizer(nn.Module):
         if num_codebooks > ns:
             codes = mx.concatenate([codes, self.rvq_rest.encode(x, num_codebooks - ns)], axis=1)
         return codes
+
+    def prepare(self) -> None:
+        """What streaming encoding reads instead of computing every frame (`Codebook`)."""
+        self.rvq_first.prepare()
+        self.rvq_rest.prepare()
 
     def decode(self, codes: mx.array) -> mx.array:
         """codes [B, K, T] (ns <= K <= n_q) -> [B, T, D]."""

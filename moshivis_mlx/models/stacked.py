@@ -60,7 +60,8 @@ class RowStack:
         if len(kinds) != 1 or len(layers) < 2:
             return False
         first = layers[0]
-        if "bias" in first or ("scales" in first and first.get("biases") is None):
+        if any("bias" in layer for layer in layers) or (
+                "scales" in first and first.get("biases") is None):
             return False
         names = _QUANTIZED if "scales" in first else ("weight",)
         for layer in layers:

@@ -172,6 +172,9 @@ class RingKVCache:
         self.state = self._buffers((batch, num_heads, self.capacity, head_dim), dtype) + [
             mx.zeros((), dtype=mx.int32)]
         """[keys, values, position]: a list, so that a compiled step can carry it as state."""
+        self._slots = mx.arange(self.capacity, dtype=mx.int32)
+        self._chunk = mx.arange(chunk, dtype=mx.int32)
+        mx.eval(self._slots, self._chunk)  # constants of the step, not kernels of it
 
     def _buffers(self, shape: tuple[int, ...], dtype: mx.Dtype) -> list[mx.array]:
         return [mx.zeros(shape, dtype=dtype), mx.zeros(shape, dtype=dtype)]
@@ -208,9 +211,10 @@ class RingKVCache:
         serves the whole stack."""
         cap, pos = self.capacity, self.position
         end = pos + t
+        steps = self._chunk if t == self.chunk else mx.arange(t, dtype=pos.dtype)
         # The newest position each slot holds; negative: never written.
-        pos_k = (end - 1) - (end - 1 - mx.arange(cap, dtype=pos.dtype)) % cap
-        delta = (pos + mx.arange(t, dtype=pos.dtype))[:, None] - pos_k[None, :]
+        pos_k = (end - 1) - (end - 1 - self._slots) % cap
+        delta = (pos + steps)[:, None] - pos_k[None, :]
         return (pos_k >= 0)[None, :] & (delta >= 0) & (delta < self.context)
 
     def update(self, k: mx.array, v: mx.array, slot: mx.array) -> tuple[mx.array, mx.array]:
@@ -383,7 +387,10 @@ class Attention(nn.Module):
             q, k = mx.split(qk, 2, axis=1)
         elif isinstance(cache, StepCache):
             q, kv = mx.split(qkv, [h], axis=1)
+            first = cache.kv is None and t == 1
             k, v = cache.extend(kv)  # keys and values side by side: one concatenation
+            if first:  # a query alone with its own key: softmax([s]) is exactly 1, y is v
+                return v.transpose(0, 2, 1, 3).reshape(b, t, -1)
         else:
             q, k, v = mx.split(qkv, 3, axis=1)
         if cache is not None and not isinstance(cache, StepCache):
