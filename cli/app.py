@@ -85,9 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--adapters", metavar="DIR",
                    help="fine-tuned adapters (moshivis-train's OUT/adapters) on top of the bundle")
     w.add_argument("--codec-device", choices=CODEC_DEVICES, default="default",
-                   help="where the Mimi codec runs: with the model (default) or on the CPU "
-                        "beside it, as Kyutai's clients do; moshivis-bench --codec-device cpu "
-                        "tells which is faster on your Mac")
+                   help="where the Mimi codec runs: with the model (default), on the CPU "
+                        "beside it (cpu), or Kyutai's own Rust Mimi on the CPU (rust, needs "
+                        "pip install rustymimi), as Kyutai's clients do; moshivis-bench "
+                        "--codec-device tells which is fastest on your Mac")
     w.add_argument("--kv-bits", type=int, choices=(8,),
                    help="keep the attention cache quantized: 8 bits halve its 1.6 GB (the 7B "
                         "model's 3000-position window), which lets -q 4 run on an 8 GB Mac "

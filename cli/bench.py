@@ -67,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="submit each step before collecting the previous one (file mode's "
                         "throughput) instead of one step's latency")
     p.add_argument("--codec-device", choices=CODEC_DEVICES, default="default",
-                   help="where Mimi runs: on the LM's device (default) or on the CPU")
+                   help="where Mimi runs: on the LM's device (default), MLX's Mimi on the CPU "
+                        "(cpu), or Kyutai's Rust Mimi on the CPU (rust: pip install rustymimi)")
     p.add_argument("--codec-frames", type=int, default=50,
                    help="frames of streaming Mimi encode+decode to time on their own (0: skip)")
     p.add_argument("--image-encodes", type=int, default=3,

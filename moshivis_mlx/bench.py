@@ -46,7 +46,7 @@ from .models.mimi import Mimi, MimiConfig
 from .quant import PRESETS as QUANT_PRESETS
 from .quant import QuantSpec, quantize_model
 from .sampling import KYUTAI_GENERATION, Sampler
-from .stream import FrameGeometry, Stream, codec_device
+from .stream import RUST, FrameGeometry, Stream, codec_device
 
 STEP_SCENARIOS = ("moshi", "moshivis")
 FRAME_SCENARIOS = ("frame", "frame-image")
@@ -362,7 +362,7 @@ def run(opts: BenchOptions, progress: Progress | None = None) -> dict[str, Any]:
         mx.clear_cache()
     if opts.codec_frames > 0 and models.mimi is not None:
         report.update(time_codec(models.mimi, opts.codec_frames, opts.seed,
-                                 progress=progress))
+                                 progress=progress, codec=opts.codec_device))
     if opts.image_encodes > 0 and models.vision is not None:
         report.update(time_image_encoder(models.vision, opts.image_encodes, progress))
     return report
@@ -388,10 +388,24 @@ def time_image_encoder(encoder: ImageEncoder, runs: int,
 
 
 def time_codec(mimi: Mimi, frames: int, seed: int, warmup: int = 5,
-               progress: Progress = _no_progress) -> dict[str, float]:
-    """Streaming Mimi per 80 ms frame, encoder and decoder each evaluated on its own."""
-    enc, dec = mimi.streaming_encoder(), mimi.streaming_decoder()
-    audio = 0.1 * np.random.default_rng(seed).standard_normal((warmup + frames, mimi.frame_size))
+               progress: Progress = _no_progress, codec: str = "default") -> dict[str, float]:
+    """Streaming Mimi per 80 ms frame, encoder and decoder each evaluated on its own, where
+    `codec` (a `--codec-device`) runs it."""
+    device = codec_device(codec)
+    if device == RUST:
+        from .rust_mimi import RustMimi
+
+        rust = RustMimi(mimi, 8)
+        enc, dec = rust.encoder, rust.decoder
+    else:
+        enc, dec = mimi.streaming_encoder(), mimi.streaming_decoder()
+    with mx.stream(device if isinstance(device, mx.Device) else mx.default_device()):
+        return _time_codec(enc, dec, mimi.frame_size, frames, seed, warmup, progress)
+
+
+def _time_codec(enc, dec, frame_size: int, frames: int, seed: int, warmup: int,
+                progress: Progress) -> dict[str, float]:
+    audio = 0.1 * np.random.default_rng(seed).standard_normal((warmup + frames, frame_size))
     audio = [mx.array(a.astype(np.float32)) for a in audio]
     tick = progress("Mimi alone", warmup + frames)
     for a in audio[:warmup]:

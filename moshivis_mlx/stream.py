@@ -103,16 +103,18 @@ class PendingFrame:
         return self._result
 
 
-CODEC_DEVICES = ("default", "cpu")
+CODEC_DEVICES = ("default", "cpu", "rust")
+RUST = "rust"
 
 
-def codec_device(name: str) -> mx.Device | None:
-    """Where Mimi runs, by name: "default" (with the language model) or "cpu" (beside it,
-    as Kyutai's clients run their Rust codec; `moshivis-bench --codec-device cpu` tells
-    which is faster on a given machine)."""
+def codec_device(name: str) -> mx.Device | str | None:
+    """Where Mimi runs, by name: "default" (with the language model), "cpu" (MLX's Mimi on
+    the CPU beside it) or "rust" (Kyutai's own Rust Mimi on the CPU, `rust_mimi.py`, as
+    Kyutai's clients run it). `moshivis-bench --codec-device` tells which is faster on a
+    given machine."""
     if name not in CODEC_DEVICES:
-        raise ValueError(f"unknown codec device {name!r} ({' or '.join(CODEC_DEVICES)})")
-    return mx.cpu if name == "cpu" else None
+        raise ValueError(f"unknown codec device {name!r} ({', '.join(CODEC_DEVICES)})")
+    return {"cpu": mx.cpu, RUST: RUST}.get(name)
 
 
 class Stream:
@@ -128,12 +130,13 @@ class Stream:
     builds frame n+1 while the device computes frame n.
 
     `codec_device=mx.cpu` runs Mimi on the CPU while the language model runs on the
-    default device (what Kyutai's clients do with their Rust codec). `serial=True` is the
-    reference path: each stage evaluated on its own, and timed.
+    default device; `codec_device="rust"` runs Kyutai's Rust Mimi on the CPU instead (what
+    Kyutai's clients do; the codec is then outside the graph: the voice waits for the
+    step). `serial=True` is the reference path: each stage evaluated on its own, and timed.
     """
 
     def __init__(self, mimi, gen: Generator, tokenizer: TextTokenizer | None = None,
-                 codec_device: mx.Device | None = None, serial: bool = False,
+                 codec_device: mx.Device | str | None = None, serial: bool = False,
                  compiled: bool = True):
         self.geometry = FrameGeometry.of(mimi.cfg)
         self.mimi = mimi
@@ -144,10 +147,17 @@ class Stream:
         # mlx-lm's habit: the model's work on a stream of its own (made on this thread:
         # MLX streams belong to the thread that creates them).
         self.generation_stream = mx.new_stream(mx.default_device())
-        self.codec_stream = mx.new_stream(codec_device) if codec_device is not None \
-            else self.generation_stream
-        self.encoder = mimi.streaming_encoder(gen.num_user_codes, compiled=compiled)
-        self.decoder = mimi.streaming_decoder(compiled=compiled)
+        if codec_device == RUST:
+            from .rust_mimi import RustMimi
+
+            rust = RustMimi(mimi, gen.num_user_codes)
+            self.encoder, self.decoder = rust.encoder, rust.decoder
+            self.codec_stream = self.generation_stream
+        else:
+            self.codec_stream = mx.new_stream(codec_device) if codec_device is not None \
+                else self.generation_stream
+            self.encoder = mimi.streaming_encoder(gen.num_user_codes, compiled=compiled)
+            self.decoder = mimi.streaming_decoder(compiled=compiled)
         self.frames = 0
         self.silence = np.zeros(self.geometry.frame_size, dtype=np.float32)
 

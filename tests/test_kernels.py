@@ -214,6 +214,7 @@ def test_mimi_codebook_norms_computed_once_give_the_same_codes():
     np.testing.assert_array_equal(np.array(mimi.encode(pcm.astype(np.float32))), before)
 
 
+@pytest.mark.slow
 def test_bench_counts_kernels(tmp_path, capsys):
     out = tmp_path / "k.json"
     assert bench_main(["--count-kernels", "--devices", "metal,cpu", "--json", str(out)]) == 0

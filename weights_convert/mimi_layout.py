@@ -271,3 +271,27 @@ def check_codebooks_trained(source: Source, mapping: Mapping) -> None:
                 raise WeightsError(
                     f"{source.label}: {key} is 0: this codebook was never trained (is this a "
                     f"freshly initialised model rather than a released checkpoint?)")
+
+
+def mimi_to_kyutai(params: dict[str, mx.array], cfg: MimiConfig) -> dict[str, mx.array]:
+    """Our Mimi's tensors (flattened names) back in Kyutai's released layout, float32: the
+    inverse of `mimi_mapping` (axes back to PyTorch's order, the quantizer's projections as
+    1x1 convs, each codebook as statistics whose ratio is the centroids: `embedding_sum` the
+    centroids, `cluster_usage` 1, `_initialized` 1). What Kyutai's own codecs read
+    (rustymimi, the Rust Mimi its clients run)."""
+    mapping = mimi_mapping(cfg)
+    out: dict[str, mx.array] = {}
+    for e in mapping.entries:
+        value = params[e.dst].astype(mx.float32)
+        src_shape = e.src_shape or e.shape
+        if e.perm is not None:
+            permuted = tuple(src_shape[p] for p in e.perm)
+            inverse = [e.perm.index(i) for i in range(len(e.perm))]
+            value = value.reshape(permuted).transpose(inverse)
+        out[e.src] = mx.contiguous(value.reshape(src_shape))
+        if e.aux is not None:
+            out[e.aux] = mx.ones(src_shape[:1], dtype=mx.float32)
+    for key in mapping.ignored:
+        if key.endswith("._initialized"):
+            out[key] = mx.ones((1,), dtype=mx.float32)
+    return out
