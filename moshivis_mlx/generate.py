@@ -32,6 +32,10 @@ from .models.transformer import CrossAttentionInput
 from .sampling import KYUTAI_GENERATION, Sampler
 
 DEFAULT_XA_START = KYUTAI_GENERATION.xa_start
+SPAN_STEP = 256
+"""Before the attention window is full a step reads the cache's written slots only, rounded
+up to a multiple of this (as mlx-lm grows its caches 256 positions at a time): a dozen
+compiled variants for the 7B's 3000 positions, all compiled by `warm_up`."""
 
 Codes = Sequence[int] | np.ndarray | mx.array
 
@@ -128,6 +132,8 @@ class Generator:
         self.window_full_at = self.caches[0].capacity - 1
         """From this step on every slot of the caches is in the window: attention needs no
         mask (a step variant of its own, compiled by `warm_up` too)."""
+        self.span_step = SPAN_STEP
+        """Before that, step s reads the first `span_step` * ceil((s + 1) / span_step) slots."""
         self._step_fns: dict[tuple, Callable[..., list[mx.array]]] = {}
         self.image_kv: tuple[mx.array, mx.array] | None = None
         self.last_text_logits: mx.array | None = None
@@ -202,7 +208,8 @@ class Generator:
         """Runs once each variant of the step a conversation will use, so none compiles
         mid-conversation: the step without the image and, for MoshiVis, the step with an
         image of `image_tokens` tokens (default: the current image's), each also as it runs
-        once the attention window is full. Then starts afresh.
+        a few steps into a conversation, every `span_step` steps, and once the attention
+        window is full. Then starts afresh.
         """
         image_kv, xa_start = self.image_kv, self.xa_start
         silence = np.zeros((self.batch_size, self.num_user_codes), dtype=np.int32)
@@ -210,9 +217,11 @@ class Generator:
         def run() -> None:
             for _ in range(steps):
                 self.step(silence)
-            # The variant of a full window (its values are thrown away with the reset).
-            self._step = max(self._step, self.window_full_at)
-            self.step(silence)
+            # The variants of later spans and of a full window (their values are thrown
+            # away with the reset).
+            for start in self._variant_starts()[1:]:
+                self._step = max(self._step, start)
+                self.step(silence)
 
         try:
             self.image_kv = None
@@ -230,6 +239,16 @@ class Generator:
         finally:
             self.image_kv, self.xa_start = image_kv, xa_start
             self.reset()
+
+    def _variant_starts(self) -> list[int]:
+        """The first step of each variant of the attention a conversation goes through."""
+        return [*range(0, self.window_full_at, self.span_step), self.window_full_at]
+
+    def _span(self, s: int) -> int | None:
+        """The cache slots step s reads (None: all): before the buffer wraps, slot p holds
+        position p, so the first s + 1 slots hold everything written."""
+        span = -(-(s + 1) // self.span_step) * self.span_step
+        return span if s < self.window_full_at and span < self.caches[0].capacity else None
 
     # -- one step --------------------------------------------------------------------------
 
@@ -290,7 +309,7 @@ class Generator:
         cross = self.image_kv is not None and s >= self.xa_start
         forced = self._forced(force_text, force_audio)
         full = s >= self.window_full_at
-        outputs = self._step_fn(cross, forced is not None, full)(
+        outputs = self._step_fn(cross, forced is not None, full, self._span(s))(
             list(self._generated), list(self._gates), list(self._user),
             self._use_initial[min(s, self.max_delay + 1)],
             self.text_sampler.next_key(), self.audio_sampler.next_key(),
@@ -308,7 +327,7 @@ class Generator:
         self._step += 1
         return pending
 
-    def _step_fn(self, cross: bool, forced: bool, full: bool = False
+    def _step_fn(self, cross: bool, forced: bool, full: bool = False, span: int | None = None
                  ) -> Callable[..., list[mx.array]]:
         """The step function of this variant, compiled once and kept.
 
@@ -316,18 +335,18 @@ class Generator:
         caches), the random keys, the tokens and the image are arrays, so one compiled
         function serves every step of a conversation.
         """
-        key = (cross, forced, full, self.keep_logits, self.gate_override, self.compiled,
+        key = (cross, forced, full, span, self.keep_logits, self.gate_override, self.compiled,
                self.text_sampler.settings, self.audio_sampler.settings)
         fn = self._step_fns.get(key)
         if fn is None:
-            fn = self._make_step_fn(cross, forced, full)
+            fn = self._make_step_fn(cross, forced, full, span)
             if self.compiled:
                 state = [c.state for c in self.caches]
                 fn = mx.compile(fn, inputs=state, outputs=state)
             self._step_fns[key] = fn
         return fn
 
-    def _make_step_fn(self, cross: bool, forced: bool, full: bool
+    def _make_step_fn(self, cross: bool, forced: bool, full: bool, span: int | None
                       ) -> Callable[..., list[mx.array]]:
         lm, caches = self.lm, self.caches
         text_sampler, audio_sampler = self.text_sampler, self.audio_sampler
@@ -348,7 +367,7 @@ class Generator:
         def step(generated, gates, user, use_initial, text_key, audio_key, image, forced_tokens):
             xa = CrossAttentionInput(lm.xa, *image, force_gate=gate_override) if cross else None
             tokens_in = input_tokens(generated, user, use_initial)
-            h, text_logits = lm.forward_text(tokens_in, caches, xa, window_full=full)
+            h, text_logits = lm.forward_text(tokens_in, caches, xa, window_full=full, span=span)
             text_logits = text_logits[:, 0]
             if forced:
                 text = forced_tokens[:, 0]

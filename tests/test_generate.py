@@ -230,6 +230,42 @@ def test_a_full_window_attends_without_a_mask_to_the_same_tokens(lm):
     assert run(unmasked=True) == run(unmasked=False)
 
 
+@pytest.mark.parametrize("kv_bits", [None, 8])
+def test_early_steps_read_only_the_written_slots_to_the_same_tokens(kv_bits):
+    """Before the ring buffer wraps, a step attends to the written slots only (rounded up to
+    `span_step`): the same tokens and logits as attending to the whole buffer under the
+    mask, through every span and past the wrap; warm_up compiles each span beforehand."""
+    cfg = tiny()
+    cfg.num_heads = 2  # 32-wide heads: an 8-bit cache can quantize them
+    cfg.context = 40
+    mx.random.seed(7)
+    model = LM(cfg)
+    mx.eval(model.parameters())
+    codes = np.random.default_rng(8).integers(0, cfg.card, size=(2 * cfg.context + 5, 8))
+
+    def run(span_step: int) -> tuple[list, list]:
+        g = Generator(model, Sampler(temperature=0.0), Sampler(temperature=0.0),
+                      keep_logits=True, kv_bits=kv_bits)
+        g.span_step = span_step
+        g.warm_up()
+        compiled = dict(g._step_fns)
+        out, logits = [], []
+        for c in codes:
+            out.append(g.step(c))
+            logits.append(np.array(g.last_text_logits))
+        assert g._step_fns == compiled  # nothing compiled mid-conversation
+        spans = {key[3] for key in compiled}
+        return out, logits, spans
+
+    spanned, spanned_logits, spans = run(span_step=8)
+    assert spans == {8, 16, 24, 32, None}
+    whole, whole_logits, spans = run(span_step=10**6)
+    assert spans == {None}
+    assert spanned == whole
+    for a, b in zip(spanned_logits, whole_logits):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_top_k_keeps_exactly_the_k_most_likely():
     from moshivis_mlx.sampling import keep_top_k
 

@@ -399,11 +399,14 @@ class LM(nn.Module):
         caches: list[RingKVCache] | None,
         cross: CrossAttentionInput | None = None,
         window_full: bool = False,
+        span: int | None = None,
     ) -> tuple[mx.array, mx.array]:
         """Temporal transformer: tokens [B, 17, T] -> (h [B, T, dim] after out_norm, logits).
-        `window_full`: the caches have wrapped (`Transformer`: no mask needed)."""
+        `window_full`: the caches have wrapped (no mask needed); `span`: before they wrap,
+        the slots that hold positions (`Transformer`)."""
         x = self.embed_streams(tokens)
-        h = self.out_norm(self.transformer(x, caches, cross, window_full=window_full))
+        h = self.out_norm(self.transformer(x, caches, cross, window_full=window_full,
+                                           span=span))
         return h, self.text_linear(h)
 
     def forward(self, codes: mx.array, image_tokens: mx.array | None = None,

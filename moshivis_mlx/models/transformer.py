@@ -218,9 +218,9 @@ class RingKVCache:
         return (pos_k >= 0)[None, :] & (delta >= 0) & (delta < self.context)
 
     def update(self, k: mx.array, v: mx.array, slot: mx.array) -> tuple[mx.array, mx.array]:
-        """Writes the keys/values [B, H, chunk, D] of the next positions at `slot` (from
-        `slot`); returns the whole buffer to attend to (under `mask`). The position moves
-        on with `advance`: a stack of layers computes both once, not once per layer."""
+        """Writes the keys/values [B, H, chunk, D] of the next positions at `slot` (what
+        `slot()` gives); returns the whole buffer to attend to (under `mask`). The position
+        moves on with `advance`: a stack of layers computes both once, not once a layer."""
         keys = mx.slice_update(self.keys, k, start_indices=slot, axes=(2,))
         values = mx.slice_update(self.values, v, start_indices=slot, axes=(2,))
         # In place: a compiled step holds on to this very list.
@@ -370,10 +370,12 @@ class Attention(nn.Module):
         mask: mx.array | str | None,
         offset: int | mx.array,
         slot: mx.array | None = None,
+        span: int | None = None,
     ) -> mx.array:
         """q, k, v heads [B, 3H, T, head_dim] -> the attention output [B, T, D], before
         out_proj. `offset`: the position of the first step (an int32 array when streaming),
-        `slot`: where the cache writes it (`cache.slot`).
+        `slot`: where the cache writes it (`cache.slot`), `span`: attend to the cache's
+        first `span` slots only (`Transformer`), the mask already cut to them.
         Splitting along the heads and rotating q and k together keeps the step's graph
         small: a step is a few thousand nodes, and each costs host time."""
         b, _, t, _ = qkv.shape
@@ -395,6 +397,8 @@ class Attention(nn.Module):
             q, k, v = mx.split(qkv, 3, axis=1)
         if cache is not None and not isinstance(cache, StepCache):
             k, v = cache.update(k, v, slot)
+            if span is not None:
+                k, v = _first_slots(k, span), _first_slots(v, span)
         if isinstance(cache, QuantizedRingKVCache):
             y = cache.attention(q, k, v, self.scale, mask)
         else:
@@ -408,8 +412,16 @@ class Attention(nn.Module):
         mask: mx.array | str | None,
         offset: int | mx.array,
         slot: mx.array | None = None,
+        span: int | None = None,
     ) -> mx.array:
-        return self.out_proj(self.attend(self.qkv(x), cache, mask, offset, slot))
+        return self.out_proj(self.attend(self.qkv(x), cache, mask, offset, slot, span))
+
+
+def _first_slots(kv: mx.array | tuple, span: int) -> mx.array | tuple:
+    """The first `span` slots of a cache's keys or values (each part, when quantized)."""
+    if isinstance(kv, tuple):
+        return tuple(a[:, :, :span] for a in kv)
+    return kv[:, :, :span]
 
 
 class CrossAttention(nn.Module):
@@ -532,12 +544,13 @@ class TransformerLayer(nn.Module):
         step: int | None = 0,
         cross: CrossAttentionInput | None = None,
         slot: mx.array | None = None,
+        span: int | None = None,
     ) -> mx.array:
         h = self.norm1(x)
         if not isinstance(self.self_attn, list):
-            y = self.self_attn(h, cache, mask, offset, slot)
+            y = self.self_attn(h, cache, mask, offset, slot, span)
         elif step is not None:
-            y = self.self_attn[step](h, cache, mask, offset, slot)
+            y = self.self_attn[step](h, cache, mask, offset, slot, span)
         else:
             attn = self.self_attn[: h.shape[1]]  # the first sub-steps only, if fewer
             qkv = mx.concatenate([a.qkv(h[:, k: k + 1]) for k, a in enumerate(attn)], axis=2)
@@ -605,6 +618,7 @@ class Transformer(nn.Module):
         cross: CrossAttentionInput | None = None,
         step: int | None = None,
         window_full: bool = False,
+        span: int | None = None,
     ) -> mx.array:
         """x [B, T, D]. With weights per step, `step` is the sub-step of a streamed call
         (None: x is a whole sequence of sub-steps, position k using weight set k).
@@ -612,7 +626,12 @@ class Transformer(nn.Module):
         `window_full` (streaming, one position per call): the caches have wrapped, so every
         slot holds a position the query sees and attention needs no mask. The caller knows
         it on the host (it counts the steps); GPU builds have a fused kernel for a single
-        query without a mask only (MLX's CUDA backend)."""
+        query without a mask only (MLX's CUDA backend).
+
+        `span` (streaming, before the caches wrap): attend to their first `span` slots only,
+        which then hold every position written (slot p holds position p). Early in a
+        conversation a step reads the few positions it has, not the whole window: the 7B
+        model's window is 1.6 GB of keys and values to read every step."""
         t = x.shape[1]
         if caches is None:
             offset, mask, slot = 0, window_mask(t, self.cfg.causal, self.cfg.context), None
@@ -621,6 +640,8 @@ class Transformer(nn.Module):
             # position for the whole stack.
             offset, slot = caches[0].position, caches[0].slot(t)
             mask = None if window_full and t == 1 else caches[0].mask(t)
+            if span is not None and mask is not None:
+                mask = mask[:, :span]
         if not self.cfg.weights_per_step:
             step = 0
         for i, layer in enumerate(self.layers):
@@ -628,7 +649,7 @@ class Transformer(nn.Module):
                 x = checkpointed(layer, x, mask, step, cross)
             else:
                 cache = None if caches is None else caches[i]
-                x = layer(x, cache, mask, offset, step, cross, slot)
+                x = layer(x, cache, mask, offset, step, cross, slot, span)
         if caches is not None:
             end = offset + t
             for cache in caches:
