@@ -1,6 +1,7 @@
 """The benchmark metrics on fixed examples: the Python caption tokenization against
 CoreNLP's own output, CIDEr-D against pycocoevalcap's scorer on CoreNLP-tokenized
-captions, VQA accuracy on cases worked by hand from the official rules, the intervals."""
+captions, VQA accuracy and OCR-VQA exact match on cases worked by hand from the official
+rules, the intervals."""
 
 from __future__ import annotations
 
@@ -76,10 +77,11 @@ def test_a_caption_equal_to_a_reference_scores_high():
     ("2", ["2"] * 2 + ["3"] * 8, (2 * 1 / 3 + 8 * 2 / 3) / 10),
     ("2", ["2"] * 4 + ["3"] * 6, 1.0),
     ("4", ["2"] * 4 + ["3"] * 6, 0.0),
-    # normalisation: case, full stop, article, number word, contraction, punctuation
-    ("A dog.", ["dog"] * 10, 1.0),
-    ("Three.", ["3"] * 10, 1.0),
-    ("None", ["0"] * 10, 1.0),
+    # normalisation (the humans disagree): case, full stop, article, number word,
+    # contraction, punctuation
+    ("A dog.", ["dog"] * 9 + ["cat"], 1.0),
+    ("Three.", ["3"] * 9 + ["4"], 1.0),
+    ("None", ["0"] * 9 + ["1"], 1.0),
     ("dont know", ["don't know"] * 5 + ["no"] * 5, 1.0),
     ("Yes!", ["yes"] * 9 + ["no"], 1.0),
     ("no", ["yes"] * 9 + ["no"], 0.1 * 0 + 0.9 * 1 / 3),
@@ -90,18 +92,37 @@ def test_vqa_accuracy_by_hand(prediction, answers, expected):
     assert vqa_accuracy(prediction, answers) == pytest.approx(expected)
 
 
+def test_vqa_unanimous_answers_leave_the_prediction_as_given():
+    """vqaEval.py normalises neither side when all ten humans gave the same string: the
+    prediction must then equal it exactly (after stripping whitespace)."""
+    assert vqa_accuracy("Yes.", ["yes"] * 10) == 0.0
+    assert vqa_accuracy("Yes.", ["yes"] * 10, rule="lenient") == 1.0
+    assert vqa_accuracy("T-shirt", ["T-shirt"] * 10) == 1.0
+    assert vqa_accuracy("T-shirt", ["T-shirt"] * 10, rule="lenient") == 0.0  # "t shirt"
+    assert vqa_accuracy(" yes\n", ["yes"] * 10) == 1.0  # newlines, tabs, ends: cleaned
+    assert vqa_accuracy("yes", ["yes "] * 10) == 1.0
+    # One dissenting human: everything is normalised, "Yes." becomes "yes".
+    assert vqa_accuracy("Yes.", ["yes"] * 9 + ["no"]) == 1.0
+    assert vqa_accuracy("T-shirt", ["T-shirt"] * 9 + ["shirt"]) == 1.0  # both "t shirt"
+
+
 def test_vqa_references_normalised_only_when_humans_disagree():
     """vqaEval.py normalises the references only when they differ (the annotation files
-    hold normalised answers); the prediction always."""
-    assert vqa_accuracy("two", ["Two"] * 10) == 0.0  # "Two" kept, "two" -> "2"
+    hold normalised answers); the lenient figure always normalises the prediction."""
+    assert vqa_accuracy("two", ["Two"] * 10, rule="lenient") == 0.0  # "Two" kept, "2"
+    assert vqa_accuracy("Two", ["Two"] * 10) == 1.0
     assert vqa_accuracy("two", ["Two"] * 9 + ["2"]) == 1.0
+    # Three of ten say "2" once "Two" is normalised: (3 * 2/3 + 7 * 1) / 10
+    assert vqa_accuracy("2", ["Two"] * 2 + ["2"] + ["3"] * 7) == pytest.approx(0.9)
 
 
 def test_vqa_lenient_finds_the_answer_in_a_sentence():
     answers = ["2"] * 8 + ["3"] * 2
     assert vqa_accuracy("There are two windows.", answers) == 0.0
-    assert vqa_accuracy("There are two windows.", answers, lenient=True) == 1.0
-    assert vqa_accuracy("There are twenty windows.", answers, lenient=True) == 0.0
+    assert vqa_accuracy("There are two windows.", answers, rule="contained") == 1.0
+    assert vqa_accuracy("There are twenty windows.", answers, rule="contained") == 0.0
+    with pytest.raises(ValueError, match="unknown rule"):
+        vqa_accuracy("2", answers, rule="strict")
 
 
 @pytest.mark.parametrize("text,expected", [
@@ -113,11 +134,32 @@ def test_normalize_answer(text, expected):
     assert normalize_answer(text) == expected
 
 
-def test_exact_match():
-    assert exact_match("The Great Gatsby.", ["the great gatsby"]) == 1.0
-    assert exact_match("It is The Great Gatsby.", ["The Great Gatsby"]) == 0.0
-    assert exact_match("It is The Great Gatsby.", ["The Great Gatsby"], lenient=True) == 1.0
-    assert exact_match("Gatsby", ["The Great Gatsby"], lenient=True) == 0.0
+@pytest.mark.parametrize("prediction,reference,strict,normalised,contained", [
+    ("Dune", "Dune", 1, 1, 1),
+    ("dune", "DUNE", 1, 1, 1),  # case
+    ("  Dune\n", "Dune", 1, 1, 1),  # surrounding whitespace
+    ("Dune.", "Dune", 0, 1, 1),  # punctuation
+    ("The Art of War", "Art of War", 0, 1, 1),  # an article
+    ("Two", "2", 0, 1, 1),  # a number word
+    ("Cant Hurt Me", "Can't Hurt Me", 0, 1, 1),  # a contraction's apostrophe
+    ("Spider-Man", "Spider Man", 0, 1, 1),  # a hyphen
+    ("Art  of War", "Art of War", 0, 1, 1),  # inner whitespace
+    ("It is The Great Gatsby.", "The Great Gatsby", 0, 0, 1),  # inside a sentence
+    ("Gatsby", "The Great Gatsby", 0, 0, 0),  # part of the title
+    ("", "Dune", 0, 0, 0),
+])
+def test_ocr_exact_match_by_hand(prediction, reference, strict, normalised, contained):
+    assert exact_match(prediction, [reference]) == strict
+    assert exact_match(prediction, [reference], rule="strict") == strict
+    assert exact_match(prediction, [reference], rule="normalised") == normalised
+    assert exact_match(prediction, [reference], rule="contained") == contained
+
+
+def test_ocr_exact_match_any_reference():
+    assert exact_match("emma", ["Dune", "Emma"]) == 1.0
+    assert exact_match("Emma.", ["Dune", "Emma"]) == 0.0
+    with pytest.raises(ValueError, match="unknown rule"):
+        exact_match("Emma", ["Emma"], rule="official")
 
 
 def test_caption_core():
@@ -139,11 +181,36 @@ def test_intervals():
 
 
 def test_score_task_reports_raw_and_lenient():
-    m = score_task("ocrvqa", ["The title is Dune.", "Dune", "Emma"], [["Dune"]] * 3)
-    assert m["score"] == pytest.approx(100 / 3) and m["normalised_score"] == pytest.approx(200 / 3)
+    m = score_task("ocrvqa", ["The title is Dune.", "Dune", "Emma", "dune."], [["Dune"]] * 4)
+    assert m["score_name"] == "strict" and m["score"] == pytest.approx(100 / 4)
+    assert [(o["name"], o["score"]) for o in m["other_scores"]] == [("normalised", 50.0)]
+    assert m["normalised_name"] == "contained answer"
+    assert m["normalised_score"] == pytest.approx(75.0)
     assert m["ci_method"].startswith("Wilson") and m["units"] == "%"
-    m = score_task("vqav2", ["two", "red"], [["2"] * 10, ["blue"] * 10])
-    assert m["score"] == pytest.approx(50.0) and "bootstrap" in m["ci_method"]
+    assert m["per_sample"] == [0.0, 100.0, 0.0, 0.0]
+    assert m["per_sample_normalised"] == [100.0, 100.0, 0.0, 100.0]
+    m = score_task("vqav2", ["two", "red", "Yes."], [["2"] * 10, ["blue"] * 10, ["yes"] * 10])
+    assert m["score_name"] == "official rule" and m["score"] == pytest.approx(0.0)
+    assert [(o["name"], o["score"]) for o in m["other_scores"]] \
+        == [("lenient", pytest.approx(200 / 3))]
+    assert m["normalised_name"] == "contained answer"
+    assert m["normalised_score"] == pytest.approx(200 / 3) and "bootstrap" in m["ci_method"]
     m = score_task("coco", ["a red house", "a blue square"],
                    [["a red house", "a house"], ["a blue square", "blue"]])
     assert m["metric"] == "CIDEr-D" and m["ci95"][0] <= m["score"] <= m["ci95"][1]
+    assert m["score_name"] == "raw" and m["normalised_name"] == "lenient"
+
+
+def test_results_table_names_every_figure():
+    from moshivis_mlx.eval.report import results_table
+
+    m = score_task("vqav2", ["two", "Yes."], [["2"] * 10, ["yes"] * 10])
+    m.update(task="vqav2", split="validation", mode="audio", bundle="b", quantization="q8",
+             sampling="greedy", samples_scored=2, samples_planned=2, complete=True,
+             time_per_sample_s=1.0, stops={"silence": 2}, settings={"silence_s": 2,
+                                                                     "max_answer_s": 30})
+    table = results_table(m)
+    for row in ("| VQA accuracy (official rule) | **0.0** %", "| VQA accuracy (lenient) | 100.0",
+                "| VQA accuracy (contained answer) | 100.0", "* Official rule: ",
+                "* Lenient: the prediction always normalised", "* Contained answer: "):
+        assert row in table, row

@@ -49,7 +49,7 @@ def answer_accuracy(bundle: Path, adapters: Path | None, manifest: Path) -> floa
         sample = json.loads(line)
         models.answerer.set_image(models.vision.encode_image(manifest.parent / sample["image"]))
         answer = models.answerer.answer(sample["turns"][0]["text"], "text")
-        scores.append(exact_match(answer.text, [sample["turns"][1]["text"]]))
+        scores.append(exact_match(answer.text, [sample["turns"][1]["text"]], rule="normalised"))
     return float(np.mean(scores))
 
 

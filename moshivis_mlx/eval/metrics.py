@@ -3,20 +3,23 @@ with confidence intervals.
 
 * CIDEr-D is pycocoevalcap's `Cider` scorer itself, on captions tokenized as COCO's
   evaluation does (`ptb.tokenize`, or the Java original with ptb="java").
-* VQA accuracy follows the official evaluation (vqaEval.py of the VQA API): the answer is
+* VQA accuracy is the official evaluation's rule (vqaEval.py of the VQA API), quirks
+  included: when the ten human answers differ, the prediction and the answers are
   normalised (punctuation, number words -> digits, articles dropped, contractions given
-  their apostrophe), and scores min(#humans who gave it / 3, 1), averaged over the 10
-  subsets of 9 of the 10 human answers. One deviation: the prediction is always normalised
-  (vqaEval.py skips that when all ten humans agree; EvalAI's server, which scores the test
-  sets, always normalises), because a spoken answer always comes capitalised and with its
-  full stop.
-* OCR-VQA is exact match after the same normalisation.
+  their apostrophe); when all ten are the same string, nothing is normalised (`Yes.`
+  against ten `yes` scores 0). A prediction scores min(#humans who gave it / 3, 1),
+  averaged over the 10 subsets of 9 of the 10 human answers. The lenient figure always
+  normalises the prediction (a spoken answer comes capitalised and with its full stop).
+* OCR-VQA's headline is strict exact match: the prediction and a reference, each
+  lower-cased with its surrounding whitespace stripped, are the same string (as OCR-VQA
+  is commonly scored, e.g. big_vision's evaluator). Beside it: exact match after the VQA
+  normalisation, and the contained answer below.
 
-Every metric also has a lenient variant for conversational answers (the MoshiVis paper's
+Every metric also has a variant for conversational answers (the MoshiVis paper's
 formatting notes, Appendix B.2): CIDEr-D of the first sentence with the conversational
 lead-in ("the image shows", "I see") removed, and for the question answering tasks a
 reference counted as given when it appears, word for word, inside the normalised answer.
-Reports show the raw score first and name what the lenient one changed.
+Reports show the official (raw) score first and name what each other figure changed.
 """
 
 from __future__ import annotations
@@ -113,21 +116,48 @@ def contains(haystack: str, needle: str) -> bool:
     return f" {needle} " in f" {haystack} "
 
 
-def vqa_accuracy(prediction: str, answers: Sequence[str], lenient: bool = False) -> float:
-    """The official VQA accuracy of one prediction against the human answers (normally
-    10): min(#matches among the other 9 / 3, 1), averaged over leaving each one out.
+VQA_RULES = {
+    "official": "the official rule (vqaEval.py): answers normalised (punctuation, number "
+                "words to digits, articles, contractions) unless all ten humans gave the "
+                "same string, then compared as given",
+    "lenient": "the prediction always normalised, the human answers as the official rule "
+               "treats them",
+    "contained": "a human answer counts as given when it occurs word for word inside the "
+                 "normalised prediction (conversational answers are sentences)",
+}
+OCR_RULES = {
+    "strict": "the prediction equals a reference, both lower-cased with surrounding "
+              "whitespace stripped",
+    "normalised": "the prediction equals a reference after the VQA normalisation of both "
+                  "(punctuation, number words to digits, articles, contractions)",
+    "contained": "a normalised reference occurs word for word inside the normalised "
+                 "prediction (conversational answers are sentences)",
+}
 
-    References are normalised as vqaEval.py does (only when the humans disagree: the
-    annotation files hold normalised answers); the prediction always (see the module
-    docstring). `lenient`: a human answer matches when it occurs inside the prediction.
+
+def _rule(rule: str, rules: dict[str, str]) -> str:
+    if rule not in rules:
+        raise ValueError(f"unknown rule {rule!r}: one of {', '.join(rules)}")
+    return rule
+
+
+def vqa_accuracy(prediction: str, answers: Sequence[str], rule: str = "official") -> float:
+    """VQA accuracy of one prediction against the human answers (normally 10):
+    min(#matches among the other 9 / 3, 1), averaged over leaving each one out.
+
+    `rule` (VQA_RULES): "official" is vqaEval.py's, which normalises nothing when all the
+    answers are the same string; "lenient" always normalises the prediction; "contained"
+    also accepts an answer found inside the prediction.
     """
+    _rule(rule, VQA_RULES)
     gts = [clean(a) for a in answers]
     if not gts:
         return 0.0
-    if len(set(gts)) > 1:
+    disagree = len(set(gts)) > 1
+    if disagree:
         gts = [normalize_answer(a) for a in gts]
-    pred = normalize_answer(prediction)
-    match = [contains(pred, g) if lenient else g == pred for g in gts]
+    pred = normalize_answer(prediction) if disagree or rule != "official" else clean(prediction)
+    match = [contains(pred, g) if rule == "contained" else g == pred for g in gts]
     total = 0.0
     for i in range(len(gts)):
         matching = sum(m for j, m in enumerate(match) if j != i)
@@ -135,11 +165,20 @@ def vqa_accuracy(prediction: str, answers: Sequence[str], lenient: bool = False)
     return total / len(gts)
 
 
-def exact_match(prediction: str, answers: Sequence[str], lenient: bool = False) -> float:
-    """1 if the normalised prediction equals (lenient: contains) a normalised reference."""
+def strict_answer(text: str) -> str:
+    """An answer as strict exact match compares it: lower-cased, surrounding whitespace
+    stripped, nothing else."""
+    return text.strip().lower()
+
+
+def exact_match(prediction: str, answers: Sequence[str], rule: str = "strict") -> float:
+    """1 if the prediction matches a reference under `rule` (OCR_RULES), else 0."""
+    _rule(rule, OCR_RULES)
+    if rule == "strict":
+        return float(strict_answer(prediction) in {strict_answer(a) for a in answers})
     pred = normalize_answer(prediction)
     refs = [normalize_answer(a) for a in answers]
-    if lenient:
+    if rule == "contained":
         return float(any(contains(pred, r) for r in refs))
     return float(pred in refs)
 
@@ -229,12 +268,22 @@ def wilson_ci(successes: float, n: int, confidence: float = CONFIDENCE) -> tuple
 
 # -- one task's score ------------------------------------------------------------------------------
 
-Scorer = Callable[[str, Sequence[str], bool], float]
+Scorer = Callable[[str, Sequence[str], str], float]
+
+QA_TASKS: dict[str, tuple[str, Scorer, dict[str, str], bool]] = {
+    "vqav2": ("VQA accuracy", vqa_accuracy, VQA_RULES, False),
+    "ocrvqa": ("exact-match accuracy", exact_match, OCR_RULES, True),
+}
+"""Per task: the metric, its scorer, its rules (headline first, the contained answer
+last) and whether a sample's score is 0 or 1 (a binomial interval)."""
 
 
 def score_task(task: str, predictions: Sequence[str], references: Sequence[Sequence[str]],
                ptb: str = "python") -> dict:
-    """The task's metric, raw and lenient, each with its 95% interval and per-sample values."""
+    """The task's metric, raw and lenient, each with its 95% interval and per-sample values.
+
+    For the question answering tasks the headline (`score`) is the rule published numbers
+    use, `normalised_score` the contained answer, and `other_scores` the figures between."""
     n = len(predictions)
     if task == "coco":
         raw, per = cider_d(predictions, references, ptb)
@@ -243,40 +292,49 @@ def score_task(task: str, predictions: Sequence[str], references: Sequence[Seque
         ci, ci_norm = bootstrap_ci(per), bootstrap_ci(per_norm)
         return {
             "metric": "CIDEr-D", "units": "CIDEr x 100", "samples": n,
-            "score": raw, "ci95": list(ci),
+            "score": raw, "score_name": "raw", "ci95": list(ci),
             "ci_method": f"percentile bootstrap over samples ({BOOTSTRAP} resamples, IDF "
                          f"of the whole set kept fixed)",
             "tokenizer": "PTBTokenizer (Java)" if ptb == "java" else "Python PTB tokenization",
-            "normalised_score": norm, "normalised_ci95": list(ci_norm),
-            "normalisation": CAPTION_NORMALISATION,
+            "normalised_score": norm, "normalised_name": "lenient",
+            "normalised_ci95": list(ci_norm), "normalisation": CAPTION_NORMALISATION,
+            "other_scores": [],
             "per_sample": per.tolist(), "per_sample_normalised": per_norm.tolist(),
         }
-    if task == "vqav2":
-        name, scorer, binary = "VQA accuracy", vqa_accuracy, False
-    elif task == "ocrvqa":
-        name, scorer, binary = "exact-match accuracy", exact_match, True
-    else:
+    if task not in QA_TASKS:
         raise ValueError(f"unknown task {task!r}")
-    per = np.array([scorer(p, r, False) for p, r in zip(predictions, references)])
-    per_norm = np.array([scorer(p, r, True) for p, r in zip(predictions, references)])
-    if binary:
-        ci = wilson_ci(per.sum(), n)
-        ci_norm = wilson_ci(per_norm.sum(), n)
-        method = "Wilson score interval (binomial)"
-    else:
-        ci, ci_norm = bootstrap_ci(per), bootstrap_ci(per_norm)
-        method = f"percentile bootstrap over samples ({BOOTSTRAP} resamples)"
-    mean = lambda a: 100.0 * float(a.mean()) if len(a) else float("nan")  # noqa: E731
+    name, scorer, rules, binary = QA_TASKS[task]
+    figures = {rule: _qa_figure(scorer, rule, predictions, references, binary)
+               for rule in rules}
+    head, *middle, last = rules
+    method = ("Wilson score interval (binomial)" if binary
+              else f"percentile bootstrap over samples ({BOOTSTRAP} resamples)")
+    per, per_norm = figures[head][2], figures[last][2]
     return {
         "metric": name, "units": "%", "samples": n,
-        "score": mean(per), "ci95": [100.0 * c for c in ci], "ci_method": method,
-        "answer_normalisation": "VQA evaluation: punctuation, number words to digits, "
-                                "articles removed, contractions; prediction always normalised",
-        "normalised_score": mean(per_norm), "normalised_ci95": [100.0 * c for c in ci_norm],
-        "normalisation": "a reference counts as given when it occurs word for word inside "
-                         "the normalised answer (conversational answers are sentences)",
+        "score": figures[head][0], "score_name": _RULE_NAMES[head],
+        "ci95": figures[head][1], "ci_method": method, "answer_normalisation": rules[head],
+        "normalised_score": figures[last][0], "normalised_name": _RULE_NAMES[last],
+        "normalised_ci95": figures[last][1], "normalisation": rules[last],
+        "other_scores": [{"name": _RULE_NAMES[r], "score": figures[r][0], "ci95": figures[r][1],
+                          "rule": rules[r]} for r in middle],
         "per_sample": (100.0 * per).tolist(), "per_sample_normalised": (100.0 * per_norm).tolist(),
     }
+
+
+_RULE_NAMES = {"official": "official rule", "lenient": "lenient", "contained": "contained answer",
+               "strict": "strict", "normalised": "normalised"}
+
+
+def _qa_figure(scorer: Scorer, rule: str, predictions: Sequence[str],
+               references: Sequence[Sequence[str]], binary: bool,
+               ) -> tuple[float, list[float], np.ndarray]:
+    """One rule's mean (%), its 95% interval (%) and the per-sample scores (0..1)."""
+    per = np.array([scorer(p, r, rule) for p, r in zip(predictions, references)],
+                   dtype=np.float64)
+    ci = wilson_ci(per.sum(), len(per)) if binary else bootstrap_ci(per)
+    mean = 100.0 * float(per.mean()) if len(per) else float("nan")
+    return mean, [100.0 * c for c in ci], per
 
 
 def running_score(task: str, predictions: Sequence[str],

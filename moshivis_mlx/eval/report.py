@@ -5,7 +5,7 @@ settings, metrics.json and results.md; and joining the shards of one evaluation.
                             shard, the sample ids planned
     OUT/predictions.jsonl   one record per sample, flushed as each is done (a rerun skips
                             the sample ids already there)
-    OUT/metrics.json        the score (raw and lenient) with its 95% interval, time per sample
+    OUT/metrics.json        the scores (headline and lenient) with 95% intervals, time per sample
     OUT/results.md          the same as a table
 
 metrics.json and results.md are written atomically (a temporary file renamed), so a
@@ -150,10 +150,13 @@ def results_table(m: dict[str, Any]) -> str:
         ("quantization", m.get("quantization")),
         ("decoding", m.get("sampling")),
         ("samples scored", done),
-        (f"{m['metric']} (raw)", f"**{_fmt(m['score'])}** {m['units'].replace('CIDEr x 100', '')}"
-                                 f"(95% CI {_fmt(lo)}-{_fmt(hi)})".replace("  ", " ")),
-        (f"{m['metric']} (lenient)", f"{_fmt(m['normalised_score'])} (95% CI {_fmt(nlo)}-"
-                                     f"{_fmt(nhi)})"),
+        (f"{m['metric']} ({m['score_name']})",
+         f"**{_fmt(m['score'])}** {m['units'].replace('CIDEr x 100', '')}"
+         f"(95% CI {_fmt(lo)}-{_fmt(hi)})".replace("  ", " ")),
+        *[(f"{m['metric']} ({o['name']})", f"{_fmt(o['score'])} (95% CI {_fmt(o['ci95'][0])}-"
+                                           f"{_fmt(o['ci95'][1])})") for o in m["other_scores"]],
+        (f"{m['metric']} ({m['normalised_name']})",
+         f"{_fmt(m['normalised_score'])} (95% CI {_fmt(nlo)}-{_fmt(nhi)})"),
         ("time per sample", f"{_fmt(m['time_per_sample_s'], 2)} s (model and image encoding, "
                             f"wall clock)"),
         ("answers ended by", ", ".join(f"{k} {v}" for k, v in sorted(m["stops"].items(),
@@ -165,10 +168,11 @@ def results_table(m: dict[str, Any]) -> str:
     notes = [
         "",
         f"* Confidence interval: {m['ci_method']}.",
-        "* Raw: the model's answer text as it spoke it"
+        f"* {m['score_name'].capitalize()}: the model's answer text as it spoke it"
         + (f", tokenized as COCO's evaluation does ({m['tokenizer']})." if m["task"] == "coco"
-           else f"; answers compared after the {m['answer_normalisation']}."),
-        f"* Lenient: {m['normalisation']}.",
+           else f"; {m['answer_normalisation']}."),
+        *[f"* {o['name'].capitalize()}: {o['rule']}." for o in m["other_scores"]],
+        f"* {m['normalised_name'].capitalize()}: {m['normalisation']}.",
         f"* 'silence': the model spoke, then was silent for {m['settings']['silence_s']} s; "
         f"'cap': it was still going (or never spoke) {m['settings']['max_answer_s']} s after "
         f"the question.",

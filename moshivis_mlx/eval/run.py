@@ -307,8 +307,10 @@ def evaluate(opts: EvalOptions, console: Console) -> dict[str, Any]:
                              note=lambda line: console.print(line, highlight=False))
         records += _ask(opts, plan, models, todo, done, records, out, console)
     metrics = write_reports(out, run, records)
-    console.print(f"{metrics['metric']}: {metrics['score']:.1f} (95% CI {metrics['ci95'][0]:.1f}-"
-                  f"{metrics['ci95'][1]:.1f}), lenient {metrics['normalised_score']:.1f}, "
+    others = "".join(f", {o['name']} {o['score']:.1f}" for o in metrics["other_scores"])
+    console.print(f"{metrics['metric']} ({metrics['score_name']}): {metrics['score']:.1f} "
+                  f"(95% CI {metrics['ci95'][0]:.1f}-{metrics['ci95'][1]:.1f}){others}, "
+                  f"{metrics['normalised_name']} {metrics['normalised_score']:.1f}, "
                   f"{metrics['samples_scored']} samples, "
                   f"{metrics['time_per_sample_s'] or 0:.2f} s per sample -> {out}",
                   highlight=False, soft_wrap=True)
