@@ -227,8 +227,9 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 
 
 def test_micro_batches_sum_to_the_whole_batch():
-    """Each micro-batch's loss divided by the step's totals: their losses and gradients
-    sum to the whole batch's (what accumulation and data parallelism rely on)."""
+    """The slices of one micro-batch, each divided by the micro-batch's totals: their
+    losses and gradients sum to the whole micro-batch's (what data parallelism relies
+    on: the processes share each micro-batch)."""
     lm = trainable_lm()
     codes, images = batch(lm, b=4)
     loss = LossConfig()
@@ -251,6 +252,48 @@ def test_micro_batches_sum_to_the_whole_batch():
     assert total == pytest.approx(float(whole_value), rel=1e-5)
     for k in whole:
         np.testing.assert_allclose(summed[k], np.array(whole[k]), rtol=1e-4, atol=1e-7)
+
+
+def test_accumulated_step_is_the_mean_of_its_micro_batches():
+    """moshi-finetune divides the accumulated loss and gradients by the number of
+    micro-batches: the step's loss is the mean of the micro-batches' own losses (each
+    normalised by its own weights), not the combined batch's; the compiled step of the
+    trainer, accumulating two micro-batches of unequal weight, gives exactly that."""
+    from moshivis_mlx.train.trainer import Batch, Steps, TrainOptions, micro_batch_factors
+
+    lm = trainable_lm()
+    codes, images = batch(lm, b=4)
+    # First micro-batch: the speechless sample alone (a text loss only, where the other
+    # has text and audio), so the mean and the combined batch's loss are far apart.
+    order = [2, 0, 1, 3]
+    codes, images = codes[order], images[mx.array(order)]
+    loss = LossConfig()
+    parts = (slice(0, 1), slice(1, 4))
+    alone = [loss_and_grads(lm, codes[p], images[p], loss)[:2] for p in parts]
+    local = []
+    for p in parts:
+        wt, wa = loss_weights(codes[p], lm.cfg, loss)
+        local.append(Batch(mx.array(codes[p]), images[p], mx.array(wt), mx.array(wa),
+                           len(codes[p]), int((wt > 0).sum() + (wa > 0).sum())))
+    factors, totals = micro_batch_factors(local, loss)
+    w_text, w_audio = loss_weights(codes, lm.cfg, loss)
+    np.testing.assert_allclose(totals, [w_text.sum(), w_audio.sum(), 4,
+                                        (w_text > 0).sum() + (w_audio > 0).sum()], rtol=1e-6)
+    steps = Steps(lm, optim.AdamW(1e-3), TrainOptions(train=None, out=None, loss=loss), None)
+    value, grad = 0.0, None
+    for j, b in enumerate(local):
+        share, _, _, grad = steps.step(b.codes, b.images, b.w_text, b.w_audio, factors[j],
+                                       grad, False)
+        value += float(share)
+    mean = (float(alone[0][0]) + float(alone[1][0])) / 2
+    assert value == pytest.approx(mean, rel=1e-5)
+    combined = float(loss_and_grads(lm, codes, images, loss)[0])
+    assert abs(combined - mean) > 0.1 * mean  # the two rules differ on these batches
+    accumulated = dict(tree_flatten(grad))
+    assert set(accumulated) == set(alone[0][1])
+    for k, g in accumulated.items():
+        want = (np.array(alone[0][1][k]) + np.array(alone[1][1][k])) / 2
+        np.testing.assert_allclose(np.array(g), want, rtol=1e-4, atol=1e-7)
 
 
 def test_quantized_backbone_passes_gradients_to_the_adapters():

@@ -12,11 +12,12 @@ only the model's first codebooks (the MoshiVis paper trains on the first two): t
 transformer then runs only that many sub-steps.
 
 The weights depend only on the codes, so they are computed on the host before a step
-(`loss_weights`), and so are their totals over the whole optimizer step, every
-micro-batch of every process together. Each micro-batch's loss is its weighted sums
-divided by those totals (`LossScale`), so summing the micro-batches' gradients, across
-accumulation steps and across processes, gives exactly the gradient of the loss of the
-combined batch.
+(`loss_weights`), and so are their totals over each micro-batch, its slices on every
+process together. A micro-batch's loss is its weighted sums divided by those totals, and
+the optimizer step's loss is the mean of its micro-batches' losses, as moshi-finetune
+averages them (`LossScale`: each micro-batch's factors are divided by their number). So
+summing the gradients, across accumulation steps and across processes, gives exactly the
+mean of the micro-batches' gradients, however many processes share each micro-batch.
 """
 
 from __future__ import annotations
@@ -94,17 +95,20 @@ def loss_weights(codes: np.ndarray, cfg: LmConfig, loss: LossConfig,
 
 @dataclass
 class LossScale:
-    """The totals of the weights over one optimizer step (all micro-batches, all processes)
-    and the loss weights, as the factors each micro-batch's weighted sums are scaled by."""
+    """The totals of one micro-batch's weights (all processes) and the loss weights, as the
+    factors its weighted sums are scaled by; `micro_batches`: how many the optimizer step
+    averages (moshi-finetune divides the accumulated loss and gradients by that number)."""
 
     text_total: float
     audio_total: float
     loss: LossConfig
+    micro_batches: int = 1
 
     def factors(self) -> mx.array:
-        """[text, audio]: weight / total (0 where nothing is scored)."""
-        t = self.loss.text_weight / float(self.text_total) if self.text_total > 0 else 0.0
-        a = self.loss.audio_weight / float(self.audio_total) if self.audio_total > 0 else 0.0
+        """[text, audio]: weight / total / micro-batches (0 where nothing is scored)."""
+        n = self.micro_batches
+        t = self.loss.text_weight / float(self.text_total) / n if self.text_total > 0 else 0.0
+        a = self.loss.audio_weight / float(self.audio_total) / n if self.audio_total > 0 else 0.0
         return mx.array([t, a], dtype=mx.float32)
 
 

@@ -6,9 +6,10 @@ Data parallel: launched with `mlx.launch -n 2 moshivis-train ...` (the ring back
 localhost, or several machines), every process loads the model, draws the same global
 batch and computes the gradients of its slice; the gradients are summed with
 `mx.distributed.all_sum` before the update. Each micro-batch's loss is already divided
-by the step's global totals of the loss weights (see `loss`), so the summed gradient is
-the gradient of the combined batch: N processes give the adapters one process would on
-the same global batch (up to float rounding). Process 0 writes checkpoints and logs.
+by its global totals of the loss weights and by the number of micro-batches (see `loss`),
+so the summed gradient is the mean of the micro-batches' gradients, as moshi-finetune
+accumulates: N processes give the adapters one process would on the same global batch
+(up to float rounding). Process 0 writes checkpoints and logs.
 """
 
 from __future__ import annotations
@@ -180,6 +181,19 @@ def make_batch(samples: list[Sample], store: ImageStore, cfg, loss: LossConfig) 
     tokens = int((w_text > 0).sum() + (w_audio > 0).sum())
     return Batch(mx.array(codes), images, mx.array(w_text), mx.array(w_audio), len(samples),
                  tokens)
+
+
+def micro_batch_factors(local: list[Batch], loss: LossConfig,
+                        group: mx.distributed.Group | None = None,
+                        ) -> tuple[list[mx.array], np.ndarray]:
+    """Each micro-batch's loss factors, and the step's totals [text weight, audio weight,
+    samples, tokens]. A micro-batch is normalised by its own weights (its slices on every
+    process together) and the step averages its micro-batches, as moshi-finetune does."""
+    per = mx.array([[float(mx.sum(b.w_text)), float(mx.sum(b.w_audio)), b.samples, b.tokens]
+                    for b in local])
+    per = np.array(mx.distributed.all_sum(per, group=group))
+    factors = [LossScale(t, a, loss, len(local)).factors() for t, a, _, _ in per]
+    return factors, per.sum(axis=0)
 
 
 class Steps:
@@ -381,16 +395,13 @@ def train(opts: TrainOptions, console=None) -> dict[str, Any]:
             micro = [shard(next(batches), rank, world) for _ in range(opts.grad_accum)]
             local = [make_batch([train_samples[i] for i in idx], store, cfg, opts.loss)
                      for idx in micro]
-            totals = mx.array([[float(mx.sum(b.w_text)), float(mx.sum(b.w_audio)),
-                                b.samples, b.tokens] for b in local]).sum(axis=0)
-            totals = np.array(mx.distributed.all_sum(totals, group=group))
-            factors = LossScale(totals[0], totals[1], opts.loss).factors()
+            factors, totals = micro_batch_factors(local, opts.loss, group)
             grad = None
             loss = mx.zeros(())
             sums = mx.zeros((2,))
             for j, b in enumerate(local):
                 share, part, norm, grad = steps.step(b.codes, b.images, b.w_text, b.w_audio,
-                                                     factors, grad, j == len(local) - 1)
+                                                     factors[j], grad, j == len(local) - 1)
                 loss, sums = loss + share, sums + part
                 mx.eval(loss, sums, grad, norm, lm.trainable_parameters(), optimizer.state)
             reduced = np.array(mx.distributed.all_sum(mx.concatenate([loss[None], sums]),
