@@ -42,6 +42,7 @@ from synthetic import (
 
 from moshivis_mlx import Generator, Sampler, load_lm, load_mimi, load_vision
 from moshivis_mlx.bundle import read_config
+from moshivis_mlx.sampling import GenerationConfig
 
 LAYERS = 2  # of the tiny LM
 
@@ -152,6 +153,39 @@ def test_mlx_layout_gives_the_pytorch_bundle(work, configs, sources):
     assert cm["source"]["layout"] == "kyuteye-mlx"
     assert cm["vision"]["source"]["layout"] == "kyuteye-mlx"
     assert greedy_run(pt) == greedy_run(mlx)
+
+
+# The fusion settings of Kyutai's MoshiVis config (KyuteyeConfig, as configs/moshika-vis.yaml
+# gives them): xa_start / xa_end are the markers of the tokens cross-attention covers.
+KYUTEYE_FUSION = {
+    "add_boi_eoi": False, "align_img_and_speech_tokens_dim": True,
+    "encoder_name": "siglip_gemma2_448", "image_size": 512, "interpolation": "bicubic",
+    "norm_extra": None, "norm_xa": "rms_norm", "num_crossattended_tokens": -1,
+    "num_extra_tokens": 0, "xa_conditional_gating": True, "xa_delay": 0, "xa_dim": None,
+    "xa_start": "start", "xa_end": "end", "xa_gate_shared": False, "xa_gating": "sigmoid",
+    "xa_layers": [], "xa_shared": True, "xa_step": 1,
+}
+
+
+@pytest.mark.parametrize("scope", [{"xa_start": "start", "xa_end": "end"},
+                                   {"xa_start": 0, "xa_end": "end"}], ids=["markers", "zero"])
+def test_kyutai_moshivis_config_converts_as_without_its_scope(work, configs, sources, scope):
+    """xa_start "start" / xa_end "end" say cross-attention covers every token, as ours
+    does: the model converts to the same bundle, and the same tokens, as without those
+    keys; the generation's xa_start (steps before the image counts) stays ours."""
+    kyuteye = work / f"kyuteye_config_{scope['xa_start']}.json"
+    kyuteye.write_text(json.dumps({**TINY_LM_CONFIG, **KYUTEYE_FUSION, **scope}))
+    args = ("--dtype", "float32", "--no-quantize")
+    plain = convert_lm(work, configs, sources["pt"], f"plain_scope_{scope['xa_start']}", *args)
+    out = work / f"kyuteye_scope_{scope['xa_start']}"
+    ok("--moshi-weights", sources["pt"], "--config", kyuteye, "--vision-config",
+       configs["siglip"], "--out", out, *args)
+    assert_same_tensors(plain, out, "model")
+    cp, ck = read_config(plain), read_config(out)
+    assert ck["lm"] == cp["lm"] and ck["lm"]["cross_attention"]
+    assert ck["generation"] == cp["generation"]
+    assert ck["generation"]["xa_start"] == GenerationConfig().xa_start == 16
+    assert greedy_run(out) == greedy_run(plain)
 
 
 @pytest.mark.parametrize("bits,group", [(8, 64), (4, 32)])

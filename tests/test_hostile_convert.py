@@ -81,10 +81,23 @@ def refused(out: Path, *args, rc: int = 1) -> str:
     ({"lm_gen_config": {"temp": -3}}, "lm_gen_config: audio_temperature: -3.0 is out of range"),
     ({"lm_gen_config": [1]}, "lm_gen_config: expected a JSON object"),
     ({"lm_kwargs": [1, 2]}, "lm_kwargs: expected a JSON object"),
-    ({"xa_start": 2.5}, "xa_start: expected an integer"),
+    ({"xa_start": 2.5}, "xa_start: expected 'start', 'boi', 'eoi' or a token index, got 2.5"),
+    ({"xa_start": [0, 4]}, "xa_start: expected 'start', 'boi', 'eoi' or a token index, got [0"),
+    ({"xa_start": "begin"}, "xa_start: expected 'start', 'boi', 'eoi' or a token index, got "
+                            "'begin'"),
+    ({"xa_start": True}, "xa_start: expected 'start', 'boi', 'eoi' or a token index, got True"),
+    ({"xa_end": -1}, "xa_end: expected 'end', 'eoi' or a token index, got -1"),
+    ({"xa_end": {"at": 3}}, "xa_end: expected 'end', 'eoi' or a token index, got {'at': 3}"),
+    ({"lm_kwargs": {"xa_end": "finish"}}, "xa_end: expected 'end', 'eoi' or a token index"),
+    # Kyutai's values, but a scope this port's cross-attention (every token) does not run
+    ({"xa_start": "boi"}, "xa_start: 'boi' limits cross-attention to part of the stream"),
+    ({"xa_start": 16}, "xa_start: 16 limits cross-attention to part of the stream"),
+    ({"xa_start": "start", "xa_end": 40}, "xa_end: 40 limits cross-attention to part of"),
 ], ids=["context-1e9", "context-negative", "heads-string", "heads-bool", "heads-not-dividing",
         "depformer-heads-1e9", "delays-string", "delays-count", "period-string",
-        "temperature-string", "temperature-negative", "gen-list", "kwargs-list", "xa-float"])
+        "temperature-string", "temperature-negative", "gen-list", "kwargs-list", "xa-float",
+        "xa-list", "xa-unknown", "xa-bool", "xa-end-negative", "xa-end-object",
+        "xa-end-kwargs", "xa-boi", "xa-int", "xa-end-int"])
 def test_kyutai_config_values(tmp_path, files, change, expected):
     config = tmp_path / "config.json"
     config.write_text(json.dumps({**TINY_LM_CONFIG, **change}))

@@ -312,7 +312,7 @@ KYUTAI_TYPES: dict[str, Any] = {
     **{k: int for k in ("dim", "num_heads", "num_layers", "context", "text_card", "card",
                         "audio_card", "n_q", "dep_q", "existing_text_padding_id",
                         "existing_text_end_padding_id", "padding_token_id", "depformer_dim",
-                        "depformer_num_heads", "depformer_num_layers", "xa_start")},
+                        "depformer_num_heads", "depformer_num_layers")},
     "max_period": float,
     "delays": list[int],
     **{k: str for k in ("moshi_name", "mimi_name", "tokenizer_name", "mimi_config_name",
@@ -322,6 +322,33 @@ KYUTAI_TYPES: dict[str, Any] = {
 CONFIG_PATH = "__path__"
 """Where read_kyutai_config found the settings (for messages about them)."""
 GEN_TYPES: dict[str, Any] = {"temp_text": float, "top_k_text": int, "temp": float, "top_k": int}
+XA_SCOPE: dict[str, tuple[str, ...]] = {"xa_start": ("start", "boi", "eoi"),
+                                        "xa_end": ("end", "eoi")}
+"""Kyutai's cross-attention scope (MoshiVis' fusion settings): the markers of the first and
+last token cross-attention covers, or integers (xa_end counted from xa_start). Not our
+generation setting `xa_start`, the steps before the image counts, which a bundle takes
+from its own generation settings (and the command line)."""
+WHOLE_STREAM: dict[str, tuple[Any, ...]] = {"xa_start": ("start", 0), "xa_end": ("end",)}
+"""The scope this port's cross-attention covers: every token (what Kyutai's released
+MoshiVis is trained with: xa_start "start", xa_end "end")."""
+
+
+def check_xa_scope(cfg: dict[str, Any], where: str | Path) -> None:
+    """Kyutai's xa_start / xa_end, read for what they mean: a marker or a token index,
+    and a scope this port runs as trained, or a ConfigError naming the file and the key."""
+    for key, markers in XA_SCOPE.items():
+        value = cfg.get(key)
+        if value is None:
+            continue
+        index = isinstance(value, int) and not isinstance(value, bool) and value >= 0
+        if not index and not (isinstance(value, str) and value in markers):
+            raise ConfigError(f"{where}: {key}: expected {', '.join(map(repr, markers))} or a "
+                              f"token index, got {value!r}")
+        if value not in WHOLE_STREAM[key]:
+            raise ConfigError(f"{where}: {key}: {value!r} limits cross-attention to part of "
+                              f"the stream; this port's covers all of it ({key} "
+                              f"{WHOLE_STREAM[key][0]!r}); the steps before the image counts "
+                              f"are a generation setting (--xa-start)")
 
 
 def check_kyutai_types(cfg: dict[str, Any], where: str | Path) -> None:
@@ -333,6 +360,7 @@ def check_kyutai_types(cfg: dict[str, Any], where: str | Path) -> None:
 
     for key, tp in KYUTAI_TYPES.items():
         check(key, cfg.get(key), tp)
+    check_xa_scope(cfg, where)
     gen = cfg.get("lm_gen_config")
     if gen is not None:
         if not isinstance(gen, dict):
@@ -359,8 +387,9 @@ def read_kyutai_config(path: Path | None) -> dict[str, Any] | None:
 
 
 def kyutai_generation_defaults(kyutai_config: dict[str, Any] | None) -> dict[str, Any]:
-    """The bundle's generation settings: Kyutai's config's `lm_gen_config` and `xa_start`
-    where it gives them, else Kyutai's defaults (bounds checked: GenerationConfig)."""
+    """The bundle's generation settings: Kyutai's config's `lm_gen_config` where it gives
+    them, else Kyutai's defaults (bounds checked: GenerationConfig). The generation's
+    `xa_start` is always the default: the config's xa_start is another thing (XA_SCOPE)."""
     kc = kyutai_config or {}
     d = GenerationConfig()
     gen = kc.get("lm_gen_config") if isinstance(kc.get("lm_gen_config"), dict) else {}
@@ -374,7 +403,7 @@ def kyutai_generation_defaults(kyutai_config: dict[str, Any] | None) -> dict[str
             "text_top_k": get(gen.get("top_k_text"), d.text_top_k),
             "audio_temperature": get(gen.get("temp"), d.audio_temperature),
             "audio_top_k": get(gen.get("top_k"), d.audio_top_k),
-            "xa_start": get(kc.get("xa_start"), d.xa_start),
+            "xa_start": d.xa_start,
         }).to_dict()
     except ConfigError as e:
         raise ConfigError(f"{kc.get(CONFIG_PATH)}: lm_gen_config: {e}") from None
