@@ -77,6 +77,55 @@ def test_another_schema_is_refused(tmp_path):
         Babillage([vqa], "coco")
 
 
+def retyped(tmp_path, column: str, values: list, task: str = "coco"):
+    """A Babillage file of `task` whose `column` holds `values` (one per question)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    questions = VQA_QUESTIONS if task == "vqav2" else COCO_QUESTIONS
+    good = write_parquet(tmp_path / "good.parquet", task, questions,
+                         [tone_bytes()] * len(questions))
+    table = pq.read_table(good)
+    table = table.set_column(table.schema.get_field_index(column), column,
+                             pa.array(values[:len(questions)]))
+    path = tmp_path / f"bad-{column}.parquet"
+    pq.write_table(table, path, row_group_size=2)
+    return path
+
+
+@pytest.mark.parametrize("column,values,expected", [
+    ("sample_id", ["q101", "q102", "q103", "q104", "q105"],
+     "column sample_id, row 0: 'q101' is not an integer"),
+    ("sample_id", ["101", "102", "103", "104", "10 5"],
+     "column sample_id, row 4: '10 5' is not an integer"),  # the second row group
+    ("sample_id", [101, 102, None, 104, 105], "column sample_id, row 2: None is not an integer"),
+    ("sample_id", [1.5, 2.0, 3.0, 4.0, 5.0], "column sample_id holds double, expected integers"),
+    ("sample_id", [[1], [2], [3], [4], [5]], "column sample_id holds list<"),
+    ("image_id", [4.2, 4.2, 7.0, 7.0, 1.9], "column image_id holds double, expected integers "
+                                             "or strings"),
+    ("question_transcript", [1, 2, 3, 4, 5], "column question_transcript holds int64, expected "
+                                             "a list of words"),
+    ("question_transcript", [[1.0]] * 5, "column question_transcript holds list<"),
+    ("answer_transcript", [7] * 5, "column answer_transcript holds int64, expected a list"),
+])
+def test_a_column_of_the_wrong_type_is_one_line(tmp_path, column, values, expected):
+    """Each names the file and the column (and the row, for a value): a DataError, which
+    the command line prints as one line."""
+    path = retyped(tmp_path, column, values)
+    with pytest.raises(DataError) as e:
+        Babillage([path], "coco")
+    message = str(e.value)
+    assert message.startswith(f"{path}: ") and expected in message, message
+    assert "\n" not in message
+
+
+def test_sample_ids_as_strings_of_digits_are_read(tmp_path):
+    path = retyped(tmp_path, "sample_id", ["101", "102", "103", "104", " 105"])
+    ds = Babillage([path], "coco")
+    assert [s.sample_id for s in ds.samples] == [101, 102, 103, 104, 105]
+    assert ds.answer_transcripts()[105] == "It is a house."
+
+
 def test_audio_as_array(tmp_path):
     from moshivis_mlx.eval.data import decode_audio
 
@@ -174,6 +223,11 @@ def test_cli_errors(coco, tmp_path, capsys):
     pq.write_table(pa.table({"id": [1]}), other)
     assert run_cli("--task", "coco", "--data", other, *base[2:], "--annotations", ann) == 1
     assert "not Babillage's coco schema" in _one_line(capsys)
+    named = retyped(tmp_path, "sample_id", ["q1", "q2", "q3", "q4", "q5"])
+    assert run_cli("--task", "coco", "--data", named, *base[2:], "--annotations", ann) == 1
+    line = _one_line(capsys)
+    assert f"{named}: column sample_id, row 0: 'q1' is not an integer" in line
+    assert "internal error" not in line
     assert run_cli("--task", "coco", *base, "--annotations", ann, "--shard", "2/2") == EXIT_USAGE
     assert "--shard 2/2" in _one_line(capsys)
     assert run_cli("--task", "coco", *base, "--annotations", ann, "--adapters", tmp_path) \

@@ -15,7 +15,9 @@ benchmark (`coco`, `ocrvqa`: validation and test splits; `vqav2`: validation), f
     answer_audio, answer_transcript, answer_alignment    the spoken answer (coco, ocrvqa)
 
 Only the question columns (and the ids) are read. The metadata of every row is read up
-front (a few MB); the audio is read one row group at a time when a sample needs it.
+front (a few MB); the audio is read one row group at a time when a sample needs it. A
+column of another type (COLUMN_TYPES), or a sample id that is no integer, is refused in
+one line naming the file and the column.
 
 The references are the benchmarks' own annotation files: COCO captions
 (captions_val2014.json, or Karpathy's dataset_coco.json) keyed by image id; VQAv2's
@@ -96,6 +98,50 @@ def parquet_files(data: str | Path, task: str, split: str | None = None) -> list
     return found
 
 
+def _is_id(t: Any) -> bool:
+    import pyarrow as pa
+
+    return pa.types.is_integer(t) or pa.types.is_string(t) or pa.types.is_large_string(t)
+
+
+def _is_words(t: Any) -> bool:
+    """A transcript: a list of words, or one string."""
+    import pyarrow as pa
+
+    text = pa.types.is_string(t) or pa.types.is_large_string(t)
+    listed = pa.types.is_list(t) or pa.types.is_large_list(t)
+    return text or (listed and (pa.types.is_string(t.value_type)
+                                or pa.types.is_large_string(t.value_type)))
+
+
+COLUMN_TYPES = {
+    "sample_id": (_is_id, "integers"),
+    "image_id": (_is_id, "integers or strings"),
+    "question_transcript": (_is_words, "a list of words (strings)"),
+    "answer_transcript": (_is_words, "a list of words (strings)"),
+}
+"""The columns read besides the audio, and what they must hold: anything else is refused
+before a row is read, naming the file and the column."""
+
+
+def _check_types(path: Path, schema: Any) -> None:
+    for name, (ok, what) in COLUMN_TYPES.items():
+        if name in schema.names and not ok(schema.field(name).type):
+            raise DataError(f"{path}: column {name} holds {schema.field(name).type}, "
+                            f"expected {what}", "give Babillage's parquet files")
+
+
+def as_id(value: Any, path: Path, column: str, row: int) -> int:
+    """A sample id cell as an integer (a string of digits too), or a one-line DataError
+    naming the file, the column and the row."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and re.fullmatch(r"\s*-?\d+\s*", value):
+        return int(value)
+    raise DataError(f"{path}: column {column}, row {row}: {value!r} is not an integer",
+                    "give Babillage's parquet files")
+
+
 def _check_schema(path: Path, schema: Any, task: str) -> None:
     names = set(schema.names)
     missing = [c for c in _required(task) if c not in names]
@@ -104,6 +150,7 @@ def _check_schema(path: Path, schema: Any, task: str) -> None:
             f"{path}: not Babillage's {task} schema: no column {', '.join(missing)} "
             f"(its columns: {', '.join(schema.names)[:200]})",
             "give the parquet files of the task's configuration")
+    _check_types(path, schema)
     import pyarrow as pa
 
     audio = schema.field("question_audio").type
@@ -135,6 +182,7 @@ class Babillage:
         meta = ["sample_id", "question_transcript"] + ([] if task == "vqav2" else ["image_id"])
         index = 0
         for fi, path in enumerate(files):
+            first = 0  # the file's row of the row group's first row
             try:
                 reader = pq.ParquetFile(path)
             except Exception as e:  # pyarrow raises ArrowInvalid, OSError, ...
@@ -151,8 +199,10 @@ class Babillage:
                     text = " ".join(w.strip() for w in (ws or []) if w and w.strip())
                     if isinstance(ws, str):
                         text = ws.strip()
-                    self.samples.append(Sample(index, int(sid), image, text, (fi, rg, row)))
+                    sid = as_id(sid, path, "sample_id", first + row)
+                    self.samples.append(Sample(index, sid, image, text, (fi, rg, row)))
                     index += 1
+                first += len(ids)
         self._groups: OrderedDict[tuple[int, int], list] = OrderedDict()
 
     def __len__(self) -> int:
@@ -196,9 +246,10 @@ class Babillage:
                 raise DataError(f"{self.files[fi]}: no answer_transcript column",
                                 "give the answers with --annotations")
             table = reader.read(columns=["sample_id", "answer_transcript"])
-            for sid, ws in zip(table.column("sample_id").to_pylist(),
-                               table.column("answer_transcript").to_pylist()):
-                out[int(sid)] = ws.strip() if isinstance(ws, str) else " ".join(ws or [])
+            for row, (sid, ws) in enumerate(zip(table.column("sample_id").to_pylist(),
+                                                table.column("answer_transcript").to_pylist())):
+                sid = as_id(sid, self.files[fi], "sample_id", row)
+                out[sid] = ws.strip() if isinstance(ws, str) else " ".join(ws or [])
         return out
 
 
