@@ -65,7 +65,7 @@ class RustMimi:
     def __init__(self, mimi: Mimi, num_codebooks: int, folder: Path | None = None):
         if mimi.cfg != MimiConfig.released():
             raise UsageError("--codec-device rust runs Kyutai's released Mimi only (its "
-                             "configuration is built into rustymimi); this bundle's differs")
+                             "configuration is built into rustymimi); this one differs")
         self._module = _rustymimi()
         self.path = kyutai_mimi_file(mimi, folder)
         self.num_codebooks = num_codebooks
