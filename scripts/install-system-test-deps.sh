@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # System tools the tests marked `system` use (tests/lanes.py names them):
 #   espeak-ng, sox           real speech clips
+#   java (default-jre-headless): pycocoevalcap's PTBTokenizer, the reference the caption
+#                            tokenization is checked against
 #   (Linux) pulseaudio, pulseaudio-utils, libasound2-plugins, libportaudio2, tmux:
 #                            the live-mode tests run the app against a private PulseAudio
 #                            server with null sinks (PortAudio reaches it through ALSA's
@@ -15,6 +17,7 @@ missing() {
     need=()
     command -v espeak-ng >/dev/null 2>&1 || need+=(espeak-ng)
     command -v sox >/dev/null 2>&1 || need+=(sox)
+    command -v java >/dev/null 2>&1 || need+=(default-jre-headless)
     if [ "$(uname -s)" = Linux ]; then
         command -v pulseaudio >/dev/null 2>&1 || need+=(pulseaudio)
         command -v parec >/dev/null 2>&1 || need+=(pulseaudio-utils)

@@ -115,6 +115,8 @@ TOOLS: dict[str, Callable[[], bool]] = {
     "pulseaudio": lambda: (_commands("pulseaudio", "pactl", "parec", "paplay")()
                            and _alsa_pulse_plugin()),
     "portaudio": _portaudio,
+    # A Java runtime: pycocoevalcap's PTBTokenizer (Stanford CoreNLP) runs on it.
+    "java": _commands("java"),
 }
 
 
