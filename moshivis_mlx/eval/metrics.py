@@ -2,7 +2,8 @@
 with confidence intervals.
 
 * CIDEr-D is pycocoevalcap's `Cider` scorer itself, on captions tokenized as COCO's
-  evaluation does (`ptb.tokenize`, or the Java original with ptb="java").
+  evaluation does (`ptb.tokenize_lines`, or the Java original with ptb="java": the same
+  tokens either way).
 * VQA accuracy is the official evaluation's rule (vqaEval.py of the VQA API), quirks
   included: when the ten human answers differ, the prediction and the answers are
   normalised (punctuation, number words -> digits, articles dropped, contractions given
@@ -30,7 +31,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from .ptb import java_tokenize, tokenize
+from .ptb import java_tokenize, tokenize_lines
 
 # -- VQA answer normalisation (vqaEval.py) -----------------------------------------------------
 
@@ -225,9 +226,10 @@ def cider_d(predictions: Sequence[str], references: Sequence[Sequence[str]],
         res = java_tokenize({k: [predictions[k]] for k in keys})
         gts = java_tokenize({k: list(references[k]) for k in keys})
         res = {k: v or [""] for k, v in res.items()}
-    else:
-        res = {k: [tokenize(predictions[k])] for k in keys}
-        gts = {k: [tokenize(r) for r in references[k]] for k in keys}
+    else:  # tokenized together, in the same order as the Java tokenizer gets them
+        res = {k: [t] for k, t in zip(keys, tokenize_lines([predictions[k] for k in keys]))}
+        flat = iter(tokenize_lines([r for k in keys for r in references[k]]))
+        gts = {k: [next(flat) for _ in references[k]] for k in keys}
     score, scores = Cider().compute_score(gts, res)
     return 100.0 * float(score), 100.0 * np.asarray(scores, dtype=np.float64)
 
