@@ -18,7 +18,8 @@ from moshivis_mlx.models.lm import LmConfig
 from moshivis_mlx.text import TextTokenizer, find_tokenizer
 from moshivis_mlx.train.batches import Order, collate, shard
 from moshivis_mlx.train.dataset import Preparer, Sample
-from moshivis_mlx.train.interleave import text_stream
+from moshivis_mlx.train.interleave import (newline_token, text_frames, text_stream,
+                                           window_starts, window_words, word_tokens)
 from moshivis_mlx.train.manifest import ManifestError, read_manifest
 
 PAD, EPAD = 3, 0
@@ -49,6 +50,81 @@ def test_a_word_starting_early_replaces_what_is_left_of_the_previous_one():
 
 def test_no_words_is_all_padding():
     assert text_stream([], 4, 12.5, None, PAD, EPAD).tolist() == [PAD] * 4
+
+
+def test_an_empty_word_cuts_the_previous_word_short():
+    """An empty word has no tokens but still takes over from the word being placed."""
+    words = [("long", 0.0, 0.3), ("", 0.1, 0.2), ("next", 0.25, 0.3)]
+    enc = words_encoder({"long": [1, 2, 3, 4], "": [], "next": [7]})
+    # frame 0 "long"; frame 1 the empty word: nothing left to place; 0.25 s is frame 3.
+    assert text_stream(words, 5, 12.5, enc, PAD, EPAD).tolist() == [1, PAD, EPAD, 7, PAD]
+
+
+def test_word_tokens_strip_and_keep_newlines():
+    table = {"a": [5], "b": [6, 7], "\n": [99, 42]}
+    enc = words_encoder(table)
+    nl = newline_token(enc)
+    assert nl == 42  # the last piece of encoding a newline
+    assert word_tokens("a\nb", enc, nl) == [5, 42, 6, 7]
+    assert word_tokens("a\n\nb", enc, nl) == [5, 42, 42, 6, 7]
+    assert word_tokens(" a\n", enc, nl) == [5]  # stripped first
+    assert word_tokens("", enc, nl) == [] and word_tokens(" \n ", enc, nl) == []
+    # A tokenizer that drops newlines: the lines' tokens follow each other.
+    assert newline_token(lambda text: []) is None
+    assert word_tokens("a\nb", enc, None) == [5, 6, 7]
+
+
+def newline_tokenizer():
+    """A SentencePiece word model that keeps newlines (as Moshi's must for moshi-finetune,
+    which takes the last piece of encoding "\\n")."""
+    import io
+
+    import sentencepiece as spm
+
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(["red blue green"] * 20), model_writer=model, vocab_size=9,
+        model_type="word", user_defined_symbols=["\n"], normalization_rule_name="identity",
+        unk_id=0, bos_id=1, eos_id=2, pad_id=3, minloglevel=2, hard_vocab_limit=False,
+        num_threads=1)
+    return spm.SentencePieceProcessor(model_proto=model.getvalue())
+
+
+def test_a_word_with_a_newline_is_its_lines_joined_by_the_newline_piece():
+    sp = newline_tokenizer()
+    red, blue = sp.encode("red"), sp.encode("blue")
+    (nl,) = sp.encode("\n")
+    assert len(red) == len(blue) == 1 and sp.id_to_piece(nl) == "\u2581\n"
+    assert sp.encode("red\nblue") != red + [nl] + blue  # not what encoding it whole gives
+    tokens = word_tokens("red\nblue", sp.encode, newline_token(sp.encode))
+    assert tokens == red + [nl] + blue
+    words = [("red\nblue", 0.1, 0.3), ("\n", 0.4, 0.5), ("green", 0.5, 0.6)]
+    got = text_stream(words, 8, 12.5, lambda w: word_tokens(w, sp.encode, nl), PAD, EPAD)
+    #               0     1       2     3        4    5     6              7
+    assert got.tolist() == [EPAD, *red, nl, *blue, PAD, EPAD, *sp.encode("green"), PAD]
+
+
+def test_windows_start_every_window_length_before_the_end():
+    assert window_starts(2.5, 1.0) == [0.0, 1.0, 2.0]
+    assert window_starts(2.0, 1.0) == [0.0, 1.0]  # no empty window at the end
+    assert window_starts(0.3, 30.0) == [0.0]
+    # Starts are held in single precision, as sphn's segments are.
+    assert window_starts(3.0, 1.28)[1] == float(np.float32(1.28)) != 1.28
+
+
+def test_window_words_start_inside_and_are_timed_from_the_window():
+    words = [("a", 0.5, 1.2), ("b", 1.0, 1.1), ("c", 1.9, 2.4), ("d", 2.0, 2.1)]
+    # "a" began before the window: dropped whole; "c" runs past its end: kept; "d" starts
+    # at the end: the next window's.
+    assert window_words(words, 1.0, 1.0) == [("b", 0.0, 1.1 - 1.0), ("c", 1.9 - 1.0, 2.4 - 1.0)]
+
+
+def test_text_frames_of_a_short_last_window():
+    """moshi-finetune gives a window ceil(audio frames x 12.5) text frames, at most the
+    window's length."""
+    assert text_frames(375, 375, 12.5) == 375
+    assert text_frames(7, 13, 12.5) == 13
+    assert text_frames(2, 375, 12.5) == 25
 
 
 # -- manifests ------------------------------------------------------------------------------
@@ -84,11 +160,14 @@ def test_alignment_keeps_the_assistant_s_words_in_order(tmp_path):
     (tmp_path / "a.json").write_text(json.dumps({"alignments": [
         ["world", [1.0, 1.3], "SPEAKER_MAIN"], ["user", [0.1, 0.5], "SPEAKER_OTHER"],
         ["hello", [0.5, 0.9], "SPEAKER_MAIN"], ["", [2.0, 2.1], "SPEAKER_MAIN"],
-        ["bad", [3.0, 3.0], "SPEAKER_MAIN"], ["plain", [4.0, 4.2]]]}))
+        ["bad", [3.0, 3.0], "SPEAKER_MAIN"], ["plain", [4.0, 4.2]],
+        ["two\nlines ", [4.5, 4.6], "SPEAKER_MAIN"]]}))
     m = tmp_path / "m.jsonl"
     m.write_text(json.dumps({"image": "a.png", "audio": "a.wav", "alignment": "a.json"}))
+    # Empty words stay (they cut the word before short); words are kept as written.
     assert read_manifest(m)[0].words == [("hello", 0.5, 0.9), ("world", 1.0, 1.3),
-                                         ("plain", 4.0, 4.2)]
+                                         ("", 2.0, 2.1), ("plain", 4.0, 4.2),
+                                         ("two\nlines ", 4.5, 4.6)]
 
 
 def test_every_bad_line_is_one_line_naming_it(tmp_path):
