@@ -74,20 +74,15 @@ def test_word_tokens_strip_and_keep_newlines():
     assert word_tokens("a\nb", enc, None) == [5, 6, 7]
 
 
+TRAIN_DATA = Path(__file__).resolve().parent / "data" / "train"
+
+
 def newline_tokenizer():
     """A SentencePiece word model that keeps newlines (as Moshi's must for moshi-finetune,
     which takes the last piece of encoding "\\n")."""
-    import io
-
     import sentencepiece as spm
 
-    model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(["red blue green"] * 20), model_writer=model, vocab_size=9,
-        model_type="word", user_defined_symbols=["\n"], normalization_rule_name="identity",
-        unk_id=0, bos_id=1, eos_id=2, pad_id=3, minloglevel=2, hard_vocab_limit=False,
-        num_threads=1)
-    return spm.SentencePieceProcessor(model_proto=model.getvalue())
+    return spm.SentencePieceProcessor(model_file=str(TRAIN_DATA / "newline_words.model"))
 
 
 def test_a_word_with_a_newline_is_its_lines_joined_by_the_newline_piece():
@@ -222,10 +217,12 @@ def bundle(tmp_path_factory) -> Path:
     return build_task_bundle(tmp_path_factory.mktemp("task") / "bundle")
 
 
-def preparer(bundle: Path, cache: Path, speechless: str = "zero", max_frames: int = 375):
+def preparer(bundle: Path, cache: Path, speechless: str = "zero", max_seconds: float = 30.0,
+             text_past_audio: bool = False):
     cfg = load_lm(bundle).cfg
     tok = TextTokenizer(find_tokenizer(bundle), cfg.text_padding_ids)
-    return Preparer(bundle, cfg, tok, cache, max_frames, speechless), cfg, tok
+    return Preparer(bundle, cfg, tok, cache, max_seconds, speechless,
+                    text_past_audio=text_past_audio), cfg, tok
 
 
 def test_speechless_samples_hold_the_whole_transcript(bundle, tmp_path):
@@ -245,11 +242,22 @@ def test_speechless_samples_hold_the_whole_transcript(bundle, tmp_path):
     assert (quiet.codes[1:] == quiet.codes[1:, :1]).all() and (quiet.codes[1:] >= 0).all()
 
 
-def test_speech_samples_mimi_codes_of_both_channels_and_the_words(bundle, tmp_path):
+def window_mimi_codes(bundle: Path, pcm: np.ndarray, start: float, seconds: float):
+    """Mimi's codes [16, frames] of one window of a 24 kHz stereo dialogue, encoded alone."""
     import mlx.core as mx
 
-    from moshivis_mlx.app.wav import read_wav
     from moshivis_mlx.bundle import load_mimi
+
+    mimi = load_mimi(bundle)
+    first = int(start * 24000)
+    piece = pcm[first: first + int(seconds * 24000)]
+    x = np.concatenate([piece, np.zeros((-len(piece) % 1920, 2), np.float32)])
+    return np.concatenate([np.asarray(mimi.encode(mx.array(x[:, c]))) for c in (0, 1)])
+
+
+def test_speech_samples_mimi_codes_of_both_channels_and_the_words(bundle, tmp_path):
+    from moshivis_mlx.app.resample import resample
+    from moshivis_mlx.app.wav import read_wav
 
     write_task(tmp_path, 1, "m", 0)
     words = [("what", 0.30, 0.50), ("colour", 0.9, 1.2)]
@@ -258,29 +266,70 @@ def test_speech_samples_mimi_codes_of_both_channels_and_the_words(bundle, tmp_pa
     m.write_text(json.dumps({"image": "images/m-000.png", "audio": "talk.wav",
                              "alignment": "talk.json"}) + "\n")
     entries = read_manifest(m)
-    p, cfg, tok = preparer(bundle, tmp_path / "cache", max_frames=16)
+    p, cfg, tok = preparer(bundle, tmp_path / "cache", max_seconds=1.0)
     p.encode_all(entries)
     samples = p.samples(entries)
-    assert [s.frames for s in samples] == [16, 9]  # 2 s = 25 frames, cut at 16
+    assert [s.frames for s in samples] == [13, 13]  # 2 s: two windows of 1 s, 12.5 frames
     assert samples[1].where.endswith("(part 2)") and all(s.speech for s in samples)
-    codes = np.concatenate([s.codes for s in samples], axis=1)
     pcm, rate = read_wav(tmp_path / "talk.wav")
-    from moshivis_mlx.app.resample import resample
-
-    mimi = load_mimi(bundle)
-    for channel, rows in ((0, slice(1, 9)), (1, slice(9, 17))):
-        x = resample(pcm[:, channel], rate, 24000)
-        x = np.concatenate([x, np.zeros(-len(x) % 1920, np.float32)])
-        np.testing.assert_array_equal(codes[rows], np.asarray(mimi.encode(mx.array(x))))
-    expected = text_stream(words, 25, 12.5, tok.sp.encode, PAD, EPAD)
-    np.testing.assert_array_equal(codes[0], expected)
-    assert codes[0, 3] == tok.sp.encode("what")[0] and codes[0, 2] == EPAD
+    pcm = np.stack([resample(pcm[:, c], rate, 24000) for c in (0, 1)], axis=1)
+    for s, start in zip(samples, (0.0, 1.0)):
+        # Each window's audio is encoded on its own, as moshi-finetune encodes a sample.
+        np.testing.assert_array_equal(s.codes[1:], window_mimi_codes(bundle, pcm, start, 1.0))
+    expected = text_stream(words, 13, 12.5, tok.sp.encode, PAD, EPAD)
+    np.testing.assert_array_equal(samples[0].codes[0], expected)
+    assert expected[3] == tok.sp.encode("what")[0] and expected[2] == EPAD
+    assert (samples[1].codes[0] == PAD).all()  # "colour" began in the first window
     # Cached: a second preparer encodes nothing (no Mimi is loaded).
-    again, _, _ = preparer(bundle, tmp_path / "cache", max_frames=16)
+    again, _, _ = preparer(bundle, tmp_path / "cache", max_seconds=1.0)
     again.encode_all(entries)
     assert again._mimi is None and again._vision is None
-    np.testing.assert_array_equal(
-        np.concatenate([s.codes for s in again.samples(entries)], axis=1), codes)
+    for s, t in zip(samples, again.samples(entries)):
+        np.testing.assert_array_equal(s.codes, t.codes)
+
+
+def test_windows_of_a_long_dialogue_are_built_as_moshi_finetune_builds_them(bundle, tmp_path):
+    """A 2.5 s dialogue in 1 s windows (13 frames each, the last one 0.5 s of audio = 7
+    frames), every frame worked by hand from moshi-finetune's rules."""
+    write_task(tmp_path, 1, "m", 0)
+    words = [("red", 0.10, 0.30),                 # frame 1 of window 0
+             ("what colour is the", 0.90, 1.20),  # frame 11 of window 0: 4 tokens, 2 fit
+             ("blue", 1.20, 1.40),                # frame 2 of window 1 (1.2 - 1.0 = 0.2 s)
+             ("green yellow", 1.97, 2.10),        # frame 12 of window 1, its last
+             ("is the shape?", 2.00, 2.30),       # frame 0 of window 2
+             ("", 2.10, 2.15),                    # frame 1 of window 2: cuts the above short
+             ("red", 2.30, 2.40)]                 # frame 3 of window 2
+    write_dialogue(tmp_path, "long", 2.5, words)
+    m = tmp_path / "speech.jsonl"
+    m.write_text(json.dumps({"image": "images/m-000.png", "audio": "long.wav",
+                             "alignment": "long.json"}) + "\n")
+    entries = read_manifest(m)
+    p, cfg, tok = preparer(bundle, tmp_path / "cache", max_seconds=1.0)
+    p.encode_all(entries)
+    samples = p.samples(entries)
+    red, blue = tok.sp.encode("red"), tok.sp.encode("blue")
+    what, colour = tok.sp.encode("what colour is the")[:2]
+    green = tok.sp.encode("green yellow")[0]
+    is_ = tok.sp.encode("is the shape?")[0]
+    o = PAD
+    assert [s.codes[0].tolist() for s in samples] == [
+        # 0     1     2  3  4  5  6  7  8  9  10    11    12
+        [EPAD, *red, o, o, o, o, o, o, o, o, EPAD, what, colour],
+        # the tail of "what colour is the" is not carried over; no end-of-padding in the
+        # last frame for the word starting right after the cut
+        [o, EPAD, *blue, o, o, o, o, o, o, o, o, EPAD, green],
+        # the word at the window's start has no end-of-padding before it
+        [is_, o, EPAD, *red, o, o, o],
+    ]
+    assert [s.frames for s in samples] == [13, 13, 7]
+    assert [s.where[-8:] for s in samples] == ["(part 1)", "(part 2)", "(part 3)"]
+    # moshi-finetune's short last window: the text runs on in padding to 13 frames
+    # (ceil(7 x 12.5) > 13), over no audio.
+    q = preparer(bundle, tmp_path / "cache", max_seconds=1.0, text_past_audio=True)[0]
+    last = q.samples(entries)[-1]
+    assert last.codes[0].tolist() == [is_, o, EPAD, *red] + [o] * 9
+    assert (last.codes[1:, 7:] == -1).all()
+    np.testing.assert_array_equal(last.codes[:, :7], samples[-1].codes)
 
 
 def test_a_mono_wav_is_refused_naming_the_line(bundle, tmp_path):
@@ -325,7 +374,7 @@ def test_babillage_rows_become_a_question_then_an_answer(bundle, tmp_path):
     p, cfg, tok = preparer(bundle, tmp_path / "cache")
     p.encode_all(entries)
     (s,) = p.samples(entries)
-    assert s.speech and s.frames == 12  # 0.9 s
+    assert s.speech and s.frames == 12  # 0.9 s: one window
     # The answer's words are shifted by the question's 0.5 s: frames 6 and 8.
     expected = text_stream([("a", 0.55, 0.6), ("house", 0.7, 0.85)], 12, 12.5,
                            tok.sp.encode, PAD, EPAD)
