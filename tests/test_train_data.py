@@ -6,6 +6,7 @@ seeded mixing order."""
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from moshivis_mlx.train.batches import Order, collate, shard
 from moshivis_mlx.train.dataset import Preparer, Sample
 from moshivis_mlx.train.interleave import (newline_token, text_frames, text_stream,
                                            window_starts, window_words, word_tokens)
-from moshivis_mlx.train.manifest import ManifestError, read_manifest
+from moshivis_mlx.train.manifest import ManifestError, read_alignment, read_manifest
 
 PAD, EPAD = 3, 0
 
@@ -120,6 +121,35 @@ def test_text_frames_of_a_short_last_window():
     assert text_frames(375, 375, 12.5) == 375
     assert text_frames(7, 13, 12.5) == 13
     assert text_frames(2, 375, 12.5) == 25
+
+
+def test_windows_equal_moshi_finetune_s(tmp_path):
+    """64 random dialogues (other speakers, overlapping, zero-length and empty words, words
+    with newlines, words across every cut), cut in windows of 1 to 3.3 s: every window's
+    text stream is the one moshi-finetune's InterleavedTokenizer builds
+    (scripts/make_window_reference.py), with its short last windows' text run on."""
+    ref = json.loads((TRAIN_DATA / "windows_reference.json").read_text())
+    sp = newline_tokenizer()
+    nl = newline_token(sp.encode)
+    encode = lambda w: word_tokens(w, sp.encode, nl)  # noqa: E731
+    n_windows = 0
+    for k, case in enumerate(ref["cases"]):
+        path = tmp_path / f"{k}.json"
+        path.write_text(json.dumps({"alignments": case["alignments"]}))
+        words = read_alignment(path, "test")
+        window, samples = case["window"], int(case["duration"] * 24000)
+        window_frames = math.ceil(window * 12.5)
+        starts = window_starts(case["duration"], window)
+        assert starts == [w["start"] for w in case["windows"]]
+        for start, want in zip(starts, case["windows"]):
+            audio = min(int(window * 24000), samples - int(start * 24000))
+            n_text = text_frames(min(window_frames, math.ceil(audio / 1920)), window_frames,
+                                 12.5)
+            got = text_stream(window_words(words, start, window), n_text, 12.5, encode, PAD,
+                              EPAD).tolist()
+            assert got + [-1] * (window_frames - n_text) == want["text"], (k, start)
+            n_windows += 1
+    assert n_windows == 219
 
 
 # -- manifests ------------------------------------------------------------------------------
