@@ -126,8 +126,9 @@ def test_text_frames_of_a_short_last_window():
 def test_windows_equal_moshi_finetune_s(tmp_path):
     """64 random dialogues (other speakers, overlapping, zero-length and empty words, words
     with newlines, words across every cut), cut in windows of 1 to 3.3 s: every window's
-    text stream is the one moshi-finetune's InterleavedTokenizer builds
-    (scripts/make_window_reference.py), with its short last windows' text run on."""
+    text stream is the one moshi-finetune's InterleavedTokenizer built from the same
+    alignments (recorded once in the reference file, with the dialogues and settings), with
+    its short last windows' text run on."""
     ref = json.loads((TRAIN_DATA / "windows_reference.json").read_text())
     sp = newline_tokenizer()
     nl = newline_token(sp.encode)
