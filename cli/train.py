@@ -48,7 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="chance that a batch slot is a speech sample (default 0.25, the "
                         "paper's trade-off)")
     d.add_argument("--max-seconds", type=float, default=30.0, metavar="S",
-                   help="longest sample; longer dialogues are cut in pieces (default 30)")
+                   help="window length: a dialogue is cut into windows of S seconds, each "
+                        "a sample, as moshi-finetune's duration_sec (default 30)")
+    d.add_argument("--text-past-audio", action="store_true",
+                   help="the text of a dialogue's short last window runs on in padding to "
+                        "the window's length, as in moshi-finetune (default: it stops with "
+                        "the audio)")
     d.add_argument("--speechless-audio", default="zero", metavar="zero|silence",
                    help="audio streams of speechless samples: the zero token (default) or "
                         "Mimi's codes of silence (what moshivis-eval --mode text feeds)")
@@ -126,6 +131,7 @@ def options_from(args: argparse.Namespace):
         batch_size=4 if args.batch_size is None else args.batch_size, grad_accum=args.grad_accum,
         learning_rate=args.learning_rate, warmup=args.warmup, weight_decay=args.weight_decay,
         max_grad_norm=args.max_grad_norm, p_audio=args.p_audio, max_seconds=args.max_seconds,
+        text_past_audio=args.text_past_audio,
         seed=args.seed, val_every=args.val_every, val_batches=args.val_batches,
         save_every=args.save_every, keep_checkpoints=args.keep_checkpoints,
         report_every=args.report_every, grad_checkpoint=args.grad_checkpoint,

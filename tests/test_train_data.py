@@ -6,6 +6,7 @@ seeded mixing order."""
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
@@ -18,8 +19,9 @@ from moshivis_mlx.models.lm import LmConfig
 from moshivis_mlx.text import TextTokenizer, find_tokenizer
 from moshivis_mlx.train.batches import Order, collate, shard
 from moshivis_mlx.train.dataset import Preparer, Sample
-from moshivis_mlx.train.interleave import text_stream
-from moshivis_mlx.train.manifest import ManifestError, read_manifest
+from moshivis_mlx.train.interleave import (newline_token, text_frames, text_stream,
+                                           window_starts, window_words, word_tokens)
+from moshivis_mlx.train.manifest import ManifestError, read_alignment, read_manifest
 
 PAD, EPAD = 3, 0
 
@@ -49,6 +51,106 @@ def test_a_word_starting_early_replaces_what_is_left_of_the_previous_one():
 
 def test_no_words_is_all_padding():
     assert text_stream([], 4, 12.5, None, PAD, EPAD).tolist() == [PAD] * 4
+
+
+def test_an_empty_word_cuts_the_previous_word_short():
+    """An empty word has no tokens but still takes over from the word being placed."""
+    words = [("long", 0.0, 0.3), ("", 0.1, 0.2), ("next", 0.25, 0.3)]
+    enc = words_encoder({"long": [1, 2, 3, 4], "": [], "next": [7]})
+    # frame 0 "long"; frame 1 the empty word: nothing left to place; 0.25 s is frame 3.
+    assert text_stream(words, 5, 12.5, enc, PAD, EPAD).tolist() == [1, PAD, EPAD, 7, PAD]
+
+
+def test_word_tokens_strip_and_keep_newlines():
+    table = {"a": [5], "b": [6, 7], "\n": [99, 42]}
+    enc = words_encoder(table)
+    nl = newline_token(enc)
+    assert nl == 42  # the last piece of encoding a newline
+    assert word_tokens("a\nb", enc, nl) == [5, 42, 6, 7]
+    assert word_tokens("a\n\nb", enc, nl) == [5, 42, 42, 6, 7]
+    assert word_tokens(" a\n", enc, nl) == [5]  # stripped first
+    assert word_tokens("", enc, nl) == [] and word_tokens(" \n ", enc, nl) == []
+    # A tokenizer that drops newlines: the lines' tokens follow each other.
+    assert newline_token(lambda text: []) is None
+    assert word_tokens("a\nb", enc, None) == [5, 6, 7]
+
+
+TRAIN_DATA = Path(__file__).resolve().parent / "data" / "train"
+
+
+def newline_tokenizer():
+    """A SentencePiece word model that keeps newlines (as Moshi's must for moshi-finetune,
+    which takes the last piece of encoding "\\n")."""
+    import sentencepiece as spm
+
+    return spm.SentencePieceProcessor(model_file=str(TRAIN_DATA / "newline_words.model"))
+
+
+def test_a_word_with_a_newline_is_its_lines_joined_by_the_newline_piece():
+    sp = newline_tokenizer()
+    red, blue = sp.encode("red"), sp.encode("blue")
+    (nl,) = sp.encode("\n")
+    assert len(red) == len(blue) == 1 and sp.id_to_piece(nl) == "\u2581\n"
+    assert sp.encode("red\nblue") != red + [nl] + blue  # not what encoding it whole gives
+    tokens = word_tokens("red\nblue", sp.encode, newline_token(sp.encode))
+    assert tokens == red + [nl] + blue
+    words = [("red\nblue", 0.1, 0.3), ("\n", 0.4, 0.5), ("green", 0.5, 0.6)]
+    got = text_stream(words, 8, 12.5, lambda w: word_tokens(w, sp.encode, nl), PAD, EPAD)
+    #               0     1       2     3        4    5     6              7
+    assert got.tolist() == [EPAD, *red, nl, *blue, PAD, EPAD, *sp.encode("green"), PAD]
+
+
+def test_windows_start_every_window_length_before_the_end():
+    assert window_starts(2.5, 1.0) == [0.0, 1.0, 2.0]
+    assert window_starts(2.0, 1.0) == [0.0, 1.0]  # no empty window at the end
+    assert window_starts(0.3, 30.0) == [0.0]
+    # Starts are held in single precision, as sphn's segments are.
+    assert window_starts(3.0, 1.28)[1] == float(np.float32(1.28)) != 1.28
+
+
+def test_window_words_start_inside_and_are_timed_from_the_window():
+    words = [("a", 0.5, 1.2), ("b", 1.0, 1.1), ("c", 1.9, 2.4), ("d", 2.0, 2.1)]
+    # "a" began before the window: dropped whole; "c" runs past its end: kept; "d" starts
+    # at the end: the next window's.
+    assert window_words(words, 1.0, 1.0) == [("b", 0.0, 1.1 - 1.0), ("c", 1.9 - 1.0, 2.4 - 1.0)]
+
+
+def test_text_frames_of_a_short_last_window():
+    """moshi-finetune gives a window ceil(audio frames x 12.5) text frames, at most the
+    window's length."""
+    assert text_frames(375, 375, 12.5) == 375
+    assert text_frames(7, 13, 12.5) == 13
+    assert text_frames(2, 375, 12.5) == 25
+
+
+def test_windows_equal_moshi_finetune_s(tmp_path):
+    """64 random dialogues (other speakers, overlapping, zero-length and empty words, words
+    with newlines, words across every cut), cut in windows of 1 to 3.3 s: every window's
+    text stream is the one moshi-finetune's InterleavedTokenizer built from the same
+    alignments (recorded once in the reference file, with the dialogues and settings), with
+    its short last windows' text run on."""
+    ref = json.loads((TRAIN_DATA / "windows_reference.json").read_text())
+    sp = newline_tokenizer()
+    nl = newline_token(sp.encode)
+    encode = lambda w: word_tokens(w, sp.encode, nl)  # noqa: E731
+    n_windows = 0
+    for k, case in enumerate(ref["cases"]):
+        path = tmp_path / f"{k}.json"
+        path.write_text(json.dumps({"alignments": case["alignments"]}))
+        words = read_alignment(path, "test")
+        window, samples = case["window"], int(case["duration"] * 24000)
+        window_frames = math.ceil(window * 12.5)
+        starts = window_starts(case["duration"], window)
+        assert starts == [w["start"] for w in case["windows"]]
+        for start, want in zip(starts, case["windows"]):
+            audio = min(int(window * 24000), samples - int(start * 24000))
+            n_text = text_frames(min(window_frames, math.ceil(audio / 1920)), window_frames,
+                                 12.5)
+            got = text_stream(window_words(words, start, window), n_text, 12.5, encode, PAD,
+                              EPAD).tolist()
+            assert got + [-1] * (window_frames - n_text) == want["text"], (k, start)
+            n_windows += 1
+    assert n_windows == 219
 
 
 # -- manifests ------------------------------------------------------------------------------
@@ -84,11 +186,14 @@ def test_alignment_keeps_the_assistant_s_words_in_order(tmp_path):
     (tmp_path / "a.json").write_text(json.dumps({"alignments": [
         ["world", [1.0, 1.3], "SPEAKER_MAIN"], ["user", [0.1, 0.5], "SPEAKER_OTHER"],
         ["hello", [0.5, 0.9], "SPEAKER_MAIN"], ["", [2.0, 2.1], "SPEAKER_MAIN"],
-        ["bad", [3.0, 3.0], "SPEAKER_MAIN"], ["plain", [4.0, 4.2]]]}))
+        ["bad", [3.0, 3.0], "SPEAKER_MAIN"], ["plain", [4.0, 4.2]],
+        ["two\nlines ", [4.5, 4.6], "SPEAKER_MAIN"]]}))
     m = tmp_path / "m.jsonl"
     m.write_text(json.dumps({"image": "a.png", "audio": "a.wav", "alignment": "a.json"}))
+    # Empty words stay (they cut the word before short); words are kept as written.
     assert read_manifest(m)[0].words == [("hello", 0.5, 0.9), ("world", 1.0, 1.3),
-                                         ("plain", 4.0, 4.2)]
+                                         ("", 2.0, 2.1), ("plain", 4.0, 4.2),
+                                         ("two\nlines ", 4.5, 4.6)]
 
 
 def test_every_bad_line_is_one_line_naming_it(tmp_path):
@@ -143,10 +248,12 @@ def bundle(tmp_path_factory) -> Path:
     return build_task_bundle(tmp_path_factory.mktemp("task") / "bundle")
 
 
-def preparer(bundle: Path, cache: Path, speechless: str = "zero", max_frames: int = 375):
+def preparer(bundle: Path, cache: Path, speechless: str = "zero", max_seconds: float = 30.0,
+             text_past_audio: bool = False):
     cfg = load_lm(bundle).cfg
     tok = TextTokenizer(find_tokenizer(bundle), cfg.text_padding_ids)
-    return Preparer(bundle, cfg, tok, cache, max_frames, speechless), cfg, tok
+    return Preparer(bundle, cfg, tok, cache, max_seconds, speechless,
+                    text_past_audio=text_past_audio), cfg, tok
 
 
 def test_speechless_samples_hold_the_whole_transcript(bundle, tmp_path):
@@ -166,11 +273,22 @@ def test_speechless_samples_hold_the_whole_transcript(bundle, tmp_path):
     assert (quiet.codes[1:] == quiet.codes[1:, :1]).all() and (quiet.codes[1:] >= 0).all()
 
 
-def test_speech_samples_mimi_codes_of_both_channels_and_the_words(bundle, tmp_path):
+def window_mimi_codes(bundle: Path, pcm: np.ndarray, start: float, seconds: float):
+    """Mimi's codes [16, frames] of one window of a 24 kHz stereo dialogue, encoded alone."""
     import mlx.core as mx
 
-    from moshivis_mlx.app.wav import read_wav
     from moshivis_mlx.bundle import load_mimi
+
+    mimi = load_mimi(bundle)
+    first = int(start * 24000)
+    piece = pcm[first: first + int(seconds * 24000)]
+    x = np.concatenate([piece, np.zeros((-len(piece) % 1920, 2), np.float32)])
+    return np.concatenate([np.asarray(mimi.encode(mx.array(x[:, c]))) for c in (0, 1)])
+
+
+def test_speech_samples_mimi_codes_of_both_channels_and_the_words(bundle, tmp_path):
+    from moshivis_mlx.app.resample import resample
+    from moshivis_mlx.app.wav import read_wav
 
     write_task(tmp_path, 1, "m", 0)
     words = [("what", 0.30, 0.50), ("colour", 0.9, 1.2)]
@@ -179,29 +297,70 @@ def test_speech_samples_mimi_codes_of_both_channels_and_the_words(bundle, tmp_pa
     m.write_text(json.dumps({"image": "images/m-000.png", "audio": "talk.wav",
                              "alignment": "talk.json"}) + "\n")
     entries = read_manifest(m)
-    p, cfg, tok = preparer(bundle, tmp_path / "cache", max_frames=16)
+    p, cfg, tok = preparer(bundle, tmp_path / "cache", max_seconds=1.0)
     p.encode_all(entries)
     samples = p.samples(entries)
-    assert [s.frames for s in samples] == [16, 9]  # 2 s = 25 frames, cut at 16
+    assert [s.frames for s in samples] == [13, 13]  # 2 s: two windows of 1 s, 12.5 frames
     assert samples[1].where.endswith("(part 2)") and all(s.speech for s in samples)
-    codes = np.concatenate([s.codes for s in samples], axis=1)
     pcm, rate = read_wav(tmp_path / "talk.wav")
-    from moshivis_mlx.app.resample import resample
-
-    mimi = load_mimi(bundle)
-    for channel, rows in ((0, slice(1, 9)), (1, slice(9, 17))):
-        x = resample(pcm[:, channel], rate, 24000)
-        x = np.concatenate([x, np.zeros(-len(x) % 1920, np.float32)])
-        np.testing.assert_array_equal(codes[rows], np.asarray(mimi.encode(mx.array(x))))
-    expected = text_stream(words, 25, 12.5, tok.sp.encode, PAD, EPAD)
-    np.testing.assert_array_equal(codes[0], expected)
-    assert codes[0, 3] == tok.sp.encode("what")[0] and codes[0, 2] == EPAD
+    pcm = np.stack([resample(pcm[:, c], rate, 24000) for c in (0, 1)], axis=1)
+    for s, start in zip(samples, (0.0, 1.0)):
+        # Each window's audio is encoded on its own, as moshi-finetune encodes a sample.
+        np.testing.assert_array_equal(s.codes[1:], window_mimi_codes(bundle, pcm, start, 1.0))
+    expected = text_stream(words, 13, 12.5, tok.sp.encode, PAD, EPAD)
+    np.testing.assert_array_equal(samples[0].codes[0], expected)
+    assert expected[3] == tok.sp.encode("what")[0] and expected[2] == EPAD
+    assert (samples[1].codes[0] == PAD).all()  # "colour" began in the first window
     # Cached: a second preparer encodes nothing (no Mimi is loaded).
-    again, _, _ = preparer(bundle, tmp_path / "cache", max_frames=16)
+    again, _, _ = preparer(bundle, tmp_path / "cache", max_seconds=1.0)
     again.encode_all(entries)
     assert again._mimi is None and again._vision is None
-    np.testing.assert_array_equal(
-        np.concatenate([s.codes for s in again.samples(entries)], axis=1), codes)
+    for s, t in zip(samples, again.samples(entries)):
+        np.testing.assert_array_equal(s.codes, t.codes)
+
+
+def test_windows_of_a_long_dialogue_are_built_as_moshi_finetune_builds_them(bundle, tmp_path):
+    """A 2.5 s dialogue in 1 s windows (13 frames each, the last one 0.5 s of audio = 7
+    frames), every frame worked by hand from moshi-finetune's rules."""
+    write_task(tmp_path, 1, "m", 0)
+    words = [("red", 0.10, 0.30),                 # frame 1 of window 0
+             ("what colour is the", 0.90, 1.20),  # frame 11 of window 0: 4 tokens, 2 fit
+             ("blue", 1.20, 1.40),                # frame 2 of window 1 (1.2 - 1.0 = 0.2 s)
+             ("green yellow", 1.97, 2.10),        # frame 12 of window 1, its last
+             ("is the shape?", 2.00, 2.30),       # frame 0 of window 2
+             ("", 2.10, 2.15),                    # frame 1 of window 2: cuts the above short
+             ("red", 2.30, 2.40)]                 # frame 3 of window 2
+    write_dialogue(tmp_path, "long", 2.5, words)
+    m = tmp_path / "speech.jsonl"
+    m.write_text(json.dumps({"image": "images/m-000.png", "audio": "long.wav",
+                             "alignment": "long.json"}) + "\n")
+    entries = read_manifest(m)
+    p, cfg, tok = preparer(bundle, tmp_path / "cache", max_seconds=1.0)
+    p.encode_all(entries)
+    samples = p.samples(entries)
+    red, blue = tok.sp.encode("red"), tok.sp.encode("blue")
+    what, colour = tok.sp.encode("what colour is the")[:2]
+    green = tok.sp.encode("green yellow")[0]
+    is_ = tok.sp.encode("is the shape?")[0]
+    o = PAD
+    assert [s.codes[0].tolist() for s in samples] == [
+        # 0     1     2  3  4  5  6  7  8  9  10    11    12
+        [EPAD, *red, o, o, o, o, o, o, o, o, EPAD, what, colour],
+        # the tail of "what colour is the" is not carried over; no end-of-padding in the
+        # last frame for the word starting right after the cut
+        [o, EPAD, *blue, o, o, o, o, o, o, o, o, EPAD, green],
+        # the word at the window's start has no end-of-padding before it
+        [is_, o, EPAD, *red, o, o, o],
+    ]
+    assert [s.frames for s in samples] == [13, 13, 7]
+    assert [s.where[-8:] for s in samples] == ["(part 1)", "(part 2)", "(part 3)"]
+    # moshi-finetune's short last window: the text runs on in padding to 13 frames
+    # (ceil(7 x 12.5) > 13), over no audio.
+    q = preparer(bundle, tmp_path / "cache", max_seconds=1.0, text_past_audio=True)[0]
+    last = q.samples(entries)[-1]
+    assert last.codes[0].tolist() == [is_, o, EPAD, *red] + [o] * 9
+    assert (last.codes[1:, 7:] == -1).all()
+    np.testing.assert_array_equal(last.codes[:, :7], samples[-1].codes)
 
 
 def test_a_mono_wav_is_refused_naming_the_line(bundle, tmp_path):
@@ -246,7 +405,7 @@ def test_babillage_rows_become_a_question_then_an_answer(bundle, tmp_path):
     p, cfg, tok = preparer(bundle, tmp_path / "cache")
     p.encode_all(entries)
     (s,) = p.samples(entries)
-    assert s.speech and s.frames == 12  # 0.9 s
+    assert s.speech and s.frames == 12  # 0.9 s: one window
     # The answer's words are shifted by the question's 0.5 s: frames 6 and 8.
     expected = text_stream([("a", 0.55, 0.6), ("house", 0.7, 0.85)], 12, 12.5,
                            tok.sp.encode, PAD, EPAD)

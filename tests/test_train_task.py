@@ -65,7 +65,7 @@ def gates_by_step(bundle: Path, adapters: Path, manifest: Path, cache: Path) -> 
     lm = load_lm(bundle)
     apply_adapters(lm, adapters)
     tok = TextTokenizer(find_tokenizer(bundle), lm.cfg.text_padding_ids)
-    prep = Preparer(bundle, lm.cfg, tok, cache, 375, "silence")
+    prep = Preparer(bundle, lm.cfg, tok, cache, 30.0, "silence")
     entries = read_manifest(manifest)
     prep.encode_all(entries)
     samples = prep.samples(entries)

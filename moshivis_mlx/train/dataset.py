@@ -14,9 +14,10 @@ the model's codebooks, rows 9-16 the user's, -1 for "not given"):
   padding; the audio rows are the zero token (-1; `speechless_audio="silence"` fills them
   with Mimi's codes of silence instead, which is what moshivis-eval's text mode and a
   quiet user feed the model); no audio loss.
-* speech: Mimi's codes of both channels, and the assistant's words placed at their frames
-  (`interleave.text_stream`). A dialogue longer than `max_frames` is cut into consecutive
-  pieces of `max_frames`, each a sample.
+* speech: moshi-finetune's samples. The dialogue is cut into windows of `max_seconds`
+  (`interleave.window_starts`), each a sample: Mimi's codes of both channels of that
+  window, encoded on their own, and the assistant's words that start in the window placed
+  at their frames (`interleave.window_words`, `interleave.text_stream`).
 """
 
 from __future__ import annotations
@@ -35,11 +36,14 @@ import numpy as np
 
 from ..adapters import save_safetensors_atomic
 from ..errors import MoshivisError
-from .interleave import text_stream
+from .interleave import (newline_token, text_frames, text_stream, window_starts, window_words,
+                         word_tokens)
 from .manifest import BabillageFiles, Entry, ManifestError, Word
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 SPEECHLESS_AUDIO = ("zero", "silence")
+FRAME_RATE = 12.5
+"""Mimi's frames per second."""
 
 
 @dataclass
@@ -109,10 +113,10 @@ class Preparer:
     """Encodes what is not cached yet (images with SigLIP, dialogues with Mimi) and builds
     the samples. The models are loaded only if something needs encoding."""
 
-    def __init__(self, bundle: Path, lm_cfg, tokenizer, cache: Path, max_frames: int,
+    def __init__(self, bundle: Path, lm_cfg, tokenizer, cache: Path, max_seconds: float,
                  speechless_audio: str = "zero", progress: Progress | None = None,
                  rank: int = 0, world: int = 1, barrier: Callable[[], None] | None = None,
-                 babillage: BabillageFiles | None = None):
+                 babillage: BabillageFiles | None = None, text_past_audio: bool = False):
         from ..bundle import read_config
 
         if speechless_audio not in SPEECHLESS_AUDIO:
@@ -121,7 +125,10 @@ class Preparer:
         self.cfg = lm_cfg
         self.tokenizer = tokenizer
         self.cache = Path(cache)
-        self.max_frames = max_frames
+        self.max_seconds = float(max_seconds)
+        self.max_frames = max(1, math.ceil(self.max_seconds * FRAME_RATE))
+        self._newline = newline_token(self._encode_text)
+        self.text_past_audio = text_past_audio
         self.speechless_audio = speechless_audio
         self.progress = progress or (lambda what, done, total: None)
         self.rank, self.world = rank, world
@@ -169,8 +176,8 @@ class Preparer:
 
     def audio_key(self, e: Entry) -> str:
         if e.kind == "babillage":
-            return _file_key(e.babillage, e.sample_id, self._mimi_id)
-        return _file_key(e.audio, self._mimi_id)
+            return _file_key(e.babillage, e.sample_id, self._mimi_id, self.max_seconds)
+        return _file_key(e.audio, self._mimi_id, self.max_seconds)
 
     def audio_path(self, key: str) -> Path:
         return self.cache / "audio" / f"{key}.safetensors"
@@ -199,10 +206,11 @@ class Preparer:
                 self.progress("image tokens", len(todo_i), len(todo_i))
             for n, (key, e) in enumerate(todo_a):
                 self.progress("Mimi codes", n, len(todo_a))
-                codes, words = self._encode_dialogue(e)
+                codes, words, windows = self._encode_dialogue(e)
                 self.audio_path(key).parent.mkdir(parents=True, exist_ok=True)
                 save_safetensors_atomic(self.audio_path(key), {"codes": mx.array(codes)},
                                         {"words": json.dumps(words),
+                                         "windows": json.dumps(windows),
                                          "frame_rate": repr(self.mimi().frame_rate)})
             if todo_a:
                 self.progress("Mimi codes", len(todo_a), len(todo_a))
@@ -217,24 +225,39 @@ class Preparer:
         except ImageError as err:
             raise ManifestError(f"{e.where}: {err}") from None
 
-    def _encode_dialogue(self, e: Entry) -> tuple[np.ndarray, list[Word]]:
-        """Mimi codes [16, T] (assistant's 8 codebooks, then the user's) and the assistant's
-        words of one dialogue."""
-        mimi = self.mimi()
-        rate = mimi.sample_rate
+    def _encode_dialogue(self, e: Entry
+                         ) -> tuple[np.ndarray, list[Word], list[tuple[float, int]]]:
+        """Mimi codes [16, T] (assistant's 8 codebooks, then the user's) of each window of
+        one dialogue, one after the other; the assistant's words; and each window's start
+        (s) and number of frames."""
+        rate = self.mimi().sample_rate
         if e.kind == "speech":
             assistant, user = self._read_stereo(e, rate)
             words = e.words
         else:
             assistant, user, words = self._babillage_dialogue(e, rate)
-        n = max(len(assistant), len(user))
-        pad = math.ceil(n / mimi.frame_size) * mimi.frame_size
-        channels = []
-        for pcm in (assistant, user):
-            x = np.zeros(pad, dtype=np.float32)
-            x[: len(pcm)] = pcm
-            channels.append(np.asarray(mimi.encode(x)))
-        return np.concatenate(channels, axis=0).astype(np.int32), list(words)
+        pcm = np.zeros((2, max(len(assistant), len(user))), dtype=np.float32)
+        pcm[0, : len(assistant)] = assistant
+        pcm[1, : len(user)] = user
+        pieces, windows = [], []
+        for start in window_starts(pcm.shape[1] / rate, self.max_seconds):
+            codes = self._encode_window(pcm, start, rate)
+            pieces.append(codes)
+            windows.append((start, codes.shape[1]))
+        return np.concatenate(pieces, axis=1), list(words), windows
+
+    def _encode_window(self, pcm: np.ndarray, start: float, rate: int) -> np.ndarray:
+        """Mimi codes [16, frames] of the window starting at `start` s, encoded on their own
+        as moshi-finetune encodes each sample: no context from the audio before it."""
+        mimi = self.mimi()
+        first = int(start * rate)
+        piece = pcm[:, first: first + int(self.max_seconds * rate)]
+        frames = min(self.max_frames, math.ceil(piece.shape[1] / mimi.frame_size))
+        x = np.zeros((2, math.ceil(piece.shape[1] / mimi.frame_size) * mimi.frame_size),
+                     dtype=np.float32)
+        x[:, : piece.shape[1]] = piece
+        channels = [np.asarray(mimi.encode(x[c]))[:, :frames] for c in range(2)]
+        return np.concatenate(channels, axis=0).astype(np.int32)
 
     def _read_stereo(self, e: Entry, rate: int) -> tuple[np.ndarray, np.ndarray]:
         from ..app.resample import resample
@@ -272,9 +295,9 @@ class Preparer:
             raise ManifestError(f"{e.where}: {name}: {len(words)} answer words but "
                                 f"{len(times)} timestamps")
         offset = len(q) / rate
-        aligned = sorted((str(w).strip(), float(s) + offset, float(t) + offset)
-                         for w, (s, t) in zip(words, times) if str(w).strip() and s < t)
-        aligned.sort(key=lambda w: w[1])
+        # Empty words stay: as in an alignment file, they cut the previous word short.
+        aligned = sorted(((str(w), float(s) + offset, float(t) + offset)
+                          for w, (s, t) in zip(words, times) if s < t), key=lambda w: w[1])
         user = np.concatenate([q, np.zeros(len(a), dtype=np.float32)])
         assistant = np.concatenate([np.zeros(len(q), dtype=np.float32), a])
         return assistant, user, aligned
@@ -294,6 +317,10 @@ class Preparer:
 
     def _encode_text(self, text: str) -> list[int]:
         return list(self.tokenizer.sp.encode(text))
+
+    def _encode_word(self, word: str) -> list[int]:
+        """An aligned word's tokens, newlines kept as moshi-finetune keeps them."""
+        return word_tokens(word, self._encode_text, self._newline)
 
     def _speechless_sample(self, e: Entry, image: str) -> Sample:
         tokens, user = [], []
@@ -324,20 +351,36 @@ class Preparer:
         return np.asarray(mx.load(str(path))["codes"])
 
     def _speech_samples(self, e: Entry, image: str) -> list[Sample]:
+        """One sample per window of the dialogue."""
         path = self.audio_path(self.audio_key(e))
         arrays, meta = mx.load(str(path), return_metadata=True)
         codes_audio = np.asarray(arrays["codes"])
         words = [tuple(w) for w in json.loads(meta["words"])]
+        windows = json.loads(meta["windows"])
+        rate = float(meta["frame_rate"])
+        out, first = [], 0
+        for k, (start, frames) in enumerate(windows):
+            codes = self._window_codes(codes_audio[:, first: first + frames],
+                                       window_words(words, start, self.max_seconds), rate)
+            first += frames
+            where = e.where if len(windows) == 1 else f"{e.where} (part {k + 1})"
+            out.append(Sample(codes, image, True, where))
+        return out
+
+    def _window_codes(self, audio: np.ndarray, words: list[Word], rate: float) -> np.ndarray:
+        """[1 + n_q, T] codes of one window: its text (words timed from the window's start),
+        its audio, -1 where nothing is given. The text stops with the audio, unless
+        `text_past_audio` (moshi-finetune's short last window, see `text_frames`); the
+        -1 that moshi-finetune pads each window with to its full length is left out (no
+        loss, and the model is causal)."""
         cfg = self.cfg
-        frames = codes_audio.shape[1]
-        text = text_stream(words, frames, float(meta["frame_rate"]), self._encode_text,
-                           cfg.text_padding_id, cfg.end_of_text_padding_id)
+        n_audio = audio.shape[1]
+        n_text = (text_frames(n_audio, self.max_frames, rate) if self.text_past_audio
+                  else n_audio)
         dep_q, n_user = cfg.dep_q, cfg.n_q - cfg.dep_q
-        codes = np.full((1 + cfg.n_q, frames), -1, dtype=np.int32)
-        codes[0] = text
-        codes[1: 1 + dep_q] = codes_audio[:dep_q]
-        codes[1 + dep_q:] = codes_audio[dep_q: dep_q + n_user]
-        pieces = range(0, frames, self.max_frames)
-        return [Sample(codes[:, s: s + self.max_frames], image, True,
-                       e.where if len(pieces) == 1 else f"{e.where} (part {k + 1})")
-                for k, s in enumerate(pieces)]
+        codes = np.full((1 + cfg.n_q, max(n_audio, n_text)), -1, dtype=np.int32)
+        codes[0, :n_text] = text_stream(words, n_text, rate, self._encode_word,
+                                        cfg.text_padding_id, cfg.end_of_text_padding_id)
+        codes[1: 1 + dep_q, :n_audio] = audio[:dep_q]
+        codes[1 + dep_q:, :n_audio] = audio[dep_q: dep_q + n_user]
+        return codes

@@ -86,7 +86,8 @@ def _file(base: Path, value: Any, key: str, where: str) -> Path:
 
 
 def read_alignment(path: Path, where: str) -> list[Word]:
-    """moshi-finetune's word timestamps: the assistant's words, sorted by start."""
+    """moshi-finetune's word timestamps: the assistant's words that last, sorted by start
+    (moshi-finetune finds a window's words by bisecting the file's order, which assumes it)."""
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -106,8 +107,10 @@ def read_alignment(path: Path, where: str) -> list[Word]:
                                f"[word, [start, end], speaker]")
         speaker = row[2] if len(row) == 3 else MAIN_SPEAKER
         start, end = float(row[1][0]), float(row[1][1])
-        if speaker == MAIN_SPEAKER and row[0].strip() and start < end:
-            words.append((row[0].strip(), start, end))
+        # An empty word stays (it cuts the previous word short, as in moshi-finetune); the
+        # text is kept as written (tokenizing strips it and keeps its newlines).
+        if speaker == MAIN_SPEAKER and start < end:
+            words.append((row[0], start, end))
     return sorted(words, key=lambda w: w[1])
 
 

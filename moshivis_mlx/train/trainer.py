@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -45,7 +46,7 @@ RUN = "run.json"
 
 RESUME_KEYS = ("bundle", "train", "train_sha1", "steps", "batch_size", "grad_accum",
                "learning_rate", "warmup", "weight_decay", "max_grad_norm", "p_audio",
-               "max_seconds", "seed", "speechless_audio", "loss")
+               "max_seconds", "text_past_audio", "seed", "speechless_audio", "loss")
 """Settings a resumed run must share with the run it continues (the others, such as how
 often to validate or how many processes, may change)."""
 
@@ -71,6 +72,9 @@ class TrainOptions:
     max_grad_norm: float = 1.0
     p_audio: float = 0.25
     max_seconds: float = 30.0
+    text_past_audio: bool = False
+    """A short last window's text runs on in padding to the window's length
+    (moshi-finetune's samples); by default it stops with the audio."""
     seed: int = 0
     val_every: int = 100
     val_batches: int | None = None
@@ -115,7 +119,7 @@ class TrainOptions:
 
     @property
     def max_frames(self) -> int:
-        return max(1, round(self.max_seconds * 12.5))
+        return max(1, math.ceil(self.max_seconds * 12.5))
 
 
 # -- the pieces -------------------------------------------------------------------------------
@@ -284,7 +288,8 @@ def run_settings(opts: TrainOptions, bundle: Path) -> dict[str, Any]:
             "steps": opts.steps, "batch_size": opts.batch_size, "grad_accum": opts.grad_accum,
             "learning_rate": opts.learning_rate, "warmup": opts.warmup_steps,
             "weight_decay": opts.weight_decay, "max_grad_norm": opts.max_grad_norm,
-            "p_audio": opts.p_audio, "max_seconds": opts.max_seconds, "seed": opts.seed,
+            "p_audio": opts.p_audio, "max_seconds": opts.max_seconds,
+            "text_past_audio": opts.text_past_audio, "seed": opts.seed,
             "speechless_audio": opts.speechless_audio, "loss": opts.loss.to_dict(),
             "grad_checkpoint": opts.grad_checkpoint}
 
@@ -354,8 +359,9 @@ def train(opts: TrainOptions, console=None) -> dict[str, Any]:
         mx.eval(mx.distributed.all_sum(mx.array(1.0), group=group))
 
     with Counter(console, show=show and console is not None and console.is_terminal) as bars:
-        preparer = Preparer(bundle, cfg, _tokenizer(bundle, cfg), cache, opts.max_frames,
-                            opts.speechless_audio, bars.track, rank, world, barrier, babillage)
+        preparer = Preparer(bundle, cfg, _tokenizer(bundle, cfg), cache, opts.max_seconds,
+                            opts.speechless_audio, bars.track, rank, world, barrier, babillage,
+                            opts.text_past_audio)
         preparer.encode_all(train_entries + valid_entries)
         train_samples = preparer.samples(train_entries)
         valid_samples = preparer.samples(valid_entries)
