@@ -290,13 +290,8 @@ def test_speech_samples_mimi_codes_of_both_channels_and_the_words(bundle, tmp_pa
     from moshivis_mlx.app.resample import resample
     from moshivis_mlx.app.wav import read_wav
 
-    write_task(tmp_path, 1, "m", 0)
     words = [("what", 0.30, 0.50), ("colour", 0.9, 1.2)]
-    write_dialogue(tmp_path, "talk", 2.0, words, rate=16000)
-    m = tmp_path / "speech.jsonl"
-    m.write_text(json.dumps({"image": "images/m-000.png", "audio": "talk.wav",
-                             "alignment": "talk.json"}) + "\n")
-    entries = read_manifest(m)
+    entries = one_dialogue(tmp_path, "talk", 2.0, words, rate=16000)
     p, cfg, tok = preparer(bundle, tmp_path / "cache", max_seconds=1.0)
     p.encode_all(entries)
     samples = p.samples(entries)
@@ -319,6 +314,16 @@ def test_speech_samples_mimi_codes_of_both_channels_and_the_words(bundle, tmp_pa
         np.testing.assert_array_equal(s.codes, t.codes)
 
 
+def one_dialogue(tmp_path, name: str, seconds: float, words, **kwargs) -> list:
+    """A manifest of one picture and one dialogue of `words` ([word, start, end]), read."""
+    write_task(tmp_path, 1, "m", 0)
+    write_dialogue(tmp_path, name, seconds, words, **kwargs)
+    m = tmp_path / "speech.jsonl"
+    m.write_text(json.dumps({"image": "images/m-000.png", "audio": f"{name}.wav",
+                             "alignment": f"{name}.json"}) + "\n")
+    return read_manifest(m)
+
+
 def test_windows_of_a_long_dialogue_are_built_as_moshi_finetune_builds_them(bundle, tmp_path):
     """A 2.5 s dialogue in 1 s windows (13 frames each, the last one 0.5 s of audio = 7
     frames), every frame worked by hand from moshi-finetune's rules."""
@@ -330,11 +335,7 @@ def test_windows_of_a_long_dialogue_are_built_as_moshi_finetune_builds_them(bund
              ("is the shape?", 2.00, 2.30),       # frame 0 of window 2
              ("", 2.10, 2.15),                    # frame 1 of window 2: cuts the above short
              ("red", 2.30, 2.40)]                 # frame 3 of window 2
-    write_dialogue(tmp_path, "long", 2.5, words)
-    m = tmp_path / "speech.jsonl"
-    m.write_text(json.dumps({"image": "images/m-000.png", "audio": "long.wav",
-                             "alignment": "long.json"}) + "\n")
-    entries = read_manifest(m)
+    entries = one_dialogue(tmp_path, "long", 2.5, words)
     p, cfg, tok = preparer(bundle, tmp_path / "cache", max_seconds=1.0)
     p.encode_all(entries)
     samples = p.samples(entries)
