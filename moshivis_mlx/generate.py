@@ -217,11 +217,16 @@ class Generator:
         def run() -> None:
             for _ in range(steps):
                 self.step(silence)
-            # The variants of later spans and of a full window (their values are thrown
-            # away with the reset).
-            for start in self._variant_starts()[1:]:
+            # The variants of later spans are only traced (they differ in shapes alone:
+            # their kernels are those already built); the full window's, without a mask,
+            # also runs once. Their values are thrown away with the reset.
+            starts = self._variant_starts()[1:]
+            for start in starts:
                 self._step = max(self._step, start)
-                self.step(silence)
+                if start == self.window_full_at:
+                    self.step(silence)
+                else:
+                    self._trace(silence)
 
         try:
             self.image_kv = None
@@ -239,6 +244,20 @@ class Generator:
         finally:
             self.image_kv, self.xa_start = image_kv, xa_start
             self.reset()
+
+    def _trace(self, user_codes: Codes) -> None:
+        """Compiles the step's variant at this step without running it: the caches get
+        their evaluated arrays back, and the conversation is reset afterwards anyway."""
+        saved = [list(c.state) for c in self.caches]
+        history = [deque(d, maxlen=d.maxlen)
+                   for d in (self._generated, self._gates, self._user, self._attended)]
+        keys = self.text_sampler._key, self.audio_sampler._key
+        self.step_async(user_codes, evaluate=False)
+        for cache, state in zip(self.caches, saved):
+            cache.state[:] = state
+        self._generated, self._gates, self._user, self._attended = history
+        self.text_sampler._key, self.audio_sampler._key = keys
+        self._pending.pop()
 
     def _variant_starts(self) -> list[int]:
         """The first step of each variant of the attention a conversation goes through."""
