@@ -179,8 +179,12 @@ def test_cross_attention_block_matches_numpy():
     gate = 1 / (1 + np.exp(-(g1 @ w["transformer.layers.1.xa_gate.linear_out.weight"].T - 4)))
     expected = x + gate * y
     np.testing.assert_allclose(ours, expected, atol=1e-5, rtol=1e-5)
-    np.testing.assert_allclose(np.array(mx.sigmoid(cross.scores[0] - 4)), gate, rtol=1e-5)
     np.testing.assert_allclose(np.array(cross.mean_gate()), gate.mean(-1), rtol=1e-5)
+    # A streaming step (one position) keeps the gate's scores, averaged once for the stack.
+    step = CrossAttentionInput(vis.xa, keys, values)
+    layer.cross_attention_block(mx.array(x[:, :1]), step)
+    np.testing.assert_allclose(np.array(mx.sigmoid(step.scores[0] - 4)), gate[:, :1], rtol=1e-5)
+    np.testing.assert_allclose(np.array(step.mean_gate()), gate[:, :1].mean(-1), rtol=1e-5)
 
 
 def test_shared_projections_stored_once_in_the_bundle(tmp_path):

@@ -4,6 +4,8 @@ AdamW): the total, and what each more layer adds."""
 
 from __future__ import annotations
 
+import gc
+
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
@@ -50,6 +52,7 @@ def measured_peak(cfg: LmConfig, checkpoint: bool) -> int:
 
     mx.eval(lm.parameters(), opt.state)
     mx.synchronize()
+    gc.collect()  # what earlier tests left for the collector is not this step's
     mx.clear_cache()
     mx.reset_peak_memory()
     value, grads = nn.value_and_grad(lm, fn)(lm)

@@ -480,9 +480,9 @@ class CrossAttentionInput:
     """What the layers need to attend to an image: the shared module and the image's K/V.
 
     The layers leave what `mean_gate` needs to tell how much each step looked at the image
-    (the paper's Figure 7): `scores`, each layer's gate before its sigmoid ([B, T, D]), or
-    `averaged`, a layer's gate already averaged over the channels ([B, T, 1]: checkpointed
-    layers, forced gates). The average is taken once for the whole stack: a few kernels a
+    (the paper's Figure 7): `scores`, each layer's gate before its sigmoid ([B, 1, D], a
+    streaming step), or `averaged`, a layer's gate already averaged over the channels
+    ([B, T, 1]: whole sequences, forced gates). The average is taken once for the whole stack: a few kernels a
     step, where averaging each layer's gate as it goes would take three per layer and keep
     the gate from fusing into the residual update. `force_gate` replaces every gate by a
     constant (0 turns the image off exactly).
@@ -574,8 +574,11 @@ class TransformerLayer(nn.Module):
         y = cross.attention(self.norm_cross(x), cross.keys, cross.values)
         if cross.force_gate is None:
             scores = self.xa_gate.scores(y)
-            cross.scores.append(scores)
             gate = mx.sigmoid(scores - GATE_OFFSET)  # one kernel with the update below
+            if x.shape[1] == 1:  # a streaming step: averaged once for the whole stack
+                cross.scores.append(scores)
+            else:  # a whole sequence: averaged here, [B, T, 1] kept, not [B, T, D]
+                cross.averaged.append(gate.astype(mx.float32).mean(axis=-1, keepdims=True))
         else:
             gate = mx.full(y.shape, cross.force_gate, dtype=y.dtype)
             cross.averaged.append(mx.full((*y.shape[:-1], 1), cross.force_gate, mx.float32))
