@@ -17,7 +17,9 @@ PYTEST = $(PY) -m pytest -q $(1) $(PYTEST_ARGS) || { rc=$$?; \
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q -e .
+	@# -qq: setuptools' notice that every editable install prints is not a problem of
+	@# ours; errors (a failed build, a dependency conflict) still show, and stop make.
+	$(PIP) install -qq -e .
 	touch $@
 
 $(TEST_STAMP): $(STAMP) requirements-test.txt
@@ -28,7 +30,7 @@ $(TEST_STAMP): $(STAMP) requirements-test.txt
 # The package's `test` extra (pytest, safetensors to write checkpoints in Kyutai's layout, and
 # the evaluation's readers and scorer): no torch, no system tools, nothing needing root.
 $(FAST_STAMP): $(STAMP)
-	$(PIP) install -q -e ".[test]"
+	$(PIP) install -qq -e ".[test]"
 	touch $@
 
 install: $(STAMP)
