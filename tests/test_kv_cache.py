@@ -13,7 +13,7 @@ import pytest
 from moshivis_mlx import LM, Generator, Sampler
 from moshivis_mlx.errors import UsageError
 from moshivis_mlx.models.lm import tiny
-from moshivis_mlx.models.transformer import QuantizedRingKVCache, RingKVCache
+from moshivis_mlx.models.cache import QuantizedRingKVCache, RingKVCache
 
 STEPS = 40
 

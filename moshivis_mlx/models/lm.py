@@ -16,6 +16,7 @@ from typing import ClassVar
 import mlx.core as mx
 import mlx.nn as nn
 
+from .cache import RingKVCache, StepCache
 from .config import ConfigBase, ConfigError, check_divides, check_range
 from .stacked import RowStack
 from .transformer import (
@@ -24,9 +25,7 @@ from .transformer import (
     MAX_WIDTH,
     CrossAttention,
     CrossAttentionInput,
-    RingKVCache,
     RMSNorm,
-    StepCache,
     Transformer,
     TransformerConfig,
 )

@@ -33,7 +33,8 @@ from .config import ConfigBase, ConfigError, check_range
 from .conv import CausalConv1d, CausalConvTranspose1d, ConvState, ConvTransposeState
 from .quantizer import QuantizerConfig, SplitResidualVectorQuantizer
 from .seanet import SeanetConfig, SEANetDecoder, SEANetEncoder, conv_states
-from .transformer import MAX_WIDTH, RingKVCache, Transformer, TransformerConfig
+from .cache import RingKVCache
+from .transformer import MAX_WIDTH, Transformer, TransformerConfig
 
 Array = Any  # np.ndarray or mx.array
 
