@@ -31,8 +31,9 @@ from mlx.utils import tree_flatten, tree_map, tree_map_with_path
 
 from moshivis_mlx.weights_convert.hub import DEFAULT_HF_REPO, QUANTIZATIONS, find_bundle
 
-from ..adapters import write_adapters, write_text_atomic
+from ..adapters import write_adapters
 from ..errors import UsageError, WeightsError
+from ..fileio import atomic_write
 from . import checkpoint
 from .batches import Order, collate, shard
 from .dataset import SPEECHLESS_AUDIO, ImageStore, Preparer, Sample
@@ -388,7 +389,7 @@ def train(opts: TrainOptions, console=None) -> dict[str, Any]:
 
     if show:
         out.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(out / RUN, json.dumps({"settings": settings, "processes": world},
+        atomic_write(out / RUN, json.dumps({"settings": settings, "processes": world},
                                                 indent=2) + "\n")
     order = Order(train_samples, opts.p_audio, opts.seed)
     batches = order.batches(opts.batch_size, start * opts.grad_accum)
