@@ -31,7 +31,7 @@ from moshivis_mlx.models.seanet import SeanetConfig
 from moshivis_mlx.models.transformer import TransformerConfig
 
 from .mapping import Entry, Found, Mapping, check_mapping
-from .safetensors_io import WeightsError, read_json_config
+from .safetensors_io import WeightsError, read_json
 from .source import FloatView, Source
 
 CONV = "conv axes to MLX order"
@@ -122,7 +122,7 @@ def read_mimi_config(path: Path | None) -> MimiConfig:
     """Kyutai's Mimi config JSON (bare, or under a `mimi_config` key); None: the released one."""
     if path is None:
         return MimiConfig.released()
-    d = read_json_config(path)
+    d = read_json(path)
     if isinstance(d.get("mimi_config"), dict):
         d = d["mimi_config"]
     try:
