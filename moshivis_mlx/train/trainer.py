@@ -36,7 +36,7 @@ from ..errors import UsageError, WeightsError
 from ..fileio import atomic_write
 from . import checkpoint
 from .batches import Order, collate, shard
-from .dataset import SPEECHLESS_AUDIO, ImageStore, Preparer, Sample
+from .dataset import FRAME_RATE, SPEECHLESS_AUDIO, ImageStore, Preparer, Sample
 from .loss import LossConfig, LossScale, batch_loss, loss_weights, weighted_sums
 from .manifest import BabillageFiles, read_manifest
 from .model import prepare_for_training, trained_adapters
@@ -120,7 +120,7 @@ class TrainOptions:
 
     @property
     def max_frames(self) -> int:
-        return max(1, math.ceil(self.max_seconds * 12.5))
+        return max(1, math.ceil(self.max_seconds * FRAME_RATE))
 
 
 # -- the pieces -------------------------------------------------------------------------------
