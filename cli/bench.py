@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="untimed steps per scenario after each variant of the step has "
                         "compiled once (default 32; 0 is allowed)")
     p.add_argument("--scenarios", default=",".join(SCENARIOS),
-                   help=f"comma-separated, of {', '.join(SCENARIOS)} (default: all)")
+                   help="comma-separated (default: all, %(default)s)")
     p.add_argument("--pipelined", action="store_true",
                    help="submit each step before collecting the previous one (file mode's "
                         "throughput) instead of one step's latency")
@@ -70,9 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where Mimi runs: on the LM's device (default), MLX's Mimi on the CPU "
                         "(cpu), or Kyutai's Rust Mimi on the CPU (rust: pip install rustymimi)")
     p.add_argument("--codec-frames", type=int, default=50,
-                   help="frames of streaming Mimi encode+decode to time on their own (0: skip)")
+                   help="frames of streaming Mimi encode+decode to time on their own (0: skip; "
+                        "default %(default)s)")
     p.add_argument("--image-encodes", type=int, default=3,
-                   help="photos to encode with the SigLIP tower after a warm-up (0: skip)")
+                   help="photos to encode with the SigLIP tower after a warm-up (0: skip; "
+                        "default %(default)s)")
     p.add_argument("--json", type=Path, metavar="F", help="write the report as JSON")
     p.add_argument("--plot", type=Path, metavar="F.png", help="write the latency plot")
     p.add_argument("--seed", type=int, default=0)
@@ -83,8 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "and by primitive) and the host's time to build them, instead of "
                         "timing; takes --quant, --devices, --json")
     p.add_argument("--devices", default=",".join(DEVICES),
-                   help=f"with --count-kernels: the builds to count for, of "
-                        f"{', '.join(DEVICES)} (default: all)")
+                   help="with --count-kernels: the builds to count for, comma-separated "
+                        "(default: all, %(default)s)")
     p.add_argument("--debug", action="store_true", help="show a traceback on errors")
     return p
 

@@ -45,10 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="references: COCO captions (coco), VQAv2 annotations (vqav2), "
                         "answers by sample id (ocrvqa; default: Babillage's answers)")
     d.add_argument("--mode", default="audio", metavar="audio|text",
-                   help="the question spoken (default) or as text in the text stream")
+                   help="audio: the question spoken; text: as text in the text stream "
+                        "(default %(default)s)")
     d.add_argument("--limit", type=int, metavar="N", help="only the first N samples")
     d.add_argument("--shard", default="0/1", metavar="I/N",
-                   help="this process's share: image groups I, I+N, I+2N, ... (I from 0)")
+                   help="this process's share: image groups I, I+N, I+2N, ... (I from 0; "
+                        "default %(default)s)")
     d.add_argument("--out", required=True, type=Path, metavar="DIR",
                    help="predictions.jsonl, metrics.json, results.md (a rerun resumes)")
 
@@ -71,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--max-answer-s", type=float, default=30.0, metavar="S",
                    help="the longest answer listened to (default 30)")
     a.add_argument("--ptb", default="python", metavar="python|java",
-                   help="CIDEr's tokenizer: Python (default) or pycocoevalcap's Java one")
+                   help="CIDEr's tokenizer: python, or pycocoevalcap's java one "
+                        "(default %(default)s)")
     p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     return p
 

@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "paper's trade-off)")
     d.add_argument("--max-seconds", type=float, default=30.0, metavar="S",
                    help="window length: a dialogue is cut into windows of S seconds, each "
-                        "a sample, as moshi-finetune's duration_sec (default 30)")
+                        "a sample, as moshi-finetune's duration_sec (default %(default)g)")
     d.add_argument("--text-past-audio", action="store_true",
                    help="the text of a dialogue's short last window runs on in padding to "
                         "the window's length, as in moshi-finetune (default: it stops with "
@@ -72,42 +72,53 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep every layer's activations (faster, much more memory)")
 
     t = p.add_argument_group("optimisation")
-    t.add_argument("--steps", type=int, default=1000, metavar="N", help="optimizer steps")
+    t.add_argument("--steps", type=int, default=1000, metavar="N",
+                   help="optimizer steps (default %(default)s)")
     t.add_argument("--batch-size", type=int, metavar="B",
                    help="samples per micro-batch, all processes together (default 4; "
                         "--estimate: 1)")
     t.add_argument("--grad-accum", type=int, default=1, metavar="K",
                    help="micro-batches accumulated per step (default 1)")
-    t.add_argument("--learning-rate", type=float, default=1e-4, metavar="LR")
+    t.add_argument("--learning-rate", type=float, default=1e-4, metavar="LR",
+                   help="peak learning rate of AdamW (default %(default)g)")
     t.add_argument("--warmup", type=int, metavar="N",
                    help="linear warm-up steps, then cosine decay (default 5%% of --steps)")
-    t.add_argument("--weight-decay", type=float, default=0.1)
-    t.add_argument("--max-grad-norm", type=float, default=1.0, help="clipping (0: none)")
-    t.add_argument("--seed", type=int, default=0, help="the data order")
+    t.add_argument("--weight-decay", type=float, default=0.1, metavar="WD",
+                   help="AdamW's weight decay (default %(default)g)")
+    t.add_argument("--max-grad-norm", type=float, default=1.0, metavar="NORM",
+                   help="gradient norm clipping (0: none; default %(default)g)")
+    t.add_argument("--seed", type=int, default=0, metavar="N",
+                   help="the data order (default %(default)s)")
 
     loss = p.add_argument_group("loss (Kyutai's)")
-    loss.add_argument("--text-padding-weight", type=float, default=0.5,
+    loss.add_argument("--text-padding-weight", type=float, default=0.5, metavar="W",
                       help="weight of padding text targets (default 0.5)")
-    loss.add_argument("--first-codebook-weight", type=float, default=100.0,
-                      help="weight of the semantic codebook (default 100)")
+    loss.add_argument("--first-codebook-weight", type=float, default=100.0, metavar="W",
+                      help="weight of the semantic codebook (default %(default)g)")
     loss.add_argument("--audio-codebooks", type=int, default=2, metavar="N",
                       help="supervise the model's first N codebooks of speech samples "
                            "(default 2, the paper's; 8: all)")
     loss.add_argument("--user-text-weight", type=float, default=1.0, metavar="W",
                       help="weight of the user's turns in speechless samples (0: input only, "
-                           "as mlx-lm's --mask-prompt; default 1)")
-    loss.add_argument("--text-loss-weight", type=float, default=1.0)
-    loss.add_argument("--audio-loss-weight", type=float, default=1.0)
+                           "as mlx-lm's --mask-prompt; default %(default)g)")
+    loss.add_argument("--text-loss-weight", type=float, default=1.0, metavar="W",
+                      help="weight of the text loss (default %(default)g)")
+    loss.add_argument("--audio-loss-weight", type=float, default=1.0, metavar="W",
+                      help="weight of the audio loss (default %(default)g)")
 
     r = p.add_argument_group("the run")
     r.add_argument("--resume", action="store_true",
                    help="continue from OUT's last checkpoint (the same settings)")
-    r.add_argument("--val-every", type=int, default=100, metavar="N")
+    r.add_argument("--val-every", type=int, default=100, metavar="N",
+                   help="validate every N steps (default %(default)s)")
     r.add_argument("--val-batches", type=int, metavar="N",
                    help="validation batches (default: the whole validation manifest)")
-    r.add_argument("--save-every", type=int, default=100, metavar="N")
-    r.add_argument("--keep-checkpoints", type=int, default=2, metavar="N")
-    r.add_argument("--report-every", type=int, default=10, metavar="N")
+    r.add_argument("--save-every", type=int, default=100, metavar="N",
+                   help="save a checkpoint every N steps (default %(default)s)")
+    r.add_argument("--keep-checkpoints", type=int, default=2, metavar="N",
+                   help="checkpoints kept, the newest (default %(default)s)")
+    r.add_argument("--report-every", type=int, default=10, metavar="N",
+                   help="report the running loss every N steps (default %(default)s)")
     r.add_argument("--estimate", action="store_true",
                    help="print the memory and time of a full-size adapter step (q8 "
                         "backbone by default, -q to change; --batch-size, --max-seconds) "

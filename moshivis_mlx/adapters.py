@@ -36,6 +36,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from .errors import WeightsError
+from .fileio import atomic_write
 from .models.lm import LM, LmConfig
 
 ADAPTER_WEIGHTS = "adapters.safetensors"
@@ -153,7 +154,7 @@ def write_adapters(out: str | Path, weights: dict[str, mx.array], cfg: LmConfig,
     doc = {"format": FORMAT, "format_version": FORMAT_VERSION, "backbone": backbone_shape(cfg),
            "tensors": len(weights), "parameters": int(sum(v.size for v in weights.values())),
            "training": training or {}}
-    write_text_atomic(out / ADAPTER_CONFIG, json.dumps(doc, indent=2) + "\n")
+    atomic_write(out / ADAPTER_CONFIG, json.dumps(doc, indent=2) + "\n")
     return out
 
 
@@ -205,21 +206,6 @@ def apply_adapters(lm: LM, adapters: Adapters | str | Path, where: str = "the bu
 
 
 # -- atomic files ------------------------------------------------------------------------------
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Writes `text` to a temporary file next to `path`, then renames it into place."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
 
 def save_safetensors_atomic(path: Path, arrays: dict[str, mx.array],
                             metadata: dict[str, str] | None = None) -> None:

@@ -122,10 +122,10 @@ def _check_tensors(model: nn.Module, tables: dict[str, TensorInfo], what: str) -
         raise BundleError(f"{what}: weights do not match the config: " + " | ".join(problems))
 
 
-def listing(items: list[str], limit: int = 6) -> str:
+def listing(items: list[str], limit: int = 6, sep: str = ", ") -> str:
     """The first `limit` items and how many more (an error message stays one short line)."""
-    head = ", ".join(items[:limit])
-    return head if len(items) <= limit else f"{head}, ... ({len(items) - limit} more)"
+    head = sep.join(items[:limit])
+    return head if len(items) <= limit else f"{head}{sep}... ({len(items) - limit} more)"
 
 
 def _check_finite(weights: dict[str, mx.array], what: str) -> None:

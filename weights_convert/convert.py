@@ -42,6 +42,7 @@ from moshivis_mlx.bundle import (
     DTYPES,
     FORMAT_VERSION,
     config_text,
+    listing,
     read_config,
     weight_files,
     write_config,
@@ -70,7 +71,6 @@ from .mapping import (
     check_mapping,
     entry_value,
     identity_mapping,
-    listing,
 )
 from .mimi_layout import check_codebooks_trained, find_mimi, is_mimi, mimi_config_from_kyutai
 from .safetensors_io import (
@@ -292,7 +292,7 @@ def _check_float_sources(mapping: Mapping, view: FloatView) -> None:
     if bad:
         raise WeightsError(f"{view.source.label}: weights stored as integers or in an unsupported "
                            f"float type, expected bfloat16, float16 or float32 (or MLX's 8/4-bit "
-                           f"quantization): {listing(bad, ', ')}")
+                           f"quantization): {listing(bad, 8, ', ')}")
 
 
 def _quantized_modules(tensors: dict[str, tuple[int, ...]]) -> set[str]:

@@ -32,7 +32,7 @@ from moshivis_mlx.quant import PRESETS, QuantSpec, preset_name
 
 from .convert import ConvertOptions, Progress, convert
 from .lm_layout import check_kyutai_types
-from .safetensors_io import WeightsError, check_table, read_json_config
+from .safetensors_io import WeightsError, check_table, read_json
 from .source import Source
 
 LM_FILE = "model.safetensors"
@@ -282,7 +282,7 @@ def resolve_repo(repo: str, moshi_weights: str | Path | None = None,
         except _NotReachable:
             missing.append(CONFIG_FILE)
     try:
-        raw = read_json_config(cfg_path) if cfg_path is not None else {}
+        raw = read_json(cfg_path) if cfg_path is not None else {}
         check_kyutai_types(raw, cfg_path)
     except WeightsError as e:
         raise HubError(str(e)) from None

@@ -40,7 +40,7 @@ from moshivis_mlx.quant import QuantSpec
 from moshivis_mlx.sampling import GenerationConfig
 
 from .mapping import Entry, Found, Mapping, about, check_mapping, model_tensors, rename, renames
-from .safetensors_io import WeightsError, read_json_config
+from .safetensors_io import WeightsError, read_json
 from .source import FloatView, Source, infer_quant_spec
 
 MOSHI_PT = "moshi-pytorch"
@@ -374,7 +374,7 @@ def read_kyutai_config(path: Path | None) -> dict[str, Any] | None:
     types checked."""
     if path is None:
         return None
-    cfg = read_json_config(path)
+    cfg = read_json(path)
     if "format_version" in cfg:
         raise WeightsError(f"{path}: this is the config of a moshivis-mlx bundle; convert the "
                            f"bundle with --bundle DIR")

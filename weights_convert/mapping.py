@@ -26,6 +26,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from moshivis_mlx.bundle import listing
 from moshivis_mlx.models.config import ConfigError
 from moshivis_mlx.quant import QuantSpec, quantize_model
 
@@ -132,19 +133,13 @@ def check_mapping(mapping: Mapping, shapes: dict[str, tuple[int, ...]], what: st
             bad.append(f"{e.src} {list(src)} -> {e.dst} {list(e.shape)}")
     problems = []
     if missing:
-        problems.append(f"missing tensors: {listing(missing, ', ')}")
+        problems.append(f"missing tensors: {listing(missing, 8, ', ')}")
     if unexpected:
-        problems.append(f"unexpected tensors: {listing(unexpected, ', ')}")
+        problems.append(f"unexpected tensors: {listing(unexpected, 8, ', ')}")
     if bad:
-        problems.append(f"mis-shaped tensors: {listing(bad, '; ')}")
+        problems.append(f"mis-shaped tensors: {listing(bad, 8, '; ')}")
     if problems:
         raise WeightsError(f"{what}: " + " | ".join(problems))
-
-
-def listing(items: list[str], sep: str, limit: int = 8) -> str:
-    """The first `limit` items and how many more (an error message stays readable)."""
-    head = sep.join(items[:limit])
-    return head if len(items) <= limit else f"{head}{sep}... ({len(items) - limit} more)"
 
 
 @contextmanager

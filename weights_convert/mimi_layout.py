@@ -23,14 +23,15 @@ from typing import Any
 
 import mlx.core as mx
 
+from moshivis_mlx.bundle import listing
 from moshivis_mlx.models.config import check_value
 from moshivis_mlx.models.mimi import MimiConfig
 from moshivis_mlx.models.quantizer import QuantizerConfig
 from moshivis_mlx.models.seanet import SeanetConfig
 from moshivis_mlx.models.transformer import TransformerConfig
 
-from .mapping import Entry, Found, Mapping, check_mapping, listing
-from .safetensors_io import WeightsError, read_json_config
+from .mapping import Entry, Found, Mapping, check_mapping
+from .safetensors_io import WeightsError, read_json
 from .source import FloatView, Source
 
 CONV = "conv axes to MLX order"
@@ -121,7 +122,7 @@ def read_mimi_config(path: Path | None) -> MimiConfig:
     """Kyutai's Mimi config JSON (bare, or under a `mimi_config` key); None: the released one."""
     if path is None:
         return MimiConfig.released()
-    d = read_json_config(path)
+    d = read_json(path)
     if isinstance(d.get("mimi_config"), dict):
         d = d["mimi_config"]
     try:
@@ -246,7 +247,7 @@ def check_mimi_mapping(mapping: Mapping, shapes: dict[str, tuple[int, ...]], wha
                 bad.append(f"{e.aux} is {list(shapes[e.aux])}, expected {list(e.src_shape[:1])}")
     if bad:
         raise WeightsError(f"{what}: the tensors do not match the Mimi config (pass the "
-                           f"checkpoint's config with --mimi-config): " + listing(bad, "; "))
+                           f"checkpoint's config with --mimi-config): " + listing(bad, 8, "; "))
 
 
 def find_mimi(source: Source, config: Path | MimiConfig | None) -> Found:

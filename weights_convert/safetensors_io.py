@@ -55,11 +55,6 @@ def dtype_code(dtype: mx.Dtype) -> str:
     raise WeightsError(f"cannot store dtype {dtype} in safetensors")
 
 
-def read_json_config(path: str | Path, expected: str = "a JSON object") -> dict:
-    """A JSON config file as a dict; a WeightsError naming the file otherwise."""
-    return read_json(path, expected)
-
-
 def read_tensor(path: str | Path, info: TensorInfo) -> mx.array:
     """One tensor of a file whose header `read_header` validated, read now (only its bytes)."""
     if info.dtype not in MX_DTYPES:

@@ -35,7 +35,7 @@ from moshivis_mlx.quant import QuantSpec
 
 from .lm_layout import CONFIG_PATH, KYUTEYE_MLX, MOSHIVIS_PT
 from .mapping import Entry, Found, Mapping, about, check_mapping, model_tensors, rename, renames
-from .safetensors_io import WeightsError, read_json_config
+from .safetensors_io import WeightsError, read_json
 from .source import FloatView, Source, infer_quant_spec
 
 HF_SIGLIP = "hf-siglip"
@@ -219,7 +219,7 @@ def find_vision(source: Source, hf_config: dict[str, Any] | None) -> Found:
 def read_vision_config(path: Path | None) -> dict[str, Any] | None:
     if path is None:
         return None
-    cfg = read_json_config(path, "a JSON object (HF's SiglipVisionConfig)")
+    cfg = read_json(path, "a JSON object (HF's SiglipVisionConfig)")
     return {**cfg, CONFIG_PATH: str(path)}
 
 

@@ -31,6 +31,7 @@ from .preflight import check_file_mode
 from .resample import Resampler
 from .session import AnswerWatch, AudioFrame, Piece, Session, load_picture
 from .transcript import Transcript, TranscriptWriter
+from .ui import print_line
 from .wav import WavReader, WavWriter
 
 
@@ -174,24 +175,16 @@ def _run(opts: AppOptions, console: Console, session: Session, frames: InputFram
     elapsed = time.perf_counter() - t0
     steady = clock.speed(session.geometry.frame_seconds)
     speed = f"{steady:.1f}x real time after the first frame" if steady else "real time -"
-    _say(console, f"wrote {out_path} ({seconds:.2f} s at {rate} Hz, {done} frames in "
+    print_line(console, f"wrote {out_path} ({seconds:.2f} s at {rate} Hz, {done} frames in "
                   f"{elapsed:.1f} s: {speed}); {ending[1]}")
     if transcript_path is not None:
-        _say(console, f"wrote {transcript_path} ({transcript.count} words)")
+        print_line(console, f"wrote {transcript_path} ({transcript.count} words)")
     text = transcript.text
     if text:
-        _say(console, f"model said: {text[:300]}{' ...' if len(text) > 300 else ''}")
+        print_line(console, f"model said: {text[:300]}{' ...' if len(text) > 300 else ''}")
     if stopped is not None:
         raise stopped
     return 0
-
-
-def _say(console: Console, line: str) -> None:
-    """A line for the user; after SIGHUP there may be no terminal left to print to."""
-    try:
-        console.print(line, highlight=False)
-    except OSError:
-        pass
 
 
 def _ending(watch: AnswerWatch | None, after_s: float, opts: AppOptions,

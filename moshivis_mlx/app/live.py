@@ -43,7 +43,7 @@ from .options import AppOptions
 from .preflight import check_live
 from .recorder import DEFAULT_ROOT, SessionRecorder, default_session_dir
 from .session import AudioFrame, Event, load_picture
-from .ui import KeyReader, PlainUI, TerminalUI
+from .ui import KeyReader, PlainUI, TerminalUI, print_line
 from .worker import EventSink, ModelWorker
 
 FPS = 12
@@ -221,21 +221,13 @@ def run_live(opts: AppOptions, console: Console) -> int:
                 if fatal is not None:
                     recorder.add_event("error", message=str(fatal))
                 saved = recorder.close(summary)
-                _print(console, f"session saved to {saved}/ ({recorder.seconds:.1f} s: "
+                print_line(console, f"session saved to {saved}/ ({recorder.seconds:.1f} s: "
                                 f"conversation.wav, transcript.json, latency.csv)")
             if ui is not None:
-                _print(console, ui.stats.summary())
+                print_line(console, ui.stats.summary())
     if fatal is not None:
         raise fatal
     return 0
-
-
-def _print(console: Console, line: str) -> None:
-    """A line for the user; after SIGHUP there is no terminal to print to."""
-    try:
-        console.print(line, highlight=False)
-    except OSError:
-        pass
 
 
 def _echo_summary(stats: Any) -> dict[str, Any]:

@@ -57,6 +57,15 @@ def gate_style(gate: float | None) -> str:
     return f"rgb({r},{g},{b})"
 
 
+def print_line(console: Console, line: str) -> None:
+    """A line for the user on `console` (rich markup, no highlighting); after SIGHUP there
+    may be no terminal left to print to."""
+    try:
+        console.print(line, highlight=False)
+    except OSError:
+        pass
+
+
 class GateScale:
     """Maps gates onto the colour ramp over the range seen recently.
 

@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from ..errors import MoshivisError, UsageError
+from ..fileio import atomic_write
 from .metrics import score_task
 
 RUN = "run.json"
@@ -34,20 +34,6 @@ TASK_NAMES = {"coco": "COCO captions (Babillage)", "vqav2": "VQAv2 (Babillage)",
               "ocrvqa": "OCR-VQA (Babillage)"}
 TIMING_FIELDS = ("model_s", "image_s", "seconds")
 """Fields of a prediction that differ between identical runs."""
-
-
-def atomic_write(path: Path, text: str) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def read_predictions(path: Path) -> list[dict[str, Any]]:

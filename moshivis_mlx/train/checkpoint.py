@@ -28,9 +28,9 @@ from ..adapters import (
     read_adapters,
     save_safetensors_atomic,
     write_adapters,
-    write_text_atomic,
 )
 from ..errors import MoshivisError
+from ..fileio import atomic_write
 from ..models.lm import LmConfig
 
 CHECKPOINTS = "checkpoints"
@@ -62,7 +62,7 @@ def save(out: Path, step: int, adapters: dict[str, mx.array], optimizer: optim.O
     shutil.rmtree(tmp, ignore_errors=True)
     write_adapters(tmp, adapters, cfg, {"step": step, **state.get("summary", {})})
     save_safetensors_atomic(tmp / OPTIMIZER, dict(tree_flatten(optimizer.state)))
-    write_text_atomic(tmp / STATE, json.dumps({"step": step, **state}, indent=2) + "\n")
+    atomic_write(tmp / STATE, json.dumps({"step": step, **state}, indent=2) + "\n")
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)

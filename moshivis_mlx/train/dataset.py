@@ -36,13 +36,14 @@ import numpy as np
 
 from ..adapters import save_safetensors_atomic
 from ..errors import MoshivisError
+from ..models.mimi import MimiConfig
 from .interleave import (newline_token, text_frames, text_stream, window_starts, window_words,
                          word_tokens)
 from .manifest import BabillageFiles, Entry, ManifestError, Word
 
 CACHE_VERSION = 2
 SPEECHLESS_AUDIO = ("zero", "silence")
-FRAME_RATE = 12.5
+FRAME_RATE = MimiConfig().frame_rate
 """Mimi's frames per second."""
 
 

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 from ..adapters import is_adapter
 from ..models.lm import LM, LmConfig, moshivis_7b
+from ..models.mimi import MimiConfig
 from ..quant import QuantSpec, preset, preset_name, quantizable
 
 SUSTAINED = 0.4
@@ -132,7 +133,7 @@ def estimate(cfg: LmConfig | None = None, quant: QuantSpec | None = Q8,
 def estimate_report(quantize: str = "8", batch: int = 1, seconds: float = 30.0,
                     audio_codebooks: int = 2, grad_checkpoint: bool = True) -> str:
     quant = preset(quantize)
-    frames = round(seconds * 12.5)
+    frames = round(seconds * MimiConfig().frame_rate)
     e = estimate(quant=quant, batch=batch, frames=frames, audio_codebooks=audio_codebooks,
                  grad_checkpoint=grad_checkpoint)
     gb = 1e9

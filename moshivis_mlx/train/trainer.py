@@ -31,11 +31,12 @@ from mlx.utils import tree_flatten, tree_map, tree_map_with_path
 
 from moshivis_mlx.weights_convert.hub import DEFAULT_HF_REPO, QUANTIZATIONS, find_bundle
 
-from ..adapters import write_adapters, write_text_atomic
+from ..adapters import write_adapters
 from ..errors import UsageError, WeightsError
+from ..fileio import atomic_write
 from . import checkpoint
 from .batches import Order, collate, shard
-from .dataset import SPEECHLESS_AUDIO, ImageStore, Preparer, Sample
+from .dataset import FRAME_RATE, SPEECHLESS_AUDIO, ImageStore, Preparer, Sample
 from .loss import LossConfig, LossScale, batch_loss, loss_weights, weighted_sums
 from .manifest import BabillageFiles, read_manifest
 from .model import prepare_for_training, trained_adapters
@@ -119,7 +120,7 @@ class TrainOptions:
 
     @property
     def max_frames(self) -> int:
-        return max(1, math.ceil(self.max_seconds * 12.5))
+        return max(1, math.ceil(self.max_seconds * FRAME_RATE))
 
 
 # -- the pieces -------------------------------------------------------------------------------
@@ -388,7 +389,7 @@ def train(opts: TrainOptions, console=None) -> dict[str, Any]:
 
     if show:
         out.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(out / RUN, json.dumps({"settings": settings, "processes": world},
+        atomic_write(out / RUN, json.dumps({"settings": settings, "processes": world},
                                                 indent=2) + "\n")
     order = Order(train_samples, opts.p_audio, opts.seed)
     batches = order.batches(opts.batch_size, start * opts.grad_accum)

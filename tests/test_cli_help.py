@@ -1,0 +1,49 @@
+"""Every option of the five commands that has a default says it in --help."""
+import argparse
+import importlib
+
+import pytest
+
+PARSERS = [("app", "build_parser"), ("bench", "build_parser"), ("convert", "build_parser"),
+           ("eval", "build_parser"), ("eval", "build_merge_parser"), ("train", "build_parser")]
+FLAGS = (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse._StoreConstAction,
+         argparse._HelpAction, argparse._VersionAction, argparse._CountAction)
+
+
+def _spellings(default) -> set[str]:
+    """How a default may be written in a help text: as is, or a float as %g (2.0: "2")."""
+    out = {str(default).lower()}
+    if isinstance(default, float):
+        out.add(format(default, "g"))
+    return out
+
+
+def _without_default(parser: argparse.ArgumentParser) -> list[str]:
+    formatter = parser._get_formatter()
+    missing = []
+    for action in parser._actions:
+        if isinstance(action, FLAGS) or action.help == argparse.SUPPRESS:
+            continue
+        if action.default in (None, False, argparse.SUPPRESS):
+            continue
+        shown = formatter._expand_help(action).lower() if action.help else ""
+        if not any(s in shown for s in _spellings(action.default)):
+            missing.append(f"{'/'.join(action.option_strings) or action.dest} "
+                           f"(default {action.default!r}): {action.help!r}")
+    return missing
+
+
+@pytest.mark.parametrize("module, builder", PARSERS)
+def test_help_shows_every_default(module, builder):
+    parser = getattr(importlib.import_module(f"moshivis_mlx.cli.{module}"), builder)()
+    assert _without_default(parser) == []
+    parser.format_help()  # every %(default) expands
+
+
+def test_the_check_sees_a_missing_default():
+    p = argparse.ArgumentParser()
+    p.add_argument("--shown", type=float, default=2.0, help="seconds (default 2)")
+    p.add_argument("--expanded", type=int, default=7, help="count (default %(default)s)")
+    p.add_argument("--hidden", type=int, default=100)
+    p.add_argument("--flag", action="store_true")
+    assert [m.split()[0] for m in _without_default(p)] == ["--hidden"]
