@@ -12,8 +12,9 @@ import pytest
 
 from moshivis_mlx import LM, Generator, Sampler
 from moshivis_mlx.errors import UsageError
+from moshivis_mlx.models.cache import QuantizedRingKVCache, RingKVCache, StepCache
 from moshivis_mlx.models.lm import tiny
-from moshivis_mlx.models.cache import QuantizedRingKVCache, RingKVCache
+from moshivis_mlx.models.transformer import Transformer, TransformerConfig
 
 STEPS = 40
 
@@ -103,3 +104,20 @@ def test_the_app_says_when_a_bundle_cannot_take_it():
     assert e.value.fix == "leave --kv-bits out"
     gen = make_generator(small, ModelOptions(hf_repo="unused"), GenerationConfig())
     assert all(type(c) is RingKVCache for c in gen.caches)
+
+
+@pytest.mark.parametrize("rope", [False, True])
+def test_step_caches_stream_what_the_whole_sequence_computes(rope):
+    """A transformer with weights per step (the depth transformer's kind), streamed one
+    position at a time through step caches, equals it run on the whole sequence: with RoPE
+    too, where keys are rotated before they are kept."""
+    cfg = TransformerConfig(d_model=32, num_heads=2, num_layers=2, ffn_hidden=48,
+                            context=5, rope=rope, weights_per_step=5)
+    mx.random.seed(3)
+    model = Transformer(cfg)
+    mx.eval(model.parameters())
+    x = mx.random.normal((1, 5, 32))
+    whole = model(x)
+    caches = [StepCache() for _ in model.layers]
+    streamed = mx.concatenate([model(x[:, k: k + 1], caches, step=k) for k in range(5)], axis=1)
+    np.testing.assert_allclose(np.array(streamed), np.array(whole), atol=1e-5)

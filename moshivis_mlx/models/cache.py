@@ -193,9 +193,6 @@ class StepCache:
     def slot(self, t: int) -> None:
         return None
 
-    def update(self, k: mx.array, v: mx.array, slot: None = None) -> tuple[mx.array, mx.array]:
-        return self.extend(mx.concatenate([k, v], axis=1))
-
     def advance(self, position: int) -> None:
         self.position = position
 

@@ -197,15 +197,17 @@ class Attention(nn.Module):
             qk = mx.fast.rope(qk, self.head_dim, traditional=True, base=self.max_period,
                               scale=1.0, offset=offset)
             q, k = mx.split(qk, 2, axis=1)
-        elif isinstance(cache, StepCache):
-            q, kv = mx.split(qkv, [h], axis=1)
-            first = cache.kv is None and t == 1
-            k, v = cache.extend(kv)  # keys and values side by side: one concatenation
-            if first:  # a query alone with its own key: softmax([s]) is exactly 1, y is v
-                return v.transpose(0, 2, 1, 3).reshape(b, t, -1)
+            kv = None
         else:
-            q, k, v = mx.split(qkv, 3, axis=1)
-        if cache is not None and not isinstance(cache, StepCache):
+            q, kv = mx.split(qkv, [h], axis=1)  # keys and values side by side
+            k, v = mx.split(kv, 2, axis=1)
+        if isinstance(cache, StepCache):
+            alone = cache.kv is None and t == 1
+            # Unrotated keys and values are already one array: one concatenation.
+            k, v = cache.extend(mx.concatenate([k, v], axis=1) if kv is None else kv)
+            if alone:  # a query alone with its own key: softmax([s]) is exactly 1, y is v
+                return v.transpose(0, 2, 1, 3).reshape(b, t, -1)
+        elif cache is not None:
             k, v = cache.update(k, v, slot)
             if span is not None:
                 k, v = first_slots(k, span), first_slots(v, span)
@@ -283,11 +285,12 @@ class CrossAttentionInput:
     """What the layers need to attend to an image: the shared module and the image's K/V.
 
     The layers leave what `mean_gate` needs to tell how much each step looked at the image
-    (the paper's Figure 7): `scores`, each layer's gate before its sigmoid ([B, 1, D], a
-    streaming step), or `averaged`, a layer's gate already averaged over the channels
-    ([B, T, 1]: whole sequences, forced gates). The average is taken once for the whole stack: a few kernels a
-    step, where averaging each layer's gate as it goes would take three per layer and keep
-    the gate from fusing into the residual update. `force_gate` replaces every gate by a
+    (the paper's Figure 7): either `scores`, each layer's gate before its sigmoid
+    ([B, 1, D], a streaming step), or `averaged`, each layer's gate already averaged over
+    the channels ([B, T, 1]: whole sequences, forced gates); one call fills one of them.
+    A step's average is taken once for the whole stack: a few kernels, where averaging each
+    layer's gate as it goes would take three per layer and keep the gate from fusing into
+    the residual update. `force_gate` replaces every gate by a
     constant (0 turns the image off exactly).
     """
 
@@ -300,14 +303,10 @@ class CrossAttentionInput:
 
     def mean_gate(self) -> mx.array:
         """The gate averaged over the layers and the channels, [B, T] (float32)."""
-        if not self.averaged:
-            gates = mx.sigmoid(mx.stack(self.scores).astype(mx.float32) - GATE_OFFSET)
-            return mx.mean(gates, axis=(0, -1))
-        means = [mx.stack(self.averaged)[..., 0]]
         if self.scores:
             gates = mx.sigmoid(mx.stack(self.scores).astype(mx.float32) - GATE_OFFSET)
-            means.insert(0, mx.mean(gates, axis=-1))
-        return mx.mean(mx.concatenate(means), axis=0)
+            return mx.mean(gates, axis=(0, -1))
+        return mx.mean(mx.stack(self.averaged), axis=(0, -1))
 
 
 class TransformerLayer(nn.Module):
