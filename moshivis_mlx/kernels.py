@@ -75,7 +75,7 @@ def _after(x: mx.array, *others: object) -> mx.array:
     return mx.depends([x], deps)[0] if deps else x
 
 
-def _head_dim_ok(device: str, q: mx.array, v: mx.array) -> bool:
+def _head_dim_ok(q: mx.array, v: mx.array) -> bool:
     return q.shape[-1] == v.shape[-1] and q.shape[-1] in (64, 96, 128, 256)
 
 
@@ -88,9 +88,9 @@ def sdpa_is_fused(device: str, q: mx.array, k: mx.array, v: mx.array,
     array_mask = isinstance(mask, mx.array)
     if device == "metal":
         full = t_q > 8 and q.shape[-1] in (64, 80, 128)
-        return full or (t_q <= 8 and t_q <= k.shape[2] and _head_dim_ok(device, q, v))
+        return full or (t_q <= 8 and t_q <= k.shape[2] and _head_dim_ok(q, v))
     if device == "cuda":
-        vector = t_q < 4 and not array_mask and _head_dim_ok(device, q, v)
+        vector = t_q < 4 and not array_mask and _head_dim_ok(q, v)
         cudnn = (t_q > 1 and q.dtype in (mx.float16, mx.bfloat16)
                  and q.shape[-1] % 8 == 0 and q.shape[-1] <= 128)
         return vector or cudnn
@@ -131,8 +131,8 @@ def device_graph(device: str) -> Iterator[None]:
         return mx.cumprod(_after(out, k, v, mask, sinks), axis=-1)
 
     def dequantize(w, scales, biases=None, group_size=64, bits=8, **_):
-        groups = scales[..., None]
-        full = mx.broadcast_to(groups, (*scales.shape, w.shape[-1] * 32 // bits // scales.shape[-1]))
+        group = w.shape[-1] * 32 // bits // scales.shape[-1]
+        full = mx.broadcast_to(scales[..., None], (*scales.shape, group))
         return mx.hadamard_transform(_after(full.reshape(*scales.shape[:-1], -1), w, biases))
 
     stand_ins = {"rms_norm": rms_norm, "layer_norm": layer_norm, "rope": rope,

@@ -215,8 +215,7 @@ class Depformer(nn.Module):
 
     def stack(self) -> None:
         """Streaming projects h once for all sub-steps (`RowStack`; no extra memory)."""
-        if (self.in_stack is None or not self.in_stack.intact()) and RowStack.fits(self.in_proj):
-            self.in_stack = RowStack(self.in_proj)
+        self.in_stack = RowStack.refreshed(self.in_stack, self.in_proj)
 
     def make_cache(self) -> list[StepCache]:
         """A frame's caches: its sub-steps only ever see each other."""
@@ -246,7 +245,7 @@ class Depformer(nn.Module):
         afresh every frame. `zero_tokens`: the tokens may be -1 (given, not sampled)."""
         prev = text_token
         codes, logits = [], []
-        stack = self.in_stack if self.in_stack is not None and self.in_stack.intact() else None
+        stack = RowStack.current(self.in_stack)
         projected = [None] * len(self.heads)
         if stack is not None:  # one matmul for every sub-step's projection of h
             projected = mx.split(stack.matmul(h), len(self.heads), axis=-1)
@@ -347,9 +346,8 @@ class LM(nn.Module):
         """Reads the input tables as one (one lookup for the 17 streams) and the depth
         transformer's input projections as one matmul: what a streaming step launches
         (`RowStack`: the same values, no extra memory). Idempotent."""
-        tables = [self.text_emb, *self.audio_emb]
-        if (self.input_stack is None or not self.input_stack.intact()) and RowStack.fits(tables):
-            self.input_stack = RowStack(tables, zero_row=True)
+        self.input_stack = RowStack.refreshed(self.input_stack, [self.text_emb, *self.audio_emb],
+                                              zero_row=True)
         self.depformer.stack()
 
     @property
@@ -376,8 +374,8 @@ class LM(nn.Module):
 
     def embed_streams(self, tokens: mx.array) -> mx.array:
         """tokens [B, 1 + n_q, T] -> summed embeddings [B, T, dim] (audio first, as Kyutai sums)."""
-        stack = self.input_stack
-        if stack is not None and stack.intact():
+        stack = RowStack.current(self.input_stack)
+        if stack is not None:
             # One lookup: row k's ids offset into the stack, -1 to its zero row.
             offsets = mx.array(stack.offsets, dtype=tokens.dtype)[None, :, None]
             e = stack.lookup(mx.where(tokens >= 0, tokens + offsets, stack.zero))

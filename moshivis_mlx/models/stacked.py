@@ -81,6 +81,20 @@ class RowStack:
         return all(layer[name] is view[name] for layer, view in zip(self.layers, self.views)
                    for name in self.names)
 
+    @staticmethod
+    def current(stack: RowStack | None) -> RowStack | None:
+        """`stack` if its layers still hold its views (nobody loaded other weights), else
+        None: the caller reads the layers one by one."""
+        return stack if stack is not None and stack.intact() else None
+
+    @classmethod
+    def refreshed(cls, stack: RowStack | None, layers: Sequence[nn.Module],
+                  zero_row: bool = False) -> RowStack | None:
+        """`stack` while current, else a new stack of `layers` (None if they cannot be)."""
+        if cls.current(stack) is not None:
+            return stack
+        return cls(layers, zero_row) if cls.fits(layers) else None
+
     def lookup(self, rows: mx.array) -> mx.array:
         """The rows at indices `rows` (of the stack): [..., width]."""
         w = self.arrays
