@@ -557,13 +557,13 @@ def host_times(lm: LM, mimi: Mimi, text_sampler: Sampler, audio_sampler: Sampler
     pcm = np.zeros(mimi.frame_size, dtype=np.float32)
     step_ms, frame_ms = [], []
     tick = progress("host time to build a step and a frame", 2 * (steps + 3))
-    for t in range(steps + 3):  # the first builds compile
+    for _ in range(steps + 3):  # the first builds compile
         t0 = time.perf_counter()
         pending = gen.step_async(codes, evaluate=False)
         step_ms.append(1e3 * (time.perf_counter() - t0))
         mx.eval(pending.outputs)
         tick()
-    for t in range(steps + 3):
+    for _ in range(steps + 3):
         t0 = time.perf_counter()
         step, voice, state = stream.build(pcm)
         frame_ms.append(1e3 * (time.perf_counter() - t0))

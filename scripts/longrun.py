@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from moshivis_mlx.app.demo import SAMPLE_IMAGE, SAMPLE_SPEECH, demo_bundle  # noqa: E402
-from moshivis_mlx.app.wav import WavWriter, read_wav  # noqa: E402
+from moshivis_mlx.wav import WavWriter, read_wav  # noqa: E402
 from moshivis_mlx.stream import RELEASED  # noqa: E402
 
 SAMPLE_RATE, FRAME_SIZE = RELEASED.sample_rate, RELEASED.frame_size

@@ -8,8 +8,8 @@ import subprocess
 import numpy as np
 import pytest
 
-from moshivis_mlx.app.resample import Resampler, resample
-from moshivis_mlx.app.wav import AudioFileError, WavReader, WavWriter, read_wav, write_wav
+from moshivis_mlx.resample import Resampler, resample
+from moshivis_mlx.wav import AudioFileError, WavReader, WavWriter, read_wav, write_wav
 
 RATES = [8000, 11025, 16000, 22050, 44100, 48000, 96000]
 

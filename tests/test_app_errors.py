@@ -15,7 +15,6 @@ from app_support import FakeSoundDevice, app_env, demo_bundle, run_app, run_main
 
 from moshivis_mlx.app import audio as audio_mod
 from moshivis_mlx.app.demo import SAMPLE_IMAGE, SAMPLE_SPEECH
-from moshivis_mlx.app.wav import read_wav
 from moshivis_mlx.errors import (
     EXIT_AUDIO_DEVICE,
     EXIT_AUDIO_FILE,
@@ -23,6 +22,7 @@ from moshivis_mlx.errors import (
     EXIT_USAGE,
     EXIT_WEIGHTS,
 )
+from moshivis_mlx.wav import read_wav
 
 
 @pytest.fixture(scope="module")

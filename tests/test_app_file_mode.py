@@ -13,7 +13,7 @@ import pytest
 from app_support import app_env, demo_bundle, run_app, speech_wav
 
 from moshivis_mlx.app.demo import SAMPLE_IMAGE
-from moshivis_mlx.app.wav import WavReader, read_wav
+from moshivis_mlx.wav import WavReader, read_wav
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,7 @@ from app_support import (
 )
 
 from moshivis_mlx.app.demo import SAMPLE_IMAGE
-from moshivis_mlx.app.wav import read_wav
+from moshivis_mlx.wav import read_wav
 
 # The app through PortAudio and PulseAudio, spoken to by espeak-ng (resampled by sox).
 pytestmark = [pytest.mark.slow, pytest.mark.system("espeak-ng", "sox", "pulseaudio", "portaudio")]

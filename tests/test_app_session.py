@@ -16,7 +16,9 @@ from rich.console import Console
 from moshivis_mlx.app.demo import SAMPLE_IMAGE
 from moshivis_mlx.app.opening import open_session, opening_steps
 from moshivis_mlx.app.options import ModelOptions
-from moshivis_mlx.app.session import (
+from moshivis_mlx.progress import Steps
+from moshivis_mlx.sampling import GenerationConfig
+from moshivis_mlx.session import (
     AudioFrame,
     ImageChanged,
     Message,
@@ -25,8 +27,6 @@ from moshivis_mlx.app.session import (
     Stats,
     load_picture,
 )
-from moshivis_mlx.progress import Steps
-from moshivis_mlx.sampling import GenerationConfig
 from moshivis_mlx.stream import CODEC_DEVICES, RELEASED, StepResult
 
 FRAMES = 10
@@ -210,9 +210,9 @@ def test_file_mode_hears_the_answer_to_its_end(tmp_path):
     from session_support import ScriptedStream
 
     from moshivis_mlx.app.files import process
-    from moshivis_mlx.app.session import AnswerWatch, Session
     from moshivis_mlx.app.transcript import Transcript
-    from moshivis_mlx.app.wav import WavWriter, read_wav
+    from moshivis_mlx.session import AnswerWatch, Session
+    from moshivis_mlx.wav import WavWriter, read_wav
 
     class Question:
         frames = 5
@@ -241,7 +241,7 @@ def test_file_mode_hears_the_answer_to_its_end(tmp_path):
 
 
 def test_answer_watch_counts_quiet_frames_only_in_a_row():
-    from moshivis_mlx.app.session import AnswerWatch, AudioFrame, Piece
+    from moshivis_mlx.session import AnswerWatch, AudioFrame, Piece
 
     watch = AnswerWatch(0.08, quiet_s=0.24, max_s=10)
     quiet = [AudioFrame(0, 0.0, np.zeros(1920, np.float32), None)]

@@ -14,11 +14,11 @@ from rich.console import Console
 
 from moshivis_mlx import Generator, Sampler, load_lm, load_mimi
 from moshivis_mlx.app.demo import SAMPLE_IMAGE
-from moshivis_mlx.app.session import ImageChanged, Piece, Stats
 from moshivis_mlx.app.transcript import Transcript, TranscriptWriter
 from moshivis_mlx.app.ui import GateScale, PlainUI, TerminalUI, clean_path, thumbnail
 from moshivis_mlx.bundle import load_vision
 from moshivis_mlx.image import load_image
+from moshivis_mlx.session import ImageChanged, Piece, Stats
 from moshivis_mlx.stream import RELEASED, Stream
 from moshivis_mlx.text import TextTokenizer, find_tokenizer
 

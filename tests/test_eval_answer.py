@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from session_support import ScriptedStream
 
-from moshivis_mlx.app.session import Session
 from moshivis_mlx.eval.answer import Answerer, AnswerSettings
+from moshivis_mlx.session import Session
 
 
 def answerer_for(script: dict[int, int]) -> tuple[Answerer, ScriptedStream]:

@@ -17,16 +17,9 @@ from eval_support import (
     write_parquet,
 )
 
+from moshivis_mlx.babillage import Babillage, DataError, parquet_files
 from moshivis_mlx.errors import EXIT_IMAGE, EXIT_USAGE, EXIT_WEIGHTS, ImageError
-from moshivis_mlx.eval.data import (
-    Babillage,
-    DataError,
-    ImageFolder,
-    coco_references,
-    load_references,
-    parquet_files,
-    vqa_references,
-)
+from moshivis_mlx.eval.data import ImageFolder, coco_references, load_references, vqa_references
 from moshivis_mlx.eval.report import read_predictions
 
 
@@ -127,7 +120,7 @@ def test_sample_ids_as_strings_of_digits_are_read(tmp_path):
 
 
 def test_audio_as_array(tmp_path):
-    from moshivis_mlx.eval.data import decode_audio
+    from moshivis_mlx.babillage import decode_audio
 
     pcm, rate = decode_audio({"array": [0.0, 0.5, -0.5], "sampling_rate": 8000}, "x")
     assert rate == 8000 and pcm.tolist() == [0.0, 0.5, -0.5]

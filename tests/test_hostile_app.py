@@ -21,7 +21,6 @@ from app_support import REPO, FakeSoundDevice, demo_bundle, run_app, run_main
 
 from moshivis_mlx.app import audio as audio_mod
 from moshivis_mlx.app.demo import SAMPLE_IMAGE, SAMPLE_SPEECH
-from moshivis_mlx.app.wav import WavReader, WavWriter, read_wav, write_wav
 from moshivis_mlx.errors import (
     EXIT_AUDIO_DEVICE,
     EXIT_AUDIO_FILE,
@@ -29,6 +28,7 @@ from moshivis_mlx.errors import (
     EXIT_IMAGE,
     EXIT_USAGE,
 )
+from moshivis_mlx.wav import WavReader, WavWriter, read_wav, write_wav
 
 
 @pytest.fixture(scope="module")
@@ -406,8 +406,8 @@ def test_a_100_megapixel_16_bit_png_costs_its_raster_once(tmp_path):
 # -- what a new user reads -------------------------------------------------------------------------
 
 def test_exit_summary_shows_headroom_as_the_status_line_does():
-    from moshivis_mlx.app.session import Stats
     from moshivis_mlx.app.ui import LiveStats
+    from moshivis_mlx.session import Stats
 
     stats = LiveStats()
     for i in range(50):
@@ -492,7 +492,7 @@ def test_a_failure_mid_run_keeps_both_files_complete(bundle, question, tmp_path,
                                                     monkeypatch):
     """The disk fills up halfway (here: the tenth frame fails): one line, exit 1, and the
     answer and transcript so far are complete files, no log left behind."""
-    from moshivis_mlx.app import session as session_mod
+    from moshivis_mlx import session as session_mod
 
     original = session_mod.Session.submit
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from app_support import demo_bundle, jsonl, start_app, wait_until
 
-from moshivis_mlx.app.wav import read_wav, write_wav
+from moshivis_mlx.wav import read_wav, write_wav
 
 pytestmark = pytest.mark.slow
 

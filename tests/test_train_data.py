@@ -19,8 +19,14 @@ from moshivis_mlx.models.lm import LmConfig
 from moshivis_mlx.text import TextTokenizer, find_tokenizer
 from moshivis_mlx.train.batches import Order, collate, shard
 from moshivis_mlx.train.dataset import Preparer, Sample
-from moshivis_mlx.train.interleave import (newline_token, text_frames, text_stream,
-                                           window_starts, window_words, word_tokens)
+from moshivis_mlx.train.interleave import (
+    newline_token,
+    text_frames,
+    text_stream,
+    window_starts,
+    window_words,
+    word_tokens,
+)
 from moshivis_mlx.train.manifest import ManifestError, read_alignment, read_manifest
 
 PAD, EPAD = 3, 0
@@ -287,8 +293,8 @@ def window_mimi_codes(bundle: Path, pcm: np.ndarray, start: float, seconds: floa
 
 
 def test_speech_samples_mimi_codes_of_both_channels_and_the_words(bundle, tmp_path):
-    from moshivis_mlx.app.resample import resample
-    from moshivis_mlx.app.wav import read_wav
+    from moshivis_mlx.resample import resample
+    from moshivis_mlx.wav import read_wav
 
     words = [("what", 0.30, 0.50), ("colour", 0.9, 1.2)]
     entries = one_dialogue(tmp_path, "talk", 2.0, words, rate=16000)

@@ -168,7 +168,7 @@ def write_dialogue(root: Path, name: str, seconds: float, words: list[tuple[str,
                    seed: int = 0, rate: int = 24000, channels: int = 2) -> tuple[Path, Path]:
     """A stereo WAV (noise bursts on both channels) and its alignment JSON in
     moshi-finetune's layout: [word, [start, end], "SPEAKER_MAIN"]."""
-    from moshivis_mlx.app.wav import write_wav
+    from moshivis_mlx.wav import write_wav
 
     rng = np.random.default_rng(seed)
     pcm = 0.1 * rng.standard_normal((int(seconds * rate), channels)).astype(np.float32)

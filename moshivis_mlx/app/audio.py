@@ -25,9 +25,9 @@ from typing import Any
 import numpy as np
 
 from ..errors import AudioDeviceError, one_line
+from ..resample import Resampler
 from ..stream import RELEASED, FrameGeometry
 from .echo import NoEchoCanceller
-from .resample import Resampler
 
 MAX_INPUT_BACKLOG = 3
 """Frames waiting for the model beyond which the oldest are dropped (240 ms of latency)."""

@@ -23,16 +23,16 @@ from rich.console import Console
 from ..errors import AudioFileError
 from ..paths import check_readable_file
 from ..progress import Counter, Steps
+from ..resample import Resampler
+from ..session import AnswerWatch, AudioFrame, Piece, Session, load_picture
 from ..signals import shielded
 from ..stream import FrameGeometry
+from ..wav import WavReader, WavWriter
 from .opening import open_session, opening_steps
 from .options import AppOptions
 from .preflight import check_file_mode
-from .resample import Resampler
-from .session import AnswerWatch, AudioFrame, Piece, Session, load_picture
 from .transcript import Transcript, TranscriptWriter
 from .ui import print_line
-from .wav import WavReader, WavWriter
 
 
 class InputFrames:

@@ -32,6 +32,7 @@ from rich.live import Live
 
 from ..errors import AudioDeviceError, CameraError, MoshivisError
 from ..progress import Steps
+from ..session import AudioFrame, Event, load_picture
 from ..signals import shielded
 from ..stream import RELEASED
 from .audio import AudioIO
@@ -42,7 +43,6 @@ from .opening import Opened, open_session, opening_steps, resolve_bundle
 from .options import AppOptions
 from .preflight import check_live
 from .recorder import DEFAULT_ROOT, SessionRecorder, default_session_dir
-from .session import AudioFrame, Event, load_picture
 from .ui import KeyReader, PlainUI, TerminalUI, print_line
 from .worker import EventSink, ModelWorker
 

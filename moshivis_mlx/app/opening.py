@@ -26,10 +26,10 @@ from ..models.lm import LM
 from ..models.mimi import Mimi
 from ..progress import Steps
 from ..sampling import GenerationConfig
+from ..session import Session
 from ..stream import Stream, codec_device
 from ..text import TextTokenizer, find_tokenizer
 from .options import ModelOptions
-from .session import Session
 
 
 @dataclass

@@ -30,10 +30,10 @@ import numpy as np
 
 from ..errors import UsageError
 from ..fileio import atomic_write
+from ..session import AudioFrame, Event, ImageChanged, Piece, Restarted, Stats
 from ..stream import FrameGeometry
-from .session import AudioFrame, Event, ImageChanged, Piece, Restarted, Stats
+from ..wav import WavWriter
 from .transcript import Transcript, TranscriptWriter, log_path
-from .wav import WavWriter
 
 DEFAULT_ROOT = Path("moshivis-sessions")
 LATENCY_HEADER = "step,t_s,total_ms,host_ms,backlog_frames\n"

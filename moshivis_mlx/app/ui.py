@@ -26,8 +26,8 @@ from rich.layout import Layout
 from rich.panel import Panel
 from rich.text import Text
 
+from ..session import ImageChanged, Message, Piece, Restarted, Stats
 from ..stream import RELEASED, FrameGeometry
-from .session import ImageChanged, Message, Piece, Restarted, Stats
 from .transcript import Transcript
 
 STATS_SECONDS = 5.0

@@ -18,8 +18,8 @@ from collections.abc import Callable
 import numpy as np
 
 from ..errors import MoshivisError
+from ..session import Event
 from .opening import Opened
-from .session import Event
 
 FrameSource = Callable[[float], np.ndarray | None]
 """source(timeout) -> the next frame of the user's audio, or None if none came in time."""

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..app.session import AnswerWatch, Piece, Session
+from ..session import AnswerWatch, Piece, Session
 from ..text import WORD_START
 
 MODES = ("audio", "text")

@@ -23,20 +23,12 @@ from rich.console import Console
 
 from moshivis_mlx.weights_convert.hub import DEFAULT_HF_REPO, QUANTIZATIONS, find_bundle
 
-from ..app.session import Session
+from ..babillage import TASKS, Babillage, DataError, Sample, parquet_files
 from ..errors import MoshivisError, UsageError, WeightsError
 from ..progress import Counter
+from ..session import Session
 from .answer import MODES, Answerer, AnswerSettings
-from .data import (
-    TASKS,
-    Babillage,
-    DataError,
-    ImageFolder,
-    References,
-    Sample,
-    load_references,
-    parquet_files,
-)
+from .data import ImageFolder, References, load_references
 from .metrics import running_score
 from .report import (
     PREDICTIONS,
@@ -268,7 +260,7 @@ def _writer(path: Path) -> Iterator[PredictionWriter]:
 
 
 def question_audio(plan: Plan, sample: Sample, rate: int):
-    from ..app.resample import resample
+    from ..resample import resample
 
     pcm, sr = plan.dataset.question_audio(sample)
     return resample(pcm, sr, rate) if sr != rate else pcm
@@ -278,7 +270,7 @@ def evaluate(opts: EvalOptions, console: Console) -> dict[str, Any]:
     """Runs (or resumes) one evaluation; returns its metrics."""
     opts.check()
     if opts.split is None:
-        from .data import DEFAULT_SPLIT
+        from ..babillage import DEFAULT_SPLIT
 
         opts = replace(opts, split=DEFAULT_SPLIT[opts.task])
     out = Path(opts.out).expanduser()

@@ -29,11 +29,11 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from .cache import RingKVCache
 from .config import ConfigBase, ConfigError, check_range
 from .conv import CausalConv1d, CausalConvTranspose1d, ConvState, ConvTransposeState
 from .quantizer import QuantizerConfig, SplitResidualVectorQuantizer
 from .seanet import SeanetConfig, SEANetDecoder, SEANetEncoder, conv_states
-from .cache import RingKVCache
 from .transformer import MAX_WIDTH, Transformer, TransformerConfig
 
 Array = Any  # np.ndarray or mx.array

@@ -37,8 +37,14 @@ import numpy as np
 from ..adapters import save_safetensors_atomic
 from ..errors import MoshivisError
 from ..models.mimi import MimiConfig
-from .interleave import (newline_token, text_frames, text_stream, window_starts, window_words,
-                         word_tokens)
+from .interleave import (
+    newline_token,
+    text_frames,
+    text_stream,
+    window_starts,
+    window_words,
+    word_tokens,
+)
 from .manifest import BabillageFiles, Entry, ManifestError, Word
 
 CACHE_VERSION = 2
@@ -261,9 +267,9 @@ class Preparer:
         return np.concatenate(channels, axis=0).astype(np.int32)
 
     def _read_stereo(self, e: Entry, rate: int) -> tuple[np.ndarray, np.ndarray]:
-        from ..app.resample import resample
-        from ..app.wav import read_wav
         from ..errors import AudioFileError
+        from ..resample import resample
+        from ..wav import read_wav
 
         try:
             pcm, sr = read_wav(e.audio)
@@ -276,8 +282,8 @@ class Preparer:
 
     def _babillage_dialogue(self, e: Entry, rate: int):
         """The user asks (question audio), then the assistant answers (answer audio)."""
-        from ..app.resample import resample
-        from ..eval.data import DataError, decode_audio
+        from ..babillage import DataError, decode_audio
+        from ..resample import resample
 
         data = self.babillage.get(e.babillage, e.where)
         sample = data.find(e.sample_id)

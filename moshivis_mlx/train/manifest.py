@@ -137,7 +137,7 @@ class BabillageFiles:
 
     def get(self, path: Path, where: str):
         if path not in self.files:
-            from ..eval.data import Babillage, DataError
+            from ..babillage import Babillage, DataError
 
             try:
                 data = Babillage([path], "coco")

@@ -25,9 +25,9 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ImageError
-from ..image import ImageEncoder
-from ..stream import Stream
+from .errors import ImageError
+from .image import ImageEncoder
+from .stream import Stream
 
 WARMUP_STEPS = 4
 
@@ -130,7 +130,7 @@ class AnswerWatch:
 def load_picture(path: str | Path):
     """An image file -> a decoded RGB picture (PIL); ImageError with a one-line
     message for anything that is not a usable image."""
-    from ..image import load_image
+    from .image import load_image
 
     try:
         return load_image(path)

@@ -24,7 +24,7 @@ from typing import BinaryIO
 
 import numpy as np
 
-from ..errors import AudioFileError
+from .errors import AudioFileError
 
 PCM, IEEE_FLOAT, EXTENSIBLE = 0x0001, 0x0003, 0xFFFE
 MIN_RATE, MAX_RATE = 1000, 768_000
