@@ -9,6 +9,8 @@
   is held (flock), so a second writer to the same `NAME` is refused at once instead of
   racing; what a killed run (SIGKILL, power loss) left behind is removed by the next run
   that takes the lock, and `sweep` clears a whole cache directory of such remains.
+* `output_lock`: the same lock for an output written in place over a long run (an
+  evaluation's or a training's `--out`).
 """
 
 from __future__ import annotations
@@ -83,9 +85,10 @@ class Locked(WeightsError):
     """Another process is writing the same output."""
 
 
-def _take_lock(lock: Path, out: Path) -> int:
-    """An exclusive flock on `lock` (created if need be), or `Locked`. Retries when the
-    file was replaced between opening and locking (its owner finished meanwhile)."""
+def _take_lock(lock: Path, out: Path,
+               fix: str = "wait for it to finish, or choose another output") -> int:
+    """An exclusive flock on `lock` (created if need be), or `Locked` saying `fix`. Retries
+    when the file was replaced between opening and locking (its owner finished meanwhile)."""
     while True:
         fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -94,8 +97,7 @@ def _take_lock(lock: Path, out: Path) -> int:
             owner = os.pread(fd, 32, 0).decode(errors="replace").strip()
             os.close(fd)
             raise Locked(f"{out} is being written by another process"
-                         f"{f' (pid {owner})' if owner.isdigit() else ''}",
-                         "wait for it to finish, or choose another output") from None
+                         f"{f' (pid {owner})' if owner.isdigit() else ''}", fix) from None
         try:
             same = os.stat(lock).st_ino == os.fstat(fd).st_ino
         except FileNotFoundError:
@@ -105,6 +107,25 @@ def _take_lock(lock: Path, out: Path) -> int:
             os.pwrite(fd, str(os.getpid()).encode(), 0)
             return fd
         os.close(fd)
+
+
+@contextmanager
+def output_lock(out: str | Path,
+                fix: str = "wait for it to finish, or choose another output") -> Iterator[Path]:
+    """Holds `.NAME.lock` next to `out` (a run's output directory, written in place over
+    a long time) for the block: a second run on the same output is refused at once with
+    `Locked` (saying `fix`) instead of interleaving its files with the first's. The lock
+    dies with the process, whatever kills it. Yields `out`, absolute."""
+    out = Path(os.path.abspath(Path(out).expanduser()))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    lock = _names(out)[2]
+    fd = _take_lock(lock, out, fix)
+    try:
+        yield out
+    finally:
+        with shielded():
+            _remove(lock)
+            os.close(fd)
 
 
 def _recover(out: Path, stage: Path, old: Path) -> None:

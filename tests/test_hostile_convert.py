@@ -509,3 +509,19 @@ def test_bundle_configs_are_checked_before_anything_is_built(tmp_path, change, e
     t0 = time.monotonic()
     err = refused(tmp_path / "out", "--bundle", bundle)
     assert time.monotonic() - t0 < 20 and f"{bundle}/config.json" in err and expected in err
+
+
+def test_output_lock_refuses_a_second_holder_and_is_free_after(tmp_path):
+    from moshivis_mlx.fileio import Locked, output_lock
+
+    out = tmp_path / "run"
+    with output_lock(out) as held:
+        assert held == out
+        with pytest.raises(Locked) as e:
+            with output_lock(out, fix="use another --out"):
+                pass
+        assert "being written by another process" in e.value.message
+        assert e.value.fix == "use another --out"
+    with output_lock(out):  # released: the next run takes it
+        pass
+    assert not list(tmp_path.glob(".run.lock"))
