@@ -314,7 +314,7 @@ class Connection:
 
                 self.reader = sphn.OpusStreamReader(protocol.SAMPLE_RATE)
             try:
-                pcm = self.reader.append_bytes(message.payload)
+                pcm = self.reader.append_bytes(protocol.repair_ogg_page(message.payload))
             except Exception as e:  # sphn raises ValueError for pages that are not Ogg Opus
                 raise ProtocolError(f"audio that is not Ogg Opus ({one_line(e, 120)})"
                                     ) from None
