@@ -30,7 +30,7 @@ See docs/EVAL.md for the downloads and the paper's numbers.
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from moshivis_mlx.weights_convert.hub import DEFAULT_HF_REPO
+    from moshivis_mlx.cli.options import add_bundle_options
 
     p = argparse.ArgumentParser(prog="moshivis-eval", description=DESCRIPTION, epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -55,13 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="predictions.jsonl, metrics.json, results.md (a rerun resumes)")
 
     m = p.add_argument_group("model")
-    m.add_argument("--weights", type=Path, metavar="DIR",
-                   help="a bundle made by moshivis-convert (overrides --hf-repo)")
-    m.add_argument("--hf-repo", default=DEFAULT_HF_REPO, metavar="REPO",
-                   help=f"download and convert once (default {DEFAULT_HF_REPO})")
-    m.add_argument("-q", "--quantize", metavar="8|4|none",
-                   help="quantization when converting --hf-repo (default 8)")
-    m.add_argument("--adapters", type=Path, metavar="DIR", help="fine-tuned adapters")
+    add_bundle_options(m)
     m.add_argument("--seed", type=int,
                    help="sample with the bundle's settings, seeded (default: greedy)")
 
@@ -113,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     def run() -> int:
+        from moshivis_mlx.cli.options import bundle_options
         from rich.console import Console
 
         from moshivis_mlx.eval.answer import AnswerSettings
@@ -121,8 +116,8 @@ def main(argv: list[str] | None = None) -> int:
         opts = EvalOptions(
             task=args.task, data=args.data, images=args.images, out=args.out,
             annotations=args.annotations, split=args.split, mode=args.mode, limit=args.limit,
-            shard=parse_shard(args.shard), weights=args.weights, hf_repo=args.hf_repo,
-            quantize=args.quantize, adapters=args.adapters, seed=args.seed, ptb=args.ptb,
+            shard=parse_shard(args.shard), bundle=bundle_options(args), seed=args.seed,
+            ptb=args.ptb,
             settings=AnswerSettings(args.opening_s, args.silence_s, args.max_answer_s))
         evaluate(opts, Console(stderr=False))
         return 0

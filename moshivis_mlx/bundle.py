@@ -205,7 +205,7 @@ def check_fits(bundle: Path, lm_cfg: LmConfig, dtype: str) -> None:
             f"{bundle}: the model needs {_gb(weights + caches)} ({_gb(weights)} of weights, "
             f"{_gb(caches)} of attention cache for lm.context {lm_cfg.context}) and this "
             f"machine has {_gb(available)}",
-            "use a smaller quantization (-q 4), or a bundle with a smaller lm.context")
+            "use a smaller quantization (-q q4), or a bundle with a smaller lm.context")
 
 
 def load_lm(bundle: str | Path) -> LM:

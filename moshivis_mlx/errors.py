@@ -151,7 +151,7 @@ def guard(prog: str, run: Callable[[], int], debug: bool = False,
     except MemoryError:
         if debug:
             raise
-        error_line(prog, "out of memory (close other programs, or use a smaller model: -q 4)")
+        error_line(prog, "out of memory (close other programs, or use a smaller model: -q q4)")
         return EXIT_ERROR
     except Exception as e:  # a bug: say so briefly, the traceback is one flag away
         if debug:

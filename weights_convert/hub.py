@@ -28,7 +28,7 @@ from moshivis_mlx.bundle import FORMAT_VERSION, read_config
 from moshivis_mlx.errors import BundleError, one_line
 from moshivis_mlx.fileio import sweep
 from moshivis_mlx.paths import inside
-from moshivis_mlx.quant import PRESETS, QuantSpec, preset_name
+from moshivis_mlx.quant import ALIASES, PRESETS, QuantSpec, preset_key
 
 from .convert import ConvertOptions, Progress, convert
 from .lm_layout import check_kyutai_types
@@ -40,10 +40,6 @@ MIMI_FILE = "tokenizer-e351c8d8-checkpoint125.safetensors"
 TOKENIZER_FILE = "tokenizer_spm_32k_3.model"
 CONFIG_FILE = "config.json"
 BUNDLE_PATTERNS = ["config.json", "*.safetensors", "*.safetensors.index.json", "tokenizer.model"]
-QUANTIZATIONS = {"8": PRESETS["q8"], "4": PRESETS["q4"], "none": PRESETS["bf16"]}
-"""The app's -q values -> the project's quantization presets."""
-DEFAULT_HF_REPO = "kyutai/moshika-vis-pytorch-bf16"
-"""What the app, moshivis-eval and moshivis-train download and convert without --weights."""
 
 Stage = Callable[[str], AbstractContextManager]
 """stage(description) wraps the download and the conversion (a progress display)."""
@@ -65,7 +61,8 @@ def cache_root() -> Path:
 
 
 def bundle_path(repo: str, quantize: str) -> Path:
-    return cache_root() / f"{repo.replace('/', '--')}-{preset_name(QUANTIZATIONS[quantize])}"
+    """Where `repo` converted at the preset `quantize` is cached."""
+    return cache_root() / f"{repo.replace('/', '--')}-{preset_key(quantize)}"
 
 
 def _is_complete(bundle: Path) -> bool:
@@ -381,11 +378,6 @@ def _prefer_quantized(repo: str, quant: QuantSpec | None) -> list[str] | None:
     return [f"model.q{quant.bits}.safetensors"]
 
 
-def _check_quantize(quantize: str) -> None:
-    if quantize not in QUANTIZATIONS:
-        raise ValueError(f"quantize must be one of {', '.join(QUANTIZATIONS)}, got {quantize!r}")
-
-
 def _convert_once(opts: ConvertOptions, what: str, stage: Stage | None,
                   progress: Progress | None) -> Path:
     """Converts into the cache; any failure is a HubError saying what could not be."""
@@ -415,23 +407,23 @@ def find_bundle(weights: str | Path | None, repo: str, quantize: str | None = No
             note(f"note: -q {quantize} is ignored: the bundle in {path} is used as it was "
                  f"converted")
         return path
-    return bundle_for_repo(repo, quantize or "8", stage=stage)
+    return bundle_for_repo(repo, quantize or "q8", stage=stage)
 
 
-def bundle_for_repo(repo: str, quantize: str = "8", progress: Progress | None = None,
+def bundle_for_repo(repo: str, quantize: str = "q8", progress: Progress | None = None,
                     stage: Stage | None = None) -> Path:
-    """The converted bundle for `repo` at `quantize` ("8", "4" or "none"), made if needed.
+    """The converted bundle for `repo` at the preset `quantize` (q8, q4 or bf16), made if
+    needed.
 
     `stage(description)`, if given, wraps the download and the conversion (a progress
     display); the download shows Hugging Face's own progress bars, the conversion calls
     `progress(what, done_bytes, total_bytes)`.
     """
-    _check_quantize(quantize)
+    quant = PRESETS[preset_key(quantize)]
     sweep(cache_root())  # what killed conversions left behind
     out = bundle_path(repo, quantize)
     if _is_complete(out):
         return out
-    quant = QUANTIZATIONS[quantize]
     with (stage or (lambda _: nullcontext()))(f"download {repo}"):
         opts = resolve_repo(repo, prefer_lm=_prefer_quantized(repo, quant))
     return _convert_once(replace(opts, out=out, quantization=quant, force=True), repo, stage,
@@ -440,25 +432,27 @@ def bundle_for_repo(repo: str, quantize: str = "8", progress: Progress | None = 
 
 def bundle_for_files(moshi_weights: str | Path, mimi_weights: str | Path,
                      tokenizer: str | Path, config: str | Path | None = None,
-                     quantize: str = "8", progress: Progress | None = None,
+                     quantize: str = "q8", progress: Progress | None = None,
                      stage: Stage | None = None,
                      vision_weights: str | Path | None = None,
                      mimi_config: str | Path | None = None) -> Path:
     """The converted bundle for local Kyutai files, made once into the cache (keyed by the
     files' paths, sizes and modification times, and the quantization)."""
-    _check_quantize(quantize)
+    quantize = preset_key(quantize)
     paths = [Path(p).expanduser() for p in (moshi_weights, mimi_weights, tokenizer)]
     extra = [Path(p).expanduser() for p in (config, vision_weights, mimi_config) if p is not None]
-    key = hashlib.sha256(f"format {FORMAT_VERSION} {quantize}".encode())
+    # keyed by the preset's earlier spelling (8, 4, none): conversions cached before stay found
+    old_name = {v: k for k, v in ALIASES.items()}[quantize]
+    key = hashlib.sha256(f"format {FORMAT_VERSION} {old_name}".encode())
     for p in paths + extra:
         try:
             st = p.stat()
         except OSError:
             raise HubError(f"{p}: no such file") from None
         key.update(f"\n{p.resolve()} {st.st_size} {st.st_mtime_ns}".encode())
-    quant = QUANTIZATIONS[quantize]
+    quant = PRESETS[quantize]
     sweep(cache_root())
-    out = cache_root() / f"local-{paths[0].stem}-{key.hexdigest()[:12]}-{preset_name(quant)}"
+    out = cache_root() / f"local-{paths[0].stem}-{key.hexdigest()[:12]}-{quantize}"
     if _is_complete(out):
         return out
     opts = ConvertOptions(out=out, moshi_weights=paths[0], mimi_weights=paths[1],
