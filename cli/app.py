@@ -47,7 +47,7 @@ def device_arg(spec: str) -> int | str | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from moshivis_mlx.cli.options import add_bundle_options
+    from moshivis_mlx.cli.options import add_answer_end, add_bundle_options
 
     from moshivis_mlx.stream import CODEC_DEVICES
 
@@ -97,11 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--output-wav", metavar="OUT.wav", help="the model's side, 24 kHz mono")
     f.add_argument("--transcript", metavar="T.json",
                    help="also write the model's words with times and gate values")
-    f.add_argument("--answer-silence", type=float, default=2.0, metavar="S",
-                   help="after the question, the answer has ended once the model has been "
-                        "silent (no words, near-silent voice) this long (default 2 s)")
-    f.add_argument("--max-answer-seconds", type=float, default=30.0, metavar="S",
-                   help="the longest the answer may go on after the question (default 30)")
+    add_answer_end(f)
     f.add_argument("--same-length", action="store_true",
                    help="stop when the question ends: the answer is exactly as long, frame "
                         "i of it what the model said while frame i was heard")
@@ -150,12 +146,13 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
                             ("--audio-temperature", args.audio_temperature, 0, 100),
                             ("--top-k", args.top_k, 0, 1 << 20), ("--top-p", args.top_p, 0, 1),
                             ("--xa-start", args.xa_start, 0, 1 << 30),
-                            ("--seed", args.seed, 0, (1 << 63) - 2),
-                            ("--max-answer-seconds", args.max_answer_seconds, 0, 3600)):
+                            ("--seed", args.seed, 0, (1 << 63) - 2)):
         if v is not None and not lo <= v <= hi:
             p.error(f"{flag} must be in [{lo}, {hi}], got {v}")
-    if not 0 < args.answer_silence <= 3600:
-        p.error(f"--answer-silence must be in (0, 3600], got {args.answer_silence}")
+    from moshivis_mlx.cli.options import answer_end_error
+
+    if error := answer_end_error(args):
+        p.error(error)
 
 
 def options_from(args: argparse.Namespace) -> AppOptions:

@@ -30,7 +30,7 @@ See docs/EVAL.md for the downloads and the paper's numbers.
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from moshivis_mlx.cli.options import add_bundle_options
+    from moshivis_mlx.cli.options import add_answer_end, add_bundle_options
 
     p = argparse.ArgumentParser(prog="moshivis-eval", description=DESCRIPTION, epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -62,10 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     a = p.add_argument_group("the conversation")
     a.add_argument("--opening-s", type=float, default=2.0, metavar="S",
                    help="silence before the question, for the model's greeting (default 2)")
-    a.add_argument("--silence-s", type=float, default=2.0, metavar="S",
-                   help="the answer ends after this much silence (default 2)")
-    a.add_argument("--max-answer-s", type=float, default=30.0, metavar="S",
-                   help="the longest answer listened to (default 30)")
+    add_answer_end(a)
     a.add_argument("--ptb", default="python", metavar="python|java",
                    help="CIDEr's tokenizer: python, or pycocoevalcap's java one "
                         "(default %(default)s)")
@@ -104,7 +101,12 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["merge"]:
         return _merge(argv[1:])
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from moshivis_mlx.cli.options import answer_end_error
+
+    if error := answer_end_error(args):
+        parser.error(error)
 
     def run() -> int:
         from moshivis_mlx.cli.options import bundle_options
@@ -118,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
             annotations=args.annotations, split=args.split, mode=args.mode, limit=args.limit,
             shard=parse_shard(args.shard), bundle=bundle_options(args), seed=args.seed,
             ptb=args.ptb,
-            settings=AnswerSettings(args.opening_s, args.silence_s, args.max_answer_s))
+            settings=AnswerSettings(args.opening_s, args.answer_silence,
+                                    args.max_answer_seconds))
         evaluate(opts, Console(stderr=False))
         return 0
 

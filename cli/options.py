@@ -1,5 +1,6 @@
-"""Options the five commands share, spelled once: which model (--weights, --hf-repo,
---adapters) and its quantization (-q/--quantize q8|q4|bf16, everywhere the same)."""
+"""Options the commands share, spelled once: which model (--weights, --hf-repo,
+--adapters), its quantization (-q/--quantize q8|q4|bf16, the same in all five), and when an
+answer has ended (the app's file mode and the evaluation)."""
 
 from __future__ import annotations
 
@@ -54,3 +55,28 @@ def bundle_options(args: argparse.Namespace):
 
     return BundleOptions(weights=args.weights, hf_repo=args.hf_repo, quantize=args.quantize,
                          adapters=getattr(args, "adapters", None))
+
+
+def add_answer_end(group: Any) -> None:
+    """--answer-silence and --max-answer-seconds (the evaluation's earlier --silence-s and
+    --max-answer-s stay as hidden aliases); defaults from the session's."""
+    from moshivis_mlx.session import ANSWER_SILENCE_S, MAX_ANSWER_S
+
+    group.add_argument("--answer-silence", type=float, default=ANSWER_SILENCE_S, metavar="S",
+                       help="after the question, the answer has ended once the model has been "
+                            "silent this long (default %(default)g s)")
+    group.add_argument("--silence-s", dest="answer_silence", type=float, help=argparse.SUPPRESS)
+    group.add_argument("--max-answer-seconds", type=float, default=MAX_ANSWER_S, metavar="S",
+                       help="the longest the answer may go on after the question (default "
+                            "%(default)g s)")
+    group.add_argument("--max-answer-s", dest="max_answer_seconds", type=float,
+                       help=argparse.SUPPRESS)
+
+
+def answer_end_error(args: argparse.Namespace) -> str | None:
+    """What is wrong with the answer-end options (None: nothing). NaN fails every bound."""
+    for flag, value in (("--answer-silence", args.answer_silence),
+                        ("--max-answer-seconds", args.max_answer_seconds)):
+        if not 0 < value <= 3600:
+            return f"{flag} must be in (0, 3600] seconds, got {value}"
+    return None

@@ -76,3 +76,26 @@ def test_an_unknown_quantization_is_a_usage_error(module, capsys):
         parser.parse_args(REQUIRED[module] + ["-q", "q3"])
     assert e.value.code == 2
     assert "choose q8 (8-bit, group 64), q4 (4-bit, group 32) or bf16" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("module", ["app", "eval"])
+def test_the_end_of_an_answer_is_spelled_alike_with_one_default(module):
+    from moshivis_mlx.session import ANSWER_SILENCE_S, MAX_ANSWER_S
+
+    parser = importlib.import_module(f"moshivis_mlx.cli.{module}").build_parser()
+    args = parser.parse_args(REQUIRED[module])
+    assert (args.answer_silence, args.max_answer_seconds) == (ANSWER_SILENCE_S, MAX_ANSWER_S)
+    args = parser.parse_args(REQUIRED[module] + ["--silence-s", "0.5", "--max-answer-s", "3"])
+    assert (args.answer_silence, args.max_answer_seconds) == (0.5, 3.0)
+
+
+@pytest.mark.parametrize("module", ["app", "eval"])
+@pytest.mark.parametrize("flag, value", [("--answer-silence", "nan"), ("--answer-silence", "0"),
+                                         ("--max-answer-seconds", "inf"),
+                                         ("--max-answer-seconds", "-1")])
+def test_an_answer_end_that_cannot_end_is_a_usage_error(module, flag, value, capsys):
+    main = importlib.import_module(f"moshivis_mlx.cli.{module}").main
+    with pytest.raises(SystemExit) as e:
+        main(REQUIRED[module] + [flag, value])
+    assert e.value.code == 2
+    assert f"{flag} must be in (0, 3600] seconds" in capsys.readouterr().err

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..loader import BundleOptions
+from ..session import ANSWER_SILENCE_S, MAX_ANSWER_S
 
 if TYPE_CHECKING:
     from ..sampling import GenerationConfig
@@ -71,9 +72,9 @@ class AppOptions:
     transcript: Path | None = None
     same_length: bool = False
     """File mode: the answer exactly as long as the question (frame i answers frame i)."""
-    answer_silence: float = 2.0
+    answer_silence: float = ANSWER_SILENCE_S
     """File mode: the answer has ended after this long of padding and near silence."""
-    max_answer_seconds: float = 30.0
+    max_answer_seconds: float = MAX_ANSWER_S
     """File mode: the longest the model may go on after the question."""
     demo: bool = False
     list_devices: bool = False

@@ -67,7 +67,8 @@ class EvalOptions:
             raise UsageError("--limit must be at least 1")
         s = self.settings
         if s.opening_s < 0 or s.silence_s <= 0 or s.max_answer_s <= 0:
-            raise UsageError("--opening-s must be >= 0, --silence-s and --max-answer-s > 0")
+            raise UsageError("--opening-s must be >= 0, --answer-silence and "
+                             "--max-answer-seconds > 0")
         if self.ptb not in ("python", "java"):
             raise UsageError("--ptb is python or java")
 
