@@ -102,10 +102,11 @@ def load(weights: str | Path | None = None, *, hf_repo: str = DEFAULT_HF_REPO,
 
     `vision`: True loads the image encoder and refuses a bundle without one (or a plain
     Moshi model), None loads it if the bundle has one, False never. `codec`, `tokenizer`:
-    load Mimi and the tokenizer. `adapters`: a directory, or adapters already read. `cross_attention`: refuse plain Moshi even without the
-    image encoder (training needs the adapters). `no_vision_flag` names the caller's option
-    that does without an image, for the refusals. `stage(description)` wraps each part
-    (progress); `note(line)` hears remarks (an ignored -q, weights close to memory)."""
+    load Mimi and the tokenizer. `adapters`: a directory, or adapters already read.
+    `cross_attention`: refuse plain Moshi even without the image encoder (training needs
+    the adapters). `no_vision_flag` names the caller's option that does without an image,
+    for the refusals. `stage(description)` wraps each part (progress); `note(line)` hears
+    remarks (an ignored -q, weights close to memory)."""
     from .adapters import apply_adapters, read_adapters
 
     stage = stage or (lambda description: nullcontext())
