@@ -25,6 +25,7 @@ from mlx.utils import tree_flatten
 from .errors import BundleError, WeightsError
 from .fileio import atomic_write
 from .image import ImageEncoder
+from .models.config import ConfigError
 from .models.lm import LM, LmConfig
 from .models.mimi import Mimi, MimiConfig
 from .models.siglip import SiglipConfig, SiglipVision
@@ -166,7 +167,7 @@ def _model_config(bundle: Path, section: str, parse: Callable[[dict], Any], what
         raise BundleError(f"{bundle}: the bundle holds no {what} ({hint})")
     try:
         return cfg, parse(cfg[section], f"{section}.")
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, ConfigError) as e:
         raise BundleError(f"{bundle}/{CONFIG_NAME}: {e}") from None
 
 

@@ -48,6 +48,7 @@ from moshivis_mlx.bundle import (
     write_config,
 )
 from moshivis_mlx.fileio import staged_dir
+from moshivis_mlx.models.config import ConfigError
 from moshivis_mlx.models.lm import LmConfig
 from moshivis_mlx.models.mimi import MimiConfig
 from moshivis_mlx.models.siglip import SiglipConfig
@@ -517,7 +518,7 @@ def _plan_bundle(opts: ConvertOptions) -> Plan:
     if "model" in sources:
         try:
             cfg = LmConfig.from_dict(bcfg["lm"], "lm.")
-        except (TypeError, ValueError) as e:
+        except (TypeError, ValueError, ConfigError) as e:
             raise WeightsError(f"{bundle}/config.json: invalid lm section ({e})") from None
         lm = _in_bundle(sources["model"], cfg, expected_lm_tensors(cfg, None),
                         bcfg.get("quantization"))
@@ -533,7 +534,7 @@ def _plan_bundle(opts: ConvertOptions) -> Plan:
         section = bcfg["vision"]
         try:
             vcfg = SiglipConfig.from_dict(section["siglip"], "vision.siglip.")
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, ConfigError) as e:
             raise WeightsError(f"{bundle}/config.json: invalid vision section ({e})") from None
         vision = _in_bundle(sources["vision"], vcfg, expected_vision_tensors(vcfg, None),
                             section.get("quantization"))
@@ -547,7 +548,7 @@ def _plan_bundle(opts: ConvertOptions) -> Plan:
         src = sources["mimi"]
         try:
             MimiConfig.from_dict(bcfg["mimi"], "mimi.")
-        except (TypeError, ValueError) as e:
+        except (TypeError, ValueError, ConfigError) as e:
             raise WeightsError(f"{bundle}/config.json: invalid mimi section ({e})") from None
         mimi = _in_bundle(src, bcfg["mimi"], src.shapes(sorted(src.keys())), None)
         plan.parts.append(_mimi_part(mimi))
