@@ -129,14 +129,22 @@ def listing(items: list[str], limit: int = 6, sep: str = ", ") -> str:
     return head if len(items) <= limit else f"{head}{sep}... ({len(items) - limit} more)"
 
 
-def _check_finite(weights: dict[str, mx.array], what: str) -> None:
-    names = [k for k, v in weights.items() if mx.issubdtype(v.dtype, mx.floating)]
-    flags = mx.stack([mx.all(mx.isfinite(weights[k])) for k in names]) if names else None
-    if flags is not None:
-        bad = [k for k, ok in zip(names, flags.tolist()) if not ok]
-        if bad:
-            raise BundleError(f"{what}: NaN or infinite values in {listing(bad)} (a damaged "
-                              f"file); convert the checkpoint again")
+def non_finite(arrays: dict[str, mx.array]) -> list[str]:
+    """The names of the float arrays holding NaN or infinite values (one evaluation for
+    all): a model with any of them speaks noise, so bundles, conversions and adapters
+    refuse them."""
+    names = [k for k, v in arrays.items() if mx.issubdtype(v.dtype, mx.floating)]
+    if not names:
+        return []
+    flags = mx.stack([mx.all(mx.isfinite(arrays[k])) for k in names]).tolist()
+    return [k for k, ok in zip(names, flags) if not ok]
+
+
+def check_finite(weights: dict[str, mx.array], what: str) -> None:
+    """A `BundleError` naming the tensors of `what` that are not finite."""
+    if bad := non_finite(weights):
+        raise BundleError(f"{what}: NaN or infinite values in {listing(bad)} (a damaged "
+                          f"file); convert the checkpoint again")
 
 
 def load_weights_into(model: nn.Module, files: list[Path], quantization: dict | None,
@@ -152,7 +160,7 @@ def load_weights_into(model: nn.Module, files: list[Path], quantization: dict | 
     weights: dict[str, mx.array] = {}
     for f in files:
         weights.update(mx.load(str(f)))
-    _check_finite(weights, what)
+    check_finite(weights, what)
     model.load_weights(list(weights.items()), strict=True)
     mx.eval(model.parameters())
 
