@@ -40,7 +40,7 @@ STATS_EVERY = 12
 
 
 @dataclass
-class Loaded:
+class ServedModel:
     """The opened model, made on the model thread."""
 
     session: Session
@@ -87,10 +87,10 @@ class Conversation:
 class ModelHost(threading.Thread):
     """Loads the model with `prepare` (on this thread), then serves conversations."""
 
-    def __init__(self, prepare: Callable[[], Loaded]):
+    def __init__(self, prepare: Callable[[], ServedModel]):
         super().__init__(name="moshivis-serve-model", daemon=True)
         self.prepare = prepare
-        self.loaded: Loaded | None = None
+        self.loaded: ServedModel | None = None
         self.error: BaseException | None = None
         self.ready = threading.Event()
         self.finished = threading.Event()
@@ -104,7 +104,7 @@ class ModelHost(threading.Thread):
 
     # -- called from the event loop ------------------------------------------------------------
 
-    def wait_ready(self) -> Loaded:
+    def wait_ready(self) -> ServedModel:
         while not self.ready.wait(0.1):
             if self.finished.is_set():
                 raise self.error or MoshivisError("the model thread stopped while loading")

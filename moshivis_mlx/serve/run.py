@@ -15,7 +15,7 @@ from ..app.options import AppOptions
 from ..errors import UsageError
 from ..progress import Steps
 from ..session import load_picture
-from .host import Loaded, ModelHost
+from .host import ModelHost, ServedModel
 from .security import is_loopback, local_addresses, security_for
 from .server import STATIC, Limits, Server, serve
 
@@ -43,13 +43,14 @@ def run_serve(opts: AppOptions, console: Console) -> int:
         from ..app.demo import demo_bundle
 
         bundle, _ = demo_bundle()
-        opts = replace(opts, model=replace(opts.model, weights=bundle))
+        opts = replace(opts, model=replace(opts.model, bundle=replace(opts.model.bundle,
+                                                                      weights=bundle)))
     picture = load_picture(opts.image) if opts.image else None
     want_vision = not opts.no_image
     with Steps(console, 1 + opening_steps(want_vision, picture is not None)) as steps:
         bundle = resolve_bundle(opts.model, steps)
 
-        def prepare() -> Loaded:
+        def prepare() -> ServedModel:
             opened = open_session(opts.model, steps, want_vision, bundle=bundle)
             session = opened.session
             tokens = None
@@ -58,7 +59,7 @@ def run_serve(opts: AppOptions, console: Console) -> int:
                     tokens = session.vision.encode_image(picture)
             with steps.step("warm-up"):
                 session.warm_up()
-            return Loaded(session, Path(opened.bundle).name, tokens,
+            return ServedModel(session, Path(opened.bundle).name, tokens,
                           Path(opts.image).name if opts.image else None)
 
         host = ModelHost(prepare)
