@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import ssl
+import time
 
 import numpy as np
 import pytest
@@ -283,3 +284,27 @@ def test_network_bind_tls_and_token(tmp_path, speech):
         _spoke(out, 2.0)
     finally:
         s.stop()
+
+
+@pytest.mark.slow
+def test_served_conversations_recorded_only_when_asked(tmp_path, speech):
+    s = ServerProcess("--record", str(tmp_path / "rec"))
+    s.start()
+    try:
+        out = run(converse(s.ws_url(image="none"), speech[:24000]))
+        _spoke(out, 2.0)
+        run(converse(s.ws_url(image="none"), speech[:12000], seconds_after=1.0))
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            sessions = sorted((tmp_path / "rec").glob("*/session.json"))
+            if len(sessions) == 2 and all(json.loads(f.read_text())["complete"]
+                                          for f in sessions):
+                break
+            time.sleep(0.2)
+    finally:
+        s.stop()
+    assert len(sessions) == 2, sessions
+    first = json.loads(sessions[0].read_text())
+    assert first["served"] and first["complete"] and first["duration_s"] >= 2.0
+    assert (sessions[0].parent / "conversation.wav").stat().st_size > 2 * 24000 * 4
+    assert json.loads((sessions[0].parent / "transcript.json").read_text())["words"]

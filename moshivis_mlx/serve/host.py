@@ -21,6 +21,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -87,9 +88,12 @@ class Conversation:
 class ModelHost(threading.Thread):
     """Loads the model with `prepare` (on this thread), then serves conversations."""
 
-    def __init__(self, prepare: Callable[[], ServedModel]):
+    def __init__(self, prepare: Callable[[], ServedModel], record: Path | None = None):
+        """`record`: each conversation is saved in a new folder under it (as --record)."""
         super().__init__(name="moshivis-serve-model", daemon=True)
         self.prepare = prepare
+        self.record = record
+        self._recorder: Any = None
         self.loaded: ServedModel | None = None
         self.error: BaseException | None = None
         self.ready = threading.Event()
@@ -199,9 +203,41 @@ class ModelHost(threading.Thread):
         gen.limit_compiled(KEEP_COMPILED)
         self._current, self._session = conv, session
         self._writer = None if o.pcm else _opus_writer(session.geometry.sample_rate)
+        self._recorder = self._record(conv, session) if self.record is not None else None
+
+    def _record(self, conv: Conversation, session: Session) -> Any:
+        """The conversation's recorder (the app's), in a new folder; None if it cannot be
+        made (the conversation goes on, told so)."""
+        from ..app.recorder import SessionRecorder, default_session_dir
+
+        gen = session.stream.gen
+        try:
+            recorder = SessionRecorder(default_session_dir(self.record, create=True),
+                                       session.geometry, {
+                "served": True, "bundle": self.loaded.name,
+                "client": {k: v for k, v in vars(conv.options).items() if v is not None},
+                "sampling": {"text": repr(gen.text_sampler), "audio": repr(gen.audio_sampler),
+                             "xa_start": gen.xa_start}})
+        except (OSError, MoshivisError) as e:
+            conv.send([protocol.metadata({"type": "message", "level": "warning",
+                                          "text": f"not recorded: {one_line(e, 200)}"})])
+            return None
+        if self.loaded.default_image:
+            recorder.add_event("image", path=self.loaded.default_image)
+        return recorder
+
+    def _close_recording(self, conv: Conversation | None) -> None:
+        recorder, self._recorder = self._recorder, None
+        if recorder is not None:
+            try:
+                recorder.close({"dropped_frames": conv.dropped if conv else 0})
+            except OSError:
+                pass
 
     def _detach(self) -> None:
-        """Nothing of the conversation stays: state, image, samplers, encoder."""
+        """Nothing of the conversation stays: state, image, samplers, encoder (only its
+        recording, when the server records)."""
+        self._close_recording(self._current)
         session = self._session
         if session is not None:
             stream = session.stream
@@ -232,6 +268,14 @@ class ModelHost(threading.Thread):
     def _messages(self, conv: Conversation, events: list[Event]) -> list[bytes]:
         """A step's (or a command's) events as protocol messages."""
         out: list[bytes] = []
+        if self._recorder is not None:
+            try:
+                for ev in events:
+                    self._recorder.add(ev, backlog=len(conv.frames))
+            except OSError as e:  # a full disk ends the recording, not the conversation
+                self._close_recording(conv)
+                out.append(protocol.metadata({"type": "message", "level": "warning",
+                                              "text": f"recording stopped: {one_line(e, 200)}"}))
         for ev in events:
             if isinstance(ev, AudioFrame):
                 if self._writer is None:

@@ -13,6 +13,7 @@ from rich.console import Console
 from ..app.opening import open_session, opening_steps, resolve_bundle
 from ..app.options import AppOptions
 from ..errors import UsageError
+from ..paths import check_writable
 from ..progress import Steps
 from ..session import load_picture
 from .host import ModelHost, ServedModel
@@ -39,6 +40,10 @@ def run_serve(opts: AppOptions, console: Console) -> int:
     # Refusals first: nothing loads for a command line that cannot be served.
     security = security_for(s.host, s.ssl_cert, s.ssl_key, s.no_tls, s.token, _cache())
     static = check_static(s.static)
+    record = opts.record_dir if opts.record else None
+    if record is not None:
+        check_writable(record, "record the conversations in", directory=True,
+                       fix="pick another directory with --record DIR")
     if opts.demo:  # the tiny random model (made on first use): the page without weights
         from ..app.demo import demo_bundle
 
@@ -62,7 +67,7 @@ def run_serve(opts: AppOptions, console: Console) -> int:
             return ServedModel(session, Path(opened.bundle).name, tokens,
                           Path(opts.image).name if opts.image else None)
 
-        host = ModelHost(prepare)
+        host = ModelHost(prepare, record)
         host.start()
         host.wait_ready()
     logging.basicConfig(level=logging.WARNING)
@@ -83,6 +88,9 @@ def run_serve(opts: AppOptions, console: Console) -> int:
             console.print(f"self-signed certificate {security.cert}; SHA-256 fingerprint "
                           f"{security.fingerprint}" if s.ssl_cert is None else
                           f"certificate SHA-256 fingerprint {security.fingerprint}",
+                          highlight=False)
+        if record is not None:
+            console.print(f"each conversation is recorded in a new folder under {record}/",
                           highlight=False)
         console.print("one conversation at a time; Ctrl-C stops the server", highlight=False)
 
