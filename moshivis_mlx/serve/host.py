@@ -175,7 +175,7 @@ class ModelHost(threading.Thread):
                     break
         except Exception as e:  # a bug must end this conversation, not the server
             conv.ended = True
-            conv.send([protocol.error(f"internal error: {one_line(e, 300)}")], )
+            conv.send([protocol.error(f"internal error: {one_line(e, 300)}")])
             self._detach()
         if conv.frames or conv.commands:
             self.wake.set()
