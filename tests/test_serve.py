@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import ssl
 import time
 
@@ -301,6 +302,12 @@ def test_served_conversations_recorded_only_when_asked(tmp_path, speech):
                                           for f in sessions):
                 break
             time.sleep(0.2)
+        s.process.send_signal(signal.SIGINT)  # Ctrl-C: how a server is stopped
+        assert s.process.wait(timeout=30) == 0
+        deadline = time.monotonic() + 5  # the reader thread takes the last lines
+        while not any("stopped:" in line for line in s.lines) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "stopped: 2 conversation(s) served, 0 refused as busy" in s.lines[-1]
     finally:
         s.stop()
     assert len(sessions) == 2, sessions

@@ -16,6 +16,7 @@ from ..errors import UsageError
 from ..paths import check_writable
 from ..progress import Steps
 from ..session import load_picture
+from ..signals import Stopped
 from .host import ModelHost, ServedModel
 from .security import is_loopback, local_addresses, security_for
 from .server import STATIC, Limits, Server, serve
@@ -94,7 +95,13 @@ def run_serve(opts: AppOptions, console: Console) -> int:
                           highlight=False)
         console.print("one conversation at a time; Ctrl-C stops the server", highlight=False)
 
-    asyncio.run(serve(server, s.host, s.port, started))
+    try:
+        asyncio.run(serve(server, s.host, s.port, started))
+    except KeyboardInterrupt as e:  # Ctrl-C is how a server is stopped; SIGTERM says so
+        console.print(f"stopped: {server.served} conversation(s) served, {server.refused} "
+                      f"refused as busy", highlight=False)
+        if isinstance(e, Stopped):
+            raise
     return 0
 
 
