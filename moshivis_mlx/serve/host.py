@@ -70,6 +70,7 @@ class Conversation:
         """Frames dropped because the model was behind."""
         self.colored = bool(options.colored)
         self.ended = False
+        self._lock = threading.Lock()
 
     def push_frame(self, frame: np.ndarray) -> None:
         if len(self.frames) == self.frames.maxlen:
@@ -78,11 +79,24 @@ class Conversation:
 
     def push_command(self, name: str, arg: Any = None,
                      done: Callable[[], None] | None = None) -> bool:
-        """Queues a command; False if too many wait (the client floods)."""
-        if len(self.commands) >= MAX_PENDING_COMMANDS:
-            return False
-        self.commands.append((name, arg, done))
-        return True
+        """Queues a command; False if too many wait (the client floods). At most one image
+        waits: a newer one takes the place of the one not yet used (16 MB each)."""
+        with self._lock:
+            if name == "image":
+                for i, (other, _, other_done) in enumerate(self.commands):
+                    if other == "image":
+                        self.commands[i] = (name, arg, done)
+                        if other_done is not None:
+                            other_done()
+                        return True
+            if len(self.commands) >= MAX_PENDING_COMMANDS:
+                return False
+            self.commands.append((name, arg, done))
+            return True
+
+    def next_command(self) -> tuple[str, Any, Callable[[], None] | None] | None:
+        with self._lock:
+            return self.commands.popleft() if self.commands else None
 
 
 class ModelHost(threading.Thread):
@@ -163,8 +177,8 @@ class ModelHost(threading.Thread):
         if conv is None or conv.ended:
             return
         try:
-            while conv.commands and not conv.ended:
-                name, arg, done = conv.commands.popleft()
+            while not conv.ended and (command := conv.next_command()) is not None:
+                name, arg, done = command
                 self._command(conv, name, arg)
                 if done is not None:
                     done()
