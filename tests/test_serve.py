@@ -171,6 +171,17 @@ def test_moshivis_order_image_first_coloured_text(server, speech):
 
 
 @pytest.mark.slow
+def test_nothing_of_a_conversation_stays(server, speech):
+    """The next conversation does not see the last one's picture: its words carry no gate
+    (colour 0 throughout), where the one with the picture had them."""
+    with_image = run(converse(server.ws_url(), speech, image=SAMPLE_IMAGE.read_bytes()))
+    assert any(c > 0 for c in with_image["colours"]), with_image["colours"]
+    after = run(converse(server.ws_url(image="none", text="colored"), speech))
+    assert after["colours"] and all(c == 0 for c in after["colours"]), after["colours"]
+    assert after["metadata"][0]["image"] is None
+
+
+@pytest.mark.slow
 def test_raw_pcm_both_ways(server, speech):
     out = run(converse(server.ws_url(audio="pcm", image="none"), speech, pcm=True))
     assert protocol.AUDIO not in out["kinds"] and protocol.PCM in out["kinds"]
