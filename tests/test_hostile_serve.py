@@ -268,3 +268,7 @@ def test_idle_client_is_ended(server, baseline):
 def test_memory_flat_at_the_end(server, baseline):
     serves(server)
     assert server.rss_mb() < baseline + RSS_GROWTH_MB, (baseline, server.rss_mb())
+    # Every attack was handled, none reached aiohttp's or asyncio's last-resort logging.
+    output = "\n".join(server.lines)
+    for sign in ("Traceback", "Error handling request", "exception was never retrieved"):
+        assert sign not in output, output[-3000:]
