@@ -18,15 +18,23 @@ import time
 import aiohttp
 import numpy as np
 import pytest
+from app_support import run_app
 from serve_support import ServerProcess, converse, run
 
 from moshivis_mlx.serve import protocol
 
-pytestmark = [pytest.mark.slow]
-
 RSS_GROWTH_MB = 40
 """Allowed growth of the server's memory over the whole module (a leak of a connection's
 state, 1,000 times, or of a 100 MB message, is far more)."""
+
+
+def test_network_bind_without_tls_refused_in_one_line(tmp_path):
+    """Before anything loads (no model, no certificate): one line, exit 2."""
+    r = run_app("--serve", "--host", "0.0.0.0", "--no-tls", "--demo")
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "needs TLS" in lines[0], r.stderr
+    assert not r.stdout.strip()
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +95,7 @@ def _error_then_close(got: list) -> str:
     return errors[0]
 
 
+@pytest.mark.slow
 def test_random_kinds(server, baseline):
     rng = random.Random(0)
     valid = set(protocol.LIMITS)
@@ -102,6 +111,7 @@ def test_random_kinds(server, baseline):
     serves(server)
 
 
+@pytest.mark.slow
 def test_truncated_and_corrupt_ogg(server, baseline):
     import sphn
 
@@ -122,6 +132,7 @@ def test_truncated_and_corrupt_ogg(server, baseline):
     serves(server)
 
 
+@pytest.mark.slow
 def test_hundred_megabyte_message(server, baseline):
     async def go() -> tuple:
         async with aiohttp.ClientSession() as s, s.ws_connect(
@@ -158,6 +169,7 @@ def _png(width: int, height: int) -> bytes:
         chunk(b"IEND", b"")
 
 
+@pytest.mark.slow
 def test_image_bomb(server, baseline):
     import json
 
@@ -186,6 +198,7 @@ def test_image_bomb(server, baseline):
     assert server.rss_mb() < baseline + RSS_GROWTH_MB
 
 
+@pytest.mark.slow
 def test_thousand_connections(server, baseline):
     async def cycles(n: int) -> None:
         async with aiohttp.ClientSession() as s:
@@ -233,6 +246,7 @@ def _frame(payload: bytes) -> bytes:
     return b"\x82" + size + mask + masked.tobytes()
 
 
+@pytest.mark.slow
 def test_client_that_stops_reading(server, baseline):
     sock = _raw_websocket(server.port, "/api/chat?image=none&audio=pcm")
     second = protocol.pcm(0.1 * np.random.default_rng(0).standard_normal(24000))
@@ -252,6 +266,7 @@ def test_client_that_stops_reading(server, baseline):
     serves(server)
 
 
+@pytest.mark.slow
 def test_idle_client_is_ended(server, baseline):
     async def go() -> list:
         async with aiohttp.ClientSession() as s, s.ws_connect(
@@ -265,6 +280,7 @@ def test_idle_client_is_ended(server, baseline):
     assert got[2].data[0] == protocol.ERROR and b"idle" in got[2].data
 
 
+@pytest.mark.slow
 def test_memory_flat_at_the_end(server, baseline):
     serves(server)
     assert server.rss_mb() < baseline + RSS_GROWTH_MB, (baseline, server.rss_mb())
@@ -272,3 +288,11 @@ def test_memory_flat_at_the_end(server, baseline):
     output = "\n".join(server.lines)
     for sign in ("Traceback", "Error handling request", "exception was never retrieved"):
         assert sign not in output, output[-3000:]
+
+
+def test_other_refusals_are_one_line(tmp_path):
+    r = run_app("--serve", "--static", str(tmp_path), "--demo")
+    assert r.returncode != 0 and "no index.html" in r.stderr and \
+        len(r.stderr.strip().splitlines()) == 1
+    r = run_app("--static", str(tmp_path))
+    assert r.returncode == 2 and "--static is for --serve" in r.stderr

@@ -12,7 +12,6 @@ import time
 
 import numpy as np
 import pytest
-from app_support import run_app
 from serve_support import ServerProcess, converse, run
 
 from moshivis_mlx.app.demo import SAMPLE_IMAGE
@@ -108,18 +107,6 @@ def test_non_loopback_needs_tls_and_gets_a_token(tmp_path):
     again = security_for("0.0.0.0", None, None, False, "my-own-token", tmp_path / "cache")
     assert again.fingerprint == net.fingerprint  # made once, then reused
     assert again.token == "my-own-token"
-
-
-def test_serve_refusals_are_one_line(tmp_path):
-    r = run_app("--serve", "--host", "0.0.0.0", "--no-tls", "--demo")
-    assert r.returncode == 2
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and "needs TLS" in lines[0], r.stderr
-    r = run_app("--serve", "--static", str(tmp_path), "--demo")
-    assert r.returncode != 0 and "no index.html" in r.stderr and \
-        len(r.stderr.strip().splitlines()) == 1
-    r = run_app("--static", str(tmp_path))
-    assert r.returncode == 2 and "--static is for --serve" in r.stderr
 
 
 # -- the server, with a client of our own --------------------------------------------------------
