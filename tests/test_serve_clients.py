@@ -74,6 +74,7 @@ def test_fujielab_moshi_client(server, speech):
     assert server.alive()
 
 
+@pytest.mark.torch  # the `moshi` package imports torch when its client starts
 @pytest.mark.system("espeak-ng", "sox", "pulseaudio", "portaudio")
 def test_kyutai_moshi_client_through_a_sound_server(server, speech, tmp_path):
     """`python -m moshi.client`, Kyutai's command-line client, as a user runs it: its
