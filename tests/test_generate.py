@@ -295,3 +295,21 @@ def test_top_p_is_kyutais_nucleus(p):
         want[order[before <= p]] = True
         np.testing.assert_array_equal(row, want)
         assert row.sum() >= 1
+
+
+def test_limit_compiled_forgets_variants_beyond_the_bound(lm):
+    """A server whose clients choose their sampling compiles a variant per setting; beyond
+    the bound they are forgotten (and compile again when used), not kept forever."""
+    gen = Generator(lm, Sampler(temperature=0.0), Sampler(temperature=0.0))
+    codes = np.zeros(gen.num_user_codes, dtype=np.int32)
+    for t in (0.5, 0.6, 0.7):
+        gen.text_sampler = Sampler(temperature=t, seed=0)
+        gen.step(codes)
+    count = len(gen._step_fns)
+    assert count >= 3
+    gen.limit_compiled(count)
+    assert len(gen._step_fns) == count
+    gen.limit_compiled(count - 1)
+    assert len(gen._step_fns) == 0
+    gen.step(codes)  # compiles again
+    assert len(gen._step_fns) == 1
