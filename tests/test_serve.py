@@ -313,3 +313,23 @@ def test_served_conversations_recorded_only_when_asked(tmp_path, speech):
     assert first["served"] and first["complete"] and first["duration_s"] >= 2.0
     assert (sessions[0].parent / "conversation.wav").stat().st_size > 2 * 24000 * 4
     assert json.loads((sessions[0].parent / "transcript.json").read_text())["words"]
+
+
+def test_pending_commands_are_bounded_and_one_image_waits():
+    from moshivis_mlx.serve.host import MAX_PENDING_COMMANDS, MAX_PENDING_FRAMES, Conversation
+
+    conv = Conversation(protocol.ClientOptions(), lambda messages: None)
+    done = []
+    assert conv.push_command("image", (b"first", "image"), lambda: done.append("first"))
+    for i in range(40):  # a flood of pictures: only the newest waits
+        assert conv.push_command("image", (bytes([i]) * 10, "image"))
+    assert done == ["first"]  # whoever waited for the replaced one is not left waiting
+    assert len(conv.commands) == 1 and conv.commands[0][1][0] == bytes([39]) * 10
+    for _ in range(MAX_PENDING_COMMANDS - 1):
+        assert conv.push_command("restart")
+    assert not conv.push_command("mute", True)  # a flood of controls is refused
+    assert conv.next_command()[0] == "image"
+    for i in range(MAX_PENDING_FRAMES + 5):  # the model behind: the oldest frames go
+        conv.push_frame(np.full(1920, i, np.float32))
+    assert len(conv.frames) == MAX_PENDING_FRAMES and conv.dropped == 5
+    assert conv.frames[0][0] == 5
