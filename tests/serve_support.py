@@ -20,7 +20,9 @@ RATE = 24000
 class ServerProcess:
     """`moshivis-mlx --serve --port 0` in a process group of its own; `url` once listening."""
 
-    def __init__(self, *args: str, bundle: Path | None = None, env: dict | None = None):
+    def __init__(self, *args: str, bundle: Path | None = None, env: dict | None = None,
+                 command: list[str] | None = None):
+        self.command = command or APP
         self.args = ["--serve", "--weights", str(bundle or demo_bundle()), "--port", "0",
                      "--seed", "1", *args]
         self.env = env or app_env()
@@ -31,7 +33,7 @@ class ServerProcess:
         self.token: str | None = None
 
     def start(self, timeout: float = 120) -> ServerProcess:
-        self.process = subprocess.Popen([*APP, *self.args], cwd=REPO, env=self.env,
+        self.process = subprocess.Popen([*self.command, *self.args], cwd=REPO, env=self.env,
                                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                         text=True, start_new_session=True)
         ready = threading.Event()
@@ -146,12 +148,14 @@ async def converse(url: str, speech: np.ndarray, image: bytes | None = None,
         t0 = time.monotonic()
         for i in range(0, len(audio) - step + 1, step):
             chunk = audio[i:i + step]
-            if pcm:
-                await ws.send_bytes(protocol.pcm(chunk))
-            else:
-                ogg = writer.append_pcm(chunk)
-                if ogg:
-                    await ws.send_bytes(bytes([protocol.AUDIO]) + ogg)
+            if ws.closed or task.done():  # the server ended the conversation
+                break
+            message = protocol.pcm(chunk) if pcm else writer.append_pcm(chunk)
+            try:
+                if message:
+                    await ws.send_bytes(message if pcm else bytes([protocol.AUDIO]) + message)
+            except ConnectionError:
+                break
             ahead = t0 + (i + step) / RATE - time.monotonic()
             if ahead > 0:
                 await asyncio.sleep(ahead)

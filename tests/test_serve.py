@@ -8,6 +8,7 @@ import asyncio
 import json
 import signal
 import ssl
+import sys
 import time
 
 import numpy as np
@@ -333,3 +334,40 @@ def test_pending_commands_are_bounded_and_one_image_waits():
         conv.push_frame(np.full(1920, i, np.float32))
     assert len(conv.frames) == MAX_PENDING_FRAMES and conv.dropped == 5
     assert conv.frames[0][0] == 5
+
+
+FAILING_ONCE = """
+import sys
+from moshivis_mlx.generate import Generator
+from moshivis_mlx.session import Session
+feed, limit, failed = Session.feed, Generator.limit_compiled, set()
+def fail_once(what, original):
+    def replaced(self, *args):
+        if what not in failed:
+            failed.add(what)
+            raise RuntimeError(f"a bug in the {what}")
+        return original(self, *args)
+    return replaced
+Generator.limit_compiled = fail_once("start", limit)
+Session.feed = fail_once("step", feed)
+from moshivis_mlx.cli.app import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_an_error_in_the_model_thread_ends_the_conversation_not_the_server(speech):
+    """Bugs injected into the model thread: the first conversation's start fails, the
+    second's first step; each client gets a 0x05 error message and the close, and the
+    third conversation is served as if nothing happened."""
+    s = ServerProcess(command=[sys.executable, "-c", FAILING_ONCE]).start()
+    try:
+        for what in ("start", "step"):
+            failed = run(converse(s.ws_url(image="none"), speech))
+            assert failed["errors"], failed["kinds"]
+            assert f"internal error: a bug in the {what}" in failed["errors"][-1]
+            assert failed["kinds"][-1] == protocol.ERROR
+        _spoke(run(converse(s.ws_url(image="none"), speech)), 3.0)
+        assert s.alive()
+    finally:
+        s.stop()

@@ -16,6 +16,7 @@ of it behind (the stream is reset, the image, samplers and encoder dropped).
 from __future__ import annotations
 
 import collections
+import logging
 import queue
 import threading
 import time
@@ -32,6 +33,8 @@ from ..sampling import Sampler
 from ..session import AudioFrame, Event, ImageChanged, Message, Piece, Restarted, Session, Stats
 from . import protocol
 from .protocol import ClientOptions
+
+log = logging.getLogger("moshivis_mlx.serve")
 
 MAX_PENDING_FRAMES = 25
 """Frames (80 ms each) waiting for the model: 2 s; older ones are dropped."""
@@ -150,7 +153,10 @@ class ModelHost(threading.Thread):
             self._defaults = (gen.text_sampler, gen.audio_sampler, gen.xa_start)
             self.ready.set()
             while True:
-                self._serve_once()
+                try:
+                    self._serve_once()
+                except Exception as e:  # a bug must end a conversation, never the server
+                    self._fail(e)
         except BaseException as e:  # a failed load; the loop reports it
             self.error = e
         finally:
@@ -167,36 +173,49 @@ class ModelHost(threading.Thread):
                 name, conv, done = self.jobs.get_nowait()
             except queue.Empty:
                 break
-            if name == "attach":
-                self._attach(conv)
-            elif conv is self._current:
-                self._detach()
-            if done is not None:
-                done()
+            try:
+                if name == "attach":
+                    self._attach(conv)
+                elif conv is self._current:
+                    self._detach()
+            finally:
+                if done is not None:
+                    done()
         conv = self._current
         if conv is None or conv.ended:
             return
-        try:
-            while not conv.ended and (command := conv.next_command()) is not None:
-                name, arg, done = command
+        while not conv.ended and (command := conv.next_command()) is not None:
+            name, arg, done = command
+            try:
                 self._command(conv, name, arg)
+            finally:
                 if done is not None:
                     done()
-            while conv.frames and not conv.ended and not conv.commands:
-                frame = conv.frames.popleft()
-                conv.send(self._messages(conv, self._session.feed(frame)))
-                if self.jobs.qsize():
-                    break
-        except Exception as e:  # a bug must end this conversation, not the server
-            conv.ended = True
-            conv.send([protocol.error(f"internal error: {one_line(e, 300)}")])
-            self._detach()
+        while conv.frames and not conv.ended and not conv.commands:
+            frame = conv.frames.popleft()
+            conv.send(self._messages(conv, self._session.feed(frame)))
+            if self.jobs.qsize():
+                break
         if conv.frames or conv.commands:
             self.wake.set()
+
+    def _fail(self, e: Exception) -> None:
+        """The conversation being served (or attached) ends with the error; the model's
+        state is reset for the next one."""
+        conv = self._current
+        if conv is not None:
+            conv.ended = True
+            conv.send([protocol.error(f"internal error: {one_line(e, 300)}")])
+        try:
+            self._detach()
+        except Exception:  # the state could not even be reset: the next attach resets it
+            self._current = self._session = self._writer = self._recorder = None
+        log.exception("a conversation ended by an error of the server")
 
     def _attach(self, conv: Conversation) -> None:
         if self._current is not None:
             self._detach()
+        self._current = conv  # a failure from here on ends this conversation (`_fail`)
         loaded = self.loaded
         base = loaded.session
         session = Session(base.stream, base.vision)
@@ -252,14 +271,12 @@ class ModelHost(threading.Thread):
         """Nothing of the conversation stays: state, image, samplers, encoder (only its
         recording, when the server records)."""
         self._close_recording(self._current)
-        session = self._session
-        if session is not None:
-            stream = session.stream
-            stream.reset()
-            stream.set_image(None)
-            gen = stream.gen
-            gen.text_sampler, gen.audio_sampler, gen.xa_start = self._defaults
         self._current = self._session = self._writer = None
+        stream = self.loaded.session.stream  # every conversation's Session is around it
+        gen = stream.gen
+        gen.text_sampler, gen.audio_sampler, gen.xa_start = self._defaults
+        stream.reset()
+        stream.set_image(None)
 
     def _command(self, conv: Conversation, name: str, arg: Any) -> None:
         session = self._session
