@@ -200,17 +200,22 @@ def test_controls_ping_and_an_image_mid_conversation(server):
 
     async def go() -> list:
         got = []
+
+        async def until(seen) -> None:
+            while not seen():
+                got.append((await ws.receive(timeout=20)).data)
+
         async with aiohttp.ClientSession() as s, s.ws_connect(
                 server.ws_url(image="none", audio="pcm")) as ws:
             assert (await ws.receive(timeout=10)).data == b"\x00"
             await ws.send_bytes(b"\x06abc")
             await ws.send_bytes(b"\x03\x03")  # restart
             await ws.send_bytes(b"\x08" + SAMPLE_IMAGE.read_bytes())
-            await ws.send_bytes(b"\x08" + b"not an image at all")
+            await until(lambda: any(b'"type":"image"' in m for m in got))
+            await ws.send_bytes(b"\x08" + b"not an image at all")  # after the first is used
             await ws.send_bytes(b"\x0a\x04")  # a rating
             await ws.send_bytes(protocol.pcm(np.zeros(1920 * 3, np.float32)))
-            while len([m for m in got if m[0] == protocol.PCM]) < 3:
-                got.append((await ws.receive(timeout=20)).data)
+            await until(lambda: len([m for m in got if m[0] == protocol.PCM]) >= 3)
         return got
 
     got = run(go())
