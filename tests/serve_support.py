@@ -96,10 +96,10 @@ def speech_frames(wav: Path) -> np.ndarray:
 
 async def converse(url: str, speech: np.ndarray, image: bytes | None = None,
                    pcm: bool = False, seconds_after: float = 2.0, ssl: object = True,
-                   headers: dict | None = None) -> dict:
+                   headers: dict | None = None, pcm_chunk: int = FRAME) -> dict:
     """A client of our own: connects, (sends `image` first: MoshiVis' order), waits for the
-    handshake, streams `speech` in real time as 20 ms Ogg Opus packets (or 80 ms PCM), and
-    collects what comes back. Returns the kinds seen in order, the decoded audio, the text."""
+    handshake, streams `speech` in real time as 20 ms Ogg Opus packets (or PCM messages of
+    `pcm_chunk` samples), and collects what comes back. Returns the kinds seen in order, the decoded audio, the text."""
     import aiohttp
     import sphn
 
@@ -142,7 +142,7 @@ async def converse(url: str, speech: np.ndarray, image: bytes | None = None,
 
         task = asyncio.create_task(receive())
         writer = sphn.OpusStreamWriter(RATE)
-        step = FRAME if pcm else 480
+        step = pcm_chunk if pcm else 480
         silence = np.zeros(int(seconds_after * RATE), dtype=np.float32)
         audio = np.concatenate([speech, silence])
         t0 = time.monotonic()

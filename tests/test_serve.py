@@ -171,8 +171,12 @@ def test_nothing_of_a_conversation_stays(server, speech):
 
 @pytest.mark.slow
 def test_raw_pcm_both_ways(server, speech):
-    out = run(converse(server.ws_url(audio="pcm", image="none"), speech, pcm=True))
+    """0x81 in messages of any whole number of samples (1,001 here), 0x81 out: one message
+    per 80 ms frame."""
+    out = run(converse(server.ws_url(audio="pcm", image="none"), speech, pcm=True,
+                       pcm_chunk=1001))
     assert protocol.AUDIO not in out["kinds"] and protocol.PCM in out["kinds"]
+    assert len(out["audio"]) == 1920 * out["kinds"].count(protocol.PCM)
     assert out["metadata"][0]["audio"] == "pcm"
     _spoke(out, 3.0)
 
