@@ -99,7 +99,8 @@ async def converse(url: str, speech: np.ndarray, image: bytes | None = None,
                    headers: dict | None = None, pcm_chunk: int = FRAME) -> dict:
     """A client of our own: connects, (sends `image` first: MoshiVis' order), waits for the
     handshake, streams `speech` in real time as 20 ms Ogg Opus packets (or PCM messages of
-    `pcm_chunk` samples), and collects what comes back. Returns the kinds seen in order, the decoded audio, the text."""
+    `pcm_chunk` samples), and collects what comes back. Returns the kinds seen in order,
+    the decoded audio, the text."""
     import aiohttp
     import sphn
 

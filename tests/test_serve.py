@@ -380,3 +380,37 @@ def test_an_error_in_the_model_thread_ends_the_conversation_not_the_server(speec
         assert s.alive()
     finally:
         s.stop()
+
+
+@pytest.mark.slow
+def test_static_serves_another_client(tmp_path):
+    """--static DIR: another web client (Kyutai's built one, say) at / with its assets;
+    /api/chat is still the server's."""
+    import aiohttp
+
+    (tmp_path / "assets").mkdir()
+    (tmp_path / "index.html").write_text("<html>another client</html>")
+    (tmp_path / "assets" / "app.js").write_text("console.log('hi')")
+    (tmp_path / "assets" / "link.js").symlink_to("/etc/hostname")
+    s = ServerProcess("--static", str(tmp_path)).start()
+
+    async def go() -> tuple:
+        async with aiohttp.ClientSession() as c:
+            async with c.get(s.base + "/") as r:
+                page = await r.text()
+            async with c.get(s.base + "/assets/app.js") as r:
+                script = (r.status, await r.text())
+            async with c.get(s.base + "/assets/link.js") as r:
+                link = r.status
+            async with c.ws_connect(s.ws_url(image="none")) as ws:
+                first = (await ws.receive(timeout=10)).data
+        return page, script, link, first
+
+    try:
+        page, script, link, first = run(go())
+    finally:
+        s.stop()
+    assert page == "<html>another client</html>"
+    assert script == (200, "console.log('hi')")
+    assert link in (403, 404)  # a symlink out of the folder is not followed
+    assert first == protocol.handshake()
