@@ -414,3 +414,32 @@ def test_static_serves_another_client(tmp_path):
     assert script == (200, "console.log('hi')")
     assert link in (403, 404)  # a symlink out of the folder is not followed
     assert first == protocol.handshake()
+
+
+@pytest.mark.slow
+def test_text_turns_coloured_once_the_client_sends_a_picture(server):
+    import aiohttp
+
+    async def go() -> list:
+        got = []
+        async with aiohttp.ClientSession() as s, s.ws_connect(
+                server.ws_url(image="none", audio="pcm")) as ws:
+            assert (await ws.receive(timeout=10)).data == b"\x00"
+            noise = 0.1 * np.random.default_rng(1).standard_normal(1920 * 10)
+            second = protocol.pcm(noise.astype(np.float32))  # 0.8 s (at most 1 s a message)
+            await ws.send_bytes(second)
+            await ws.send_bytes(second)
+            while len([m for m in got if m[0] == protocol.PCM]) < 20:
+                got.append((await ws.receive(timeout=20)).data)
+            await ws.send_bytes(b"\x08" + SAMPLE_IMAGE.read_bytes())
+            await ws.send_bytes(second)
+            await ws.send_bytes(second)
+            while len([m for m in got if m[0] == protocol.PCM]) < 40:
+                got.append((await ws.receive(timeout=20)).data)
+        return got
+
+    got = run(go())
+    kinds = [m[0] for m in got]
+    changed = next(i for i, m in enumerate(got) if b'"type":"image"' in m)
+    assert protocol.TEXT in kinds[:changed] and protocol.COLORED_TEXT not in kinds[:changed]
+    assert protocol.COLORED_TEXT in kinds[changed:] and protocol.TEXT not in kinds[changed:]

@@ -234,8 +234,8 @@ class ClientOptions:
     """`image=first`: wait for the client's image (MoshiVis' order); `image=none`: send the
     handshake at once (Moshi's order); auto: wait briefly for an image."""
     colored: bool | None = None
-    """`text=colored` / `text=plain`: 0x07 or 0x02 text (default: 0x07 after an image-first
-    handshake, as MoshiVis' servers do, else 0x02)."""
+    """`text=colored` / `text=plain`: 0x07 or 0x02 text (default: 0x07 once the client has
+    sent an image, at the handshake as MoshiVis' clients do or later; 0x02 before)."""
     stats: bool = False
     """`stats=1`: a metadata message with the frame's cost about once a second."""
     ignored: tuple[str, ...] = field(default=())

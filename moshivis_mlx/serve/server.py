@@ -323,6 +323,8 @@ class Connection:
         elif kind == protocol.PCM:
             self._frames(message.value)
         elif kind == protocol.IMAGE:
+            if self.conv.options.colored is None:
+                self.conv.colored = True  # a client that sends pictures reads gates
             self._command("image", (message.payload, "image"))
         elif kind == protocol.CONTROL:
             if message.value == protocol.CONTROL_RESTART:
