@@ -11,7 +11,14 @@ With --weights BUNDLE it also measures what a second conversation would cost if 
 were stepped together: the language model's step (`Generator.step`) with batch 1 and with
 batch 2 on that bundle (the server itself serves one conversation at a time).
 
-Usage: python scripts/bench_transport.py [--frames 1000] [--weights BUNDLE] [--json out.json]
+With --url ws://HOST:PORT/api/chat (a running `moshivis-mlx --serve`) it also measures the
+whole path as a client sees it, Opus and PCM: each frame sent in real time, from its send to
+the model's frame for it back, and the model's own cost of the frame as the server reports
+it (`stats=1`); the difference is what the server's transport adds end to end (decode,
+queue, thread hand-offs, encode, sockets both ways).
+
+Usage: python scripts/bench_transport.py [--frames 1000] [--weights BUNDLE] [--url URL]
+                                         [--json out.json]
 Reports medians and 90th percentiles in milliseconds.
 """
 
@@ -123,10 +130,58 @@ def batched_steps(weights: str, steps: int) -> dict[str, dict[str, float]]:
     return out
 
 
+async def through_server(url: str, frames: int, pcm: bool) -> dict[str, dict[str, float]]:
+    """Frames sent one every 80 ms; each answered frame timed from its own send."""
+    import aiohttp
+    import sphn
+
+    from moshivis_mlx.serve import protocol
+
+    sep = "&" if "?" in url else "?"
+    url = f"{url}{sep}image=none&stats=1" + ("&audio=pcm" if pcm else "")
+    audio = speechlike(frames * FRAME, seed=1)
+    writer = sphn.OpusStreamWriter(RATE)
+    sent: list[float] = []
+    trips: list[float] = []
+    model: list[float] = []
+    async with aiohttp.ClientSession() as s, s.ws_connect(url) as ws:
+        while (await ws.receive(timeout=30)).data[0] != protocol.HANDSHAKE:
+            pass
+
+        async def receive() -> None:
+            import json
+
+            async for m in ws:
+                kind = m.data[0]
+                if kind in (protocol.AUDIO, protocol.PCM) and len(trips) < len(sent):
+                    trips.append(1e3 * (time.perf_counter() - sent[len(trips)]))
+                elif kind == protocol.METADATA:
+                    info = json.loads(m.data[1:])
+                    if info.get("type") == "stats":
+                        model.append(info["latency_ms"])
+                if len(trips) == frames:
+                    return
+
+        task = asyncio.create_task(receive())
+        t0 = time.perf_counter()
+        for i in range(frames):
+            frame = audio[i * FRAME:(i + 1) * FRAME]
+            message = protocol.pcm(frame) if pcm else protocol.audio(writer.append_pcm(frame))
+            sent.append(time.perf_counter())
+            await ws.send_bytes(message)
+            await asyncio.sleep(max(0.0, t0 + (i + 1) * FRAME / RATE - time.perf_counter()))
+        await asyncio.wait_for(task, 30)
+    round_trip, cost = stats(trips[10:]), stats(model[1:])
+    return {"round_trip": round_trip, "model_frame": cost,
+            "transport_added": {"median_ms": round(round_trip["median_ms"]
+                                                   - cost["median_ms"], 4)}}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--frames", type=int, default=1000)
     p.add_argument("--weights", help="a bundle: also time the model's step, batch 1 and 2")
+    p.add_argument("--url", help="a running server's /api/chat: time the whole path")
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args()
     result: dict = {"machine": f"{platform.system()} {platform.machine()}",
@@ -139,6 +194,11 @@ def main() -> None:
     if args.weights:
         result["weights"] = args.weights
         result.update(batched_steps(args.weights, min(args.frames, 300)))
+    if args.url:
+        for name, pcm in (("opus", False), ("pcm", True)):
+            for key, value in asyncio.run(through_server(args.url, min(args.frames, 300),
+                                                         pcm)).items():
+                result[f"server_{name}_{key}"] = value
     for key, value in result.items():
         print(f"{key:22} {value}")
     if args.json:
