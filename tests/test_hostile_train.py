@@ -380,23 +380,24 @@ KILLED = textwrap.dedent("""
 
     where, step, argv = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
     now = {"step": 0}
-    real_publish, real_replace, real_write = trainer.publish, os.replace, trainer.write_adapters
+    real_replace, real_write = os.replace, trainer.write_adapters
 
     def die():
         os.kill(os.getpid(), signal.SIGKILL)
 
-    def publish(out, s, *a, **k):
-        now["step"] = s
-        if where == "before-publish" and s == step:
-            die()
-        return real_publish(out, s, *a, **k)
+    def write_adapters(out, weights, cfg, training=None):
+        if Path(out).name == "adapters":  # OUT/adapters, not a checkpoint's
+            now["step"] = (training or {}).get("step")
+            if where == "before-publish" and now["step"] == step:
+                die()
+        return real_write(out, weights, cfg, training)
 
     def replace(src, dst):
         if now["step"] == step and where in str(dst) and "/checkpoints/" not in str(dst):
             die()
         return real_replace(src, dst)
 
-    trainer.publish = publish
+    trainer.write_adapters = write_adapters
     adapters.os.replace = replace
     fileio.os.replace = replace
     sys.exit(main(argv))
