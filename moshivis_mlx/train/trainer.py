@@ -31,11 +31,10 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_map_with_path
 
-from moshivis_mlx.weights_convert.hub import DEFAULT_HF_REPO, QUANTIZATIONS, find_bundle
-
 from ..adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, MAX_ADAPTER_VALUE, write_adapters
 from ..errors import MoshivisError, UsageError, WeightsError
 from ..fileio import atomic_write, output_lock
+from ..loader import BundleOptions
 from . import checkpoint
 from .batches import Order, collate, shard
 from .dataset import FRAME_RATE, NOTE_KINDS, SPEECHLESS_AUDIO, ImageStore, Preparer, Sample
@@ -106,10 +105,8 @@ class TrainOptions:
     train: Path
     out: Path
     valid: Path | None = None
-    weights: Path | None = None
-    hf_repo: str = DEFAULT_HF_REPO
-    quantize: str | None = None
-    """'8', '4' or 'none' when converting --hf-repo (default 8)."""
+    bundle: BundleOptions = field(default_factory=BundleOptions)
+    """The frozen backbone (its `adapters`, if given, are refused: training makes them)."""
     steps: int = 1000
     batch_size: int = 4
     """Samples per optimizer step and micro-batch, all processes together."""
@@ -154,8 +151,6 @@ class TrainOptions:
                              f"(their product must be < 1)")
         if self.speechless_audio not in SPEECHLESS_AUDIO:
             raise UsageError(f"--speechless-audio must be one of {', '.join(SPEECHLESS_AUDIO)}")
-        if self.quantize is not None and self.quantize not in QUANTIZATIONS:
-            raise UsageError(f"-q must be one of {', '.join(QUANTIZATIONS)}")
 
     @property
     def warmup_steps(self) -> int:
@@ -355,12 +350,6 @@ def check_resumable(out: Path, settings: dict[str, Any], resume: bool) -> Path |
     return last
 
 
-def _tokenizer(bundle: Path, cfg):
-    from ..text import TextTokenizer, find_tokenizer
-
-    return TextTokenizer(find_tokenizer(bundle), cfg.text_padding_ids)
-
-
 LOCK_FIX = "wait for it to finish, or give another --out"
 
 
@@ -423,6 +412,7 @@ def train(opts: TrainOptions, console=None) -> dict[str, Any]:
     """Runs (or resumes) one training; returns the last metrics. Everything the user
     gives is checked before the model loads, and process 0 holds `--out`'s lock for the
     whole run (a second run on it is refused at once)."""
+    from ..loader import resolve
     from ..paths import check_outputs
 
     group = mx.distributed.init()
@@ -437,7 +427,7 @@ def train(opts: TrainOptions, console=None) -> dict[str, Any]:
     babillage = BabillageFiles()
     train_entries = read_manifest(opts.train, babillage)
     valid_entries = read_manifest(opts.valid, babillage) if opts.valid else []
-    bundle = find_bundle(opts.weights, opts.hf_repo, opts.quantize)
+    bundle = resolve(opts.bundle.weights, opts.bundle.hf_repo, opts.bundle.quantize, note=say)
     check_outputs({"--out": out, "--cache": cache},
                   {"the bundle": bundle, "--train": opts.train, "--valid": opts.valid})
     with output_lock(out, LOCK_FIX) if show else nullcontext(out):
@@ -451,8 +441,7 @@ def train(opts: TrainOptions, console=None) -> dict[str, Any]:
 
 def _train(opts: TrainOptions, out: Path, cache: Path, bundle: Path, train_entries,
            valid_entries, babillage, group, console, say) -> dict[str, Any]:
-    from ..bundle import load_lm
-    from ..memory import wire_weights
+    from ..loader import load
     from ..progress import Counter
 
     rank, world = group.rank(), group.size()
@@ -463,24 +452,18 @@ def _train(opts: TrainOptions, out: Path, cache: Path, bundle: Path, train_entri
         say(f"--resume: {out} has no checkpoint yet; starting from the beginning")
 
     say(f"loading {bundle} ...")
-    lm = load_lm(bundle)
-    if not lm.cfg.cross_attention:
-        raise WeightsError(f"the model in {bundle} is plain Moshi (no cross-attention): it has "
-                           f"no adapters to train", "use a MoshiVis bundle")
-    cfg = lm.cfg
+    model = load(bundle, vision=False, codec=False, cross_attention=True, note=say)
+    lm, cfg = model.lm, model.lm.cfg
     if cfg.n_q != 2 * cfg.dep_q:
         raise WeightsError(f"{bundle}: {cfg.n_q} audio streams for {cfg.dep_q} model codebooks; "
                            f"training expects as many user codebooks as model ones")
     opts.loss.check(cfg)
-    warning = wire_weights(lm)
-    if warning:
-        say(f"note: {warning}")
 
     def barrier() -> None:
         mx.eval(mx.distributed.all_sum(mx.array(1.0), group=group))
 
     with Counter(console, show=show and console is not None and console.is_terminal) as bars:
-        preparer = Preparer(bundle, cfg, _tokenizer(bundle, cfg), cache, opts.max_seconds,
+        preparer = Preparer(bundle, cfg, model.tokenizer, cache, opts.max_seconds,
                             opts.speechless_audio, bars.track, rank, world, barrier, babillage,
                             opts.text_past_audio)
         preparer.encode_all(train_entries + valid_entries)
