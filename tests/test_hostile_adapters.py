@@ -147,17 +147,22 @@ def test_the_merge_refuses_a_damaged_set_and_writes_nothing(bundle, damaged, tmp
 @pytest.mark.parametrize("damaged", ["nan", "1e30", "int8"], indirect=True)
 def test_app_bench_and_eval_refuse_a_damaged_set(bundle, damaged):
     from moshivis_mlx import bench
-    from moshivis_mlx.app.opening import load_models
-    from moshivis_mlx.eval.run import adapter_loader
+    from moshivis_mlx.app.opening import open_session
+    from moshivis_mlx.app.options import ModelOptions
+    from moshivis_mlx.eval.run import read_trained
+    from moshivis_mlx.loader import BundleOptions, load
     from moshivis_mlx.progress import Steps
 
     path, says = damaged
     with pytest.raises(AdapterError) as e:
-        adapter_loader(path)
+        read_trained(path)  # moshivis-eval's reader
+    _one_line(e.value, says)
+    with pytest.raises(AdapterError) as e:
+        load(bundle, adapters=path)  # the one opener of every command
     _one_line(e.value, says)
     with Steps(Console(file=open(os.devnull, "w")), 4) as steps:
         with pytest.raises(AdapterError) as e:
-            load_models(bundle, True, steps, path)
+            open_session(ModelOptions(BundleOptions(weights=bundle, adapters=path)), steps, True)
     _one_line(e.value, says)
     opts = bench.BenchOptions(weights=bundle, adapters=path, codec_frames=0, image_encodes=0,
                               scenarios=("moshivis",))

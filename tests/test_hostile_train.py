@@ -79,6 +79,19 @@ def leftovers(out: Path) -> list[str]:
     return found
 
 
+def _no_loading(monkeypatch) -> None:
+    """Loading the model fails the test: what is checked must be checked before."""
+    import moshivis_mlx.bundle as bundle_mod
+    import moshivis_mlx.loader as loader
+
+    def loading(*a, **k):
+        pytest.fail("the model loaded")
+
+    monkeypatch.setattr(bundle_mod, "load_lm", loading)
+    monkeypatch.setattr(loader, "load_lm", loading, raising=False)
+    monkeypatch.setattr(loader, "load", loading)
+
+
 # -- options ------------------------------------------------------------------------------------
 
 BAD_OPTIONS = [
@@ -103,9 +116,7 @@ BAD_OPTIONS = [
 @pytest.mark.parametrize("flag,value", BAD_OPTIONS)
 def test_numeric_options_out_of_range_are_refused_before_the_model_loads(
         task, tmp_path, capsys, monkeypatch, flag, value):
-    import moshivis_mlx.bundle as bundle_mod
-
-    monkeypatch.setattr(bundle_mod, "load_lm", lambda *a: pytest.fail("the model loaded"))
+    _no_loading(monkeypatch)
     out = tmp_path / "out"
     code = run(task, out, f"{flag}={value}")
     refused(capsys, code, EXIT_USAGE, flag)
@@ -143,10 +154,8 @@ def test_out_in_the_bundle_or_on_an_input_is_refused(task, tmp_path, capsys, whe
 
 
 def test_a_second_run_on_the_same_out_is_refused_at_once(task, tmp_path, capsys, monkeypatch):
-    import moshivis_mlx.bundle as bundle_mod
-
     out = tmp_path / "out"
-    monkeypatch.setattr(bundle_mod, "load_lm", lambda *a: pytest.fail("the model loaded"))
+    _no_loading(monkeypatch)
     with output_lock(out):  # what a running moshivis-train holds
         code = run(task, out, "--steps", "2")
         line = refused(capsys, code, EXIT_WEIGHTS, f"{out} is being written by another process")

@@ -119,15 +119,10 @@ def save(out: Path, step: int, adapters: dict[str, mx.array], optimizer: optim.O
 
 def check_finite_state(arrays: dict[str, mx.array], where: str) -> None:
     """The optimizer's float arrays are finite (an infinite moment resumes into NaN)."""
-    from ..bundle import listing
+    from ..bundle import listing, non_finite
 
-    names = sorted(k for k, v in arrays.items() if mx.issubdtype(v.dtype, mx.floating))
-    if not names:
-        return
-    flags = mx.stack([mx.all(mx.isfinite(arrays[k])) for k in names]).tolist()
-    bad = [k for k, ok in zip(names, flags) if not ok]
-    if bad:
-        raise CheckpointError(f"{where}: NaN or infinite values in {listing(bad, 3)}")
+    if bad := non_finite(arrays):
+        raise CheckpointError(f"{where}: NaN or infinite values in {listing(sorted(bad), 3)}")
 
 
 def sweep(out: Path, cache: Path | None = None) -> list[Path]:

@@ -358,13 +358,6 @@ class Diverged(MoshivisError):
     anything of it is saved."""
 
 
-def all_finite(*trees: Any) -> mx.array:
-    """A lazy scalar: every float array of `trees` is finite (one reduction each)."""
-    flags = [mx.all(mx.isfinite(v)) for tree in trees for _, v in tree_flatten(tree)
-             if mx.issubdtype(v.dtype, mx.floating)]
-    return mx.all(mx.stack(flags)) if flags else mx.array(True)
-
-
 def within_bounds(params: Any) -> mx.array:
     """A lazy scalar: every adapter value within `MAX_ADAPTER_VALUE` (NaN fails), what a
     set must hold to be saved or used."""
@@ -376,12 +369,12 @@ def divergence(loss: float, lm, optimizer: optim.Optimizer) -> str | None:
     """Why the step just taken diverged (None: it did not)."""
     if not math.isfinite(loss):
         return f"the loss is {loss}"
-    params_ok, moments_ok = (bool(x) for x in mx.stack(
-        [within_bounds(lm.trainable_parameters()), all_finite(optimizer.state)]).tolist())
-    if not params_ok:
+    from ..bundle import non_finite
+
+    if not within_bounds(lm.trainable_parameters()).item():
         return (f"the adapters hold NaN, infinite or absurd values (beyond "
                 f"{MAX_ADAPTER_VALUE:g} in magnitude)")
-    if not moments_ok:
+    if non_finite(dict(tree_flatten(optimizer.state))):
         return "the optimizer's moments became NaN or infinite"
     return None
 
