@@ -153,6 +153,39 @@ def test_out_in_the_bundle_or_on_an_input_is_refused(task, tmp_path, capsys, whe
     assert not list(bundle.parent.glob(".bundle*"))
 
 
+@pytest.mark.parametrize("case", ["out-file", "cache-file", "train-dir"])
+def test_outputs_and_inputs_of_the_wrong_kind_are_refused_before_loading(
+        task, tmp_path, capsys, monkeypatch, case):
+    _no_loading(monkeypatch)
+    a = args(task, tmp_path / "out")
+    if case == "out-file":
+        (tmp_path / "out").write_text("x")
+        expect = ("write the run into", "it is a file, not a directory; give another --out")
+    elif case == "cache-file":
+        (tmp_path / "c").write_text("x")
+        a[a.index("--cache") + 1] = str(tmp_path / "c")
+        expect = ("cache the", "it is a file, not a directory; give another --cache")
+    else:
+        a[a.index("--train") + 1] = str(tmp_path)
+        expect = (f"manifest {tmp_path}: not a file",)
+    code = main(a)
+    refused(capsys, code, EXIT_ERROR, *expect)
+
+
+@pytest.mark.parametrize("thing", ["adapters", "log.jsonl", "run.json", "checkpoints"])
+def test_something_in_the_way_of_a_write_is_one_line(task, tmp_path, capsys, thing):
+    out = tmp_path / "out"
+    out.mkdir()
+    if thing in ("adapters", "checkpoints"):
+        (out / thing).write_text("in the way")
+    else:
+        (out / thing).mkdir()
+    code = run(task, out, "--steps", "2")
+    refused(capsys, code, EXIT_WEIGHTS, f"cannot write {out / thing}",
+            "move what is in the way")
+    assert not leftovers(out), leftovers(out)
+
+
 def test_a_second_run_on_the_same_out_is_refused_at_once(task, tmp_path, capsys, monkeypatch):
     out = tmp_path / "out"
     _no_loading(monkeypatch)

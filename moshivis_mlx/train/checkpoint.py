@@ -75,15 +75,18 @@ def latest(out: Path) -> Path | None:
 
 
 def write_failed(path: Path, e: BaseException) -> CheckpointError:
-    """A failed write (a full disk, a read-only one) as one line: MLX's writer says only
-    "[write] Unable to write ...", so its errno is looked up where there is one."""
+    """A failed write as one line and what to do: a full disk (MLX's writer says only
+    "[write] Unable to write ...", with no errno), or something in the way."""
     code = getattr(e, "errno", None)
     why = (e.strerror if isinstance(e, OSError) and e.strerror else " ".join(str(e).split()))
-    full = code in (errno.ENOSPC, errno.EDQUOT) or "Unable to write" in why
-    return CheckpointError(f"cannot write {path}: {why}" + (" (is the disk full?)"
-                                                             if full and code is None else ""),
-                           "free some space (or move --out to a larger disk) and continue "
-                           "with --resume")
+    if code in (errno.ENOSPC, errno.EDQUOT) or (code is None and "Unable to write" in why):
+        return CheckpointError(f"cannot write {path}: {why}"
+                               + (" (is the disk full?)" if code is None else ""),
+                               "free some space (or move --out to a larger disk) and "
+                               "continue with --resume")
+    return CheckpointError(f"cannot write {path}: {why}",
+                           "make it writable (or move what is in the way) and continue with "
+                           "--resume")
 
 
 def save(out: Path, step: int, adapters: dict[str, mx.array], optimizer: optim.Optimizer,

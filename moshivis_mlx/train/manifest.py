@@ -164,7 +164,8 @@ def read_manifest(path: str | Path, babillage: BabillageFiles | None = None) -> 
     """Every line of a manifest, checked; an empty one is an error."""
     path = Path(path).expanduser()
     if not path.is_file():
-        raise ManifestError(f"manifest {path}: no such file")
+        raise ManifestError(f"manifest {path}: "
+                            + ("not a file" if path.exists() else "no such file"))
     base = path.parent
     babillage = babillage or BabillageFiles()
     entries = []

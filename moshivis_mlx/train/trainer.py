@@ -406,7 +406,7 @@ def train(opts: TrainOptions, console=None) -> dict[str, Any]:
     gives is checked before the model loads, and process 0 holds `--out`'s lock for the
     whole run (a second run on it is refused at once)."""
     from ..loader import resolve
-    from ..paths import check_outputs
+    from ..paths import check_outputs, check_writable
 
     group = mx.distributed.init()
     rank, world = group.rank(), group.size()
@@ -423,6 +423,8 @@ def train(opts: TrainOptions, console=None) -> dict[str, Any]:
     bundle = resolve(opts.bundle.weights, opts.bundle.hf_repo, opts.bundle.quantize, note=say)
     check_outputs({"--out": out, "--cache": cache},
                   {"the bundle": bundle, "--train": opts.train, "--valid": opts.valid})
+    check_writable(out, "write the run into", directory=True, fix="give another --out")
+    check_writable(cache, "cache the encodings in", directory=True, fix="give another --cache")
     with output_lock(out, LOCK_FIX) if show else nullcontext(out):
         if show:
             left = checkpoint.sweep(out, cache)
@@ -494,9 +496,12 @@ def _train(opts: TrainOptions, out: Path, cache: Path, bundle: Path, train_entri
         + (f", {world} processes" if world > 1 else ""))
 
     if show:
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write(out / RUN, json.dumps({"settings": settings, "processes": world},
-                                           indent=2) + "\n")
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            atomic_write(out / RUN, json.dumps({"settings": settings, "processes": world},
+                                               indent=2) + "\n")
+        except OSError as e:
+            raise checkpoint.write_failed(out / RUN, e) from None
     order = Order(train_samples, opts.p_audio, opts.seed)
     batches = order.batches(opts.batch_size, start * opts.grad_accum)
     window = _Window()
