@@ -621,3 +621,41 @@ def test_a_long_dialogue_is_read_and_encoded_in_bounded_memory(task, tmp_path):
     piece = pcm[(seconds - window) * rate:]
     whole_codes = np.concatenate([np.asarray(mimi.encode(piece[:, c])) for c in (0, 1)])
     np.testing.assert_array_equal(samples[-1].codes[1:], whole_codes)
+
+
+def test_ctrl_c_while_a_checkpoint_is_written_removes_it_and_keeps_the_others(
+        task, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "out"
+    real_save = mx.save_safetensors
+
+    def save(path, arrays, metadata=None):
+        if "optimizer" in path and "step-00000004" in path:
+            Path(path).write_bytes(b"\0" * 100)
+            raise KeyboardInterrupt
+        return real_save(path, arrays, metadata=metadata)
+
+    monkeypatch.setattr(mx, "save_safetensors", save)
+    code = run(task, out, "--steps", "6", "--save-every", "2")
+    err = capsys.readouterr().err
+    assert code == 130 and "moshivis-train: interrupted" in err and "Traceback" not in err
+    assert [c.name for c in checkpoint.checkpoint_dirs(out)] == ["step-00000002"]
+    assert not leftovers(out), leftovers(out)
+    assert read_adapters(out / "adapters").training["step"] == 2
+
+
+def test_the_cache_keeps_the_half_written_files_of_a_live_writer_only(tmp_path):
+    """`--cache` may be shared by runs on other outputs: what a killed writer left goes,
+    what a running one is writing stays."""
+    import subprocess as sp
+
+    gone = sp.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                  text=True).stdout.strip()
+    cache = tmp_path / "cache"
+    (cache / "images").mkdir(parents=True)
+    dead = cache / "images" / f".abc.{gone}.partial.safetensors"
+    live = cache / "images" / f".def.{os.getpid()}.partial.safetensors"
+    done = cache / "images" / "abc.safetensors"
+    for f in (dead, live, done):
+        f.write_bytes(b"x")
+    removed = checkpoint.sweep(tmp_path / "out", cache)
+    assert removed == [dead] and live.exists() and done.exists()
