@@ -657,5 +657,9 @@ def test_the_cache_keeps_the_half_written_files_of_a_live_writer_only(tmp_path):
     done = cache / "images" / "abc.safetensors"
     for f in (dead, live, done):
         f.write_bytes(b"x")
-    removed = checkpoint.sweep(tmp_path / "out", cache)
-    assert removed == [dead] and live.exists() and done.exists()
+    out = tmp_path / "out"
+    out.mkdir()
+    mine = out / ".my-notes.tmp"  # the user's own hidden file in OUT stays too
+    mine.write_text("x")
+    removed = checkpoint.sweep(out, cache)
+    assert removed == [dead] and live.exists() and done.exists() and mine.exists()

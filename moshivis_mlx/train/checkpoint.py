@@ -47,8 +47,10 @@ STATE = "state.json"
 STEP_DIR = re.compile(r"step-(\d{8})$")
 PARTIAL_FILE = re.compile(r"\..+\.(\d+)\.partial\.safetensors$")
 """`save_safetensors_atomic`'s temporary file (the pid of its writer in the name)."""
-TMP_FILE = re.compile(r"\..+\.tmp$")
-"""`atomic_write`'s temporary file."""
+OUR_PARTIAL = re.compile(r"\.(adapters|optimizer)\.\d+\.partial\.safetensors$")
+OUR_TMP = re.compile(r"\.(run\.json|adapter_config\.json|state\.json)\.[^.]+\.tmp$")
+"""The temporary files of what a run writes in OUT (`save_safetensors_atomic`'s and
+`atomic_write`'s): only these are swept there, never a file of the user's."""
 
 
 class CheckpointError(WeightsError):
@@ -142,7 +144,7 @@ def sweep(out: Path, cache: Path | None = None) -> list[Path]:
         for p in place.iterdir():
             temporary = (place.name == CHECKPOINTS and p.name.startswith(".step-")
                          and p.name.endswith(".partial"))
-            if temporary or PARTIAL_FILE.match(p.name) or TMP_FILE.match(p.name):
+            if temporary or OUR_PARTIAL.match(p.name) or OUR_TMP.match(p.name):
                 shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
                 removed.append(p)
     for place in (Path(cache) / "images", Path(cache) / "audio") if cache else ():
