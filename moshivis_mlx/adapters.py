@@ -172,16 +172,17 @@ def write_adapters(out: str | Path, weights: dict[str, mx.array], cfg: LmConfig,
 
 
 def check_values(weights: dict[str, mx.array], where: str) -> None:
-    """Every value finite and within `MAX_ADAPTER_VALUE` (NaN fails the comparison too),
-    or one line naming the tensors."""
-    from .bundle import listing
+    """Every value finite (`bundle.non_finite`) and within `MAX_ADAPTER_VALUE`, or one
+    line naming the tensors."""
+    from .bundle import listing, non_finite
 
     names = sorted(weights)
     if not names:
         return
     peaks = mx.stack([mx.max(mx.abs(weights[k].astype(mx.float32))) for k in names]).tolist()
-    bad = [f"{k} ({peak:.3g})" for k, peak in zip(names, peaks)
-           if not peak <= MAX_ADAPTER_VALUE]
+    nan = set(non_finite(weights))
+    bad = [f"{k} ({'NaN or inf' if k in nan else f'{peak:.3g}'})"
+           for k, peak in zip(names, peaks) if k in nan or not peak <= MAX_ADAPTER_VALUE]
     if bad:
         raise AdapterError(f"{where}: NaN, infinite or absurd values (beyond "
                            f"{MAX_ADAPTER_VALUE:g} in magnitude) in {listing(bad, 3)}: a "

@@ -361,8 +361,9 @@ class Diverged(MoshivisError):
 def within_bounds(params: Any) -> mx.array:
     """A lazy scalar: every adapter value within `MAX_ADAPTER_VALUE` (NaN fails), what a
     set must hold to be saved or used."""
-    peaks = [mx.max(mx.abs(v)) for _, v in tree_flatten(params)]
-    return mx.all(mx.stack(peaks) <= MAX_ADAPTER_VALUE) if peaks else mx.array(True)
+    flags = [mx.all(mx.isfinite(v)) & (mx.max(mx.abs(v)) <= MAX_ADAPTER_VALUE)
+             for _, v in tree_flatten(params)]
+    return mx.all(mx.stack(flags)) if flags else mx.array(True)
 
 
 def divergence(loss: float, lm, optimizer: optim.Optimizer) -> str | None:
