@@ -1,0 +1,392 @@
+// The conversation page: wires the picture, the microphone, the socket and the transcript.
+// Page parameters: `?audio=pcm` forces the PCM audio path; every other parameter of the
+// page's address (an access token, sampling settings) is passed on to /api/chat.
+
+import { Microphone, Player, openAudio } from "./audio.js";
+import { OpusReceiver, OpusSender, PcmReceiver, PcmSender, webCodecsOpus } from "./codec.js";
+import { GateScale, cssRgb, gateOfColor, gateRgb } from "./gate.js";
+import { Camera, pictureFromFile } from "./picture.js";
+import { encodeImage, decodeMessage } from "./protocol.js";
+
+const HANDSHAKE_TIMEOUT_S = 30; // the server reads the picture before its handshake
+const SILENCE_TIMEOUT_S = 10; // as Kyutai's client: a live server speaks every 80 ms
+const MAX_WORDS = 3000;
+const PAGE_ONLY = new Set(["audio"]);
+
+const $ = (id) => document.getElementById(id);
+const ui = {
+  state: $("state"), path: $("path"), notice: $("notice"),
+  start: $("start"), mute: $("mute"), restart: $("restart"),
+  file: $("file"), camera: $("camera"), snap: $("snap"), drop: $("drop"),
+  preview: $("preview"), video: $("video"), pictureName: $("picture-name"),
+  transcript: $("transcript"), legend: $("legend"), legendLo: $("legend-lo"), legendHi: $("legend-hi"),
+  lag: $("lag"), buffer: $("buffer"), level: $("level"), underruns: $("underruns"),
+  settings: $("settings"),
+};
+
+const page = new URLSearchParams(location.search);
+const forcePcm = page.get("audio") === "pcm";
+
+const app = {
+  context: null, mic: null, player: null, camera: null,
+  picture: null, // {bytes, blob, name}
+  conversation: null, // one socket's life: see connect()
+  scale: new GateScale(),
+  bounds: [0, 1],
+  words: 0,
+  stats: { connections: 0, handshakes: 0, messages: {}, sentFrames: 0, errors: [] },
+};
+
+// -- state and notices ----------------------------------------------------------------------
+
+function setState(text, kind) {
+  ui.state.textContent = text;
+  ui.state.dataset.kind = kind;
+  const live = kind === "live";
+  ui.mute.disabled = !live;
+  ui.restart.disabled = !(live || kind === "closed" || kind === "error");
+  ui.start.textContent = kind === "idle" || kind === "closed" || kind === "error" ? "Start" : "Stop";
+}
+
+function notify(text, kind = "error") {
+  ui.notice.textContent = text;
+  ui.notice.dataset.kind = kind;
+  ui.notice.hidden = !text;
+  if (kind === "error" && text) app.stats.errors.push(text);
+}
+
+function checkSecureContext() {
+  if (!window.isSecureContext || !navigator.mediaDevices?.getUserMedia) {
+    notify("The microphone needs a secure page: open the https:// address the server printed " +
+      "(or http://localhost on the machine itself).", "warning");
+    return false;
+  }
+  return true;
+}
+
+// -- the picture ----------------------------------------------------------------------------
+
+async function usePicture(picture) {
+  app.picture = picture;
+  ui.preview.src = URL.createObjectURL(picture.blob);
+  ui.preview.hidden = false;
+  ui.drop.classList.add("has-picture");
+  ui.pictureName.textContent = picture.name;
+  const c = app.conversation;
+  if (c && c.socket.readyState === WebSocket.OPEN && c.handshake) {
+    c.socket.send(encodeImage(picture.bytes)); // switches the picture mid-conversation
+    marker("new picture");
+  }
+}
+
+ui.file.addEventListener("change", async () => {
+  if (ui.file.files.length) await usePicture(await pictureFromFile(ui.file.files[0]));
+});
+
+for (const target of [ui.drop, document.body]) {
+  target.addEventListener("dragover", (e) => {
+    e.preventDefault();
+    ui.drop.classList.add("dragging");
+  });
+  target.addEventListener("dragleave", () => ui.drop.classList.remove("dragging"));
+  target.addEventListener("drop", async (e) => {
+    e.preventDefault();
+    ui.drop.classList.remove("dragging");
+    const file = [...(e.dataTransfer?.files ?? [])].find((f) => f.type.startsWith("image/"));
+    if (file) await usePicture(await pictureFromFile(file));
+  });
+}
+
+ui.camera.addEventListener("click", async () => {
+  if (app.camera) {
+    closeCamera();
+    return;
+  }
+  try {
+    app.camera = await Camera.open(ui.video);
+    ui.video.hidden = false;
+    ui.preview.hidden = true;
+    ui.snap.hidden = false;
+    ui.camera.textContent = "Close camera";
+  } catch (e) {
+    notify(`No camera: ${e.message}`);
+  }
+});
+
+ui.snap.addEventListener("click", async () => {
+  try {
+    const picture = await app.camera.snapshot();
+    closeCamera();
+    await usePicture(picture);
+  } catch (e) {
+    notify(e.message);
+  }
+});
+
+function closeCamera() {
+  app.camera?.close();
+  app.camera = null;
+  ui.video.hidden = true;
+  ui.snap.hidden = true;
+  ui.preview.hidden = !app.picture;
+  ui.camera.textContent = "Camera";
+}
+
+// -- the transcript -------------------------------------------------------------------------
+
+function addWord(text, gate) {
+  const span = document.createElement("span");
+  span.textContent = text;
+  if (gate !== null) {
+    app.scale.add(gate);
+    span.dataset.gate = gate;
+  }
+  ui.transcript.append(span);
+  if (++app.words > MAX_WORDS) {
+    ui.transcript.firstChild.remove();
+    app.words--;
+  }
+  recolour(gate === null ? [span] : null);
+  ui.transcript.scrollTop = ui.transcript.scrollHeight;
+}
+
+function marker(text) {
+  const span = document.createElement("span");
+  span.className = "marker";
+  span.textContent = ` [${text}] `;
+  ui.transcript.append(span);
+  app.words++;
+}
+
+/** Colours words by gate over the recent range; all of them when the range moved, as the
+ * terminal repaints its transcript. */
+function recolour(only) {
+  const bounds = app.scale.bounds();
+  const moved = bounds[0] !== app.bounds[0] || bounds[1] !== app.bounds[1];
+  app.bounds = bounds;
+  const spans = moved || !only ? ui.transcript.querySelectorAll("span[data-gate]") : only;
+  for (const span of spans) {
+    if (span.dataset.gate !== undefined) span.style.color = cssRgb(app.scale.rgb(Number(span.dataset.gate)));
+  }
+  ui.legendLo.textContent = bounds[0].toFixed(3);
+  ui.legendHi.textContent = bounds[1].toFixed(3);
+}
+
+function drawLegend() {
+  const stops = Array.from({ length: 8 }, (_, i) => `${cssRgb(gateRgb(i / 7))} ${(i / 7 * 100).toFixed(0)}%`);
+  ui.legend.style.background = `linear-gradient(to right, ${stops.join(", ")})`;
+}
+
+// -- the conversation -----------------------------------------------------------------------
+
+function chatUrl(pcm) {
+  const url = new URL("api/chat", location.href);
+  url.protocol = location.protocol === "https:" ? "wss:" : "ws:";
+  for (const [key, value] of page) if (!PAGE_ONLY.has(key)) url.searchParams.set(key, value);
+  for (const input of ui.settings.querySelectorAll("input[name]")) {
+    if (input.type === "checkbox") {
+      if (input.checked) url.searchParams.set(input.name, "true");
+    } else if (input.value.trim() !== "") {
+      url.searchParams.set(input.name, input.value.trim());
+    }
+  }
+  if (pcm) url.searchParams.set("audio", "pcm");
+  return url.toString();
+}
+
+async function start() {
+  notify("");
+  if (!checkSecureContext()) return;
+  setState("starting", "connecting");
+  try {
+    if (!app.context) {
+      app.context = await openAudio();
+      app.player = new Player(app.context);
+    }
+    await app.context.resume();
+    if (!app.mic) app.mic = await Microphone.open(app.context, onMicFrame);
+  } catch (e) {
+    setState("no microphone", "error");
+    notify(`The microphone could not be opened: ${e.message}`);
+    return;
+  }
+  const opus = forcePcm ? null : await webCodecsOpus();
+  connect(opus);
+}
+
+function connect(opusConfig) {
+  const pcm = !opusConfig;
+  ui.path.textContent = pcm ? "audio: PCM" : "audio: Opus (WebCodecs)";
+  const socket = new WebSocket(chatUrl(pcm));
+  socket.binaryType = "arraybuffer";
+  const c = {
+    socket, pcm, opusConfig, handshake: false, sender: null, receiver: null,
+    sent: 0, received: 0, lastMessage: performance.now(), opened: performance.now(),
+  };
+  app.conversation = c;
+  app.stats.connections++;
+  setState("connecting", "connecting");
+  const fail = (text) => {
+    notify(text);
+    if (socket.readyState <= WebSocket.OPEN) socket.close();
+  };
+  const play = (samples, rate) => {
+    c.received += samples.length / rate;
+    app.player.play(samples, rate);
+  };
+  c.receiver = pcm ? new PcmReceiver(play) : new OpusReceiver(play, fail);
+
+  socket.onopen = () => {
+    setState("waiting for the model", "connecting");
+    if (app.picture) socket.send(encodeImage(app.picture.bytes)); // MoshiVis: the picture first
+  };
+  socket.onmessage = (event) => {
+    if (app.conversation !== c) return;
+    c.lastMessage = performance.now();
+    const m = decodeMessage(event.data);
+    app.stats.messages[m.kind] = (app.stats.messages[m.kind] ?? 0) + 1;
+    switch (m.kind) {
+      case "handshake":
+        if (c.handshake) break;
+        c.handshake = true;
+        app.stats.handshakes++;
+        c.sender = pcm ? new PcmSender(send) : new OpusSender(opusConfig, send, fail);
+        setState("live", "live");
+        break;
+      case "audio":
+        if (!pcm) c.receiver.receive(m.data);
+        break;
+      case "pcm":
+        if (pcm) c.receiver.receive(m.samples);
+        break;
+      case "coloredtext":
+        addWord(m.text, gateOfColor(m.color));
+        break;
+      case "text":
+        addWord(m.text, null);
+        break;
+      case "error":
+        notify(`The server says: ${m.text}`);
+        break;
+      case "metadata":
+        app.stats.metadata = m.data;
+        break;
+      default: // ping, control, and kinds this page does not know: nothing to do
+        break;
+    }
+  };
+  socket.onclose = (event) => {
+    c.sender?.close();
+    c.receiver?.close();
+    c.sender = null;
+    if (app.conversation !== c) return;
+    const why = event.reason ? `: ${event.reason}` : event.code !== 1000 && event.code !== 1005 ? ` (${event.code})` : "";
+    setState(`closed${why}`, "closed");
+  };
+  function send(message) {
+    if (socket.readyState === WebSocket.OPEN) socket.send(message);
+  }
+}
+
+function onMicFrame(frame) {
+  const c = app.conversation;
+  if (!c || !c.sender || c.socket.readyState !== WebSocket.OPEN) return;
+  c.sender.send(frame);
+  c.sent += frame.length / 24000;
+  app.stats.sentFrames++;
+}
+
+function hangUp() {
+  const c = app.conversation;
+  app.conversation = null;
+  if (c) {
+    c.sender?.close();
+    c.receiver?.close();
+    c.socket.close();
+  }
+  app.player?.stop();
+}
+
+function stop() {
+  hangUp();
+  app.mic?.close();
+  app.mic = null;
+  setState("stopped", "idle");
+}
+
+function restart() {
+  const opus = app.conversation?.opusConfig ?? null;
+  const wasPcm = app.conversation?.pcm ?? forcePcm;
+  hangUp();
+  marker("restart");
+  if (!app.mic) {
+    start();
+    return;
+  }
+  connect(wasPcm ? null : opus);
+}
+
+ui.start.addEventListener("click", () => (ui.start.textContent === "Start" ? start() : stop()));
+ui.restart.addEventListener("click", restart);
+ui.mute.addEventListener("click", () => {
+  if (!app.mic) return;
+  app.mic.muted = !app.mic.muted;
+  ui.mute.textContent = app.mic.muted ? "Unmute" : "Mute";
+  ui.mute.setAttribute("aria-pressed", String(app.mic.muted));
+});
+
+// -- the status line ------------------------------------------------------------------------
+
+setInterval(() => {
+  const c = app.conversation;
+  if (c) {
+    const quiet = (performance.now() - c.lastMessage) / 1000;
+    if (c.socket.readyState === WebSocket.OPEN) {
+      if (!c.handshake && quiet > HANDSHAKE_TIMEOUT_S) {
+        notify(`No handshake from the server in ${HANDSHAKE_TIMEOUT_S} s.`);
+        c.socket.close();
+      } else if (c.handshake && quiet > SILENCE_TIMEOUT_S) {
+        notify(`The server said nothing for ${SILENCE_TIMEOUT_S} s; the conversation is closed.`);
+        c.socket.close();
+      }
+    }
+    // How far the model's voice trails the microphone: both streams start at the handshake
+    // and the model answers one frame for each frame it hears.
+    ui.lag.textContent = c.handshake ? `${Math.max(0, Math.round((c.sent - c.received) * 1000))} ms` : "-";
+  }
+  ui.buffer.textContent = app.player ? `${Math.round(app.player.buffered * 1000)} ms` : "-";
+  ui.underruns.textContent = app.player ? String(app.player.underruns) : "0";
+  const db = 20 * Math.log10(Math.max(app.mic && !app.mic.muted ? app.mic.level : 0, 1e-6));
+  ui.level.value = Math.max(0, Math.min(60, db + 60));
+}, 250);
+
+/** What the page has done, for checks run from outside (the browser test reads it). */
+window.moshivis = {
+  stats() {
+    const p = app.player;
+    const c = app.conversation;
+    return {
+      ...app.stats,
+      state: ui.state.dataset.kind,
+      path: c ? (c.pcm ? "pcm" : "opus") : null,
+      sentSeconds: c?.sent ?? 0,
+      receivedSeconds: c?.received ?? 0,
+      scheduledSamples: p?.scheduled.samples ?? 0,
+      scheduledRms: p && p.scheduled.samples ? Math.sqrt(p.scheduled.sumSquares / p.scheduled.samples) : 0,
+      playedSamples: p?.played.samples ?? 0,
+      playedRms: p && p.played.samples ? Math.sqrt(p.played.sumSquares / p.played.samples) : 0,
+      playedPeak: p?.played.peak ?? 0,
+      underruns: p?.underruns ?? 0,
+      micLevel: app.mic?.level ?? 0,
+      words: ui.transcript.querySelectorAll("span[data-gate]").length,
+      transcript: ui.transcript.textContent,
+      picture: app.picture ? app.picture.bytes.length : 0,
+    };
+  },
+};
+
+drawLegend();
+recolour([]);
+setState("idle", "idle");
+checkSecureContext();
+if (forcePcm) ui.path.textContent = "audio: PCM";
