@@ -30,6 +30,8 @@ examples:
   moshivis-mlx --image photo.jpg --no-echo-cancel    with headphones (no echo to remove)
   moshivis-mlx --image photo.jpg --input-wav question.wav --output-wav answer.wav
   moshivis-mlx --demo                                offline demo on a tiny random model
+  moshivis-mlx --serve                               talk from a browser: http://127.0.0.1:8998/
+  moshivis-mlx --serve --host 0.0.0.0                from a phone on the network (https, token)
 
 The first run downloads Kyutai's bf16 model from Hugging Face (large: once) and converts
 it (8-bit by default) into ~/.cache/moshivis-mlx. Each session is saved (stereo WAV,
@@ -128,6 +130,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="offline demo: a tiny random model (made on first use) answers a "
                         "sample question about a sample picture; the answer is noise")
 
+    v = p.add_argument_group("server (Kyutai's websocket protocol; see docs/SERVE.md)")
+    v.add_argument("--serve", action="store_true",
+                   help="serve the model at /api/chat to Kyutai's clients and our web page "
+                        "at / (with --demo: the tiny random model)")
+    v.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1: this machine only; any "
+                        "other needs TLS and the access token the printed URL carries)")
+    v.add_argument("--port", type=int, default=8998, help="port (default 8998; 0: any free)")
+    v.add_argument("--static", metavar="DIR",
+                   help="serve this web client at / instead of ours (e.g. Kyutai's built one)")
+    v.add_argument("--ssl-cert", metavar="PEM", help="TLS certificate (with --ssl-key; "
+                   "default off the loopback: a self-signed one made on first use)")
+    v.add_argument("--ssl-key", metavar="PEM", help="the certificate's private key")
+    v.add_argument("--no-tls", action="store_true",
+                   help="plain http/ws (loopback only: behind a proxy that adds TLS)")
+    v.add_argument("--token", metavar="TOKEN",
+                   help="the access token clients must give (default: a random one when "
+                        "the host is not loopback; none on loopback)")
+    v.add_argument("--idle-timeout", type=float, default=30.0, metavar="S",
+                   help="end a connection after S seconds without a message (default 30)")
+
     from moshivis_mlx.sampling import KYUTAI_GENERATION as g
 
     s = p.add_argument_group("sampling (defaults: the bundle's, else Kyutai's)")
@@ -157,6 +180,23 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.transcript and not args.input_wav:
         p.error("--transcript is for file mode (--input-wav); live sessions are saved "
                 "with --record")
+    if args.serve:
+        for flag, given in (("--input-wav", args.input_wav), ("--camera", args.camera),
+                            ("--list-devices", args.list_devices)):
+            if given:
+                p.error(f"--serve does not go with {flag}")
+        if not 0 <= args.port <= 65535:
+            p.error(f"--port must be in [0, 65535], got {args.port}")
+        if not 1 <= args.idle_timeout <= 86400:
+            p.error(f"--idle-timeout must be in [1, 86400], got {args.idle_timeout}")
+        if args.token is not None and not 8 <= len(args.token) <= 256:
+            p.error("--token must be 8 to 256 characters")
+    else:
+        for flag, given in (("--static", args.static), ("--ssl-cert", args.ssl_cert),
+                            ("--ssl-key", args.ssl_key), ("--no-tls", args.no_tls),
+                            ("--token", args.token)):
+            if given:
+                p.error(f"{flag} is for --serve")
     if args.record and args.no_record:
         p.error("--record and --no-record contradict each other")
     if args.camera is not None and (args.input_wav or args.demo):
@@ -179,7 +219,7 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
 
 def options_from(args: argparse.Namespace) -> AppOptions:
     """The parsed command line as the app's typed options (the only place that reads it)."""
-    from moshivis_mlx.app.options import AppOptions, ModelOptions
+    from moshivis_mlx.app.options import AppOptions, ModelOptions, ServeOptions
 
     model = ModelOptions(
         hf_repo=args.hf_repo, weights=Path(args.weights) if args.weights else None,
@@ -198,7 +238,12 @@ def options_from(args: argparse.Namespace) -> AppOptions:
         transcript=Path(args.transcript) if args.transcript else None,
         same_length=args.same_length, answer_silence=args.answer_silence,
         max_answer_seconds=args.max_answer_seconds,
-        demo=args.demo, list_devices=args.list_devices, debug=args.debug)
+        demo=args.demo, list_devices=args.list_devices, debug=args.debug,
+        serve=ServeOptions(
+            host=args.host, port=args.port, static=Path(args.static) if args.static else None,
+            ssl_cert=Path(args.ssl_cert) if args.ssl_cert else None,
+            ssl_key=Path(args.ssl_key) if args.ssl_key else None, no_tls=args.no_tls,
+            token=args.token, idle_timeout=args.idle_timeout) if args.serve else None)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -346,6 +346,13 @@ class Generator:
         self._step += 1
         return pending
 
+    def limit_compiled(self, keep: int) -> None:
+        """Forgets every compiled step variant once more than `keep` exist (each sampling
+        setting compiles its own: a server whose clients choose their sampling must not
+        grow without bound); they compile again when next used."""
+        if len(self._step_fns) > keep:
+            self._step_fns.clear()
+
     def _step_fn(self, cross: bool, forced: bool, full: bool = False, span: int | None = None
                  ) -> Callable[..., list[mx.array]]:
         """The step function of this variant, compiled once and kept.

@@ -16,6 +16,7 @@ tower on the result.
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
 from collections.abc import Iterator
@@ -128,10 +129,13 @@ def file_kind(head: bytes) -> str | None:
     return None
 
 
-def _unreadable(path: Path) -> ImageError:
+def _unreadable(path: Path, opened: Path | io.BytesIO) -> ImageError:
     """Pillow does not know the file: say what it is, when that can be told."""
-    with open(path, "rb") as f:
-        head = f.read(64)
+    if isinstance(opened, io.BytesIO):
+        head = opened.getvalue()[:64]
+    else:
+        with open(path, "rb") as f:
+            head = f.read(64)
     kind = file_kind(head)
     if kind in ("a HEIC photo", "a HEIF image"):
         return ImageError(f"{path}: {kind}, and HEIC support (pillow-heif) is not installed",
@@ -177,8 +181,9 @@ def _reduce(img: Image.Image) -> Image.Image:
     return out
 
 
-def load_image(source: ImageInput) -> Image.Image:
-    """A file path (or an already opened PIL image) -> a decoded RGB image, upright.
+def load_image(source: ImageInput | bytes, name: str = "<image>") -> Image.Image:
+    """A file path, a file's bytes (named `name` in messages: a picture sent over the
+    network) or an already opened PIL image -> a decoded RGB image, upright.
 
     Raises `ImageError` for a missing path, a directory, an empty, unreadable, truncated
     or too large file. Animated images give their first frame.
@@ -194,20 +199,28 @@ def load_image(source: ImageInput) -> Image.Image:
                 raise ImageError(f"{name}: cannot decode the image ({_one_line(e)})") from None
         return to_rgb(img, name)
 
-    path = Path(source)
-    name = str(path)
-    if not path.exists():
-        raise ImageError(f"{name}: no such file")
-    if path.is_dir():
-        raise ImageError(f"{name}: is a directory, expected an image file")
-    if not path.is_file():
-        raise ImageError(f"{name}: not a regular file (a pipe or a device), expected an image")
-    if path.stat().st_size == 0:
-        raise ImageError(f"{name}: empty file (0 bytes)")
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        data = bytes(source)
+        if not data:
+            raise ImageError(f"{name}: empty image (0 bytes)")
+        path, opened = Path(name), io.BytesIO(data)
+    else:
+        path = Path(source)
+        name = str(path)
+        if not path.exists():
+            raise ImageError(f"{name}: no such file")
+        if path.is_dir():
+            raise ImageError(f"{name}: is a directory, expected an image file")
+        if not path.is_file():
+            raise ImageError(f"{name}: not a regular file (a pipe or a device), expected an "
+                             f"image")
+        if path.stat().st_size == 0:
+            raise ImageError(f"{name}: empty file (0 bytes)")
+        opened = path
     _register_plugins()
     try:
         with _strict_decoding():
-            with Image.open(path) as img:
+            with Image.open(opened) as img:
                 _check_size(img, name)  # from the header, before any pixel is decoded
                 orientation = _orientation(img)
                 if img.format == "JPEG":
@@ -223,7 +236,7 @@ def load_image(source: ImageInput) -> Image.Image:
     except ImageError:
         raise
     except UnidentifiedImageError:
-        raise _unreadable(path) from None
+        raise _unreadable(path, opened) from None
     except Image.DecompressionBombError:
         raise ImageError(f"{name}: image too large (the limit is "
                          f"{MAX_PIXELS / 1e6:.0f} megapixels); downscale it first") from None

@@ -9,6 +9,8 @@
 #                            the live-mode tests run the app against a private PulseAudio
 #                            server with null sinks (PortAudio reaches it through ALSA's
 #                            "pulse" plugin) and drive the terminal UI under tmux
+#   libopus0 (macOS: brew install opus): the Opus library a third-party Moshi client
+#                            (fujielab-moshi-client, through opuslib) loads in the server tests
 #
 # Installed with apt where available, missing and run as root. Otherwise this says what is
 # missing and how to install it, and carries on: the tests needing a missing tool skip,
@@ -27,7 +29,7 @@ missing() {
         command -v parec >/dev/null 2>&1 || need+=(pulseaudio-utils)
         command -v tmux >/dev/null 2>&1 || need+=(tmux)
         if command -v dpkg >/dev/null 2>&1; then
-            for pkg in libportaudio2 libasound2-plugins; do
+            for pkg in libportaudio2 libasound2-plugins libopus0; do
                 dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
             done
         fi

@@ -115,6 +115,8 @@ TOOLS: dict[str, Callable[[], bool]] = {
     "pulseaudio": lambda: (_commands("pulseaudio", "pactl", "parec", "paplay")()
                            and _alsa_pulse_plugin()),
     "portaudio": _portaudio,
+    # libopus, which opuslib (fujielab-moshi-client's codec) loads with ctypes.
+    "libopus": lambda: ctypes.util.find_library("opus") is not None,
     # A Java runtime: pycocoevalcap's PTBTokenizer (Stanford CoreNLP) runs on it.
     "java": _commands("java"),
     # The web page's JavaScript modules run under node; the page itself in headless Chromium.

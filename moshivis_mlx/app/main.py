@@ -16,6 +16,18 @@ def run(opts: AppOptions, console: Console) -> int:
 
         print(list_devices())
         return 0
+    if opts.serve is not None:
+        _require_serve_packages()
+        from ..serve.run import run_serve
+
+        if opts.demo:
+            from dataclasses import replace
+
+            from .demo import demo_bundle
+
+            bundle, _ = demo_bundle()
+            opts = replace(opts, model=replace(opts.model, weights=bundle))
+        return run_serve(opts, console)
     if opts.demo:
         from .demo import run_demo
 
@@ -27,6 +39,18 @@ def run(opts: AppOptions, console: Console) -> int:
     from .live import run_live
 
     return run_live(opts, console)
+
+
+def _require_serve_packages() -> None:
+    import importlib.util
+
+    from ..errors import UsageError
+
+    missing = [m for m in ("aiohttp", "sphn", "cryptography")
+               if importlib.util.find_spec(m) is None]
+    if missing:
+        raise UsageError(f"--serve needs {', '.join(missing)}, not installed",
+                         "pip install 'moshivis-mlx[serve]'")
 
 
 def run_cli(opts: AppOptions) -> int:

@@ -48,6 +48,25 @@ class ModelOptions:
 
 
 @dataclass(frozen=True)
+class ServeOptions:
+    """--serve: the model over Kyutai's websocket protocol (moshivis_mlx/serve/)."""
+
+    host: str = "127.0.0.1"
+    """Loopback by default; any other address needs TLS and the access token."""
+    port: int = 8998
+    static: Path | None = None
+    """The web client to serve at / (None: ours)."""
+    ssl_cert: Path | None = None
+    ssl_key: Path | None = None
+    no_tls: bool = False
+    """Plain http/ws: only on loopback (a reverse proxy in front may add TLS)."""
+    token: str | None = None
+    """The access token (None: a random one when the host is not loopback)."""
+    idle_timeout: float = 30.0
+    """Seconds without a message from a client before its connection ends."""
+
+
+@dataclass(frozen=True)
 class AppOptions:
     """One run of the app: live mode, file mode (`input_wav`), the demo or the device list."""
 
@@ -80,5 +99,7 @@ class AppOptions:
     max_answer_seconds: float = 30.0
     """File mode: the longest the model may go on after the question."""
     demo: bool = False
+    serve: ServeOptions | None = None
+    """Serve the model to websocket clients instead of talking in the terminal."""
     list_devices: bool = False
     debug: bool = False
