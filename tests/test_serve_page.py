@@ -5,7 +5,14 @@ and writer, a bit-by-bit CRC, the terminal UI's colour scale)."""
 
 from __future__ import annotations
 
+import asyncio
+import os
+import re
+import shutil
 import struct
+import subprocess
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -225,3 +232,135 @@ def test_gate_colours_match_the_terminal():
     assert got["flat"] == pytest.approx(list(flat.bounds()))
     # MoshiVis' colour byte is round(clamp((gate - 0.005) / 0.016) * 10)
     assert got["colours"] == pytest.approx([0.005, 0.013, 0.021, 0.021])
+
+
+# -- the page in headless Chromium against the server on the tiny random model -------------
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """`moshivis-mlx --serve` on the tiny random bundle, on a free loopback port: its URL."""
+    from app_support import APP, app_env, demo_bundle
+
+    log_path = tmp_path_factory.mktemp("server") / "server.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([*APP, "--serve", "--weights", str(demo_bundle()), "--port", "0"],
+                                stdout=log, stderr=subprocess.STDOUT, env=app_env())
+    try:
+        deadline = time.monotonic() + 180
+        while not (found := re.search(r"serving on (http://\S+)", log_path.read_text())):
+            assert proc.poll() is None, f"the server exited:\n{log_path.read_text()}"
+            assert time.monotonic() < deadline, f"the server did not start:\n{log_path.read_text()}"
+            time.sleep(0.2)
+        yield found.group(1)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@pytest.fixture(scope="module")
+def question(tmp_path_factory):
+    """A spoken question as Chromium's fake microphone plays it (48 kHz, 16-bit)."""
+    from app_support import speech_wav
+
+    path = tmp_path_factory.mktemp("speech") / "question.wav"
+    return speech_wav(path, "What do you see in this picture? Tell me about the colours.",
+                      rate=48000)
+
+
+STATS = "window.moshivis.stats()"
+
+
+async def wait_for(browser, condition: str, timeout: float = 90) -> dict:
+    """Polls the page's stats until `condition` (a JavaScript expression over `s`) holds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if await browser.evaluate(f"(s => Boolean({condition}))({STATS})"):
+            return await browser.evaluate(STATS)
+        if time.monotonic() > deadline:
+            stats = await browser.evaluate(STATS)
+            raise AssertionError(f"the page never got {condition}: {stats} {browser.errors}")
+        await asyncio.sleep(0.25)
+
+
+WITHOUT_WEBCODECS = "delete window.AudioEncoder; delete window.AudioDecoder;"
+"""Run before the page's own scripts: a browser without WebCodecs audio (Safari before
+version 26, for one)."""
+
+
+@pytest.mark.slow
+@pytest.mark.system("chromium", "espeak-ng", "sox", "pulseaudio")
+@pytest.mark.parametrize("audio, query, prelude, picture", [
+    ("opus", "", None, "file"),
+    ("pcm", "?audio=pcm", None, "camera"),
+    ("pcm", "", WITHOUT_WEBCODECS, "file"),
+], ids=["webcodecs-opus", "forced-pcm", "no-webcodecs"])
+def test_conversation_in_chromium(server, question, audio, query, prelude, picture, tmp_path):
+    """The page in headless Chromium: a picture from the file picker or the (fake)
+    camera's snapshot, the spoken question from the fake microphone, the model's voice
+    played (recorded from the browser's speaker, a PulseAudio null sink, and measured
+    where the page plays it) while its words appear coloured. Audio as
+    Ogg Opus through WebCodecs; as PCM when the page is opened with ?audio=pcm, or by
+    itself in a browser without WebCodecs audio. Then a restart on the same connection."""
+    from app_support import PulseServer
+    from page_support import Browser
+
+    from moshivis_mlx.app.demo import SAMPLE_IMAGE
+
+    pulse = PulseServer(rate=48000).start()
+    speaker = tmp_path / "speaker.raw"
+    recording = pulse.record_speaker(speaker)
+
+    async def talk() -> tuple[dict, dict]:
+        async with Browser(tmp_path, question, env=pulse.client_env()) as b:
+            if prelude:
+                await b.call("Page.addScriptToEvaluateOnNewDocument", source=prelude)
+            await b.open(server + query)
+            if picture == "file":
+                await b.choose_file("#file", SAMPLE_IMAGE)
+            else:
+                await b.evaluate("document.getElementById('camera').click()", gesture=True)
+                await wait_for(b, "!document.getElementById('snap').hidden", 20)
+                await asyncio.sleep(0.5)  # a few frames from the fake camera
+                await b.evaluate("document.getElementById('snap').click()", gesture=True)
+            await wait_for(b, "s.picture > 0", 20)
+            await b.evaluate("document.getElementById('start').click()", gesture=True)
+            s = await wait_for(b, "s.state === 'live' && s.receivedSeconds >= 4 && s.words >= 5")
+            await b.screenshot(tmp_path / "page.png")
+            await b.screenshot(tmp_path / "phone.png", 390, 844, 2)
+            await b.evaluate("document.getElementById('restart').click()", gesture=True)
+            after = await wait_for(b, "s.metadata.some((m) => m.type === 'restarted')", 30)
+            await b.evaluate("document.getElementById('start').click()", gesture=True)  # stop
+            return s, after
+
+    try:
+        s, after = asyncio.run(talk())
+    finally:
+        recording.terminate()
+        recording.wait(10)
+        pulse.stop()
+    assert s["path"] == audio and s["handshakes"] == 1 and s["errors"] == []
+    assert s["sentSeconds"] >= 4  # the microphone's frames went out ...
+    assert s["receivedSeconds"] >= 4  # ... and the model answered each (it steps on them)
+    # The server read the picture (its news comes back as metadata) before the handshake.
+    assert any(m.get("type") == "image" for m in s["metadata"])
+    # The voice actually played: samples through the player at the context's rate, not silent.
+    assert s["playedSamples"] >= 2 * 24000
+    assert s["playedRms"] > 1e-3 and s["scheduledRms"] > 1e-3 and s["playedPeak"] <= 1.0
+    # ... and reached the sound system: the speaker's recording (24 kHz) is not silent.
+    heard = np.frombuffer(speaker.read_bytes(), "<i2").astype(np.float32) / 32768
+    voiced = heard[np.abs(heard) > 1e-3]
+    assert len(voiced) >= 24000 and np.sqrt(np.mean(voiced ** 2)) > 1e-2
+    assert s["words"] >= 5 and s["transcript"].strip()
+    assert s["messages"].get("coloredtext", 0) >= 5
+    assert after["state"] == "live" and after["connections"] == 1
+    assert "[restarted]" in after["transcript"]
+    for name in ("page.png", "phone.png"):
+        png = (tmp_path / name).read_bytes()
+        assert png.startswith(b"\x89PNG") and len(png) > 20_000
+    keep = os.environ.get("MOSHIVIS_PAGE_SCREENSHOTS")
+    if keep and audio == "opus":  # docs/serve-page.png and docs/serve-page-phone.png
+        shutil.copy(tmp_path / "page.png", Path(keep) / "serve-page.png")
+        shutil.copy(tmp_path / "phone.png", Path(keep) / "serve-page-phone.png")

@@ -6,7 +6,7 @@ import { Microphone, Player, openAudio } from "./audio.js";
 import { OpusReceiver, OpusSender, PcmReceiver, PcmSender, webCodecsOpus } from "./codec.js";
 import { GateScale, cssRgb, gateOfColor, gateRgb } from "./gate.js";
 import { Camera, pictureFromFile } from "./picture.js";
-import { encodeImage, decodeMessage } from "./protocol.js";
+import { decodeMessage, encodeControl, encodeImage } from "./protocol.js";
 
 const HANDSHAKE_TIMEOUT_S = 30; // the server reads the picture before its handshake
 const SILENCE_TIMEOUT_S = 10; // as Kyutai's client: a live server speaks every 80 ms
@@ -20,7 +20,7 @@ const ui = {
   file: $("file"), camera: $("camera"), snap: $("snap"), drop: $("drop"),
   preview: $("preview"), video: $("video"), pictureName: $("picture-name"),
   transcript: $("transcript"), legend: $("legend"), legendLo: $("legend-lo"), legendHi: $("legend-hi"),
-  lag: $("lag"), buffer: $("buffer"), level: $("level"), underruns: $("underruns"),
+  lag: $("lag"), step: $("step"), buffer: $("buffer"), model: $("model"), level: $("level"), underruns: $("underruns"),
   settings: $("settings"),
 };
 
@@ -34,7 +34,7 @@ const app = {
   scale: new GateScale(),
   bounds: [0, 1],
   words: 0,
-  stats: { connections: 0, handshakes: 0, messages: {}, sentFrames: 0, errors: [] },
+  stats: { connections: 0, handshakes: 0, messages: {}, sentFrames: 0, errors: [], metadata: [] },
 };
 
 // -- state and notices ----------------------------------------------------------------------
@@ -191,6 +191,7 @@ function chatUrl(pcm) {
     }
   }
   if (pcm) url.searchParams.set("audio", "pcm");
+  url.searchParams.set("stats", "1"); // our server: the model's step time about once a second
   return url.toString();
 }
 
@@ -221,7 +222,7 @@ function connect(opusConfig) {
   socket.binaryType = "arraybuffer";
   const c = {
     socket, pcm, opusConfig, handshake: false, sender: null, receiver: null,
-    sent: 0, received: 0, lastMessage: performance.now(), opened: performance.now(),
+    sent: 0, received: 0, stepMs: null, lastMessage: performance.now(),
   };
   app.conversation = c;
   app.stats.connections++;
@@ -269,7 +270,7 @@ function connect(opusConfig) {
         notify(`The server says: ${m.text}`);
         break;
       case "metadata":
-        app.stats.metadata = m.data;
+        onMetadata(c, m.data);
         break;
       default: // ping, control, and kinds this page does not know: nothing to do
         break;
@@ -285,6 +286,23 @@ function connect(opusConfig) {
   };
   function send(message) {
     if (socket.readyState === WebSocket.OPEN) socket.send(message);
+  }
+}
+
+/** Our server's metadata (other servers send none, or other keys: ignored). */
+function onMetadata(c, data) {
+  if (!data || typeof data !== "object") return;
+  app.stats.metadata.push(data);
+  if (app.stats.metadata.length > 50) app.stats.metadata.shift();
+  if (data.type === "info" && data.model) {
+    ui.model.textContent = `model: ${data.model}`;
+  } else if (data.type === "stats" && typeof data.latency_ms === "number") {
+    c.stepMs = data.latency_ms;
+  } else if (data.type === "restarted") {
+    app.player?.stop();
+    marker("restarted");
+  } else if (data.type === "message" && data.text) {
+    notify(data.text, data.level === "error" ? "error" : "warning");
   }
 }
 
@@ -314,7 +332,14 @@ function stop() {
   setState("stopped", "idle");
 }
 
+/** Live: the server starts the conversation afresh on the same socket and picture (as
+ * key r in the terminal). Closed: a new connection. */
 function restart() {
+  const live = app.conversation;
+  if (live && live.handshake && live.socket.readyState === WebSocket.OPEN) {
+    live.socket.send(encodeControl("restart"));
+    return;
+  }
   const opus = app.conversation?.opusConfig ?? null;
   const wasPcm = app.conversation?.pcm ?? forcePcm;
   hangUp();
@@ -353,6 +378,7 @@ setInterval(() => {
     // How far the model's voice trails the microphone: both streams start at the handshake
     // and the model answers one frame for each frame it hears.
     ui.lag.textContent = c.handshake ? `${Math.max(0, Math.round((c.sent - c.received) * 1000))} ms` : "-";
+    ui.step.textContent = c.stepMs === null ? "-" : `${Math.round(c.stepMs)} ms`;
   }
   ui.buffer.textContent = app.player ? `${Math.round(app.player.buffered * 1000)} ms` : "-";
   ui.underruns.textContent = app.player ? String(app.player.underruns) : "0";
