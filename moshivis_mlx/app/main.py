@@ -20,13 +20,6 @@ def run(opts: AppOptions, console: Console) -> int:
         _require_serve_packages()
         from ..serve.run import run_serve
 
-        if opts.demo:
-            from dataclasses import replace
-
-            from .demo import demo_bundle
-
-            bundle, _ = demo_bundle()
-            opts = replace(opts, model=replace(opts.model, weights=bundle))
         return run_serve(opts, console)
     if opts.demo:
         from .demo import run_demo

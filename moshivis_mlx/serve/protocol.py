@@ -130,6 +130,44 @@ def float_to_pcm(samples: np.ndarray) -> bytes:
     return np.round(a * 32768.0).astype("<i2").tobytes()
 
 
+def _ogg_crc_table() -> list[int]:
+    table = []
+    for i in range(256):
+        crc = i << 24
+        for _ in range(8):
+            crc = ((crc << 1) ^ 0x04C11DB7 if crc & 0x80000000 else crc << 1) & 0xFFFFFFFF
+        table.append(crc)
+    return table
+
+
+_OGG_CRC = _ogg_crc_table()
+
+
+def ogg_crc(data: bytes) -> int:
+    """Ogg's page checksum (CRC-32, polynomial 0x04C11DB7, no reflection)."""
+    crc = 0
+    for byte in data:
+        crc = _OGG_CRC[((crc >> 24) ^ byte) & 0xFF] ^ ((crc << 8) & 0xFFFFFFFF)
+    return crc
+
+
+def repair_ogg_page(page: bytes) -> bytes:
+    """A client (fujielab-moshi-client 0.1) writes each Opus packet as one Ogg page with a
+    single lacing value capped at 255, so every packet of 255 bytes or more makes a page
+    whose segment table undercounts it. Such a message, one page and nothing after its
+    packet, is given its true segment table and checksum; anything else is left as it is."""
+    if len(page) <= 28 + 255 or page[:4] != b"OggS" or page[26] != 1 or page[27] != 255:
+        return page
+    body = page[28:]
+    lacing = [255] * (len(body) // 255) + [len(body) % 255]
+    if len(lacing) > 255:
+        return page
+    head = bytearray(page[:26] + bytes([len(lacing), *lacing]))
+    head[22:26] = b"\0\0\0\0"
+    head[22:26] = ogg_crc(bytes(head) + body).to_bytes(4, "little")
+    return bytes(head) + body
+
+
 # -- what the server sends ------------------------------------------------------------------
 
 def handshake() -> bytes:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 from rich.console import Console
@@ -38,6 +39,11 @@ def run_serve(opts: AppOptions, console: Console) -> int:
     # Refusals first: nothing loads for a command line that cannot be served.
     security = security_for(s.host, s.ssl_cert, s.ssl_key, s.no_tls, s.token, _cache())
     static = check_static(s.static)
+    if opts.demo:  # the tiny random model (made on first use): the page without weights
+        from ..app.demo import demo_bundle
+
+        bundle, _ = demo_bundle()
+        opts = replace(opts, model=replace(opts.model, weights=bundle))
     picture = load_picture(opts.image) if opts.image else None
     want_vision = not opts.no_image
     with Steps(console, 1 + opening_steps(want_vision, picture is not None)) as steps:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,6 +128,7 @@ class Server:
         ws = web.WebSocketResponse(max_msg_size=protocol.MAX_MESSAGE_BYTES,
                                    timeout=CLOSE_TIMEOUT, autoping=True)
         await ws.prepare(request)
+        _bound_send_buffer(request)
         conn = Connection(self, request, ws)
         try:
             options = protocol.client_options(dict(request.query))
@@ -314,7 +316,7 @@ class Connection:
 
                 self.reader = sphn.OpusStreamReader(protocol.SAMPLE_RATE)
             try:
-                pcm = self.reader.append_bytes(message.payload)
+                pcm = self.reader.append_bytes(protocol.repair_ogg_page(message.payload))
             except Exception as e:  # sphn raises ValueError for pages that are not Ogg Opus
                 raise ProtocolError(f"audio that is not Ogg Opus ({one_line(e, 120)})"
                                     ) from None
@@ -375,6 +377,18 @@ class Connection:
             transport = self.request.transport
             if transport is not None:
                 transport.abort()
+
+
+SEND_BUFFER = 256 << 10
+"""The kernel's send buffer of a websocket (PCM audio is 48 KB/s): what a client that stops
+reading can leave queued in the kernel is bounded too, and found out within seconds."""
+
+
+def _bound_send_buffer(request: web.Request) -> None:
+    sock = request.transport.get_extra_info("socket") if request.transport else None
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
 
 
 class _Gone(Exception):
