@@ -143,7 +143,8 @@ def test_ogg_packets_spanning_pages():
 @node
 def test_message_framing():
     got = run_js("""
-        import { decodeMessage, encodePcm, encodeImage, encodeControl, KIND } from './protocol.js';
+        import { decodeMessage, encodePcm, encodeImage, encodeControl, encodePing, KIND }
+          from './protocol.js';
         const ramp = Float32Array.from({ length: 30000 }, (_, i) => (i % 200) / 100 - 1);
         const pcm = encodePcm(ramp);
         const enc = new TextEncoder();
@@ -161,6 +162,7 @@ def test_message_framing():
             decodeMessage(msg(0x04, enc.encode('{"a": 1}'))),
             decodeMessage(msg(0x05, enc.encode('busy'))),
             decodeMessage(msg(0x06, [])),
+            decodeMessage(encodePing(1234.5)),
             decodeMessage(msg(0x42, [1])),
           ],
           kinds: KIND,
@@ -179,8 +181,9 @@ def test_message_framing():
     assert d[1] == {"kind": "text", "text": " hello"}
     assert d[2] == {"kind": "coloredtext", "color": 7, "text": " café"}
     assert d[3] == {"kind": "metadata", "data": {"a": 1}}
-    assert d[4] == {"kind": "error", "text": "busy"} and d[5] == {"kind": "ping"}
-    assert d[6] == {"kind": "unknown", "code": 0x42}
+    assert d[4] == {"kind": "error", "text": "busy"} and d[5] == {"kind": "ping", "sent": None}
+    assert d[6] == {"kind": "ping", "sent": 1234.5}
+    assert d[7] == {"kind": "unknown", "code": 0x42}
     assert got["kinds"]["PCM"] == 0x81 and got["kinds"]["COLORED_TEXT"] == 0x07
 
 
@@ -355,6 +358,8 @@ def test_conversation_in_chromium(server, question, audio, query, prelude, pictu
     assert len(voiced) >= 24000 and np.sqrt(np.mean(voiced ** 2)) > 1e-2
     assert s["words"] >= 5 and s["transcript"].strip()
     assert s["messages"].get("coloredtext", 0) >= 5
+    # The status line's latencies: the model's step time and the socket's round trip.
+    assert 0 < s["stepMs"] < 10_000 and 0 <= s["roundTripMs"] < 5_000
     assert after["state"] == "live" and after["connections"] == 1
     assert "[restarted]" in after["transcript"]
     for name in ("page.png", "phone.png"):

@@ -6,11 +6,12 @@ import { Microphone, Player, openAudio } from "./audio.js";
 import { OpusReceiver, OpusSender, PcmReceiver, PcmSender, webCodecsOpus } from "./codec.js";
 import { GateScale, cssRgb, gateOfColor, gateRgb } from "./gate.js";
 import { Camera, pictureFromFile } from "./picture.js";
-import { decodeMessage, encodeControl, encodeImage } from "./protocol.js";
+import { decodeMessage, encodeControl, encodeImage, encodePing } from "./protocol.js";
 
 const HANDSHAKE_TIMEOUT_S = 30; // the server reads the picture before its handshake
 const SILENCE_TIMEOUT_S = 10; // as Kyutai's client: a live server speaks every 80 ms
 const MAX_WORDS = 3000;
+const PING_EVERY_S = 2;
 const PAGE_ONLY = new Set(["audio"]);
 
 const $ = (id) => document.getElementById(id);
@@ -20,7 +21,7 @@ const ui = {
   file: $("file"), camera: $("camera"), snap: $("snap"), drop: $("drop"),
   preview: $("preview"), video: $("video"), pictureName: $("picture-name"),
   transcript: $("transcript"), legend: $("legend"), legendLo: $("legend-lo"), legendHi: $("legend-hi"),
-  lag: $("lag"), step: $("step"), buffer: $("buffer"), model: $("model"), level: $("level"), underruns: $("underruns"),
+  lag: $("lag"), step: $("step"), rtt: $("rtt"), buffer: $("buffer"), model: $("model"), level: $("level"), underruns: $("underruns"),
   settings: $("settings"),
 };
 
@@ -222,7 +223,8 @@ function connect(opusConfig) {
   socket.binaryType = "arraybuffer";
   const c = {
     socket, pcm, opusConfig, handshake: false, sender: null, receiver: null,
-    sent: 0, received: 0, stepMs: null, lastMessage: performance.now(),
+    sent: 0, received: 0, stepMs: null, rttMs: null, pings: false, lastPing: 0,
+    lastMessage: performance.now(),
   };
   app.conversation = c;
   app.stats.connections++;
@@ -272,7 +274,10 @@ function connect(opusConfig) {
       case "metadata":
         onMetadata(c, m.data);
         break;
-      default: // ping, control, and kinds this page does not know: nothing to do
+      case "ping":
+        if (m.sent !== null) c.rttMs = performance.now() - m.sent;
+        break;
+      default: // control, and kinds this page does not know: nothing to do
         break;
     }
   };
@@ -294,8 +299,9 @@ function onMetadata(c, data) {
   if (!data || typeof data !== "object") return;
   app.stats.metadata.push(data);
   if (app.stats.metadata.length > 50) app.stats.metadata.shift();
-  if (data.type === "info" && data.model) {
-    ui.model.textContent = `model: ${data.model}`;
+  if (data.type === "info") {
+    if (data.model) ui.model.textContent = `model: ${data.model}`;
+    c.pings = data.server === "moshivis-mlx"; // Kyutai's servers do not answer pings
   } else if (data.type === "stats" && typeof data.latency_ms === "number") {
     c.stepMs = data.latency_ms;
   } else if (data.type === "restarted") {
@@ -379,6 +385,12 @@ setInterval(() => {
     // and the model answers one frame for each frame it hears.
     ui.lag.textContent = c.handshake ? `${Math.max(0, Math.round((c.sent - c.received) * 1000))} ms` : "-";
     ui.step.textContent = c.stepMs === null ? "-" : `${Math.round(c.stepMs)} ms`;
+    ui.rtt.textContent = c.rttMs === null ? "-" : `${Math.round(c.rttMs)} ms`;
+    const now = performance.now();
+    if (c.pings && c.socket.readyState === WebSocket.OPEN && now - c.lastPing > PING_EVERY_S * 1000) {
+      c.lastPing = now;
+      c.socket.send(encodePing(now));
+    }
   }
   ui.buffer.textContent = app.player ? `${Math.round(app.player.buffered * 1000)} ms` : "-";
   ui.underruns.textContent = app.player ? String(app.player.underruns) : "0";
@@ -396,6 +408,8 @@ window.moshivis = {
       state: ui.state.dataset.kind,
       path: c ? (c.pcm ? "pcm" : "opus") : null,
       sentSeconds: c?.sent ?? 0,
+      roundTripMs: c?.rttMs ?? null,
+      stepMs: c?.stepMs ?? null,
       receivedSeconds: c?.received ?? 0,
       scheduledSamples: p?.scheduled.samples ?? 0,
       scheduledRms: p && p.scheduled.samples ? Math.sqrt(p.scheduled.sumSquares / p.scheduled.samples) : 0,

@@ -10,10 +10,12 @@ export const FRAME_SAMPLES = 480; // 20 ms at 24 kHz: what the page sends per au
 /** The page's one audio context, made inside a user gesture (Safari and Chromium's
  * autoplay rules), with the worklets loaded. */
 export async function openAudio() {
-  const Context = window.AudioContext || window.webkitAudioContext;
-  const context = new Context({ latencyHint: "interactive" });
+  // iOS: a recording session plays through the loudspeaker even with the ringer off.
+  if (navigator.audioSession) navigator.audioSession.type = "play-and-record";
+  const context = new AudioContext({ latencyHint: "interactive" });
+  const resumed = context.resume(); // at once, while the click still counts (Safari)
   await context.audioWorklet.addModule(new URL("./worklet.js", import.meta.url));
-  if (context.state !== "running") await context.resume();
+  await resumed;
   return context;
 }
 
@@ -39,7 +41,9 @@ export class Microphone {
     this.stream = stream;
     this.level = 0;
     this.source = context.createMediaStreamSource(stream);
-    this.node = new AudioWorkletNode(context, "capture", { numberOfOutputs: 0 });
+    // Its output is silence, connected so that every browser runs it (WebKit renders
+    // only what leads to the destination).
+    this.node = new AudioWorkletNode(context, "capture", { outputChannelCount: [1] });
     const resampler = new Resampler(context.sampleRate, MODEL_RATE);
     const framer = new Framer(FRAME_SAMPLES);
     this.node.port.onmessage = ({ data }) => {
@@ -47,6 +51,7 @@ export class Microphone {
       for (const frame of framer.push(resampler.push(data))) onFrame(frame);
     };
     this.source.connect(this.node);
+    this.node.connect(context.destination);
   }
 
   set muted(value) {

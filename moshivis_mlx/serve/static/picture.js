@@ -1,6 +1,6 @@
 // The picture the model looks at: a file (picker or drag and drop) or a snapshot of the
 // device's camera, re-encoded as a JPEG of at most 1024 pixels a side before it is sent
-// (a phone's 12-megapixel photo is 40 times more bytes than the model can use).
+// (a phone's 12-megapixel photo is megabytes; the model sees 448 pixels a side at most).
 
 const MAX_SIDE = 1024;
 const QUALITY = 0.9;

@@ -34,6 +34,15 @@ export const encodeText = (text) => framed(KIND.TEXT, new TextEncoder().encode(t
 export const encodeControl = (action) => framed(KIND.CONTROL, [CONTROL[action]]);
 export const encodeRating = (value) => framed(KIND.RATING, [value & 0xff]);
 
+/** A ping carrying the time it was sent (8 bytes, a float64 of milliseconds); a server
+ * that echoes pings (ours does) gives the round trip. */
+export function encodePing(ms) {
+  const out = new Uint8Array(9);
+  out[0] = KIND.PING;
+  new DataView(out.buffer).setFloat64(1, ms, true);
+  return out;
+}
+
 /** Float samples in [-1, 1] as 0x81 messages of at most 24,000 16-bit samples each. */
 export function encodePcm(samples) {
   const messages = [];
@@ -86,7 +95,9 @@ export function decodeMessage(data) {
     case KIND.ERROR:
       return { kind: "error", text: text() };
     case KIND.PING:
-      return { kind: "ping" };
+      return payload.length === 8
+        ? { kind: "ping", sent: new DataView(payload.buffer, payload.byteOffset, 8).getFloat64(0, true) }
+        : { kind: "ping", sent: null };
     case KIND.COLORED_TEXT:
       return {
         kind: "coloredtext",

@@ -1,5 +1,6 @@
 // Audio worklet processors (run on the audio thread; loaded by audio.js).
-//   capture: posts the microphone's samples to the page in blocks of about 10 ms
+//   capture: posts the microphone's samples to the page in blocks of about 10 ms (its
+//            output stays silent)
 //   player:  plays the model's voice from a queue of blocks at the context's rate, one
 //            continuous stream (separate buffer sources click at every seam), and posts
 //            what it played (sample count, sum of squares, peak), what is queued and
