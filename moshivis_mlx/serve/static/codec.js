@@ -96,6 +96,12 @@ export class OpusReceiver {
 
   receive(bytes) {
     for (const packet of this.ogg.push(bytes)) {
+      if (packet.first) {
+        // A new stream (the server's encoder started afresh): its own headers follow.
+        this.close();
+        this.decoder = null;
+        this.headers = 0;
+      }
       if (this.headers < 2) {
         // OpusHead then OpusTags
         if (this.headers === 0) this.#open(packet.data);

@@ -111,9 +111,10 @@ export class OggOpusWriter {
   }
 
   headers() {
-    const head = this.#pages(opusHead({ preSkip: this.preSkip, inputRate: this.inputRate }), 0, FLAG_FIRST);
+    const head = opusHead({ preSkip: this.preSkip, inputRate: this.inputRate });
+    const headPages = this.#pages(head, 0, FLAG_FIRST);
     const tags = this.#pages(opusTags(), 0, 0);
-    return concat([...head, ...tags]);
+    return concat([...headPages, ...tags]);
   }
 
   packet(bytes, samples48k) {
@@ -159,8 +160,10 @@ export function concat(parts) {
 /**
  * Reads an Ogg stream fed in arbitrary pieces (`push(bytes)` returns the packets it
  * completed, in order). Pages with a bad checksum are dropped and counted; bytes that
- * are not a page are skipped up to the next "OggS". The first stream seen is followed;
- * pages of other streams are ignored. Bounded: a page is at most 65,307 bytes and a
+ * are not a page are skipped up to the next "OggS". One logical stream is followed at a
+ * time: a page that begins a stream (flag 0x02) starts following it, so that a chained
+ * stream (an encoder started afresh) goes on, and its first packet comes with `first`;
+ * pages of any other stream are ignored. Bounded: a page is at most 65,307 bytes and a
  * packet spanning pages at most `maxPacket` bytes.
  */
 export class OggReader {
@@ -213,7 +216,12 @@ export class OggReader {
     const view = new DataView(raw.buffer, raw.byteOffset, raw.byteLength);
     const flags = raw[5];
     const serial = view.getUint32(14, true);
-    if (this.serial === null) this.serial = serial;
+    const begins = Boolean(flags & FLAG_FIRST);
+    if (begins || this.serial === null) {
+      this.serial = serial;
+      this.partial = [];
+      this.partialSize = 0;
+    }
     if (serial !== this.serial) return;
     this.pages++;
     const granule = Number(view.getBigInt64(6, true));
@@ -231,7 +239,9 @@ export class OggReader {
       this.partial.push(raw.subarray(offset, offset + n));
       offset += n;
       if (n < 255) {
-        packets.push({ data: concat(this.partial), granule, last: i === nSegments - 1 });
+        packets.push({
+          data: concat(this.partial), granule, last: i === nSegments - 1, first: begins && i === 0,
+        });
         this.partial = [];
         this.partialSize = 0;
       }
