@@ -493,3 +493,31 @@ def test_webcodecs_opus_through_our_ogg_in_chromium(server, question, tmp_path):
     middle = played[int(0.05 * rate):-int(0.05 * rate)]
     assert np.sqrt(np.mean(middle ** 2)) == pytest.approx(0.3 / np.sqrt(2), rel=0.15)
     assert dominant_hz(middle, rate) == pytest.approx(660, abs=5)
+
+
+@pytest.mark.slow
+@pytest.mark.system("chromium", "espeak-ng", "sox")
+def test_page_says_busy_and_lets_the_microphone_go(server, question, tmp_path):
+    """While another client holds the conversation, the page shows the server's reason,
+    closes, and releases the microphone; once the other has left, Start talks."""
+    import aiohttp
+    from page_support import Browser
+
+    async def run_page() -> tuple[dict, bool, dict]:
+        async with aiohttp.ClientSession() as http, Browser(tmp_path, question) as b:
+            ws_url = server.replace("http", "ws", 1) + "api/chat?image=none"
+            async with http.ws_connect(ws_url) as other:
+                assert (await other.receive_bytes(timeout=30))[:1] == b"\x00"
+                await b.open(server)
+                await b.evaluate("document.getElementById('start').click()", gesture=True)
+                busy = await wait_for(b, "s.state === 'closed' && s.errors.length > 0", 30)
+                mic_free = not await b.evaluate("window.moshivis.stats().microphoneOpen")
+            await asyncio.sleep(1)  # the server lets the other conversation go
+            await b.evaluate("document.getElementById('start').click()", gesture=True)
+            talking = await wait_for(b, "s.state === 'live' && s.receivedSeconds >= 1", 60)
+            return busy, mic_free, talking
+
+    busy, mic_free, talking = asyncio.run(run_page())
+    assert any("busy" in e for e in busy["errors"]) and busy["handshakes"] == 0
+    assert mic_free
+    assert talking["handshakes"] == 1 and talking["connections"] == 2

@@ -16,13 +16,18 @@ const PAGE_ONLY = new Set(["audio"]);
 
 const $ = (id) => document.getElementById(id);
 const ui = {
-  state: $("state"), path: $("path"), notice: $("notice"),
-  start: $("start"), mute: $("mute"), restart: $("restart"),
+  // header and notices
+  state: $("state"), path: $("path"), model: $("model"), notice: $("notice"),
+  // the picture
   file: $("file"), camera: $("camera"), snap: $("snap"), drop: $("drop"),
   preview: $("preview"), video: $("video"), pictureName: $("picture-name"),
-  transcript: $("transcript"), legend: $("legend"), legendLo: $("legend-lo"), legendHi: $("legend-hi"),
-  lag: $("lag"), step: $("step"), rtt: $("rtt"), buffer: $("buffer"), model: $("model"), level: $("level"), underruns: $("underruns"),
-  settings: $("settings"),
+  // the conversation
+  start: $("start"), mute: $("mute"), restart: $("restart"), settings: $("settings"),
+  transcript: $("transcript"), legend: $("legend"),
+  legendLo: $("legend-lo"), legendHi: $("legend-hi"),
+  // the status line
+  lag: $("lag"), step: $("step"), rtt: $("rtt"), buffer: $("buffer"),
+  underruns: $("underruns"), level: $("level"),
 };
 
 const page = new URLSearchParams(location.search);
@@ -40,14 +45,16 @@ const app = {
 
 // -- state and notices ----------------------------------------------------------------------
 
+/** The connection's state: `kind` is idle, connecting, live, closed or error. */
 function setState(text, kind) {
   ui.state.textContent = text;
   ui.state.dataset.kind = kind;
-  const live = kind === "live";
-  ui.mute.disabled = !live;
-  ui.restart.disabled = !(live || kind === "closed" || kind === "error");
-  ui.start.textContent = kind === "idle" || kind === "closed" || kind === "error" ? "Start" : "Stop";
+  ui.mute.disabled = kind !== "live";
+  ui.restart.disabled = !["live", "closed", "error"].includes(kind);
+  ui.start.textContent = stopped() ? "Start" : "Stop";
 }
+
+const stopped = () => ["idle", "closed", "error"].includes(ui.state.dataset.kind);
 
 function notify(text, kind = "error") {
   ui.notice.textContent = text;
@@ -69,6 +76,7 @@ function checkSecureContext() {
 
 async function usePicture(picture) {
   app.picture = picture;
+  if (ui.preview.src) URL.revokeObjectURL(ui.preview.src);
   ui.preview.src = URL.createObjectURL(picture.blob);
   ui.preview.hidden = false;
   ui.drop.classList.add("has-picture");
@@ -80,23 +88,32 @@ async function usePicture(picture) {
   }
 }
 
-ui.file.addEventListener("change", async () => {
-  if (ui.file.files.length) await usePicture(await pictureFromFile(ui.file.files[0]));
+async function useFile(file) {
+  try {
+    await usePicture(await pictureFromFile(file));
+  } catch (e) {
+    notify(`The picture could not be read: ${e.message}`);
+  }
+}
+
+ui.file.addEventListener("change", () => {
+  if (ui.file.files.length) useFile(ui.file.files[0]);
 });
 
-for (const target of [ui.drop, document.body]) {
-  target.addEventListener("dragover", (e) => {
-    e.preventDefault();
-    ui.drop.classList.add("dragging");
-  });
-  target.addEventListener("dragleave", () => ui.drop.classList.remove("dragging"));
-  target.addEventListener("drop", async (e) => {
-    e.preventDefault();
-    ui.drop.classList.remove("dragging");
-    const file = [...(e.dataTransfer?.files ?? [])].find((f) => f.type.startsWith("image/"));
-    if (file) await usePicture(await pictureFromFile(file));
-  });
-}
+// A picture dropped anywhere on the page.
+document.addEventListener("dragover", (e) => {
+  e.preventDefault();
+  ui.drop.classList.add("dragging");
+});
+document.addEventListener("dragleave", (e) => {
+  if (!e.relatedTarget) ui.drop.classList.remove("dragging"); // left the window
+});
+document.addEventListener("drop", (e) => {
+  e.preventDefault();
+  ui.drop.classList.remove("dragging");
+  const file = [...(e.dataTransfer?.files ?? [])].find((f) => f.type.startsWith("image/"));
+  if (file) useFile(file);
+});
 
 ui.camera.addEventListener("click", async () => {
   if (app.camera) {
@@ -167,14 +184,17 @@ function recolour(only) {
   app.bounds = bounds;
   const spans = moved || !only ? ui.transcript.querySelectorAll("span[data-gate]") : only;
   for (const span of spans) {
-    if (span.dataset.gate !== undefined) span.style.color = cssRgb(app.scale.rgb(Number(span.dataset.gate)));
+    if (span.dataset.gate !== undefined) {
+      span.style.color = cssRgb(app.scale.rgb(Number(span.dataset.gate)));
+    }
   }
   ui.legendLo.textContent = bounds[0].toFixed(3);
   ui.legendHi.textContent = bounds[1].toFixed(3);
 }
 
 function drawLegend() {
-  const stops = Array.from({ length: 8 }, (_, i) => `${cssRgb(gateRgb(i / 7))} ${(i / 7 * 100).toFixed(0)}%`);
+  const stops = Array.from({ length: 8 },
+    (_, i) => `${cssRgb(gateRgb(i / 7))} ${((i / 7) * 100).toFixed(0)}%`);
   ui.legend.style.background = `linear-gradient(to right, ${stops.join(", ")})`;
 }
 
@@ -209,7 +229,7 @@ async function start() {
     if (!app.mic) app.mic = await Microphone.open(app.context, onMicFrame);
   } catch (e) {
     setState("no microphone", "error");
-    notify(`The microphone could not be opened: ${e.message}`);
+    notify(`The microphone or the page's audio could not start: ${e.message}`);
     return;
   }
   const opus = forcePcm ? null : await webCodecsOpus();
@@ -223,8 +243,8 @@ function connect(opusConfig) {
   socket.binaryType = "arraybuffer";
   const c = {
     socket, pcm, opusConfig, handshake: false, sender: null, receiver: null,
-    sent: 0, received: 0, stepMs: null, rttMs: null, pings: false, lastPing: 0,
-    lastMessage: performance.now(),
+    opened: false, sent: 0, received: 0, stepMs: null, rttMs: null, pings: false,
+    lastPing: 0, lastMessage: performance.now(),
   };
   app.conversation = c;
   app.stats.connections++;
@@ -240,6 +260,7 @@ function connect(opusConfig) {
   c.receiver = pcm ? new PcmReceiver(play) : new OpusReceiver(play, fail);
 
   socket.onopen = () => {
+    c.opened = true;
     setState("waiting for the model", "connecting");
     if (app.picture) socket.send(encodeImage(app.picture.bytes)); // MoshiVis: the picture first
   };
@@ -286,8 +307,16 @@ function connect(opusConfig) {
     c.receiver?.close();
     c.sender = null;
     if (app.conversation !== c) return;
-    const why = event.reason ? `: ${event.reason}` : event.code !== 1000 && event.code !== 1005 ? ` (${event.code})` : "";
-    setState(`closed${why}`, "closed");
+    // The conversation is over: the microphone is let go (the browser shows it unused).
+    app.mic?.close();
+    app.mic = null;
+    if (!c.opened) {
+      setState("could not connect", "error");
+    } else {
+      const clean = event.code === 1000 || event.code === 1005;
+      setState(`closed${event.reason ? `: ${event.reason}` : clean ? "" : ` (${event.code})`}`,
+        "closed");
+    }
   };
   function send(message) {
     if (socket.readyState === WebSocket.OPEN) socket.send(message);
@@ -341,23 +370,17 @@ function stop() {
 /** Live: the server starts the conversation afresh on the same socket and picture (as
  * key r in the terminal). Closed: a new connection. */
 function restart() {
-  const live = app.conversation;
-  if (live && live.handshake && live.socket.readyState === WebSocket.OPEN) {
-    live.socket.send(encodeControl("restart"));
+  const c = app.conversation;
+  if (c && c.handshake && c.socket.readyState === WebSocket.OPEN) {
+    c.socket.send(encodeControl("restart"));
     return;
   }
-  const opus = app.conversation?.opusConfig ?? null;
-  const wasPcm = app.conversation?.pcm ?? forcePcm;
   hangUp();
   marker("restart");
-  if (!app.mic) {
-    start();
-    return;
-  }
-  connect(wasPcm ? null : opus);
+  start();
 }
 
-ui.start.addEventListener("click", () => (ui.start.textContent === "Start" ? start() : stop()));
+ui.start.addEventListener("click", () => (stopped() ? start() : stop()));
 ui.restart.addEventListener("click", restart);
 ui.mute.addEventListener("click", () => {
   if (!app.mic) return;
@@ -383,11 +406,13 @@ setInterval(() => {
     }
     // How far the model's voice trails the microphone: both streams start at the handshake
     // and the model answers one frame for each frame it hears.
-    ui.lag.textContent = c.handshake ? `${Math.max(0, Math.round((c.sent - c.received) * 1000))} ms` : "-";
+    const lag = Math.max(0, Math.round((c.sent - c.received) * 1000));
+    ui.lag.textContent = c.handshake ? `${lag} ms` : "-";
     ui.step.textContent = c.stepMs === null ? "-" : `${Math.round(c.stepMs)} ms`;
     ui.rtt.textContent = c.rttMs === null ? "-" : `${Math.round(c.rttMs)} ms`;
     const now = performance.now();
-    if (c.pings && c.socket.readyState === WebSocket.OPEN && now - c.lastPing > PING_EVERY_S * 1000) {
+    const due = now - c.lastPing > PING_EVERY_S * 1000;
+    if (c.pings && due && c.socket.readyState === WebSocket.OPEN) {
       c.lastPing = now;
       c.socket.send(encodePing(now));
     }
@@ -397,6 +422,8 @@ setInterval(() => {
   const db = 20 * Math.log10(Math.max(app.mic && !app.mic.muted ? app.mic.level : 0, 1e-6));
   ui.level.value = Math.max(0, Math.min(60, db + 60));
 }, 250);
+
+const rmsOf = ({ samples, sumSquares }) => (samples ? Math.sqrt(sumSquares / samples) : 0);
 
 /** What the page has done, for checks run from outside (the browser test reads it). */
 window.moshivis = {
@@ -412,12 +439,13 @@ window.moshivis = {
       stepMs: c?.stepMs ?? null,
       receivedSeconds: c?.received ?? 0,
       scheduledSamples: p?.scheduled.samples ?? 0,
-      scheduledRms: p && p.scheduled.samples ? Math.sqrt(p.scheduled.sumSquares / p.scheduled.samples) : 0,
+      scheduledRms: p ? rmsOf(p.scheduled) : 0,
       playedSamples: p?.played.samples ?? 0,
-      playedRms: p && p.played.samples ? Math.sqrt(p.played.sumSquares / p.played.samples) : 0,
+      playedRms: p ? rmsOf(p.played) : 0,
       playedPeak: p?.played.peak ?? 0,
       underruns: p?.underruns ?? 0,
       micLevel: app.mic?.level ?? 0,
+      microphoneOpen: app.mic !== null,
       words: ui.transcript.querySelectorAll("span[data-gate]").length,
       transcript: ui.transcript.textContent,
       picture: app.picture ? app.picture.bytes.length : 0,

@@ -106,7 +106,9 @@ export class Player {
 
   play(samples, rate) {
     if (!samples.length) return;
-    if (!this.resamplers.has(rate)) this.resamplers.set(rate, new Resampler(rate, this.context.sampleRate));
+    if (!this.resamplers.has(rate)) {
+      this.resamplers.set(rate, new Resampler(rate, this.context.sampleRate));
+    }
     const block = this.resamplers.get(rate).push(samples);
     if (block.length) this.node.port.postMessage(block, [block.buffer]);
     this.scheduled.samples += samples.length;

@@ -7,7 +7,9 @@ import { OggOpusWriter, OggReader, parseOpusHead } from "./ogg.js";
 import { encodeAudio, encodePcm } from "./protocol.js";
 import { MODEL_RATE } from "./audio.js";
 
-const BASE_ENCODER_CONFIG = { codec: "opus", sampleRate: MODEL_RATE, numberOfChannels: 1, bitrate: 32000 };
+const BASE_ENCODER_CONFIG = {
+  codec: "opus", sampleRate: MODEL_RATE, numberOfChannels: 1, bitrate: 32000,
+};
 // 20 ms packets as Kyutai's clients send; browsers that do not know the Opus options get
 // their default frame (also 20 ms in Chromium), and the granule positions follow the
 // packets' real durations either way.
@@ -32,6 +34,10 @@ export async function webCodecsOpus() {
   }
   return null;
 }
+
+const bytesOf = (data) => (ArrayBuffer.isView(data)
+  ? new Uint8Array(data.buffer, data.byteOffset, data.byteLength)
+  : new Uint8Array(data));
 
 /** Microphone frames out as Ogg Opus: `send(frame)` with 20 ms at 24 kHz; `emit(message)`
  * gets each websocket message (the two header pages first, then one page per packet). */
@@ -66,7 +72,7 @@ export class OpusSender {
     if (!this.ogg) {
       // The encoder's own OpusHead (when it gives one) knows its pre-skip.
       const description = metadata?.decoderConfig?.description;
-      const head = description ? parseOpusHead(new Uint8Array(description.buffer ?? description)) : null;
+      const head = description ? parseOpusHead(bytesOf(description)) : null;
       this.ogg = new OggOpusWriter({ preSkip: head ? head.preSkip : 312, inputRate: MODEL_RATE });
       this.emit(encodeAudio(this.ogg.headers()));
     }

@@ -102,7 +102,9 @@ export function parseOpusHead(packet) {
  * counts at 48 kHz, whatever the input rate).
  */
 export class OggOpusWriter {
-  constructor({ serial = (Math.random() * 0x100000000) >>> 0, preSkip = 312, inputRate = 24000 } = {}) {
+  constructor({
+    serial = (Math.random() * 0x100000000) >>> 0, preSkip = 312, inputRate = 24000,
+  } = {}) {
     this.serial = serial >>> 0;
     this.preSkip = preSkip;
     this.inputRate = inputRate;
@@ -251,9 +253,7 @@ export class OggReader {
 
 function findMagic(bytes) {
   for (let i = 0; i + 3 < bytes.length; i++) {
-    if (bytes[i] === 0x4f && bytes[i + 1] === 0x67 && bytes[i + 2] === 0x67 && bytes[i + 3] === 0x53) {
-      return i;
-    }
+    if (MAGIC.every((b, k) => bytes[i + k] === b)) return i;
   }
   return -1;
 }

@@ -34,7 +34,9 @@ export async function pictureFromFile(file) {
 export class Camera {
   static async open(video) {
     const stream = await navigator.mediaDevices.getUserMedia({
-      video: { facingMode: { ideal: "environment" }, width: { ideal: 1280 }, height: { ideal: 960 } },
+      video: {
+        facingMode: { ideal: "environment" }, width: { ideal: 1280 }, height: { ideal: 960 },
+      },
       audio: false,
     });
     video.srcObject = stream;

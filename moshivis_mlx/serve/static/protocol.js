@@ -84,7 +84,10 @@ export function decodeMessage(data) {
     case KIND.TEXT:
       return { kind: "text", text: text() };
     case KIND.CONTROL:
-      return { kind: "control", action: Object.keys(CONTROL).find((k) => CONTROL[k] === payload[0]) ?? null };
+      return {
+        kind: "control",
+        action: Object.keys(CONTROL).find((k) => CONTROL[k] === payload[0]) ?? null,
+      };
     case KIND.METADATA: {
       try {
         return { kind: "metadata", data: JSON.parse(text()) };
@@ -95,9 +98,11 @@ export function decodeMessage(data) {
     case KIND.ERROR:
       return { kind: "error", text: text() };
     case KIND.PING:
-      return payload.length === 8
-        ? { kind: "ping", sent: new DataView(payload.buffer, payload.byteOffset, 8).getFloat64(0, true) }
-        : { kind: "ping", sent: null };
+      if (payload.length !== 8) return { kind: "ping", sent: null };
+      return {
+        kind: "ping",
+        sent: new DataView(payload.buffer, payload.byteOffset, 8).getFloat64(0, true),
+      };
     case KIND.COLORED_TEXT:
       return {
         kind: "coloredtext",

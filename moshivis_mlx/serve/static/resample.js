@@ -60,7 +60,9 @@ export class Framer {
     all.set(samples, this.pending.length);
     const frames = [];
     let at = 0;
-    for (; at + this.size <= all.length; at += this.size) frames.push(all.slice(at, at + this.size));
+    for (; at + this.size <= all.length; at += this.size) {
+      frames.push(all.slice(at, at + this.size));
+    }
     this.pending = all.slice(at);
     return frames;
   }
