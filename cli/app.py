@@ -90,7 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--camera-every", type=float, metavar="S",
                    help="with --camera: a new snapshot every S seconds (default: only on c)")
     a.add_argument("--record", metavar="DIR",
-                   help="save the session here (default: ./moshivis-sessions/<date-time>/)")
+                   help="save the session here (default: ./moshivis-sessions/<date-time>/); "
+                        "with --serve, each conversation in a new folder under DIR (served "
+                        "conversations are recorded only then)")
     a.add_argument("--no-record", action="store_true", help="do not save the session")
 
     f = p.add_argument_group("file mode (no audio devices)")
@@ -211,7 +213,9 @@ def options_from(args: argparse.Namespace) -> AppOptions:
         input_device=args.input_device, output_device=args.output_device,
         echo_cancel=not args.no_echo_cancel, camera=args.camera,
         camera_every=args.camera_every,
-        record=not args.no_record, record_dir=Path(args.record) if args.record else None,
+        # Served conversations are recorded only when asked (--record DIR).
+        record=bool(args.record) if args.serve else not args.no_record,
+        record_dir=Path(args.record) if args.record else None,
         input_wav=args.input_wav, output_wav=Path(args.output_wav) if args.output_wav else None,
         transcript=Path(args.transcript) if args.transcript else None,
         same_length=args.same_length, answer_silence=args.answer_silence,

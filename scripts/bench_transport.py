@@ -7,7 +7,11 @@
                    (aiohttp at both ends, as the server and Kyutai's Python client); half
                    the round trip is what one direction adds
 
-Usage: python scripts/bench_transport.py [--frames 1000] [--json out.json]
+With --weights BUNDLE it also measures what a second conversation would cost if the two
+were stepped together: the language model's step (`Generator.step`) with batch 1 and with
+batch 2 on that bundle (the server itself serves one conversation at a time).
+
+Usage: python scripts/bench_transport.py [--frames 1000] [--weights BUNDLE] [--json out.json]
 Reports medians and 90th percentiles in milliseconds.
 """
 
@@ -100,9 +104,29 @@ async def socket_round_trips(frames: int, size: int) -> list[float]:
     return trips[10:]
 
 
+def batched_steps(weights: str, steps: int) -> dict[str, dict[str, float]]:
+    """The model's step alone, batch 1 and batch 2 (silence in, no image)."""
+    from moshivis_mlx import load
+
+    model = load(weights, vision=False, codec=False, tokenizer=False)
+    out = {}
+    for b in (1, 2):
+        gen = model.generator(seed=0, batch_size=b)
+        codes = np.zeros((b, gen.num_user_codes), dtype=np.int32)
+        gen.warm_up()
+        times = []
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            gen.step(codes)
+            times.append(1e3 * (time.perf_counter() - t0))
+        out[f"model_step_batch{b}"] = stats(times[10:])
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--frames", type=int, default=1000)
+    p.add_argument("--weights", help="a bundle: also time the model's step, batch 1 and 2")
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args()
     result: dict = {"machine": f"{platform.system()} {platform.machine()}",
@@ -112,6 +136,9 @@ def main() -> None:
     for name, size in (("socket_opus_one_way", opus_size), ("socket_pcm_one_way", 2 * FRAME)):
         trips = asyncio.run(socket_round_trips(args.frames, size))
         result[name] = stats([t / 2 for t in trips])
+    if args.weights:
+        result["weights"] = args.weights
+        result.update(batched_steps(args.weights, min(args.frames, 300)))
     for key, value in result.items():
         print(f"{key:22} {value}")
     if args.json:

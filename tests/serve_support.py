@@ -42,6 +42,7 @@ class ServerProcess:
                 m = re.search(r"serving on (https?)://[^ ]*?:(\d+)/(\?token=(\S+))?", line)
                 if m and self.port is None:
                     self.scheme, self.port, self.token = m[1], int(m[2]), m[4]
+                if "Ctrl-C stops the server" in line:  # the last line it prints
                     ready.set()
             ready.set()
 

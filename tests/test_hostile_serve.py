@@ -18,15 +18,23 @@ import time
 import aiohttp
 import numpy as np
 import pytest
+from app_support import run_app
 from serve_support import ServerProcess, converse, run
 
 from moshivis_mlx.serve import protocol
 
-pytestmark = [pytest.mark.slow]
-
 RSS_GROWTH_MB = 40
 """Allowed growth of the server's memory over the whole module (a leak of a connection's
 state, 1,000 times, or of a 100 MB message, is far more)."""
+
+
+def test_network_bind_without_tls_refused_in_one_line(tmp_path):
+    """Before anything loads (no model, no certificate): one line, exit 2."""
+    r = run_app("--serve", "--host", "0.0.0.0", "--no-tls", "--demo")
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "needs TLS" in lines[0], r.stderr
+    assert not r.stdout.strip()
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +95,7 @@ def _error_then_close(got: list) -> str:
     return errors[0]
 
 
+@pytest.mark.slow
 def test_random_kinds(server, baseline):
     rng = random.Random(0)
     valid = set(protocol.LIMITS)
@@ -102,6 +111,7 @@ def test_random_kinds(server, baseline):
     serves(server)
 
 
+@pytest.mark.slow
 def test_truncated_and_corrupt_ogg(server, baseline):
     import sphn
 
@@ -122,6 +132,7 @@ def test_truncated_and_corrupt_ogg(server, baseline):
     serves(server)
 
 
+@pytest.mark.slow
 def test_hundred_megabyte_message(server, baseline):
     async def go() -> tuple:
         async with aiohttp.ClientSession() as s, s.ws_connect(
@@ -158,26 +169,36 @@ def _png(width: int, height: int) -> bytes:
         chunk(b"IEND", b"")
 
 
+@pytest.mark.slow
 def test_image_bomb(server, baseline):
+    import json
+
     from PIL import Image
 
     jpeg = io.BytesIO()
     Image.new("RGB", (64, 64), "red").save(jpeg, "JPEG")
-    bombs = [_png(60000, 60000), _png(1, 1)[:40], jpeg.getvalue()[:200],
-             b"GIF89a" + os.urandom(100), base64.b64encode(os.urandom(300))]
-    got = run(_session(server, [b"\x08" + b for b in bombs] +
-                       [protocol.pcm(np.zeros(1920, np.float32))], audio="pcm"))
-    import json
-
-    meta = [json.loads(p) for k, p in got if k == protocol.METADATA]
-    refused = [m["text"] for m in meta if m.get("level") == "error"]
-    assert len(refused) == len(bombs), meta
-    assert "too large" in refused[0]
-    assert protocol.PCM in [k for k, _ in got]  # the conversation went on
+    bombs = [(_png(60000, 60000), "too large"), (_png(1, 1)[:40], "image"),
+             (jpeg.getvalue()[:200], "image"), (b"GIF89a" + os.urandom(100), "image"),
+             (base64.b64encode(os.urandom(300)), "not an image")]
+    for bomb, why in bombs:
+        got = run(_session(server, [b"\x08" + bomb, protocol.pcm(np.zeros(1920, np.float32))],
+                           audio="pcm"))
+        meta = [json.loads(p) for k, p in got if k == protocol.METADATA]
+        refused = [m["text"] for m in meta if m.get("level") == "error"]
+        assert len(refused) == 1 and why in refused[0], meta
+        assert protocol.PCM in [k for k, _ in got]  # the conversation went on
+    # A flood of large images: each takes the place of the one still waiting (memory
+    # bounded), none is refused as too many commands, the conversation goes on.
+    junk = b"\x08" + b"\xff\xd8\xff" + os.urandom(4 << 20)
+    got = run(_session(server, [junk] * 40 + [protocol.pcm(np.zeros(1920, np.float32))],
+                       audio="pcm"))
+    assert not [p for k, p in got if k == protocol.ERROR], got[-2:]
+    assert protocol.PCM in [k for k, _ in got]
     serves(server)
     assert server.rss_mb() < baseline + RSS_GROWTH_MB
 
 
+@pytest.mark.slow
 def test_thousand_connections(server, baseline):
     async def cycles(n: int) -> None:
         async with aiohttp.ClientSession() as s:
@@ -225,6 +246,7 @@ def _frame(payload: bytes) -> bytes:
     return b"\x82" + size + mask + masked.tobytes()
 
 
+@pytest.mark.slow
 def test_client_that_stops_reading(server, baseline):
     sock = _raw_websocket(server.port, "/api/chat?image=none&audio=pcm")
     second = protocol.pcm(0.1 * np.random.default_rng(0).standard_normal(24000))
@@ -244,6 +266,7 @@ def test_client_that_stops_reading(server, baseline):
     serves(server)
 
 
+@pytest.mark.slow
 def test_idle_client_is_ended(server, baseline):
     async def go() -> list:
         async with aiohttp.ClientSession() as s, s.ws_connect(
@@ -257,6 +280,19 @@ def test_idle_client_is_ended(server, baseline):
     assert got[2].data[0] == protocol.ERROR and b"idle" in got[2].data
 
 
+@pytest.mark.slow
 def test_memory_flat_at_the_end(server, baseline):
     serves(server)
     assert server.rss_mb() < baseline + RSS_GROWTH_MB, (baseline, server.rss_mb())
+    # Every attack was handled, none reached aiohttp's or asyncio's last-resort logging.
+    output = "\n".join(server.lines)
+    for sign in ("Traceback", "Error handling request", "exception was never retrieved"):
+        assert sign not in output, output[-3000:]
+
+
+def test_other_refusals_are_one_line(tmp_path):
+    r = run_app("--serve", "--static", str(tmp_path), "--demo")
+    assert r.returncode != 0 and "no index.html" in r.stderr and \
+        len(r.stderr.strip().splitlines()) == 1
+    r = run_app("--static", str(tmp_path))
+    assert r.returncode == 2 and "--static is for --serve" in r.stderr

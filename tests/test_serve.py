@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import ssl
+import time
 
 import numpy as np
 import pytest
-from app_support import run_app
 from serve_support import ServerProcess, converse, run
 
 from moshivis_mlx.app.demo import SAMPLE_IMAGE
@@ -108,18 +109,6 @@ def test_non_loopback_needs_tls_and_gets_a_token(tmp_path):
     assert again.token == "my-own-token"
 
 
-def test_serve_refusals_are_one_line(tmp_path):
-    r = run_app("--serve", "--host", "0.0.0.0", "--no-tls", "--demo")
-    assert r.returncode == 2
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and "needs TLS" in lines[0], r.stderr
-    r = run_app("--serve", "--static", str(tmp_path), "--demo")
-    assert r.returncode != 0 and "no index.html" in r.stderr and \
-        len(r.stderr.strip().splitlines()) == 1
-    r = run_app("--static", str(tmp_path))
-    assert r.returncode == 2 and "--static is for --serve" in r.stderr
-
-
 # -- the server, with a client of our own --------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -166,6 +155,17 @@ def test_moshivis_order_image_first_coloured_text(server, speech):
     assert {"type": "image", "name": "image"} in out["metadata"]
     assert out["metadata"][0]["text"] == "colored"
     _spoke(out, 3.0)
+
+
+@pytest.mark.slow
+def test_nothing_of_a_conversation_stays(server, speech):
+    """The next conversation does not see the last one's picture: its words carry no gate
+    (colour 0 throughout), where the one with the picture had them."""
+    with_image = run(converse(server.ws_url(), speech, image=SAMPLE_IMAGE.read_bytes()))
+    assert any(c > 0 for c in with_image["colours"]), with_image["colours"]
+    after = run(converse(server.ws_url(image="none", text="colored"), speech))
+    assert after["colours"] and all(c == 0 for c in after["colours"]), after["colours"]
+    assert after["metadata"][0]["image"] is None
 
 
 @pytest.mark.slow
@@ -283,3 +283,33 @@ def test_network_bind_tls_and_token(tmp_path, speech):
         _spoke(out, 2.0)
     finally:
         s.stop()
+
+
+@pytest.mark.slow
+def test_served_conversations_recorded_only_when_asked(tmp_path, speech):
+    s = ServerProcess("--record", str(tmp_path / "rec"))
+    s.start()
+    try:
+        out = run(converse(s.ws_url(image="none"), speech[:24000]))
+        _spoke(out, 2.0)
+        run(converse(s.ws_url(image="none"), speech[:12000], seconds_after=1.0))
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            sessions = sorted((tmp_path / "rec").glob("*/session.json"))
+            if len(sessions) == 2 and all(json.loads(f.read_text())["complete"]
+                                          for f in sessions):
+                break
+            time.sleep(0.2)
+        s.process.send_signal(signal.SIGINT)  # Ctrl-C: how a server is stopped
+        assert s.process.wait(timeout=30) == 0
+        deadline = time.monotonic() + 5  # the reader thread takes the last lines
+        while not any("stopped:" in line for line in s.lines) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "stopped: 2 conversation(s) served, 0 refused as busy" in s.lines[-1]
+    finally:
+        s.stop()
+    assert len(sessions) == 2, sessions
+    first = json.loads(sessions[0].read_text())
+    assert first["served"] and first["complete"] and first["duration_s"] >= 2.0
+    assert (sessions[0].parent / "conversation.wav").stat().st_size > 2 * 24000 * 4
+    assert json.loads((sessions[0].parent / "transcript.json").read_text())["words"]

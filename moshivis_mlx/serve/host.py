@@ -21,6 +21,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -40,7 +41,7 @@ STATS_EVERY = 12
 
 
 @dataclass
-class Loaded:
+class ServedModel:
     """The opened model, made on the model thread."""
 
     session: Session
@@ -69,6 +70,7 @@ class Conversation:
         """Frames dropped because the model was behind."""
         self.colored = bool(options.colored)
         self.ended = False
+        self._lock = threading.Lock()
 
     def push_frame(self, frame: np.ndarray) -> None:
         if len(self.frames) == self.frames.maxlen:
@@ -77,20 +79,36 @@ class Conversation:
 
     def push_command(self, name: str, arg: Any = None,
                      done: Callable[[], None] | None = None) -> bool:
-        """Queues a command; False if too many wait (the client floods)."""
-        if len(self.commands) >= MAX_PENDING_COMMANDS:
-            return False
-        self.commands.append((name, arg, done))
-        return True
+        """Queues a command; False if too many wait (the client floods). At most one image
+        waits: a newer one takes the place of the one not yet used (16 MB each)."""
+        with self._lock:
+            if name == "image":
+                for i, (other, _, other_done) in enumerate(self.commands):
+                    if other == "image":
+                        self.commands[i] = (name, arg, done)
+                        if other_done is not None:
+                            other_done()
+                        return True
+            if len(self.commands) >= MAX_PENDING_COMMANDS:
+                return False
+            self.commands.append((name, arg, done))
+            return True
+
+    def next_command(self) -> tuple[str, Any, Callable[[], None] | None] | None:
+        with self._lock:
+            return self.commands.popleft() if self.commands else None
 
 
 class ModelHost(threading.Thread):
     """Loads the model with `prepare` (on this thread), then serves conversations."""
 
-    def __init__(self, prepare: Callable[[], Loaded]):
+    def __init__(self, prepare: Callable[[], ServedModel], record: Path | None = None):
+        """`record`: each conversation is saved in a new folder under it (as --record)."""
         super().__init__(name="moshivis-serve-model", daemon=True)
         self.prepare = prepare
-        self.loaded: Loaded | None = None
+        self.record = record
+        self._recorder: Any = None
+        self.loaded: ServedModel | None = None
         self.error: BaseException | None = None
         self.ready = threading.Event()
         self.finished = threading.Event()
@@ -104,7 +122,7 @@ class ModelHost(threading.Thread):
 
     # -- called from the event loop ------------------------------------------------------------
 
-    def wait_ready(self) -> Loaded:
+    def wait_ready(self) -> ServedModel:
         while not self.ready.wait(0.1):
             if self.finished.is_set():
                 raise self.error or MoshivisError("the model thread stopped while loading")
@@ -159,8 +177,8 @@ class ModelHost(threading.Thread):
         if conv is None or conv.ended:
             return
         try:
-            while conv.commands and not conv.ended:
-                name, arg, done = conv.commands.popleft()
+            while not conv.ended and (command := conv.next_command()) is not None:
+                name, arg, done = command
                 self._command(conv, name, arg)
                 if done is not None:
                     done()
@@ -171,7 +189,7 @@ class ModelHost(threading.Thread):
                     break
         except Exception as e:  # a bug must end this conversation, not the server
             conv.ended = True
-            conv.send([protocol.error(f"internal error: {one_line(e, 300)}")], )
+            conv.send([protocol.error(f"internal error: {one_line(e, 300)}")])
             self._detach()
         if conv.frames or conv.commands:
             self.wake.set()
@@ -199,9 +217,41 @@ class ModelHost(threading.Thread):
         gen.limit_compiled(KEEP_COMPILED)
         self._current, self._session = conv, session
         self._writer = None if o.pcm else _opus_writer(session.geometry.sample_rate)
+        self._recorder = self._record(conv, session) if self.record is not None else None
+
+    def _record(self, conv: Conversation, session: Session) -> Any:
+        """The conversation's recorder (the app's), in a new folder; None if it cannot be
+        made (the conversation goes on, told so)."""
+        from ..app.recorder import SessionRecorder, default_session_dir
+
+        gen = session.stream.gen
+        try:
+            recorder = SessionRecorder(default_session_dir(self.record, create=True),
+                                       session.geometry, {
+                "served": True, "bundle": self.loaded.name,
+                "client": {k: v for k, v in vars(conv.options).items() if v is not None},
+                "sampling": {"text": repr(gen.text_sampler), "audio": repr(gen.audio_sampler),
+                             "xa_start": gen.xa_start}})
+        except (OSError, MoshivisError) as e:
+            conv.send([protocol.metadata({"type": "message", "level": "warning",
+                                          "text": f"not recorded: {one_line(e, 200)}"})])
+            return None
+        if self.loaded.default_image:
+            recorder.add_event("image", path=self.loaded.default_image)
+        return recorder
+
+    def _close_recording(self, conv: Conversation | None) -> None:
+        recorder, self._recorder = self._recorder, None
+        if recorder is not None:
+            try:
+                recorder.close({"dropped_frames": conv.dropped if conv else 0})
+            except OSError:
+                pass
 
     def _detach(self) -> None:
-        """Nothing of the conversation stays: state, image, samplers, encoder."""
+        """Nothing of the conversation stays: state, image, samplers, encoder (only its
+        recording, when the server records)."""
+        self._close_recording(self._current)
         session = self._session
         if session is not None:
             stream = session.stream
@@ -232,6 +282,14 @@ class ModelHost(threading.Thread):
     def _messages(self, conv: Conversation, events: list[Event]) -> list[bytes]:
         """A step's (or a command's) events as protocol messages."""
         out: list[bytes] = []
+        if self._recorder is not None:
+            try:
+                for ev in events:
+                    self._recorder.add(ev, backlog=len(conv.frames))
+            except OSError as e:  # a full disk ends the recording, not the conversation
+                self._close_recording(conv)
+                out.append(protocol.metadata({"type": "message", "level": "warning",
+                                              "text": f"recording stopped: {one_line(e, 200)}"}))
         for ev in events:
             if isinstance(ev, AudioFrame):
                 if self._writer is None:

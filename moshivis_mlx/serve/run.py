@@ -13,9 +13,11 @@ from rich.console import Console
 from ..app.opening import open_session, opening_steps, resolve_bundle
 from ..app.options import AppOptions
 from ..errors import UsageError
+from ..paths import check_writable
 from ..progress import Steps
 from ..session import load_picture
-from .host import Loaded, ModelHost
+from ..signals import Stopped
+from .host import ModelHost, ServedModel
 from .security import is_loopback, local_addresses, security_for
 from .server import STATIC, Limits, Server, serve
 
@@ -39,18 +41,22 @@ def run_serve(opts: AppOptions, console: Console) -> int:
     # Refusals first: nothing loads for a command line that cannot be served.
     security = security_for(s.host, s.ssl_cert, s.ssl_key, s.no_tls, s.token, _cache())
     static = check_static(s.static)
+    record = opts.record_dir if opts.record else None
+    if record is not None:
+        check_writable(record, "record the conversations in", directory=True,
+                       fix="pick another directory with --record DIR")
     if opts.demo:  # the tiny random model (made on first use): the page without weights
         from ..app.demo import demo_bundle
 
         bundle, _ = demo_bundle()
-        weights = replace(opts.model.bundle, weights=bundle)
-        opts = replace(opts, model=replace(opts.model, bundle=weights))
+        opts = replace(opts, model=replace(opts.model, bundle=replace(opts.model.bundle,
+                                                                      weights=bundle)))
     picture = load_picture(opts.image) if opts.image else None
     want_vision = not opts.no_image
     with Steps(console, 1 + opening_steps(want_vision, picture is not None)) as steps:
         bundle = resolve_bundle(opts.model, steps)
 
-        def prepare() -> Loaded:
+        def prepare() -> ServedModel:
             opened = open_session(opts.model, steps, want_vision, bundle=bundle)
             session = opened.session
             tokens = None
@@ -59,10 +65,10 @@ def run_serve(opts: AppOptions, console: Console) -> int:
                     tokens = session.vision.encode_image(picture)
             with steps.step("warm-up"):
                 session.warm_up()
-            return Loaded(session, Path(opened.bundle).name, tokens,
+            return ServedModel(session, Path(opened.bundle).name, tokens,
                           Path(opts.image).name if opts.image else None)
 
-        host = ModelHost(prepare)
+        host = ModelHost(prepare, record)
         host.start()
         host.wait_ready()
     logging.basicConfig(level=logging.WARNING)
@@ -84,9 +90,18 @@ def run_serve(opts: AppOptions, console: Console) -> int:
                           f"{security.fingerprint}" if s.ssl_cert is None else
                           f"certificate SHA-256 fingerprint {security.fingerprint}",
                           highlight=False)
+        if record is not None:
+            console.print(f"each conversation is recorded in a new folder under {record}/",
+                          highlight=False)
         console.print("one conversation at a time; Ctrl-C stops the server", highlight=False)
 
-    asyncio.run(serve(server, s.host, s.port, started))
+    try:
+        asyncio.run(serve(server, s.host, s.port, started))
+    except KeyboardInterrupt as e:  # Ctrl-C is how a server is stopped; SIGTERM says so
+        console.print(f"stopped: {server.served} conversation(s) served, {server.refused} "
+                      f"refused as busy", highlight=False)
+        if isinstance(e, Stopped):
+            raise
     return 0
 
 

@@ -18,7 +18,6 @@ import asyncio
 import contextlib
 import logging
 import socket
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -333,8 +332,7 @@ class Connection:
             elif message.value == protocol.CONTROL_START:
                 self._command("mute", False)
         elif kind == protocol.PING:
-            self.outbox.put_nowait(protocol.ping(message.payload)) \
-                if self.outbox.qsize() < OUTBOX else None
+            self._deliver([protocol.ping(message.payload)])
         # handshake, text, metadata, error, coloured text, rating: accepted, nothing to do
 
     def _frames(self, pcm: np.ndarray) -> None:
@@ -413,7 +411,3 @@ async def serve(server: Server, host: str, port: int, started: Any = None) -> No
             await asyncio.sleep(3600)
     finally:
         await runner.cleanup()
-
-
-def now() -> float:
-    return time.perf_counter()
