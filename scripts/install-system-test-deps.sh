@@ -3,6 +3,8 @@
 #   espeak-ng, sox           real speech clips
 #   java (default-jre-headless): pycocoevalcap's PTBTokenizer, the reference the caption
 #                            tokenization is checked against
+#   node (nodejs), chromium  the web page's modules run under node; the page itself in
+#                            headless Chromium against the server
 #   (Linux) pulseaudio, pulseaudio-utils, libasound2-plugins, libportaudio2, tmux:
 #                            the live-mode tests run the app against a private PulseAudio
 #                            server with null sinks (PortAudio reaches it through ALSA's
@@ -20,6 +22,8 @@ missing() {
     command -v espeak-ng >/dev/null 2>&1 || need+=(espeak-ng)
     command -v sox >/dev/null 2>&1 || need+=(sox)
     command -v java >/dev/null 2>&1 || need+=(default-jre-headless)
+    command -v node >/dev/null 2>&1 || need+=(nodejs)
+    command -v chromium >/dev/null 2>&1 || need+=(chromium)
     if [ "$(uname -s)" = Linux ]; then
         command -v pulseaudio >/dev/null 2>&1 || need+=(pulseaudio)
         command -v parec >/dev/null 2>&1 || need+=(pulseaudio-utils)

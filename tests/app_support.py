@@ -89,12 +89,14 @@ class PulseServer:
     """A PulseAudio server with two null sinks: `speaker` (the app plays into it; its
     monitor is recorded) and `mic` (speech is played into it; its monitor is the app's
     microphone). A private daemon is started unless one already answers, in which case
-    only the sinks are added (and removed afterwards)."""
+    only the sinks are added (and removed afterwards). The sinks run at `rate` (a browser's
+    audio context takes the output device's rate)."""
 
     SPEAKER = "moshivis_test_speaker"
     MIC = "moshivis_test_mic"
 
-    def __init__(self) -> None:
+    def __init__(self, rate: int = 24000) -> None:
+        self.rate = rate
         self.process: subprocess.Popen | None = None
         self.modules: list[str] = []
         self.dir = Path(tempfile.mkdtemp(prefix="moshivis-pulse-"))
@@ -131,7 +133,7 @@ class PulseServer:
                 time.sleep(0.1)
         for name in (self.SPEAKER, self.MIC):
             self.modules.append(self._pactl(
-                "load-module", "module-null-sink", f"sink_name={name}", "rate=24000",
+                "load-module", "module-null-sink", f"sink_name={name}", f"rate={self.rate}",
                 "channels=1", f"sink_properties=device.description={name}"))
         self.env.update({"PULSE_SINK": self.SPEAKER, "PULSE_SOURCE": f"{self.MIC}.monitor"})
         return self

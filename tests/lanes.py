@@ -119,6 +119,9 @@ TOOLS: dict[str, Callable[[], bool]] = {
     "libopus": lambda: ctypes.util.find_library("opus") is not None,
     # A Java runtime: pycocoevalcap's PTBTokenizer (Stanford CoreNLP) runs on it.
     "java": _commands("java"),
+    # The web page's JavaScript modules run under node; the page itself in headless Chromium.
+    "node": _commands("node"),
+    "chromium": _commands("chromium"),
 }
 
 
