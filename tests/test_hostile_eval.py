@@ -114,6 +114,13 @@ def test_other_options(tmp_path, capsys, args, expected):
     refused(capsys, code, EXIT_USAGE, expected)
 
 
+def test_a_shard_without_images(bench, bundle, tmp_path, capsys):
+    """Three images dealt to five shards: shards 3 and 4 would score nothing (NaN)."""
+    code = run_cli(*bench.args(bundle, tmp_path / "out", "--shard", "3/5"))
+    refused(capsys, code, EXIT_USAGE, "--shard 3/5: the 3 images of this run leave shard 3 none",
+            "at most 3 shards")
+
+
 # -- the data and the annotations ----------------------------------------------------------------
 
 def _retyped(bench: Bench, column: str, values: list, tmp_path: Path) -> Path:
@@ -416,7 +423,7 @@ def test_merge_refuses_shards_of_different_models(tmp_path, capsys, other, expec
     assert not (tmp_path / "m").exists()
 
 
-def test_merge_out_is_never_a_shard_or_a_run(tmp_path, capsys):
+def test_merge_out_is_never_a_shard_or_a_run(bench, bundle, tmp_path, capsys):
     a, b = _shard(tmp_path / "a", 0, 2), _shard(tmp_path / "b", 1, 2)
     before = {p: p.read_bytes() for d in (a, b) for p in d.iterdir()}
     refused(capsys, merge_cli(a, a, b), EXIT_USAGE, f"--out {a} is shard {a}")
@@ -434,8 +441,8 @@ def test_merge_out_is_never_a_shard_or_a_run(tmp_path, capsys):
     refused(capsys, merge_cli(tmp_path / "m2", tmp_path / "m"), EXIT_USAGE,
             "holds merged shards, not a shard")
     # Nor is a merge resumed as a run.
-    refused(capsys, run_cli("--task", "coco", "--data", tmp_path / "none", "--images", tmp_path,
-                            "--out", tmp_path / "m"), EXIT_ERROR)
+    refused(capsys, run_cli(*bench.args(bundle, tmp_path / "m")), EXIT_USAGE,
+            "holds merged shards (made by moshivis-eval merge), not a run to resume")
 
 
 def test_merge_waits_for_a_shard_still_running(tmp_path, capsys):
@@ -678,3 +685,40 @@ def test_a_long_question_is_announced(bundle, tmp_path, capsys):
     bench = Bench(tmp_path, audio)
     assert run_cli(*bench.args(bundle, tmp_path / "out", "--limit", "1")) == 0
     assert "sample 101: a 31 s question" in capsys.readouterr().out
+
+
+# -- signals: what survives ----------------------------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig,code", [("SIGTERM", 143), ("SIGHUP", 129), ("SIGKILL", None)])
+def test_a_stopped_run_keeps_its_predictions_and_resumes(bundle, tmp_path, sig, code):
+    """Stopped after its first prediction: SIGTERM and SIGHUP end it with 128 + the signal,
+    SIGKILL at once. Every prediction written is whole, no metrics.json claims a score,
+    and the rerun (which takes the lock a killed run could not remove) finishes the other
+    samples and leaves no lock behind."""
+    import signal
+    import time
+
+    bench = Bench(tmp_path)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "moshivis_mlx.cli.eval", *map(str, bench.args(bundle, out))]
+    p = subprocess.Popen(cmd, env=app_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    pred = out / "predictions.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and p.poll() is None:
+        if pred.exists() and pred.read_bytes().count(b"\n") >= 1:
+            os.kill(p.pid, getattr(signal, sig))
+            break
+        time.sleep(0.01)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == (code if code is not None else -signal.SIGKILL), err.decode()
+    if code is not None:
+        assert err.decode().strip().splitlines()[-1] == "moshivis-eval: interrupted"
+        assert not (tmp_path / ".out.lock").exists()
+    done = [json.loads(x) for x in pred.read_text().splitlines()]
+    assert 1 <= len(done) < 5 and not (out / "metrics.json").exists()
+    assert run_cli(*bench.args(bundle, out)) == 0
+    records = [json.loads(x) for x in pred.read_text().splitlines()]
+    assert [r["sample_id"] for r in records] == [q[0] for q in COCO_QUESTIONS]
+    assert records[:len(done)] == done
+    assert not (tmp_path / ".out.lock").exists()

@@ -204,7 +204,7 @@ def results_table(m: dict[str, Any]) -> str:
         ("decoding", m.get("sampling")),
         ("samples scored", done),
         *([("samples skipped", f"{m['samples_skipped']} (their audio or text cannot be "
-                                f"used; listed in metrics.json)")] if m["samples_skipped"]
+                                f"used; listed in metrics.json)")] if m.get("samples_skipped")
           else []),
         (f"{m['metric']} ({m['score_name']})",
          f"**{_fmt(m['score'])}** {m['units'].replace('CIDEr x 100', '')}"

@@ -152,6 +152,9 @@ def make_plan(opts: EvalOptions) -> Plan:
             continue
         path = folder.path(image, refs.file_names.get(image), members[0].sample_id)
         groups.append(Group(image, path, members))
+    if not groups:
+        raise UsageError(f"--shard {i}/{n}: the {len(by_image)} images of this run leave "
+                         f"shard {i} none", f"split it into at most {len(by_image)} shards")
     return Plan(dataset, refs, groups)
 
 
