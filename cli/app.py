@@ -24,7 +24,7 @@ keys (live mode):
 
 examples:
   moshivis-mlx --image photo.jpg                     talk about photo.jpg
-  moshivis-mlx --image photo.jpg -q 4                4-bit weights (less memory)
+  moshivis-mlx --image photo.jpg -q q4                4-bit weights (less memory)
   moshivis-mlx --list-devices                        which microphones and speakers exist
   moshivis-mlx --camera --camera-every 10            talk about what the webcam sees
   moshivis-mlx --image photo.jpg --no-echo-cancel    with headphones (no echo to remove)
@@ -39,17 +39,6 @@ transcript with gate values, latency trace) under ./moshivis-sessions/ unless --
 
 
 
-def quantize_arg(q: str) -> str:
-    """-q: 8, 4 or none."""
-    from moshivis_mlx.weights_convert.hub import QUANTIZATIONS
-
-    q = str(q).lower()
-    if q not in QUANTIZATIONS:
-        raise argparse.ArgumentTypeError(f"choose {', '.join(list(QUANTIZATIONS)[:-1])} or "
-                                         f"{list(QUANTIZATIONS)[-1]}")
-    return q
-
-
 def device_arg(spec: str) -> int | str | None:
     """--input-device / --output-device: a device number or part of its name."""
     if spec.strip() == "":
@@ -58,7 +47,7 @@ def device_arg(spec: str) -> int | str | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from moshivis_mlx.weights_convert.hub import DEFAULT_HF_REPO
+    from moshivis_mlx.cli.options import add_answer_end, add_bundle_options
 
     from moshivis_mlx.stream import CODEC_DEVICES
 
@@ -75,15 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "new one (needs pip install 'moshivis-mlx[camera]')")
 
     w = p.add_argument_group("model")
-    w.add_argument("--weights", metavar="DIR",
-                   help="a bundle directory made by moshivis-convert (overrides --hf-repo)")
-    w.add_argument("--hf-repo", metavar="REPO", default=DEFAULT_HF_REPO,
-                   help=f"Hugging Face repository to download and convert once "
-                        f"(default: {DEFAULT_HF_REPO})")
-    w.add_argument("-q", "--quantize", type=quantize_arg, metavar="8|4|none",
-                   help="weight quantization when converting --hf-repo (default: 8)")
-    w.add_argument("--adapters", metavar="DIR",
-                   help="fine-tuned adapters (moshivis-train's OUT/adapters) on top of the bundle")
+    add_bundle_options(w)
     w.add_argument("--codec-device", choices=CODEC_DEVICES, default="default",
                    help="where the Mimi codec runs: with the model (default), on the CPU "
                         "beside it (cpu), or Kyutai's own Rust Mimi on the CPU (rust, needs "
@@ -91,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "--codec-device tells which is fastest on your Mac")
     w.add_argument("--kv-bits", type=int, choices=(8,),
                    help="keep the attention cache quantized: 8 bits halve its 1.6 GB (the 7B "
-                        "model's 3000-position window), which lets -q 4 run on an 8 GB Mac "
+                        "model's 3000-position window), which lets -q q4 run on an 8 GB Mac "
                         "(default: full precision)")
 
     a = p.add_argument_group("audio (live mode)")
@@ -116,11 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--output-wav", metavar="OUT.wav", help="the model's side, 24 kHz mono")
     f.add_argument("--transcript", metavar="T.json",
                    help="also write the model's words with times and gate values")
-    f.add_argument("--answer-silence", type=float, default=2.0, metavar="S",
-                   help="after the question, the answer has ended once the model has been "
-                        "silent (no words, near-silent voice) this long (default 2 s)")
-    f.add_argument("--max-answer-seconds", type=float, default=30.0, metavar="S",
-                   help="the longest the answer may go on after the question (default 30)")
+    add_answer_end(f)
     f.add_argument("--same-length", action="store_true",
                    help="stop when the question ends: the answer is exactly as long, frame "
                         "i of it what the model said while frame i was heard")
@@ -169,25 +146,26 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
                             ("--audio-temperature", args.audio_temperature, 0, 100),
                             ("--top-k", args.top_k, 0, 1 << 20), ("--top-p", args.top_p, 0, 1),
                             ("--xa-start", args.xa_start, 0, 1 << 30),
-                            ("--seed", args.seed, 0, (1 << 63) - 2),
-                            ("--max-answer-seconds", args.max_answer_seconds, 0, 3600)):
+                            ("--seed", args.seed, 0, (1 << 63) - 2)):
         if v is not None and not lo <= v <= hi:
             p.error(f"{flag} must be in [{lo}, {hi}], got {v}")
-    if not 0 < args.answer_silence <= 3600:
-        p.error(f"--answer-silence must be in (0, 3600], got {args.answer_silence}")
+    from moshivis_mlx.cli.options import answer_end_error
+
+    if error := answer_end_error(args):
+        p.error(error)
 
 
 def options_from(args: argparse.Namespace) -> AppOptions:
     """The parsed command line as the app's typed options (the only place that reads it)."""
+    from moshivis_mlx.cli.options import bundle_options
+
     from moshivis_mlx.app.options import AppOptions, ModelOptions
 
     model = ModelOptions(
-        hf_repo=args.hf_repo, weights=Path(args.weights) if args.weights else None,
-        quantize=args.quantize, text_temperature=args.text_temperature,
+        bundle=bundle_options(args), text_temperature=args.text_temperature,
         audio_temperature=args.audio_temperature, top_k=args.top_k, top_p=args.top_p,
-        xa_start=args.xa_start, seed=args.seed,
-        adapters=Path(args.adapters) if args.adapters else None,
-        codec_device=args.codec_device, kv_bits=args.kv_bits)
+        xa_start=args.xa_start, seed=args.seed, codec_device=args.codec_device,
+        kv_bits=args.kv_bits)
     return AppOptions(
         model=model, image=args.image, no_image=args.no_image,
         input_device=args.input_device, output_device=args.output_device,

@@ -11,12 +11,12 @@ from moshivis_mlx.errors import guard
 EPILOG = """examples:
   moshivis-bench                                   # MoshiVis 7B q8, 3750 steps (5 minutes)
   moshivis-bench --config tiny --steps 500 --json tiny.json --plot tiny.png
-  moshivis-bench --quant q4 --steps 1000 --scenarios frame,frame-image --json q4.json
+  moshivis-bench -q q4 --steps 1000 --scenarios frame,frame-image --json q4.json
   moshivis-bench --weights ~/moshivis-q8          # a converted bundle, its own Mimi and SigLIP
   moshivis-bench --codec-device cpu                # Mimi on the CPU, the LM on the GPU
   moshivis-bench --compare before.json after.json
   moshivis-bench --count-kernels                   # kernels per step and frame, CUDA/Metal/CPU
-  moshivis-bench --count-kernels --devices metal --quant q4 --json k.json
+  moshivis-bench --count-kernels --devices metal -q q4 --json k.json
 
 scenarios:
   moshi        the language-model step without an image (exactly plain Moshi)
@@ -33,9 +33,10 @@ with tiny widths, and times the host's share of building a step and a frame here
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from moshivis_mlx.cli.options import add_quantize
+
     from moshivis_mlx.bench import SCENARIOS
     from moshivis_mlx.kernels import DEVICES
-    from moshivis_mlx.quant import PRESETS
     from moshivis_mlx.stream import CODEC_DEVICES
 
     p = argparse.ArgumentParser(
@@ -46,9 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="moshivis-7b", choices=["moshivis-7b", "moshi-7b", "tiny"],
                    help="model size (default: moshivis-7b)")
-    presets = ", ".join(f"{k} = {v.bits}-bit/group {v.group_size}" for k, v in PRESETS.items() if v)
-    p.add_argument("--quant", default="q8", choices=list(PRESETS),
-                   help=f"weights: bf16, or blockwise quantized ({presets}; default q8)")
+    add_quantize(p, "the random model's weights (a bundle's are as converted)", default="q8")
     p.add_argument("--weights", type=Path, metavar="DIR",
                    help="time a converted bundle (its LM, Mimi and image encoder) instead")
     p.add_argument("--kv-bits", type=int, choices=(8,),
@@ -83,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--count-kernels", action="store_true",
                    help="count the kernels of a step and a frame (per device build, by part "
                         "and by primitive) and the host's time to build them, instead of "
-                        "timing; takes --quant, --devices, --json")
+                        "timing; takes -q, --devices, --json")
     p.add_argument("--devices", default=",".join(DEVICES),
                    help="with --count-kernels: the builds to count for, comma-separated "
                         "(default: all, %(default)s)")
@@ -101,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
     if args.count_kernels:
         return _count_kernels(bench, args)
     opts = bench.BenchOptions(
-        config=args.config, quant=args.quant, steps=args.steps, warmup=args.warmup,
+        config=args.config, quant=args.quantize, steps=args.steps, warmup=args.warmup,
         scenarios=tuple(s.strip() for s in args.scenarios.split(",") if s.strip()),
         weights=args.weights, pipelined=args.pipelined, seed=args.seed,
         codec_frames=args.codec_frames, image_encodes=args.image_encodes,
@@ -127,7 +126,7 @@ def _count_kernels(bench, args: argparse.Namespace) -> int:
                          "neither --plot nor --weights")
     devices = tuple(d.strip() for d in args.devices.split(",") if d.strip())
     report = _with_progress(
-        lambda progress: bench.kernel_report(args.quant, devices, progress, seed=args.seed))
+        lambda progress: bench.kernel_report(args.quantize, devices, progress, seed=args.seed))
     print(bench.kernel_summary(report))
     if args.json:
         bench.save_json(report, args.json)

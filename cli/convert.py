@@ -8,6 +8,8 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+from moshivis_mlx.cli.options import add_quantize
+
 from moshivis_mlx.errors import EXIT_ERROR, UsageError, guard
 from moshivis_mlx.quant import GROUP_SIZES, PRESETS, QuantSpec
 
@@ -19,10 +21,10 @@ vision.safetensors, mimi.safetensors, tokenizer.model), 8-bit quantized by defau
 
 EPILOG = """examples:
   moshivis-convert --hf-repo kyutai/moshika-vis-pytorch-bf16 --out moshika-vis-q8
-  moshivis-convert --hf-repo kyutai/moshiko-pytorch-bf16 --quant q4 --out moshiko-q4
+  moshivis-convert --hf-repo kyutai/moshiko-pytorch-bf16 -q q4 --out moshiko-q4
   moshivis-convert --hf-repo kyutai/moshika-vis-mlx --moshi-weights model.q8.safetensors --out q8
   moshivis-convert --moshi-weights model.safetensors --mimi-weights mimi.safetensors --tokenizer tokenizer_spm_32k_3.model --out moshivis-q8
-  moshivis-convert --bundle moshika-vis-q8 --dequantize --out moshika-vis-bf16
+  moshivis-convert --bundle moshika-vis-q8 -q bf16 --out moshika-vis-bf16
   moshivis-convert --bundle moshika-vis-q8 --adapters runs/a/adapters --out moshika-vis-a
   moshivis-convert --hf-repo kyutai/moshika-vis-pytorch-bf16 --dry-run
   moshivis-convert --dry-run --manifest tests/data/manifests/moshivis.mlx.json
@@ -58,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Kyutai repository (e.g. kyutai/moshika-vis-pytorch-bf16), or a local "
                         "folder holding its files; its config.json is honoured")
     s.add_argument("--bundle", type=Path, metavar="DIR",
-                   help="one of our bundles: re-quantize, --dequantize or change --dtype")
+                   help="one of our bundles: re-quantize (-q), dequantize (-q bf16) or change "
+                        "--dtype")
     s.add_argument("--adapters", type=Path, metavar="DIR",
                    help="with --bundle: merge trained adapters (moshivis-train's OUT/adapters) "
                         "into the new bundle")
@@ -92,17 +95,13 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--dtype", choices=["bfloat16", "float16", "float32"],
                    help="dtype of the float tensors (default: bfloat16; for --bundle, the "
                         "bundle's)")
-    presets = ", ".join(f"{k} = {v.bits} bits/group {v.group_size}" for k, v in PRESETS.items()
-                        if v)
-    o.add_argument("--quant", choices=list(PRESETS), default="q8",
-                   help=f"quantization preset ({presets}; bf16: none; default q8)")
-    q = o.add_mutually_exclusive_group()
-    q.add_argument("-q", "--quantize", action="store_true", default=True,
-                   help="quantize linear and embedding layers (the default)")
-    q.add_argument("--no-quantize", "--dequantize", dest="quantize", action="store_false",
-                   help="store every tensor in --dtype (quantized sources are dequantized)")
+    add_quantize(o, "linear and embedding layers (bf16: every tensor in --dtype, quantized "
+                    "sources dequantized)", default="q8")
+    # Earlier spellings of -q bf16.
+    o.add_argument("--no-quantize", "--dequantize", dest="quantize", action="store_const",
+                   const="bf16", help=argparse.SUPPRESS)
     o.add_argument("--q-bits", type=int, choices=[4, 8],
-                   help="bits per weight, overriding --quant's")
+                   help="bits per weight, overriding the preset's")
     o.add_argument("--q-group-size", type=int, choices=list(GROUP_SIZES),
                    help="weights sharing one scale and bias (default: the preset's for the bits: "
                         "64 at 8 bits, 32 at 4)")
@@ -122,15 +121,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def quantization(args: argparse.Namespace) -> QuantSpec | None:
-    """--quant's preset, its bits or group size overridden by --q-bits / --q-group-size."""
-    if not args.quantize:
-        return None
-    spec = PRESETS[args.quant]
+    """-q's preset, its bits or group size overridden by --q-bits / --q-group-size."""
+    spec = PRESETS[args.quantize]
     if args.q_bits is None and args.q_group_size is None:
         return spec
     if spec is None:
-        raise UsageError("--quant bf16 quantizes nothing: drop --q-bits / --q-group-size, or "
-                         "choose --quant q8 or q4")
+        raise UsageError("-q bf16 quantizes nothing: drop --q-bits / --q-group-size, or "
+                         "choose -q q8 or q4")
     bits = args.q_bits or spec.bits
     return QuantSpec(bits, args.q_group_size or PRESETS[f"q{bits}"].group_size)
 

@@ -30,7 +30,7 @@ See docs/EVAL.md for the downloads and the paper's numbers.
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from moshivis_mlx.weights_convert.hub import DEFAULT_HF_REPO
+    from moshivis_mlx.cli.options import add_answer_end, add_bundle_options
 
     p = argparse.ArgumentParser(prog="moshivis-eval", description=DESCRIPTION, epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -55,23 +55,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="predictions.jsonl, metrics.json, results.md (a rerun resumes)")
 
     m = p.add_argument_group("model")
-    m.add_argument("--weights", type=Path, metavar="DIR",
-                   help="a bundle made by moshivis-convert (overrides --hf-repo)")
-    m.add_argument("--hf-repo", default=DEFAULT_HF_REPO, metavar="REPO",
-                   help=f"download and convert once (default {DEFAULT_HF_REPO})")
-    m.add_argument("-q", "--quantize", metavar="8|4|none",
-                   help="quantization when converting --hf-repo (default 8)")
-    m.add_argument("--adapters", type=Path, metavar="DIR", help="fine-tuned adapters")
+    add_bundle_options(m)
     m.add_argument("--seed", type=int,
                    help="sample with the bundle's settings, seeded (default: greedy)")
 
     a = p.add_argument_group("the conversation")
     a.add_argument("--opening-s", type=float, default=2.0, metavar="S",
                    help="silence before the question, for the model's greeting (default 2)")
-    a.add_argument("--silence-s", type=float, default=2.0, metavar="S",
-                   help="the answer ends after this much silence (default 2)")
-    a.add_argument("--max-answer-s", type=float, default=30.0, metavar="S",
-                   help="the longest answer listened to (default 30)")
+    add_answer_end(a)
     a.add_argument("--ptb", default="python", metavar="python|java",
                    help="CIDEr's tokenizer: python, or pycocoevalcap's java one "
                         "(default %(default)s)")
@@ -110,9 +101,15 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["merge"]:
         return _merge(argv[1:])
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from moshivis_mlx.cli.options import answer_end_error
+
+    if error := answer_end_error(args):
+        parser.error(error)
 
     def run() -> int:
+        from moshivis_mlx.cli.options import bundle_options
         from rich.console import Console
 
         from moshivis_mlx.eval.answer import AnswerSettings
@@ -121,9 +118,10 @@ def main(argv: list[str] | None = None) -> int:
         opts = EvalOptions(
             task=args.task, data=args.data, images=args.images, out=args.out,
             annotations=args.annotations, split=args.split, mode=args.mode, limit=args.limit,
-            shard=parse_shard(args.shard), weights=args.weights, hf_repo=args.hf_repo,
-            quantize=args.quantize, adapters=args.adapters, seed=args.seed, ptb=args.ptb,
-            settings=AnswerSettings(args.opening_s, args.silence_s, args.max_answer_s))
+            shard=parse_shard(args.shard), bundle=bundle_options(args), seed=args.seed,
+            ptb=args.ptb,
+            settings=AnswerSettings(args.opening_s, args.answer_silence,
+                                    args.max_answer_seconds))
         evaluate(opts, Console(stderr=False))
         return 0
 

@@ -35,7 +35,7 @@ See docs/TRAIN.md for the formats, the loss and the memory figures.
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from moshivis_mlx.weights_convert.hub import DEFAULT_HF_REPO
+    from moshivis_mlx.cli.options import add_bundle_options
 
     p = argparse.ArgumentParser(prog="moshivis-train", description=DESCRIPTION, epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -61,13 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="image tokens and Mimi codes (default OUT/cache)")
 
     m = p.add_argument_group("model")
-    m.add_argument("--weights", type=Path, metavar="DIR",
-                   help="a MoshiVis bundle made by moshivis-convert (overrides --hf-repo)")
-    m.add_argument("--hf-repo", default=DEFAULT_HF_REPO, metavar="REPO",
-                   help=f"download and convert once (default {DEFAULT_HF_REPO})")
-    m.add_argument("-q", "--quantize", metavar="8|4|none",
-                   help="quantization of the frozen backbone when converting --hf-repo "
-                        "(default 8)")
+    add_bundle_options(m, adapters=False)
     m.add_argument("--no-grad-checkpoint", dest="grad_checkpoint", action="store_false",
                    help="keep every layer's activations (faster, much more memory)")
 
@@ -128,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def options_from(args: argparse.Namespace):
+    from moshivis_mlx.cli.options import bundle_options
+
     from moshivis_mlx.train.loss import LossConfig
     from moshivis_mlx.train.trainer import TrainOptions
 
@@ -137,8 +133,8 @@ def options_from(args: argparse.Namespace):
                       audio_weight=args.audio_loss_weight,
                       user_text_weight=args.user_text_weight)
     return TrainOptions(
-        train=args.train, out=args.out, valid=args.valid, weights=args.weights,
-        hf_repo=args.hf_repo, quantize=args.quantize, steps=args.steps,
+        train=args.train, out=args.out, valid=args.valid, bundle=bundle_options(args),
+        steps=args.steps,
         batch_size=4 if args.batch_size is None else args.batch_size, grad_accum=args.grad_accum,
         learning_rate=args.learning_rate, warmup=args.warmup, weight_decay=args.weight_decay,
         max_grad_norm=args.max_grad_norm, p_audio=args.p_audio, max_seconds=args.max_seconds,
@@ -162,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.estimate:
             from moshivis_mlx.train.estimate import estimate_report
 
-            print(estimate_report(quantize=args.quantize or "8",
+            print(estimate_report(quantize=args.quantize or "q8",
                                   batch=1 if args.batch_size is None else args.batch_size,
                                   seconds=args.max_seconds,
                                   audio_codebooks=args.audio_codebooks,

@@ -34,7 +34,7 @@ import mlx.nn as nn
 import numpy as np
 
 from . import kernels
-from .bundle import load_lm, load_mimi, load_vision, read_config
+from .bundle import read_config
 from .errors import UsageError
 from .fileio import atomic_write
 from .generate import Generator
@@ -232,19 +232,17 @@ def _models(opts: BenchOptions, report: dict[str, Any], progress: Progress) -> _
     need_mimi = opts.codec_frames > 0 or any(s in FRAME_SCENARIOS for s in opts.scenarios)
     tiny = opts.config == "tiny"
     if opts.weights:
+        from .loader import load
+
         cfg = read_config(opts.weights)
         report["config"] = str(opts.weights)
         q = cfg.get("quantization")
         report["quant"] = f"q{q['bits']}/g{q['group_size']}" if q else cfg.get("dtype", "?")
-        tick = progress("loading the bundle", 3)
-        lm = load_lm(opts.weights)
-        _put_adapters(lm, opts)
+        tick = progress("loading the bundle", 1)
+        model = load(opts.weights, adapters=opts.adapters, codec=need_mimi, tokenizer=False,
+                     vision=None if opts.image_encodes else False)
         tick()
-        mimi = load_mimi(opts.weights) if need_mimi and cfg.get("mimi") else None
-        tick()
-        vision = load_vision(opts.weights) if opts.image_encodes and cfg.get("vision") else None
-        tick()
-        return _Models(lm, mimi, vision)
+        return _Models(model.lm, model.mimi, model.vision)
     if opts.config not in PRESETS:
         raise UsageError(f"unknown config {opts.config!r} (choose from {', '.join(PRESETS)})")
     tick = progress(f"building {opts.config} {opts.quant} (random weights)", 3)

@@ -25,6 +25,7 @@ from mlx.utils import tree_flatten
 from .errors import BundleError, WeightsError
 from .fileio import atomic_write
 from .image import ImageEncoder
+from .models.config import ConfigError
 from .models.lm import LM, LmConfig
 from .models.mimi import Mimi, MimiConfig
 from .models.siglip import SiglipConfig, SiglipVision
@@ -128,14 +129,22 @@ def listing(items: list[str], limit: int = 6, sep: str = ", ") -> str:
     return head if len(items) <= limit else f"{head}{sep}... ({len(items) - limit} more)"
 
 
-def _check_finite(weights: dict[str, mx.array], what: str) -> None:
-    names = [k for k, v in weights.items() if mx.issubdtype(v.dtype, mx.floating)]
-    flags = mx.stack([mx.all(mx.isfinite(weights[k])) for k in names]) if names else None
-    if flags is not None:
-        bad = [k for k, ok in zip(names, flags.tolist()) if not ok]
-        if bad:
-            raise BundleError(f"{what}: NaN or infinite values in {listing(bad)} (a damaged "
-                              f"file); convert the checkpoint again")
+def non_finite(arrays: dict[str, mx.array]) -> list[str]:
+    """The names of the float arrays holding NaN or infinite values (one evaluation for
+    all): a model with any of them speaks noise, so bundles, conversions and adapters
+    refuse them."""
+    names = [k for k, v in arrays.items() if mx.issubdtype(v.dtype, mx.floating)]
+    if not names:
+        return []
+    flags = mx.stack([mx.all(mx.isfinite(arrays[k])) for k in names]).tolist()
+    return [k for k, ok in zip(names, flags) if not ok]
+
+
+def check_finite(weights: dict[str, mx.array], what: str) -> None:
+    """A `BundleError` naming the tensors of `what` that are not finite."""
+    if bad := non_finite(weights):
+        raise BundleError(f"{what}: NaN or infinite values in {listing(bad)} (a damaged "
+                          f"file); convert the checkpoint again")
 
 
 def load_weights_into(model: nn.Module, files: list[Path], quantization: dict | None,
@@ -151,7 +160,7 @@ def load_weights_into(model: nn.Module, files: list[Path], quantization: dict | 
     weights: dict[str, mx.array] = {}
     for f in files:
         weights.update(mx.load(str(f)))
-    _check_finite(weights, what)
+    check_finite(weights, what)
     model.load_weights(list(weights.items()), strict=True)
     mx.eval(model.parameters())
 
@@ -166,7 +175,7 @@ def _model_config(bundle: Path, section: str, parse: Callable[[dict], Any], what
         raise BundleError(f"{bundle}: the bundle holds no {what} ({hint})")
     try:
         return cfg, parse(cfg[section], f"{section}.")
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, ConfigError) as e:
         raise BundleError(f"{bundle}/{CONFIG_NAME}: {e}") from None
 
 
@@ -205,7 +214,7 @@ def check_fits(bundle: Path, lm_cfg: LmConfig, dtype: str) -> None:
             f"{bundle}: the model needs {_gb(weights + caches)} ({_gb(weights)} of weights, "
             f"{_gb(caches)} of attention cache for lm.context {lm_cfg.context}) and this "
             f"machine has {_gb(available)}",
-            "use a smaller quantization (-q 4), or a bundle with a smaller lm.context")
+            "use a smaller quantization (-q q4), or a bundle with a smaller lm.context")
 
 
 def load_lm(bundle: str | Path) -> LM:

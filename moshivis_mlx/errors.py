@@ -7,7 +7,8 @@ entry points run through `guard`, which prints `prog: error: <message>` and retu
 error's exit code; a traceback is shown only with --debug. Anything else is a bug and is
 reported as one.
 
-They are `ValueError`s: each is about something the caller gave.
+They are not `ValueError`s: a library's ValueError (NumPy's, MLX's) is something to turn
+into one of these with its context, and catching one never swallows the other.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ def one_line(text: object, limit: int | None = None) -> str:
     return s
 
 
-class MoshivisError(ValueError):
+class MoshivisError(Exception):
     """A failure with a one-line explanation and, where there is one, its fix."""
 
     exit_code = EXIT_ERROR
@@ -151,7 +152,7 @@ def guard(prog: str, run: Callable[[], int], debug: bool = False,
     except MemoryError:
         if debug:
             raise
-        error_line(prog, "out of memory (close other programs, or use a smaller model: -q 4)")
+        error_line(prog, "out of memory (close other programs, or use a smaller model: -q q4)")
         return EXIT_ERROR
     except Exception as e:  # a bug: say so briefly, the traceback is one flag away
         if debug:

@@ -31,5 +31,5 @@ def wire_weights(*models: nn.Module | None) -> str | None:
     if used > 0.9 * recommended:
         return (f"the weights take {used / 1e9:.1f} GB, close to the {recommended / 1e9:.1f} GB "
                 "this GPU can keep resident: steps may be slow (try a smaller quantization, "
-                "-q 4)")
+                "-q q4)")
     return None

@@ -2,8 +2,8 @@
 
 `q8` is 8 bits with one scale and bias per 64 weights, `q4` 4 bits per 32 (Kyutai's own
 choice for its 4-bit MLX files: at 4 bits the smaller group keeps the error in check for
-1/16 more memory). The converter, the app (`-q 4`), the benchmark (`--quant q4`) and the
-docs all read this table, so the q4 that is benchmarked is the q4 that is built.
+1/16 more memory). The five commands (`-q q4` in each) and the docs all read this table, so
+the q4 that is benchmarked is the q4 that is built.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import mlx.nn as nn
 
-from .errors import WeightsError
+from .errors import UsageError, WeightsError
 
 BITS = (4, 8)
 GROUP_SIZES = (32, 64, 128)
@@ -59,12 +59,24 @@ PRESETS: dict[str, QuantSpec | None] = {
 """Name -> quantization (None: bfloat16, not quantized)."""
 
 
-def preset(name: str) -> QuantSpec | None:
-    """'q8', 'q4', 'bf16' (also '8', '4', 'none', as the app's -q takes them)."""
-    key = {"8": "q8", "4": "q4", "none": "bf16"}.get(str(name).lower(), str(name).lower())
+ALIASES = {"8": "q8", "4": "q4", "none": "bf16"}
+"""Earlier spellings of the presets (the app's, evaluation's and training's -q 8|4|none),
+still understood."""
+
+
+def preset_key(name: str) -> str:
+    """The preset's name for `name`, spelled any known way ('Q8', '8', 'none', ...); a
+    `UsageError` naming the choices otherwise."""
+    key = str(name).strip().lower()
+    key = ALIASES.get(key, key)
     if key not in PRESETS:
-        raise WeightsError(f"unknown quantization {name!r} (choose from {', '.join(PRESETS)})")
-    return PRESETS[key]
+        raise UsageError(f"unknown quantization {name!r}", f"choose {', '.join(PRESETS)}")
+    return key
+
+
+def preset(name: str) -> QuantSpec | None:
+    """The quantization of the preset `name` (see `preset_key`)."""
+    return PRESETS[preset_key(name)]
 
 
 def preset_name(spec: QuantSpec | None) -> str:

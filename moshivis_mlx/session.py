@@ -88,12 +88,19 @@ class Message:
 Event = AudioFrame | Piece | Stats | ImageChanged | Restarted | Message
 
 
+ANSWER_SILENCE_S = 2.0
+"""An answer has ended after this long of silence (file mode, the evaluation)."""
+MAX_ANSWER_S = 30.0
+"""The longest an answer may go on after the question."""
+
+
 class AnswerWatch:
     """Has the model finished answering? Fed each frame's events once the user has
     stopped talking: done when the text stream has been padding and the voice near
     silent for `quiet_s`, or when `max_s` have passed (the cap)."""
 
-    def __init__(self, frame_seconds: float, quiet_s: float = 2.0, max_s: float = 30.0,
+    def __init__(self, frame_seconds: float, quiet_s: float = ANSWER_SILENCE_S,
+                 max_s: float = MAX_ANSWER_S,
                  silence_rms: float | None = 0.01, after_speech: bool = False):
         """`silence_rms`: the voice's level below which it counts as silent (None: only
         the text counts, as when the answer is scored as text). `after_speech`: the quiet

@@ -131,7 +131,8 @@ def test_usage_errors_exit_2(tmp_path):
     r = run_app("--input-wav", str(SAMPLE_SPEECH))
     assert r.returncode == EXIT_USAGE and "--input-wav needs --output-wav" in r.stderr
     r = run_app("-q", "3")
-    assert r.returncode == EXIT_USAGE and "choose 8, 4 or none" in r.stderr
+    assert r.returncode == EXIT_USAGE
+    assert "choose q8 (8-bit, group 64), q4 (4-bit, group 32) or bf16" in r.stderr
 
 
 # -- audio devices ----------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from rich.console import Console
 from moshivis_mlx.app.demo import SAMPLE_IMAGE
 from moshivis_mlx.app.opening import open_session, opening_steps
 from moshivis_mlx.app.options import ModelOptions
+from moshivis_mlx.loader import BundleOptions
 from moshivis_mlx.progress import Steps
 from moshivis_mlx.sampling import GenerationConfig
 from moshivis_mlx.session import (
@@ -43,7 +44,7 @@ def speech_like(n_frames: int, seed: int = 0) -> list[np.ndarray]:
 def open_(image: bool = True, vision: bool = True, seed: int = 4, **options):
     out = io.StringIO()
     console = Console(file=out, width=100)
-    opts = ModelOptions(hf_repo="unused", weights=demo_bundle(), seed=seed, **options)
+    opts = ModelOptions(BundleOptions(weights=demo_bundle()), seed=seed, **options)
     with Steps(console, opening_steps(vision, image)) as steps:
         opened = open_session(opts, steps, vision, str(SAMPLE_IMAGE) if image else None,
                               load_picture(SAMPLE_IMAGE) if image else None)
@@ -96,7 +97,7 @@ def test_weights_close_to_what_the_gpu_keeps_are_noted(monkeypatch):
     monkeypatch.setattr(memory.mx, "set_wired_limit", lambda n: limits.append(n) or 0)
     printed = open_()[1]
     assert limits == [1000]
-    assert "note: the weights take" in printed and "-q 4" in printed
+    assert "note: the weights take" in printed and "-q q4" in printed
 
 
 def test_events_of_each_frame():
@@ -188,7 +189,7 @@ def test_the_command_line_becomes_typed_options():
         "--weights", "~/b", "--input-device", "3", "--output-device", "usb", "--no-record",
         "--top-k", "5", "--text-temperature", "0.5", "--seed", "1"])
     opts = options_from(args)
-    assert opts.model.weights == Path("~/b") and opts.model.seed == 1
+    assert opts.model.bundle.weights == Path("~/b") and opts.model.seed == 1
     assert opts.input_device == 3 and opts.output_device == "usb"
     assert not opts.record and opts.record_dir is None and opts.input_wav is None
     g = opts.model.generation(GenerationConfig(xa_start=2))

@@ -192,7 +192,7 @@ def test_kyutai_moshivis_config_converts_as_without_its_scope(work, configs, sou
 def test_quantized_mlx_files_are_kept_exactly(work, configs, sources, bits, group):
     """model.q8 / model.q4: with the same bits and group size as the target, the packed
     tensors are copied, and equal the PyTorch checkpoint converted and quantized by us."""
-    q = ("-q", "--q-bits", bits, "--q-group-size", group)
+    q = ("--q-bits", bits, "--q-group-size", group)
     pt = convert_lm(work, configs, sources["pt"], f"pt_q{bits}", *q)
     mlx = convert_lm(work, configs, sources[f"mlx-q{bits}"], f"mlx_q{bits}", *q)
     assert_same_tensors(pt, mlx, "model")
@@ -296,7 +296,7 @@ def test_bundle_config_holds_everything(full_f32):
 def test_bundle_requantized_equals_direct_conversion(work, configs, sources, full_f32):
     """float32 bundle -> q4/g32 is exactly PyTorch -> q4/g32; Mimi and tokenizer carried."""
     via = work / "via_bundle_q4"
-    ok("--bundle", full_f32, "-q", "--q-bits", 4, "--q-group-size", 32, "--out", via)
+    ok("--bundle", full_f32, "--q-bits", 4, "--q-group-size", 32, "--out", via)
     direct = convert_lm(work, configs, sources["pt"], "direct_q4", "--dtype", "float32",
                         "--q-bits", 4, "--q-group-size", 32)
     assert_same_tensors(via, direct, "model")

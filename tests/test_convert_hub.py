@@ -35,6 +35,7 @@ from synthetic import (
 
 from moshivis_mlx import load_mimi
 from moshivis_mlx.bundle import read_config
+from moshivis_mlx.quant import PRESETS
 
 if reference_wanted():  # Kyutai's PyTorch reference, for the tests marked torch
     from reference import (
@@ -168,12 +169,12 @@ def test_files_of_the_repository_can_be_chosen(tmp_path, hf_cache, kyutai_files)
     # The app's choice: Kyutai's q8 file for a q8 bundle, model.safetensors otherwise.
     assert resolve_repo("kyutai/moshika-vis-mlx",
                         prefer_lm=hub._prefer_quantized("kyutai/moshika-vis-mlx",
-                                                        hub.QUANTIZATIONS["8"])
+                                                        PRESETS["q8"])
                         ).moshi_weights.name == "model.q8.safetensors"
     assert resolve_repo("kyutai/moshika-vis-mlx",
                         prefer_lm=["model.q4.safetensors"]).moshi_weights.name == \
         "model.safetensors"
-    assert hub._prefer_quantized("kyutai/moshika-vis-pytorch-bf16", hub.QUANTIZATIONS["8"]) \
+    assert hub._prefer_quantized("kyutai/moshika-vis-pytorch-bf16", PRESETS["q8"]) \
         is None
 
 

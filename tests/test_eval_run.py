@@ -21,7 +21,7 @@ from moshivis_mlx.eval.report import TIMING_FIELDS
 pytestmark = [pytest.mark.system("espeak-ng", "sox"), pytest.mark.slow]
 
 # Short conversations: a 0.4 s opening, answers end after 0.5 s of silence or 3 s.
-CONVERSATION = ["--opening-s", "0.4", "--silence-s", "0.5", "--max-answer-s", "3"]
+CONVERSATION = ["--opening-s", "0.4", "--answer-silence", "0.5", "--max-answer-seconds", "3"]
 
 
 @pytest.fixture(scope="module")

@@ -198,7 +198,7 @@ def test_pipes_are_not_files(bundle, tmp_path, capsys):
     (["--seed", "-1"], "--seed must be in"),
     (["--top-p", "nan"], "--top-p must be in"),
     (["--top-k", "99999999999"], "--top-k must be in"),
-    (["--max-answer-seconds", "inf"], "--max-answer-seconds must be in [0, 3600], got inf"),
+    (["--max-answer-seconds", "inf"], "--max-answer-seconds must be in (0, 3600] seconds, got inf"),
     (["--answer-silence", "nan"], "--answer-silence must be in"),
 ])
 def test_option_values(args, expected):

@@ -196,7 +196,7 @@ def test_a_model_too_large_for_the_machine_is_refused_before_allocating(bundle, 
     edit_config(bundle, dim=4096, num_heads=32, num_layers=32, context=1 << 20)
     t0 = time.monotonic()
     app_refuses(bundle, tmp_path, capsys, "the model needs", "attention cache for lm.context "
-                "1048576", "this machine has", "-q 4")
+                "1048576", "this machine has", "-q q4")
     assert time.monotonic() - t0 < 10
 
 

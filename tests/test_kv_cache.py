@@ -5,6 +5,7 @@ streaming contract (a ring that wraps, a compiled step, a reset)."""
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -96,13 +97,14 @@ def test_the_app_says_when_a_bundle_cannot_take_it():
     """The demo model's 16-wide heads: a one-line usage error naming the flag."""
     from moshivis_mlx.app.opening import make_generator
     from moshivis_mlx.app.options import ModelOptions
+    from moshivis_mlx.loader import Loaded
     from moshivis_mlx.sampling import GenerationConfig
 
-    small = LM(tiny())
+    small = Loaded(Path("demo"), LM(tiny()), None, None, None, GenerationConfig(), "bf16")
     with pytest.raises(UsageError, match="--kv-bits 8: cannot quantize 16-wide") as e:
-        make_generator(small, ModelOptions(hf_repo="unused", kv_bits=8), GenerationConfig())
+        make_generator(small, ModelOptions(kv_bits=8))
     assert e.value.fix == "leave --kv-bits out"
-    gen = make_generator(small, ModelOptions(hf_repo="unused"), GenerationConfig())
+    gen = make_generator(small, ModelOptions())
     assert all(type(c) is RingKVCache for c in gen.caches)
 
 

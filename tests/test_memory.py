@@ -36,7 +36,7 @@ def test_weights_close_to_the_limit_are_said(monkeypatch):
     limits = _backend(monkeypatch, {"max_recommended_working_set_size": 1_000})
     warning = memory.wire_weights(_model(16))  # 1,024 bytes > 0.9 x 1,000
     assert limits == [1_000]
-    assert warning is not None and "-q 4" in warning
+    assert warning is not None and "-q q4" in warning
 
 
 def test_no_recommended_size_changes_nothing(monkeypatch):

@@ -159,17 +159,22 @@ def test_eval_app_and_bench_put_the_adapters_on(task, trained):
     from rich.console import Console
 
     from moshivis_mlx import bench
-    from moshivis_mlx.app.opening import load_models
-    from moshivis_mlx.eval.run import adapter_loader
+    from moshivis_mlx.app.opening import open_session
+    from moshivis_mlx.app.options import ModelOptions
+    from moshivis_mlx.eval.run import EvalOptions, load_models, read_trained
+    from moshivis_mlx.loader import BundleOptions
     from moshivis_mlx.progress import Steps
 
     bundle = task[1]
     expected = {k: np.array(v) for k, v in read_adapters(trained).weights.items()}
-    lm = load_lm(bundle)
-    adapter_loader(trained)(lm)
+    options = BundleOptions(weights=bundle, adapters=trained)
+    models = load_models(EvalOptions("ocrvqa", bundle, bundle, bundle, bundle=options), bundle,
+                         read_trained(trained))
+    lm = models.answerer.session.stream.gen.lm
     assert all(np.array_equal(adapter_values(lm)[k], v) for k, v in expected.items())
     with Steps(Console(file=open(os.devnull, "w")), 4) as steps:
-        lm, *_ = load_models(bundle, True, steps, trained)
+        opened = open_session(ModelOptions(options), steps, True)
+    lm = opened.session.stream.gen.lm
     assert all(np.array_equal(adapter_values(lm)[k], v) for k, v in expected.items())
     opts = bench.BenchOptions(weights=bundle, adapters=trained, codec_frames=0,
                               image_encodes=0, scenarios=("moshivis",))
@@ -182,7 +187,7 @@ def test_app_and_bench_take_adapters_on_the_command_line():
     from moshivis_mlx.cli.bench import build_parser as bench_parser
 
     args = build_parser().parse_args(["--adapters", "runs/a/adapters", "--image", "x.jpg"])
-    assert options_from(args).model.adapters == Path("runs/a/adapters")
+    assert options_from(args).model.bundle.adapters == Path("runs/a/adapters")
     assert bench_parser().parse_args(["--adapters", "A"]).adapters == Path("A")
 
 
@@ -192,7 +197,7 @@ def test_convert_merges_adapters_into_a_new_bundle(task, trained, tmp_path, quan
 
     bundle = task[1]
     out = tmp_path / "merged"
-    extra = ["--no-quantize", "--dtype", "float32"] if quant == "none" else ["--quant", "q8"]
+    extra = ["-q", "bf16", "--dtype", "float32"] if quant == "none" else ["-q", "q8"]
     assert convert(["--bundle", str(bundle), "--adapters", str(trained), "--out", str(out),
                     *extra]) == 0
     merged = load_lm(out)

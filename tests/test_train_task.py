@@ -36,14 +36,16 @@ def answer_accuracy(bundle: Path, adapters: Path | None, manifest: Path) -> floa
     """Exact match of the model's answers, through moshivis-eval (text questions)."""
     from moshivis_mlx.eval.answer import AnswerSettings
     from moshivis_mlx.eval.metrics import exact_match
-    from moshivis_mlx.eval.run import EvalOptions, adapter_loader, load_models
+    from moshivis_mlx.eval.run import EvalOptions, load_models, read_trained
+    from moshivis_mlx.loader import BundleOptions
 
     # No opening, the answer is the one step after the question.
     settings = AnswerSettings(opening_s=0.0, silence_s=0.08, max_answer_s=0.08)
     opts = EvalOptions(task="ocrvqa", data=manifest.parent, images=manifest.parent,
-                       out=manifest.parent / "eval", weights=bundle, adapters=adapters,
+                       out=manifest.parent / "eval",
+                       bundle=BundleOptions(weights=bundle, adapters=adapters),
                        mode="text", settings=settings)
-    models = load_models(opts, bundle, adapter_loader(adapters))
+    models = load_models(opts, bundle, read_trained(adapters))
     scores = []
     for line in manifest.read_text().splitlines():
         sample = json.loads(line)

@@ -43,11 +43,13 @@ from moshivis_mlx.bundle import (
     FORMAT_VERSION,
     config_text,
     listing,
+    non_finite,
     read_config,
     weight_files,
     write_config,
 )
 from moshivis_mlx.fileio import staged_dir
+from moshivis_mlx.models.config import ConfigError
 from moshivis_mlx.models.lm import LmConfig
 from moshivis_mlx.models.mimi import MimiConfig
 from moshivis_mlx.models.siglip import SiglipConfig
@@ -216,7 +218,7 @@ def _converted(es: list[Entry], view: FloatView, dtype: mx.Dtype, q: QuantSpec |
                ) -> list[mx.array]:
     parts = [entry_value(e, view.__getitem__) for e in es]
     a = (parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=0)).astype(dtype)
-    _check_finite([e.src for e in es], [a], view.source.label, dtype)
+    _refuse_non_finite([e.src for e in es], [a], view.source.label, dtype)
     return [a] if q is None else list(mx.quantize(a, group_size=q.group_size, bits=q.bits))
 
 
@@ -225,15 +227,16 @@ def _packed(e: Entry, view: FloatView, dtype: mx.Dtype) -> list[mx.array]:
     if e.rows is not None:
         w, s, b = (x[e.rows[0]: e.rows[1]] for x in (w, s, b))
     s, b = s.astype(dtype), b.astype(dtype)
-    _check_finite([e.src], [s, b], view.source.label, dtype)
+    _refuse_non_finite([e.src], [s, b], view.source.label, dtype)
     return [w, s, b]
 
 
-def _check_finite(srcs: list[str], arrays: list[mx.array], label: str, dtype: mx.Dtype) -> None:
+def _refuse_non_finite(srcs: list[str], arrays: list[mx.array], label: str,
+                       dtype: mx.Dtype) -> None:
     """NaN or infinite values (or values beyond the target dtype's range, which become
-    infinite) make a model that speaks noise: refused, naming the tensor. Checked before
-    quantizing, which would hide them in finite scales."""
-    if not all(mx.all(mx.isfinite(a)).item() for a in arrays):
+    infinite) make a model that speaks noise: refused, naming the source tensor. Checked
+    before quantizing, which would hide them in finite scales."""
+    if non_finite({str(i): a for i, a in enumerate(arrays)}):
         raise WeightsError(f"{label}: {' + '.join(srcs)} holds NaN or infinite values (or "
                            f"values beyond {DTYPE_NAMES[dtype_code(dtype)]}'s range): a "
                            f"damaged checkpoint?", "download it again")
@@ -517,7 +520,7 @@ def _plan_bundle(opts: ConvertOptions) -> Plan:
     if "model" in sources:
         try:
             cfg = LmConfig.from_dict(bcfg["lm"], "lm.")
-        except (TypeError, ValueError) as e:
+        except (TypeError, ValueError, ConfigError) as e:
             raise WeightsError(f"{bundle}/config.json: invalid lm section ({e})") from None
         lm = _in_bundle(sources["model"], cfg, expected_lm_tensors(cfg, None),
                         bcfg.get("quantization"))
@@ -533,7 +536,7 @@ def _plan_bundle(opts: ConvertOptions) -> Plan:
         section = bcfg["vision"]
         try:
             vcfg = SiglipConfig.from_dict(section["siglip"], "vision.siglip.")
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, ConfigError) as e:
             raise WeightsError(f"{bundle}/config.json: invalid vision section ({e})") from None
         vision = _in_bundle(sources["vision"], vcfg, expected_vision_tensors(vcfg, None),
                             section.get("quantization"))
@@ -547,7 +550,7 @@ def _plan_bundle(opts: ConvertOptions) -> Plan:
         src = sources["mimi"]
         try:
             MimiConfig.from_dict(bcfg["mimi"], "mimi.")
-        except (TypeError, ValueError) as e:
+        except (TypeError, ValueError, ConfigError) as e:
             raise WeightsError(f"{bundle}/config.json: invalid mimi section ({e})") from None
         mimi = _in_bundle(src, bcfg["mimi"], src.shapes(sorted(src.keys())), None)
         plan.parts.append(_mimi_part(mimi))

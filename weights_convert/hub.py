@@ -28,7 +28,7 @@ from moshivis_mlx.bundle import FORMAT_VERSION, read_config
 from moshivis_mlx.errors import BundleError, one_line
 from moshivis_mlx.fileio import Locked, fingerprint, sweep
 from moshivis_mlx.paths import inside
-from moshivis_mlx.quant import PRESETS, QuantSpec, preset_name
+from moshivis_mlx.quant import ALIASES, PRESETS, QuantSpec, preset_key
 
 from .convert import ConvertOptions, Progress, convert
 from .lm_layout import check_kyutai_types
@@ -40,10 +40,6 @@ MIMI_FILE = "tokenizer-e351c8d8-checkpoint125.safetensors"
 TOKENIZER_FILE = "tokenizer_spm_32k_3.model"
 CONFIG_FILE = "config.json"
 BUNDLE_PATTERNS = ["config.json", "*.safetensors", "*.safetensors.index.json", "tokenizer.model"]
-QUANTIZATIONS = {"8": PRESETS["q8"], "4": PRESETS["q4"], "none": PRESETS["bf16"]}
-"""The app's -q values -> the project's quantization presets."""
-DEFAULT_HF_REPO = "kyutai/moshika-vis-pytorch-bf16"
-"""What the app, moshivis-eval and moshivis-train download and convert without --weights."""
 
 Stage = Callable[[str], AbstractContextManager]
 """stage(description) wraps the download and the conversion (a progress display)."""
@@ -65,7 +61,8 @@ def cache_root() -> Path:
 
 
 def bundle_path(repo: str, quantize: str) -> Path:
-    return cache_root() / f"{repo.replace('/', '--')}-{preset_name(QUANTIZATIONS[quantize])}"
+    """Where `repo` converted at the preset `quantize` is cached."""
+    return cache_root() / f"{repo.replace('/', '--')}-{preset_key(quantize)}"
 
 
 def _is_complete(bundle: Path) -> bool:
@@ -255,22 +252,64 @@ def resolve_repo(repo: str, moshi_weights: str | Path | None = None,
                  config: str | Path | None = None, mimi_config: str | Path | None = None,
                  prefer_lm: list[str] | None = None, headers_only: bool = False
                  ) -> ConvertOptions:
-    """The conversion of `repo` (a Hugging Face repository, or a folder holding its opts):
-    its local opts, downloading what is not cached, and where they came from. Options
-    override the repository's opts.
-    `prefer_lm`: language-model opts to try before the configured one (e.g. Kyutai's
+    """The conversion of `repo` (a Hugging Face repository, or a folder holding its files):
+    its files, local (downloaded unless cached), and where they came from. The file
+    options override the repository's choice of files.
+    `prefer_lm`: language-model files to try before the configured one (e.g. Kyutai's
     `model.q8.safetensors` in its MLX repositories). `headers_only` (a dry run): weights
     not cached are not downloaded, only their headers are read, and the tokenizer is left
     out."""
     local_dir = Path(repo).expanduser() if Path(repo).expanduser().is_dir() else None
     opts = ConvertOptions(origin={"hf_repo": str(local_dir) if local_dir else repo})
     missing: list[str] = []
+    cfg_path, raw = _repo_config(repo, local_dir, config, missing)
+    if "format_version" in raw and any(k in raw for k in ("lm", "mimi", "vision")):
+        return _bundle_repo(repo, local_dir, cfg_path, opts)
+    opts.kyutai_config = cfg_path
+    names = _kyutai_names(raw, cfg_path, repo, local_dir)
 
     def get(name: str) -> Path | Source | None:
         return local_dir / name if local_dir is not None else _get(repo, name, headers_only,
                                                                    missing)
 
-    # config.json: optional (Kyutai's loader assumes the 7B model without one).
+    def given(value: str | Path, headers: bool = False) -> Path | Source | None:
+        return _option(value, repo, local_dir, missing, headers and headers_only)
+
+    if moshi_weights is not None:
+        opts.moshi_weights = given(moshi_weights, headers=True)
+    else:
+        opts.moshi_weights = _preferred(repo, local_dir, prefer_lm or []) or get(names["lm"])
+    opts.mimi_weights = (given(mimi_weights, headers=True) if mimi_weights is not None
+                         else get(names["mimi"]))
+    if tokenizer is not None:
+        opts.tokenizer = given(tokenizer)
+    elif not headers_only or local_dir is not None:
+        opts.tokenizer = get(names["tokenizer"])
+    else:
+        opts.origin["tokenizer"] = names["tokenizer"]  # not fetched: a dry run cannot size it
+    if mimi_config is not None:
+        opts.mimi_config = given(mimi_config)
+    elif names["mimi_config"]:
+        opts.mimi_config = get(names["mimi_config"])
+    if missing:
+        needed = [n for n in names.values() if n]
+        raise _offline(repo, needed + [n for n in missing if n not in needed and
+                                       n != CONFIG_FILE])
+    if local_dir is not None:
+        absent = [p.name for p in (opts.moshi_weights, opts.mimi_weights, opts.tokenizer,
+                                   opts.mimi_config) if p is not None and not p.exists()]
+        if absent:
+            raise HubError(f"{local_dir} has no {', '.join(absent)} (a folder given as "
+                           f"--hf-repo holds the repository's files)")
+    if isinstance(opts.moshi_weights, Path) and (revision := _revision(opts.moshi_weights)):
+        opts.origin["revision"] = revision
+    return opts
+
+
+def _repo_config(repo: str, local_dir: Path | None, config: str | Path | None,
+                 missing: list[str]) -> tuple[Path | None, dict]:
+    """The repository's config.json (optional: Kyutai's loader assumes the 7B model
+    without one), its path and its content, checked for types."""
     cfg_path = None
     if config is not None:
         cfg_path = _option(config, repo, local_dir, missing)
@@ -286,12 +325,13 @@ def resolve_repo(repo: str, moshi_weights: str | Path | None = None,
         check_kyutai_types(raw, cfg_path)
     except WeightsError as e:
         raise HubError(str(e)) from None
-    if "format_version" in raw and any(k in raw for k in ("lm", "mimi", "vision")):
-        return _bundle_repo(repo, local_dir, cfg_path, opts)
-    opts.kyutai_config = cfg_path
+    return cfg_path, raw
 
-    # The file names Kyutai's loader reads (or kyuteye's), the released ones by default;
-    # each must name a file of the repository (not ../elsewhere, not /etc/passwd).
+
+def _kyutai_names(raw: dict, cfg_path: Path | None, repo: str, local_dir: Path | None
+                  ) -> dict[str, str]:
+    """The file names Kyutai's loader (or kyuteye's) reads from a config, the released
+    ones by default; each must name a file of the repository (not ../elsewhere)."""
     def named(*keys: str, default: str) -> str:
         for key in keys:
             if raw.get(key):
@@ -299,40 +339,10 @@ def resolve_repo(repo: str, moshi_weights: str | Path | None = None,
                 return raw[key]
         return default
 
-    lm_name = named("moshi_name", "model", default=LM_FILE)
-    mimi_name = named("mimi_name", "mimi_codec", default=MIMI_FILE)
-    tokenizer_name = named("tokenizer_name", "text_tokenizer", default=TOKENIZER_FILE)
-    mimi_config_name = named("mimi_config_name", default="")
-    if moshi_weights is not None:
-        opts.moshi_weights = _option(moshi_weights, repo, local_dir, missing, headers_only)
-    else:
-        opts.moshi_weights = _preferred(repo, local_dir, prefer_lm or []) or get(lm_name)
-    opts.mimi_weights = (_option(mimi_weights, repo, local_dir, missing, headers_only)
-                          if mimi_weights is not None else get(mimi_name))
-    if tokenizer is not None:
-        opts.tokenizer = _option(tokenizer, repo, local_dir, missing)
-    elif not headers_only or local_dir is not None:
-        opts.tokenizer = get(tokenizer_name)
-    else:
-        opts.origin["tokenizer"] = tokenizer_name  # not fetched: a dry run cannot size it
-    if mimi_config is not None:
-        opts.mimi_config = _option(mimi_config, repo, local_dir, missing)
-    elif mimi_config_name:
-        opts.mimi_config = get(mimi_config_name)
-    if missing:
-        needed = [lm_name, mimi_name, tokenizer_name] + ([mimi_config_name] if
-                                                         mimi_config_name else [])
-        raise _offline(repo, needed + [n for n in missing if n not in needed and
-                                       n != CONFIG_FILE])
-    if local_dir is not None:
-        absent = [p.name for p in (opts.moshi_weights, opts.mimi_weights, opts.tokenizer,
-                                   opts.mimi_config) if p is not None and not p.exists()]
-        if absent:
-            raise HubError(f"{local_dir} has no {', '.join(absent)} (a folder given as "
-                           f"--hf-repo holds the repository's opts)")
-    if isinstance(opts.moshi_weights, Path) and (revision := _revision(opts.moshi_weights)):
-        opts.origin["revision"] = revision
-    return opts
+    return {"lm": named("moshi_name", "model", default=LM_FILE),
+            "mimi": named("mimi_name", "mimi_codec", default=MIMI_FILE),
+            "tokenizer": named("tokenizer_name", "text_tokenizer", default=TOKENIZER_FILE),
+            "mimi_config": named("mimi_config_name", default="")}
 
 
 def _preferred(repo: str, local_dir: Path | None, names: list[str]) -> Path | None:
@@ -381,11 +391,6 @@ def _prefer_quantized(repo: str, quant: QuantSpec | None) -> list[str] | None:
     return [f"model.q{quant.bits}.safetensors"]
 
 
-def _check_quantize(quantize: str) -> None:
-    if quantize not in QUANTIZATIONS:
-        raise ValueError(f"quantize must be one of {', '.join(QUANTIZATIONS)}, got {quantize!r}")
-
-
 def _convert_once(opts: ConvertOptions, what: str, stage: Stage | None,
                   progress: Progress | None) -> Path:
     """Converts into the cache; any failure is a HubError saying what could not be."""
@@ -417,18 +422,19 @@ def find_bundle(weights: str | Path | None, repo: str, quantize: str | None = No
             note(f"note: -q {quantize} is ignored: the bundle in {path} is used as it was "
                  f"converted")
         return path
-    return bundle_for_repo(repo, quantize or "8", stage=stage)
+    return bundle_for_repo(repo, quantize or "q8", stage=stage)
 
 
-def bundle_for_repo(repo: str, quantize: str = "8", progress: Progress | None = None,
+def bundle_for_repo(repo: str, quantize: str = "q8", progress: Progress | None = None,
                     stage: Stage | None = None) -> Path:
-    """The converted bundle for `repo` at `quantize` ("8", "4" or "none"), made if needed.
+    """The converted bundle for `repo` at the preset `quantize` (q8, q4 or bf16), made if
+    needed.
 
     `stage(description)`, if given, wraps the download and the conversion (a progress
     display); the download shows Hugging Face's own progress bars, the conversion calls
     `progress(what, done_bytes, total_bytes)`.
     """
-    _check_quantize(quantize)
+    quant = PRESETS[preset_key(quantize)]
     sweep(cache_root())  # what killed conversions left behind
     out = bundle_path(repo, quantize)
     # A folder's conversion is redone when its files change (the cache knows them by
@@ -437,7 +443,6 @@ def bundle_for_repo(repo: str, quantize: str = "8", progress: Progress | None = 
     folder_id = fingerprint(folder, times=True) if folder.is_dir() else None
     if _is_complete(out) and folder_id == _folder_id(out):
         return out
-    quant = QUANTIZATIONS[quantize]
     with (stage or (lambda _: nullcontext()))(f"download {repo}"):
         opts = resolve_repo(repo, prefer_lm=_prefer_quantized(repo, quant))
     if folder_id is not None:
@@ -455,25 +460,27 @@ def _folder_id(bundle: Path) -> str | None:
 
 def bundle_for_files(moshi_weights: str | Path, mimi_weights: str | Path,
                      tokenizer: str | Path, config: str | Path | None = None,
-                     quantize: str = "8", progress: Progress | None = None,
+                     quantize: str = "q8", progress: Progress | None = None,
                      stage: Stage | None = None,
                      vision_weights: str | Path | None = None,
                      mimi_config: str | Path | None = None) -> Path:
     """The converted bundle for local Kyutai files, made once into the cache (keyed by the
     files' paths, sizes and modification times, and the quantization)."""
-    _check_quantize(quantize)
+    quantize = preset_key(quantize)
     paths = [Path(p).expanduser() for p in (moshi_weights, mimi_weights, tokenizer)]
     extra = [Path(p).expanduser() for p in (config, vision_weights, mimi_config) if p is not None]
-    key = hashlib.sha256(f"format {FORMAT_VERSION} {quantize}".encode())
+    # keyed by the preset's earlier spelling (8, 4, none): conversions cached before stay found
+    old_name = {v: k for k, v in ALIASES.items()}[quantize]
+    key = hashlib.sha256(f"format {FORMAT_VERSION} {old_name}".encode())
     for p in paths + extra:
         try:
             st = p.stat()
         except OSError:
             raise HubError(f"{p}: no such file") from None
         key.update(f"\n{p.resolve()} {st.st_size} {st.st_mtime_ns}".encode())
-    quant = QUANTIZATIONS[quantize]
+    quant = PRESETS[quantize]
     sweep(cache_root())
-    out = cache_root() / f"local-{paths[0].stem}-{key.hexdigest()[:12]}-{preset_name(quant)}"
+    out = cache_root() / f"local-{paths[0].stem}-{key.hexdigest()[:12]}-{quantize}"
     if _is_complete(out):
         return out
     opts = ConvertOptions(out=out, moshi_weights=paths[0], mimi_weights=paths[1],

@@ -23,7 +23,7 @@ import queue
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -131,54 +131,45 @@ def run_live(opts: AppOptions, console: Console) -> int:
     image_name = opts.image
     n_steps = 2 + (opts.camera is not None)
     first_image = picture is not None or opts.camera is not None
-    with Steps(console, n_steps + opening_steps(want_vision, first_image)) as steps:
-        # The devices first: a missing microphone or camera (or macOS asking for
-        # permission) should not wait until a 7B model has loaded.
-        with steps.step("audio devices"):
-            echo = echo_canceller(opts.echo_cancel, RELEASED.sample_rate, RELEASED.frame_size)
-            audio = AudioIO(opts.input_device, opts.output_device, echo=echo)
-            audio.open()
-        camera = ticker = None
-        try:
+    # What is open is closed once, in reverse order, however the run ends: the model
+    # thread stops before the audio devices and the camera close.
+    opened_things = ExitStack()
+    stop_timeout = [0.5]  # a failed or interrupted load: do not wait for it
+    try:
+        with Steps(console, n_steps + opening_steps(want_vision, first_image)) as steps:
+            # The devices first: a missing microphone or camera (or macOS asking for
+            # permission) should not wait until a 7B model has loaded.
+            with steps.step("audio devices"):
+                echo = echo_canceller(opts.echo_cancel, RELEASED.sample_rate,
+                                      RELEASED.frame_size)
+                audio = AudioIO(opts.input_device, opts.output_device, echo=echo)
+                audio.open()
+                opened_things.callback(audio.close)
+            camera = ticker = None
             if opts.camera is not None:
                 with steps.step("camera"):
                     camera, ticker, picture = _open_camera(opts)
+                    opened_things.callback(camera.close)
                 image_name = CAMERA_NAME
             # A download and conversion run here, where a signal can clean them up.
             bundle = resolve_bundle(opts.model, steps)
             worker = ModelWorker(lambda: _prepare(opts, steps, want_vision, image_name,
                                                   picture, bundle), audio.read_frame)
             worker.start()
-        except BaseException:
-            audio.close()
-            if camera is not None:
-                camera.close()
-            raise
-        try:
+            opened_things.callback(lambda: worker.stop(timeout=stop_timeout[0]))
             opened = worker.wait_ready()
-        except BaseException:
-            worker.stop(timeout=0.5)  # a failed or interrupted load: do not wait for it
-            audio.close()
-            if camera is not None:
-                camera.close()
-            raise
-    session = opened.session
-
-    recorder = None
-    try:
+        stop_timeout[0] = 10.0
+        session = opened.session
         model, devices = session.geometry, audio.geometry
         if model != devices:  # the devices were opened for the released Mimi
             raise MoshivisError(f"the model's codec takes {model.frame_size}-sample frames at "
                                 f"{model.sample_rate} Hz, not {devices.frame_size} at "
                                 f"{devices.sample_rate} Hz: live mode cannot use it",
                                 "use file mode (--input-wav)")
-        if opts.record:
-            recorder = _recorder(opts, opened, audio, image_name)
+        recorder = _recorder(opts, opened, audio, image_name) if opts.record else None
     except BaseException:
-        worker.stop()
-        audio.close()
-        if camera is not None:
-            camera.close()
+        with shielded():
+            opened_things.close()
         raise
     display: queue.Queue[Event] = queue.Queue(maxsize=MAX_EVENTS)
     snapshots = _Snapshots(worker, camera, ticker)
@@ -196,6 +187,7 @@ def run_live(opts: AppOptions, console: Console) -> int:
             fatal = _terminal_loop(ui, worker, audio, display, console, snapshots, opts.debug)
         else:
             ui = PlainUI(geometry=session.geometry)
+            opened_things.callback(ui.close)
             ui.print(f"listening ({audio.description}); Ctrl-C to stop")
             fatal = _plain_loop(ui, worker, audio, display, snapshots)
     except KeyboardInterrupt:
@@ -204,12 +196,7 @@ def run_live(opts: AppOptions, console: Console) -> int:
         fatal = e
     finally:
         with shielded():  # a second Ctrl-C waits: the session is saved first
-            worker.stop()
-            audio.close()
-            if camera is not None:
-                camera.close()
-            if isinstance(ui, PlainUI):
-                ui.close()
+            opened_things.close()
             summary = {"dropped_frames": audio.dropped, "underruns": audio.underruns,
                        "input_overflows": audio.input_overflows,
                        "output_dropped": audio.fifo.dropped,

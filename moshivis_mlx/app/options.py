@@ -4,9 +4,12 @@ other settings (the demo) derives them with `dataclasses.replace`."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from ..loader import BundleOptions
+from ..session import ANSWER_SILENCE_S, MAX_ANSWER_S
 
 if TYPE_CHECKING:
     from ..sampling import GenerationConfig
@@ -16,12 +19,8 @@ if TYPE_CHECKING:
 class ModelOptions:
     """Which weights, and how to sample them (None: the bundle's default)."""
 
-    hf_repo: str
-    """The Hugging Face repository to download and convert once (unless `weights`)."""
-    weights: Path | None = None
-    """A bundle directory made by moshivis-convert."""
-    quantize: str | None = None
-    """"8", "4" or "none" when converting `hf_repo`; None: not given (8)."""
+    bundle: BundleOptions = field(default_factory=BundleOptions)
+    """Which model (shared with the other tools)."""
     text_temperature: float | None = None
     audio_temperature: float | None = None
     top_k: int | None = None
@@ -30,8 +29,6 @@ class ModelOptions:
     """Text and audio alike."""
     xa_start: int | None = None
     seed: int | None = None
-    adapters: Path | None = None
-    """Fine-tuned adapters (moshivis-train's OUT/adapters) put on the bundle's model."""
     codec_device: str = "default"
     """Where Mimi runs: "default" (the language model's device) or "cpu"."""
     kv_bits: int | None = None
@@ -75,9 +72,9 @@ class AppOptions:
     transcript: Path | None = None
     same_length: bool = False
     """File mode: the answer exactly as long as the question (frame i answers frame i)."""
-    answer_silence: float = 2.0
+    answer_silence: float = ANSWER_SILENCE_S
     """File mode: the answer has ended after this long of padding and near silence."""
-    max_answer_seconds: float = 30.0
+    max_answer_seconds: float = MAX_ANSWER_S
     """File mode: the longest the model may go on after the question."""
     demo: bool = False
     list_devices: bool = False

@@ -19,12 +19,12 @@ RECORD_FIX = "pick another directory with --record DIR, or use --no-record"
 
 def bundle_location(opts: AppOptions) -> Path | None:
     """Where the bundle is or will be (no download): --weights, else the cache's."""
-    if opts.model.weights is not None:
-        return opts.model.weights.expanduser()
-    from moshivis_mlx.weights_convert.hub import QUANTIZATIONS, bundle_path
+    b = opts.model.bundle
+    if b.weights is not None:
+        return Path(b.weights).expanduser()
+    from moshivis_mlx.weights_convert.hub import bundle_path
 
-    q = opts.model.quantize or "8"
-    return bundle_path(opts.model.hf_repo, q) if q in QUANTIZATIONS else None
+    return bundle_path(b.hf_repo, b.quantize or "q8")
 
 
 def _inputs(opts: AppOptions, bundle: Path | None) -> dict[str, Path | None]:

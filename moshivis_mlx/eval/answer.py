@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..session import AnswerWatch, Piece, Session
+from ..session import ANSWER_SILENCE_S, MAX_ANSWER_S, AnswerWatch, Piece, Session
 from ..text import WORD_START
 
 MODES = ("audio", "text")
@@ -41,9 +41,9 @@ MODES = ("audio", "text")
 class AnswerSettings:
     opening_s: float = 2.0
     """Silence before the question: the model's greeting, not scored."""
-    silence_s: float = 2.0
+    silence_s: float = ANSWER_SILENCE_S
     """Text padding after it spoke that ends the answer."""
-    max_answer_s: float = 30.0
+    max_answer_s: float = MAX_ANSWER_S
     """The longest answer listened to, counted from the end of the question."""
 
     def to_dict(self) -> dict[str, float]:

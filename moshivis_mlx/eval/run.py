@@ -23,11 +23,10 @@ from typing import Any
 import numpy as np
 from rich.console import Console
 
-from moshivis_mlx.weights_convert.hub import DEFAULT_HF_REPO, QUANTIZATIONS, find_bundle
-
 from ..babillage import TASKS, Babillage, DataError, Sample, parquet_files
-from ..errors import MoshivisError, UsageError, WeightsError
+from ..errors import UsageError
 from ..fileio import fingerprint, output_lock
+from ..loader import BundleOptions, resolve
 from ..paths import check_outputs, check_writable
 from ..progress import Counter
 from ..session import Session
@@ -45,9 +44,9 @@ from .report import (
 
 MAX_OPENING_S = 60.0
 """The longest opening (the released model greets in about 2 s)."""
-MAX_ANSWER_S = 600.0
-"""The longest answer listened to, and the longest silence that ends one (10 minutes: a
-spoken caption takes 4 to 8 s)."""
+MAX_ANSWER_S = 3600.0
+"""The longest answer listened to, and the longest silence that ends one (the app's bound;
+a spoken caption takes 4 to 8 s)."""
 MAX_SEED = (1 << 63) - 2
 """Seeds as the app takes them."""
 
@@ -63,10 +62,7 @@ class EvalOptions:
     mode: str = "audio"
     limit: int | None = None
     shard: tuple[int, int] = (0, 1)
-    weights: Path | None = None
-    hf_repo: str = DEFAULT_HF_REPO
-    quantize: str | None = None
-    adapters: Path | None = None
+    bundle: BundleOptions = field(default_factory=BundleOptions)
     seed: int | None = None
     settings: AnswerSettings = field(default_factory=AnswerSettings)
     ptb: str = "python"
@@ -85,8 +81,8 @@ class EvalOptions:
         # Written so that NaN fails every one: `not lo <= v <= hi`.
         for flag, v, lo, hi, low_open in (
                 ("--opening-s", s.opening_s, 0.0, MAX_OPENING_S, False),
-                ("--silence-s", s.silence_s, 0.0, MAX_ANSWER_S, True),
-                ("--max-answer-s", s.max_answer_s, 0.0, MAX_ANSWER_S, True),
+                ("--answer-silence", s.silence_s, 0.0, MAX_ANSWER_S, True),
+                ("--max-answer-seconds", s.max_answer_s, 0.0, MAX_ANSWER_S, True),
                 ("--seed", self.seed, 0, MAX_SEED, False)):
             if v is None or (lo <= v <= hi and not (low_open and v == lo)):
                 continue
@@ -95,8 +91,6 @@ class EvalOptions:
                              + (" seconds" if flag != "--seed" else ""))
         if self.ptb not in ("python", "java"):
             raise UsageError("--ptb is python or java")
-        if self.quantize is not None and self.quantize not in QUANTIZATIONS:
-            raise UsageError(f"-q must be one of {', '.join(QUANTIZATIONS)}")
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -169,16 +163,14 @@ class Models:
     sampling: str
 
 
-def adapter_loader(path: Path | None) -> Callable[[Any], None]:
-    """The hook that puts fine-tuned adapters (moshivis-train's OUT/adapters) on the
-    language model; they are read here, before anything is loaded, so a bad directory
-    fails at once, and checked against the model when it is applied."""
+def read_trained(path: Path | None):
+    """Fine-tuned adapters (moshivis-train's OUT/adapters), read before anything is loaded
+    so that a bad directory fails at once; checked against the model when put on it."""
     if path is None:
-        return lambda lm: None
-    from ..adapters import apply_adapters, read_adapters
+        return None
+    from ..adapters import read_adapters
 
-    adapters = read_adapters(path)
-    return lambda lm: apply_adapters(lm, adapters)
+    return read_adapters(path)
 
 
 def describe_sampling(opts: EvalOptions, bundle: Path) -> str:
@@ -193,56 +185,21 @@ def describe_sampling(opts: EvalOptions, bundle: Path) -> str:
 
 def bundle_quantization(bundle: Path) -> str:
     from ..bundle import read_config
-    from ..quant import QuantSpec, preset_name
+    from ..loader import quantization_label
 
-    cfg = read_config(bundle)
-    spec = QuantSpec.from_dict(cfg.get("quantization"))
-    label = f" ({spec.bits}-bit, group {spec.group_size})" if spec else ""
-    return f"{preset_name(spec) if spec else cfg.get('dtype', 'bf16')}{label}"
+    return quantization_label(read_config(bundle))
 
 
-def load_models(opts: EvalOptions, bundle: Path,
-                apply_adapters: Callable[[Any], None] = lambda lm: None,
+def load_models(opts: EvalOptions, bundle: Path, adapters: Any = None,
                 note: Callable[[str], None] = lambda line: None) -> Models:
-    """The bundle's models around one answering session; `note(line)` hears that the
-    weights come close to what the GPU can keep resident."""
-    from .. import Generator, load_lm, load_mimi, load_vision
-    from ..bundle import BundleError, load_generation, read_config
-    from ..memory import wire_weights
-    from ..sampling import Sampler
-    from ..stream import Stream
-    from ..text import TextTokenizer, TokenizerError, find_tokenizer
+    """The bundle's models (with `adapters` on the language model) around one answering
+    session; `note(line)` hears remarks (weights close to what the GPU keeps resident)."""
+    from ..loader import load
 
-    try:
-        cfg = read_config(bundle)
-        if not cfg.get("vision"):
-            raise WeightsError(f"{bundle} has no image encoder", "use a MoshiVis bundle")
-        lm = load_lm(bundle)
-        if not lm.cfg.cross_attention:
-            raise WeightsError(f"the model in {bundle} is plain Moshi (no cross-attention)",
-                               "use a MoshiVis bundle")
-        apply_adapters(lm)
-        mimi = load_mimi(bundle)
-        vision = load_vision(bundle)
-        tokenizer = TextTokenizer(find_tokenizer(bundle), lm.cfg.text_padding_ids)
-        generation = load_generation(bundle)
-    except (BundleError, TokenizerError):
-        raise
-    except (ValueError, OSError) as e:
-        if isinstance(e, MoshivisError):
-            raise
-        raise WeightsError(f"cannot use the weights in {bundle}: {' '.join(str(e).split())}",
-                           "convert them again with moshivis-convert") from None
-    if opts.seed is None:
-        text, audio = Sampler(temperature=0.0), Sampler(temperature=0.0)
-    else:
-        text, audio = generation.text_sampler(opts.seed), generation.audio_sampler(opts.seed)
-    gen = Generator(lm, text_sampler=text, audio_sampler=audio, xa_start=generation.xa_start)
-    warning = wire_weights(lm, mimi, vision.model)
-    if warning:
-        note(f"note: {warning}")
-    session = Session(Stream(mimi, gen, tokenizer))
-    return Models(bundle, bundle_quantization(bundle), Answerer(session, opts.settings), vision,
+    model = load(bundle, adapters=adapters, vision=True, note=note)
+    generator = model.generator(seed=opts.seed, greedy=opts.seed is None)
+    session = Session(model.stream(generator))
+    return Models(bundle, model.quantization, Answerer(session, opts.settings), model.vision,
                   describe_sampling(opts, bundle))
 
 
@@ -273,8 +230,8 @@ def run_settings(opts: EvalOptions, plan: Plan, bundle: Path, quantization: str,
         "quantization": quantization, "sampling": sampling, "settings": opts.settings.to_dict(),
         "limit": opts.limit, "ptb": opts.ptb, "shard": list(opts.shard),
         "planned": len(plan.samples),
-        "adapters": str(Path(opts.adapters).resolve()) if opts.adapters else None,
-        "adapters_id": fingerprint(opts.adapters) if opts.adapters else None,
+        "adapters": str(Path(opts.bundle.adapters).resolve()) if opts.bundle.adapters else None,
+        "adapters_id": fingerprint(opts.bundle.adapters) if opts.bundle.adapters else None,
     }
 
 
@@ -305,7 +262,7 @@ def check_out(opts: EvalOptions, bundle: Path) -> None:
     written. Checked before the lock (which is a file next to --out)."""
     check_outputs({"--out": Path(opts.out)},
                   {"the bundle": bundle, "--data": Path(opts.data), "--images": Path(opts.images),
-                   "--annotations": opts.annotations, "--adapters": opts.adapters})
+                   "--annotations": opts.annotations, "--adapters": opts.bundle.adapters})
     check_writable(opts.out, "write the evaluation to", directory=True)
 
 
@@ -349,17 +306,17 @@ def evaluate(opts: EvalOptions, console: Console) -> dict[str, Any]:
         from ..babillage import DEFAULT_SPLIT
 
         opts = replace(opts, split=DEFAULT_SPLIT[opts.task])
-    apply_adapters = adapter_loader(opts.adapters)
+    trained = read_trained(opts.bundle.adapters)
     plan = make_plan(opts)
-    bundle = find_bundle(opts.weights, opts.hf_repo, opts.quantize,
-                         note=lambda line: console.print(line, highlight=False))
+    b = opts.bundle
+    bundle = resolve(b.weights, b.hf_repo, b.quantize,
+                     note=lambda line: console.print(line, highlight=False))
     check_out(opts, bundle)
     with output_lock(opts.out, fix=LOCK_FIX) as out:
-        return _evaluate(opts, plan, bundle, apply_adapters, out, console)
+        return _evaluate(opts, plan, bundle, trained, out, console)
 
 
-def _evaluate(opts: EvalOptions, plan: Plan, bundle: Path,
-              apply_adapters: Callable[[Any], None], out: Path,
+def _evaluate(opts: EvalOptions, plan: Plan, bundle: Path, trained: Any, out: Path,
               console: Console) -> dict[str, Any]:
     run = run_settings(opts, plan, bundle, bundle_quantization(bundle),
                        describe_sampling(opts, bundle))
@@ -380,7 +337,7 @@ def _evaluate(opts: EvalOptions, plan: Plan, bundle: Path,
     if todo:
         console.print(f"loading {bundle} ({run['quantization']}) ...", highlight=False,
                       soft_wrap=True)
-        models = load_models(opts, bundle, apply_adapters,
+        models = load_models(opts, bundle, trained,
                              note=lambda line: console.print(line, highlight=False))
         records += _ask(opts, plan, models, todo, done, records, out, console)
     metrics = write_reports(out, run, records)

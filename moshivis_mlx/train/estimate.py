@@ -130,7 +130,7 @@ def estimate(cfg: LmConfig | None = None, quant: QuantSpec | None = Q8,
                     forward + backward + recompute)
 
 
-def estimate_report(quantize: str = "8", batch: int = 1, seconds: float = 30.0,
+def estimate_report(quantize: str = "q8", batch: int = 1, seconds: float = 30.0,
                     audio_codebooks: int = 2, grad_checkpoint: bool = True) -> str:
     quant = preset(quantize)
     frames = round(seconds * MimiConfig().frame_rate)

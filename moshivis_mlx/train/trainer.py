@@ -29,11 +29,10 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_map_with_path
 
-from moshivis_mlx.weights_convert.hub import DEFAULT_HF_REPO, QUANTIZATIONS, find_bundle
-
 from ..adapters import write_adapters
 from ..errors import UsageError, WeightsError
 from ..fileio import atomic_write
+from ..loader import BundleOptions
 from . import checkpoint
 from .batches import Order, collate, shard
 from .dataset import FRAME_RATE, SPEECHLESS_AUDIO, ImageStore, Preparer, Sample
@@ -57,10 +56,8 @@ class TrainOptions:
     train: Path
     out: Path
     valid: Path | None = None
-    weights: Path | None = None
-    hf_repo: str = DEFAULT_HF_REPO
-    quantize: str | None = None
-    """'8', '4' or 'none' when converting --hf-repo (default 8)."""
+    bundle: BundleOptions = field(default_factory=BundleOptions)
+    """The frozen backbone (its `adapters`, if given, are refused: training makes them)."""
     steps: int = 1000
     batch_size: int = 4
     """Samples per optimizer step and micro-batch, all processes together."""
@@ -111,8 +108,6 @@ class TrainOptions:
             raise UsageError(f"--speechless-audio must be one of {', '.join(SPEECHLESS_AUDIO)}")
         if self.val_batches is not None and self.val_batches < 1:
             raise UsageError("--val-batches must be at least 1")
-        if self.quantize is not None and self.quantize not in QUANTIZATIONS:
-            raise UsageError(f"-q must be one of {', '.join(QUANTIZATIONS)}")
 
     @property
     def warmup_steps(self) -> int:
@@ -312,16 +307,9 @@ def check_resumable(out: Path, settings: dict[str, Any], resume: bool) -> Path |
     return last
 
 
-def _tokenizer(bundle: Path, cfg):
-    from ..text import TextTokenizer, find_tokenizer
-
-    return TextTokenizer(find_tokenizer(bundle), cfg.text_padding_ids)
-
-
 def train(opts: TrainOptions, console=None) -> dict[str, Any]:
     """Runs (or resumes) one training; returns the last metrics."""
-    from ..bundle import load_lm
-    from ..memory import wire_weights
+    from ..loader import load, resolve
     from ..progress import Counter
 
     group = mx.distributed.init()
@@ -335,32 +323,26 @@ def train(opts: TrainOptions, console=None) -> dict[str, Any]:
     babillage = BabillageFiles()
     train_entries = read_manifest(opts.train, babillage)
     valid_entries = read_manifest(opts.valid, babillage) if opts.valid else []
-    bundle = find_bundle(opts.weights, opts.hf_repo, opts.quantize)
+    bundle = resolve(opts.bundle.weights, opts.bundle.hf_repo, opts.bundle.quantize, note=say)
     settings = run_settings(opts, bundle)
     resume_from = check_resumable(out, settings, opts.resume)
     if opts.resume and resume_from is None:
         say(f"--resume: {out} has no checkpoint yet; starting from the beginning")
 
     say(f"loading {bundle} ...")
-    lm = load_lm(bundle)
-    if not lm.cfg.cross_attention:
-        raise WeightsError(f"the model in {bundle} is plain Moshi (no cross-attention): it has "
-                           f"no adapters to train", "use a MoshiVis bundle")
-    cfg = lm.cfg
+    model = load(bundle, vision=False, codec=False, cross_attention=True, note=say)
+    lm, cfg = model.lm, model.lm.cfg
     if cfg.n_q != 2 * cfg.dep_q:
         raise WeightsError(f"{bundle}: {cfg.n_q} audio streams for {cfg.dep_q} model codebooks; "
                            f"training expects as many user codebooks as model ones")
     opts.loss.check(cfg)
-    warning = wire_weights(lm)
-    if warning:
-        say(f"note: {warning}")
     cache = Path(opts.cache).expanduser() if opts.cache else out / "cache"
 
     def barrier() -> None:
         mx.eval(mx.distributed.all_sum(mx.array(1.0), group=group))
 
     with Counter(console, show=show and console is not None and console.is_terminal) as bars:
-        preparer = Preparer(bundle, cfg, _tokenizer(bundle, cfg), cache, opts.max_seconds,
+        preparer = Preparer(bundle, cfg, model.tokenizer, cache, opts.max_seconds,
                             opts.speechless_audio, bars.track, rank, world, barrier, babillage,
                             opts.text_past_audio)
         preparer.encode_all(train_entries + valid_entries)
