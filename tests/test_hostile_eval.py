@@ -42,9 +42,13 @@ def bundle():
 
 
 def run_cli(*args) -> int:
+    """moshivis-eval's exit status (argparse's own refusals exit through SystemExit)."""
     from moshivis_mlx.cli.eval import main
 
-    return main([str(a) for a in args])
+    try:
+        return main([str(a) for a in args])
+    except SystemExit as e:
+        return int(e.code)
 
 
 def refused(capsys, code: int, expected_code: int, *pieces: str) -> str:
@@ -90,14 +94,16 @@ def bench(tmp_path):
     ("--opening-s", "inf"), ("--silence-s", "nan"), ("--silence-s", "0"),
     ("--silence-s", "inf"), ("--silence-s", "-2"), ("--max-answer-s", "inf"),
     ("--max-answer-s", "nan"), ("--max-answer-s", "-1"), ("--max-answer-s", "0"),
-    ("--max-answer-s", "1e9"), ("--seed", "-1"), ("--seed", str(1 << 63)),
+    ("--max-answer-s", "1e9"), ("--answer-silence", "nan"), ("--max-answer-seconds", "inf"),
+    ("--seed", "-1"), ("--seed", str(1 << 63)),
 ])
 def test_numeric_options_are_finite_and_in_range(tmp_path, capsys, option, value):
     """Refused before the data is even looked at (here it does not exist: the option's
     error comes first), with the option named and the range it takes."""
     code = run_cli("--task", "coco", "--data", tmp_path / "none", "--images", tmp_path,
                    "--weights", tmp_path / "w", "--out", tmp_path / "out", option, value)
-    refused(capsys, code, EXIT_USAGE, f"{option} must be in", f"got {float(value):g}")
+    named = {"--silence-s": "--answer-silence", "--max-answer-s": "--max-answer-seconds"}
+    refused(capsys, code, EXIT_USAGE, f"{named.get(option, option)} must be in", "got ")
     assert not (tmp_path / "out").exists()
 
 
@@ -106,7 +112,7 @@ def test_numeric_options_are_finite_and_in_range(tmp_path, capsys, option, value
     (["--limit", "-5"], "--limit must be at least 1"),
     (["--shard", "1/0"], "--shard 1/0"), (["--shard=-1/4"], "--shard -1/4"),
     (["--shard", "a/b"], "--shard 'a/b'"), (["--mode", "video"], "unknown mode"),
-    (["--ptb", "perl"], "--ptb"), (["-q", "3"], "-q must be one of"),
+    (["--ptb", "perl"], "--ptb"), (["-q", "3"], "-q/--quantize: choose q8"),
 ])
 def test_other_options(tmp_path, capsys, args, expected):
     code = run_cli("--task", "coco", "--data", tmp_path / "none", "--images", tmp_path,
@@ -722,3 +728,24 @@ def test_a_stopped_run_keeps_its_predictions_and_resumes(bundle, tmp_path, sig, 
     assert [r["sample_id"] for r in records] == [q[0] for q in COCO_QUESTIONS]
     assert records[:len(done)] == done
     assert not (tmp_path / ".out.lock").exists()
+
+
+@pytest.mark.parametrize("quantization,expected", [
+    ({"bits": 3, "group_size": 64}, "bits must be one of"), ({"bits": "x"}, "bits must be"),
+    ("q8", "quantization must be"), ({"bits": 8, "group_size": 7}, "group size must be"),
+    (7, "quantization must be"),
+])
+def test_a_bad_quantization_in_the_config_names_the_file(bundle, tmp_path, capsys,
+                                                         quantization, expected):
+    from moshivis_mlx.app.demo import SAMPLE_SPEECH
+
+    own = Path(shutil.copytree(bundle, tmp_path / "b"))
+    cfg = json.loads((own / "config.json").read_text())
+    cfg["quantization"] = quantization
+    (own / "config.json").write_text(json.dumps(cfg))
+    code = run_main("--weights", str(own), "--no-image", "--input-wav", str(SAMPLE_SPEECH),
+                    "--output-wav", str(tmp_path / "o.wav"))
+    err = capsys.readouterr().err
+    lines = [x for x in err.splitlines() if x.startswith("moshivis-mlx: error: ")]
+    assert code == EXIT_WEIGHTS and len(lines) == 1, err
+    assert f"{own / 'config.json'}: " in lines[0] and expected in lines[0], lines[0]
