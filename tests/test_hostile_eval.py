@@ -749,3 +749,32 @@ def test_a_bad_quantization_in_the_config_names_the_file(bundle, tmp_path, capsy
     lines = [x for x in err.splitlines() if x.startswith("moshivis-mlx: error: ")]
     assert code == EXIT_WEIGHTS and len(lines) == 1, err
     assert f"{own / 'config.json'}: " in lines[0] and expected in lines[0], lines[0]
+
+
+def test_inputs_that_are_pipes_or_files_for_folders(bench, bundle, tmp_path, capsys):
+    """A FIFO for --annotations used to block the run forever (nobody writes into it)."""
+    fifo = tmp_path / "ann.json"
+    os.mkfifo(fifo)
+    r = subprocess.run([sys.executable, "-m", "moshivis_mlx.cli.eval",
+                        *map(str, bench.args(bundle, tmp_path / "out", annotations=fifo))],
+                       env=app_env(), capture_output=True, text=True, timeout=60)
+    assert r.returncode == EXIT_ERROR and "not a regular file (a pipe or a device)" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    images = tmp_path / "images.txt"
+    images.write_text("not a folder")
+    code = run_cli(*bench.args(bundle, tmp_path / "out"), "--images", images)
+    refused(capsys, code, 5, f"image folder {images} is not a directory")
+
+
+@pytest.mark.slow
+def test_an_image_that_cannot_be_decoded_skips_its_questions(bundle, tmp_path, capsys):
+    bench = Bench(tmp_path)
+    broken = bench.images / "COCO_val2014_000000000007.jpg"
+    broken.write_bytes(b"\xff\xd8\xff\xe0 not really a JPEG")
+    out = tmp_path / "out"
+    assert run_cli(*bench.args(bundle, out)) == 0
+    said = capsys.readouterr().out
+    assert f"skipped: {broken}: " in said
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["samples_scored"] == 3 and [s["sample_id"] for s in m["skipped"]] == [103, 104]
+    assert "(the image of sample 103)" in m["skipped"][0]["reason"]

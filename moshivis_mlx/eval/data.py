@@ -17,6 +17,7 @@ from typing import Any
 
 from ..babillage import Babillage, DataError, Sample
 from ..errors import ImageError
+from ..paths import check_readable_file
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp"}
 
@@ -29,6 +30,7 @@ def _read_json(path: str | Path, what: str) -> Any:
         raise DataError(f"annotation file {path} does not exist", f"give {what} with --annotations")
     if path.is_dir():
         raise DataError(f"annotation file {path} is a directory", f"give {what}")
+    check_readable_file(path, what, DataError)  # a pipe would block
     data = path.read_bytes()
     try:
         text = data.decode("utf-8")
@@ -227,7 +229,8 @@ class ImageFolder:
     def __init__(self, root: str | Path):
         self.root = Path(root).expanduser()
         if not self.root.is_dir():
-            raise ImageError(f"image folder {self.root} does not exist",
+            what = "is not a directory" if self.root.exists() else "does not exist"
+            raise ImageError(f"image folder {self.root} {what}",
                              "give the benchmark's images with --images")
         self.by_name: dict[str, Path] = {}
         self.by_stem: dict[str, Path] = {}

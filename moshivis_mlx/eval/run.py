@@ -24,7 +24,7 @@ import numpy as np
 from rich.console import Console
 
 from ..babillage import TASKS, Babillage, DataError, Sample, parquet_files
-from ..errors import UsageError
+from ..errors import ImageError, UsageError
 from ..fileio import fingerprint, output_lock
 from ..loader import BundleOptions, resolve
 from ..paths import check_outputs, check_writable
@@ -376,7 +376,11 @@ def _ask(opts: EvalOptions, plan: Plan, models: Models, groups: list[Group],
         latest = float("nan")
         for group in groups:
             t0 = time.perf_counter()
-            answerer.set_image(models.vision.encode_image(group.path))
+            try:
+                answerer.set_image(models.vision.encode_image(group.path))
+                unusable = None
+            except ImageError as e:  # its questions cannot be asked; the others can
+                unusable = str(e)
             image_s = time.perf_counter() - t0
             for sample in group.samples:
                 if sample.sample_id in done:
@@ -385,9 +389,11 @@ def _ask(opts: EvalOptions, plan: Plan, models: Models, groups: list[Group],
                         "image_id": group.image_id, "image": group.path.name,
                         "question": sample.question}
                 try:
+                    if unusable is not None:
+                        raise DataError(f"{unusable} (the image of sample {sample.sample_id})")
                     question = question_input(plan, sample, opts.mode, answerer)
                 except DataError as e:
-                    # One bad cell does not stop the run: said, recorded, counted.
+                    # One bad cell or image does not stop the run: said, recorded, counted.
                     record = {**base, "skipped": str(e)}
                     console.print(f"skipped: {e}", highlight=False, soft_wrap=True)
                 else:
