@@ -778,3 +778,22 @@ def test_an_image_that_cannot_be_decoded_skips_its_questions(bundle, tmp_path, c
     m = json.loads((out / "metrics.json").read_text())
     assert m["samples_scored"] == 3 and [s["sample_id"] for s in m["skipped"]] == [103, 104]
     assert "(the image of sample 103)" in m["skipped"][0]["reason"]
+
+
+def test_merge_reads_shards_from_a_read_only_place(tmp_path, monkeypatch):
+    """Shards copied to read-only media: their locks cannot be made there (simulated: the
+    lock file's creation is refused with EROFS beside the shards); the merge still goes."""
+    from moshivis_mlx import fileio
+
+    a = _shard(tmp_path / "ro" / "a", 0, 2)
+    b = _shard(tmp_path / "ro" / "b", 1, 2)
+    real_open = os.open
+
+    def read_only(path, flags, *args, **kw):
+        if str(path).startswith(str(tmp_path / "ro")) and flags & os.O_CREAT:
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+        return real_open(path, flags, *args, **kw)
+
+    monkeypatch.setattr(fileio.os, "open", read_only)
+    assert merge_cli(tmp_path / "m", a, b) == 0
+    assert json.loads((tmp_path / "m" / "metrics.json").read_text())["samples_scored"] == 2

@@ -14,6 +14,7 @@ reader never sees half of one.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from collections import Counter
@@ -281,7 +282,11 @@ def merge(out: Path, shard_dirs: Iterable[Path]) -> dict[str, Any]:
     with ExitStack() as locks:
         locks.enter_context(output_lock(out, fix="wait for that merge to finish"))
         for d in shard_dirs:
-            locks.enter_context(output_lock(d, fix=SHARD_LOCK_FIX))
+            try:
+                locks.enter_context(output_lock(d, fix=SHARD_LOCK_FIX))
+            except OSError as e:  # a read-only copy of a shard: no run can be writing it
+                if e.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+                    raise
         return _merge(out, shard_dirs)
 
 
