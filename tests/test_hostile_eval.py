@@ -595,11 +595,14 @@ def test_record_on_a_full_disk_names_the_file_and_keeps_the_transcript(bundle, t
 
 @pytest.mark.slow
 def test_record_when_nothing_can_be_written_any_more(bundle, tmp_path, monkeypatch, capsys):
-    """Worse: after 1 s every write of the session fails (the log's, the latency rows',
-    session.json's). Still one line naming a file, no traceback, and what is on disk is
-    whole: the transcript's log, as far as it went, and a WAV whose header is right."""
+    """Worse: after 1 s no new file can be made (session.json's rewrite, transcript.json)
+    and the WAV takes no more audio, as on a disk filled to the last block (checked by
+    hand on a 200 kB tmpfs too). Still one line naming the file, no traceback; the output
+    says which files are not complete and that the words are in transcript.jsonl, which
+    is kept, one whole JSON object a line."""
     from moshivis_mlx.app import audio as audio_mod
     from moshivis_mlx.app import recorder as recorder_mod
+    from moshivis_mlx.app import transcript as transcript_mod
     from moshivis_mlx.wav import WavWriter
 
     sd = FakeSoundDevice()
@@ -620,18 +623,29 @@ def test_record_when_nothing_can_be_written_any_more(bundle, tmp_path, monkeypat
         return atomic(*a, **k)
 
     atomic = recorder_mod.atomic_write
+    writer = transcript_mod.atomic_writer
     monkeypatch.setattr(WavWriter, "write", filling)
     monkeypatch.setattr(recorder_mod, "atomic_write", no_room)
+
+    def no_room_for_the_document(*a, **k):
+        if full["now"]:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return writer(*a, **k)
+
+    monkeypatch.setattr(transcript_mod, "atomic_writer", no_room_for_the_document)
     rec = tmp_path / "rec"
     code = run_main("--weights", str(bundle), "--no-image", "--record", str(rec))
     out = capsys.readouterr()
     lines = [x for x in out.err.splitlines() if "error" in x]
     assert code == EXIT_ERROR and len(lines) == 1 and "Traceback" not in out.err, out.err
     assert f"cannot write {rec / 'conversation.wav'}: No space left on device" in lines[0]
-    assert f"session partly saved to {rec}" in out.out
+    assert (f"session partly saved to {rec}/" in out.out and "not completed: transcript.json, "
+            "session.json; the words are in transcript.jsonl" in out.out), out.out
     session = json.loads((rec / "session.json").read_text())  # the last one written whole
     assert session["complete"] is False
-    assert (rec / "transcript.json").exists()  # made from the log
+    assert not (rec / "transcript.json").exists()
+    log = [json.loads(x) for x in (rec / "transcript.jsonl").read_text().splitlines()]
+    assert log[0]["type"] == "header"
 
 
 # -- a sample that cannot be asked is skipped, said, counted; the run goes on ------------------

@@ -214,8 +214,7 @@ def run_live(opts: AppOptions, console: Console) -> int:
                     saved = recorder.close(summary)
                 except MoshivisError as e:
                     fatal = fatal or e
-                    print_line(console, f"session partly saved to {recorder.dir}/ "
-                                        f"({recorder.seconds:.1f} s)")
+                    print_line(console, recorder.partly_saved())
                 else:
                     print_line(console, f"session saved to {saved}/ ({recorder.seconds:.1f} "
                                         f"s: conversation.wav, transcript.json, latency.csv)")

@@ -109,6 +109,8 @@ class SessionRecorder:
         self._stereo = np.zeros((0, 2), dtype=np.float32)
         self._last_flush = time.monotonic()
         self.closed = False
+        self.unfinished: list[str] = []
+        """The files `close` could not complete (a full disk)."""
 
     def _claim(self) -> None:
         """session.json, created exclusively: the directory is this run's, or an error."""
@@ -231,6 +233,16 @@ class SessionRecorder:
                     step()
             except MoshivisError as e:
                 failure = failure or e
+                self.unfinished.append(name)
         if failure is not None:
             raise failure
         return self.dir
+
+    def partly_saved(self) -> str:
+        """What a close that failed left, for the user: which files are not complete, and
+        where the words are when transcript.json could not be made."""
+        log = self._words.log
+        words = (f"; the words are in {log.name}" if "transcript.json" in self.unfinished
+                 and log.exists() else "")
+        return (f"session partly saved to {self.dir}/ ({self.seconds:.1f} s; not completed: "
+                f"{', '.join(self.unfinished)}{words})")
