@@ -331,6 +331,8 @@ def test_predictions_that_are_not_utf8(bench, bundle, tmp_path, capsys):
     (b'{"task": "coco",\n "mode": }', "line 2, column 10: invalid JSON"),
     (b"[" * 100_000, "nested too deep"),
     (b"[" * 10 + b"]" * 10, "got list"),
+    (b'{"task": "coco", "mode": "audio", "planned": 5, "settings": {}}',
+     "settings.opening_s is None, expected seconds"),
 ])
 def test_run_json_edited_by_hand(bench, bundle, tmp_path, capsys, content, expected):
     out = tmp_path / "out"
@@ -451,6 +453,13 @@ def test_merge_out_is_never_a_shard_or_a_run(bench, bundle, tmp_path, capsys):
             "holds merged shards (made by moshivis-eval merge), not a run to resume")
 
 
+def test_merge_of_a_shard_whose_run_json_was_edited(tmp_path, capsys):
+    a = _shard(tmp_path / "a", 0, 2)
+    b = _shard(tmp_path / "b", 1, 2, settings={})
+    refused(capsys, merge_cli(tmp_path / "m", a, b), EXIT_ERROR,
+            f"{b / 'run.json'}: settings.opening_s is None, expected seconds")
+
+
 def test_merge_waits_for_a_shard_still_running(tmp_path, capsys):
     a, b = _shard(tmp_path / "a", 0, 2), _shard(tmp_path / "b", 1, 2)
     with output_lock(b):
@@ -489,7 +498,8 @@ def test_a_rebuilt_bundle_is_not_resumed_nor_merged(bench, bundle, tmp_path, cap
     assert "bundle_id" in RESUMED_SAME
     out = tmp_path / "out"
     out.mkdir()
-    old = {"task": "coco", "mode": "audio", "planned": 5, "settings": {}, "bundle_id": first}
+    old = {"task": "coco", "mode": "audio", "planned": 5, "bundle_id": first,
+           "settings": {"opening_s": 2, "silence_s": 2, "max_answer_s": 30}}
     (out / "run.json").write_text(json.dumps(old))
     with pytest.raises(MoshivisError, match="another bundle content .the bundle was rebuilt"):
         _check_resumable(out, {**old, "bundle_id": fingerprint(own)})

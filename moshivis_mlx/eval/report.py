@@ -143,6 +143,11 @@ def read_run(out: Path) -> dict[str, Any] | None:
         if not isinstance(run.get(key), kind) or isinstance(run.get(key), bool):
             raise MoshivisError(f"{path}: {key} is {run.get(key)!r:.40}, expected "
                                 f"{'an integer' if kind is int else kind.__name__}", fix)
+    settings = run["settings"]
+    for key in ("opening_s", "silence_s", "max_answer_s"):
+        v = settings.get(key)
+        if not isinstance(v, (int, float)) or isinstance(v, bool):
+            raise MoshivisError(f"{path}: settings.{key} is {v!r:.40}, expected seconds", fix)
     shard = run.get("shard")
     if shard is not None and not (isinstance(shard, list) and len(shard) == 2 and all(
             isinstance(x, int) and not isinstance(x, bool) for x in shard)):
