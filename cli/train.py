@@ -110,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--save-every", type=int, default=100, metavar="N",
                    help="save a checkpoint every N steps (default %(default)s)")
     r.add_argument("--keep-checkpoints", type=int, default=2, metavar="N",
-                   help="checkpoints kept, the newest (default %(default)s)")
+                   help="checkpoints kept, the newest, at least 1 (default %(default)s)")
     r.add_argument("--report-every", type=int, default=10, metavar="N",
                    help="report the running loss every N steps (default %(default)s)")
     r.add_argument("--estimate", action="store_true",
@@ -157,6 +157,10 @@ def main(argv: list[str] | None = None) -> int:
 
         if args.estimate:
             from moshivis_mlx.train.estimate import estimate_report
+            from moshivis_mlx.train.trainer import LOSS_LIMITS, check_range, check_ranges
+
+            check_ranges({"batch_size": args.batch_size, "max_seconds": args.max_seconds})
+            check_range("audio_codebooks", args.audio_codebooks, *LOSS_LIMITS["audio_codebooks"])
 
             print(estimate_report(quantize=args.quantize or "q8",
                                   batch=1 if args.batch_size is None else args.batch_size,

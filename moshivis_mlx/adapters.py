@@ -17,6 +17,12 @@ the benchmark and moshivis-eval take `--adapters DIR`, and `moshivis-convert --b
 --adapters DIR` writes a bundle with them merged in. A set trained for another shape is
 refused with one line saying which dimension differs.
 
+A set is validated when it is read, as a bundle's weights are: the config (its format,
+the backbone's dimensions as positive integers), the tensors' header (float dtypes only,
+a file that is whole), and every value finite and within `MAX_ADAPTER_VALUE`; the app,
+the benchmark, moshivis-eval, the merge into a bundle and a resumed training all read
+through `read_adapters`, so none of them runs on a damaged or diverged set.
+
 In a quantized bundle the adapters are quantized like every other layer; putting a set
 on such a model makes those few layers float again (`dequantize_adapters`), in the
 model's activation dtype.
@@ -50,6 +56,12 @@ ADAPTER_MODULE = re.compile(
 
 SHAPE_KEYS = ("dim", "num_heads", "num_layers", "image_dim", "xa_gate_hidden")
 """The backbone dimensions a set of adapters is tied to."""
+
+MAX_ADAPTER_VALUE = 1e4
+"""The largest magnitude a value of a usable set holds. Trained adapters hold values of
+order 1 (AdamW moves each by at most the learning rate a step); one beyond this is a
+damaged or diverged set, which would overflow the model's bfloat16 activations into
+noise."""
 
 
 class AdapterError(WeightsError):
@@ -150,6 +162,7 @@ def write_adapters(out: str | Path, weights: dict[str, mx.array], cfg: LmConfig,
     bad = [k for k in weights if not is_adapter(k)]
     if bad:
         raise ValueError(f"not adapter tensors: {', '.join(bad[:3])}")
+    check_values(weights, str(out))
     save_safetensors_atomic(out / ADAPTER_WEIGHTS, weights)
     doc = {"format": FORMAT, "format_version": FORMAT_VERSION, "backbone": backbone_shape(cfg),
            "tensors": len(weights), "parameters": int(sum(v.size for v in weights.values())),
@@ -158,12 +171,58 @@ def write_adapters(out: str | Path, weights: dict[str, mx.array], cfg: LmConfig,
     return out
 
 
-def read_adapters(path: str | Path) -> Adapters:
-    """A set written by `write_adapters` (or by moshivis-train), checked for what it is."""
+def check_values(weights: dict[str, mx.array], where: str) -> None:
+    """Every value finite (`bundle.non_finite`) and within `MAX_ADAPTER_VALUE`, or one
+    line naming the tensors."""
+    from .bundle import listing, non_finite
+
+    names = sorted(weights)
+    if not names:
+        return
+    peaks = mx.stack([mx.max(mx.abs(weights[k].astype(mx.float32))) for k in names]).tolist()
+    nan = set(non_finite(weights))
+    bad = [f"{k} ({'NaN or inf' if k in nan else f'{peak:.3g}'})"
+           for k, peak in zip(names, peaks) if k in nan or not peak <= MAX_ADAPTER_VALUE]
+    if bad:
+        raise AdapterError(f"{where}: NaN, infinite or absurd values (beyond "
+                           f"{MAX_ADAPTER_VALUE:g} in magnitude) in {listing(bad, 3)}: a "
+                           f"damaged or diverged set", "use the adapters of an earlier checkpoint")
+
+
+def _check_config(doc: dict, cfg_path: Path) -> dict[str, int]:
+    """The config's format and backbone shape (positive integers), or one line."""
+    if doc.get("format") != FORMAT:
+        raise AdapterError(f"{cfg_path}: not a moshivis-adapters config (no \"format\": "
+                           f"\"{FORMAT}\")")
+    version = doc.get("format_version")
+    if isinstance(version, bool) or version != FORMAT_VERSION:
+        raise AdapterError(f"{cfg_path}: adapters format {version!r}, this version reads "
+                           f"{FORMAT_VERSION}")
+    backbone = doc.get("backbone")
+    if not isinstance(backbone, dict) or set(SHAPE_KEYS) - set(backbone):
+        raise AdapterError(f"{cfg_path}: no backbone shape ({', '.join(SHAPE_KEYS)})")
+    wrong = [f"{k} {backbone[k]!r}" for k in SHAPE_KEYS
+             if isinstance(backbone[k], bool) or not isinstance(backbone[k], int)
+             or not 0 < backbone[k] < 1 << 31]
+    if wrong:
+        raise AdapterError(f"{cfg_path}: backbone dimensions must be positive integers, got "
+                           f"{', '.join(wrong)}")
+    training = doc.get("training")
+    if training is not None and not isinstance(training, dict):
+        raise AdapterError(f"{cfg_path}: \"training\" must be an object, got "
+                           f"{type(training).__name__}")
+    return {k: backbone[k] for k in SHAPE_KEYS}
+
+
+def read_adapters(path: str | Path, what: str = "--adapters") -> Adapters:
+    """A set written by `write_adapters` (or by moshivis-train), validated as a bundle's
+    weights are (see the module's docstring); `what` names it in messages."""
+    from .safetensors import FLOAT_CODES, read_header, read_json
+
     path = Path(path).expanduser()
     if not path.is_dir():
-        what = "no such directory" if not path.exists() else "not a directory"
-        raise AdapterError(f"--adapters {path}: {what}",
+        why = "no such directory" if not path.exists() else "not a directory"
+        raise AdapterError(f"{what} {path}: {why}",
                            "give the directory moshivis-train wrote (OUT/adapters)")
     cfg_path, w_path = path / ADAPTER_CONFIG, path / ADAPTER_WEIGHTS
     for p in (cfg_path, w_path):
@@ -171,25 +230,26 @@ def read_adapters(path: str | Path) -> Adapters:
             raise AdapterError(f"{path}: no {p.name}; is this a moshivis-train adapters "
                                f"directory?")
     try:
-        doc = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise AdapterError(f"{cfg_path}: invalid JSON ({e})") from None
-    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
-        raise AdapterError(f"{cfg_path}: not a moshivis-adapters config")
-    if doc.get("format_version") != FORMAT_VERSION:
-        raise AdapterError(f"{cfg_path}: adapters format {doc.get('format_version')}, this "
-                           f"version reads {FORMAT_VERSION}")
-    backbone = doc.get("backbone")
-    if not isinstance(backbone, dict) or set(SHAPE_KEYS) - set(backbone):
-        raise AdapterError(f"{cfg_path}: no backbone shape ({', '.join(SHAPE_KEYS)})")
+        doc = read_json(cfg_path, "a moshivis-adapters config")
+        backbone = _check_config(doc, cfg_path)
+        table = read_header(w_path)
+    except AdapterError:
+        raise
+    except WeightsError as e:
+        raise AdapterError(str(e)) from None
+    from .bundle import listing
+
+    not_float = [f"{k} {t.dtype_name}" for k, t in sorted(table.items())
+                 if t.dtype not in FLOAT_CODES]
+    if not_float:
+        raise AdapterError(f"{w_path}: adapters are float tensors, got {listing(not_float, 3)}")
     try:
         weights = mx.load(str(w_path))
     except Exception as e:  # MLX raises RuntimeError / ValueError for a broken file
         raise AdapterError(f"{w_path}: not a readable safetensors file ({e})") from None
-    if not isinstance(weights, dict):
-        raise AdapterError(f"{w_path}: not a safetensors file")
-    return Adapters({k: v.astype(mx.float32) for k, v in weights.items()}, backbone,
-                    doc.get("training") or {}, path)
+    weights = {k: v.astype(mx.float32) for k, v in weights.items()}
+    check_values(weights, str(w_path))
+    return Adapters(weights, backbone, doc.get("training") or {}, path)
 
 
 def apply_adapters(lm: LM, adapters: Adapters | str | Path, where: str = "the bundle") -> None:

@@ -35,8 +35,7 @@ def bundles(tmp_path_factory):
     save_released(build_moshi_lm(kw), d / "model.safetensors")
     (d / "config.json").write_text(json.dumps(kw))
     out = {}
-    for name, args in {"float": ["--no-quantize"], "q8": ["-q", "--q-bits", "8"],
-                       "q4": ["-q", "--q-bits", "4", "--q-group-size", "32"]}.items():
+    for name, args in {"float": ["-q", "bf16"], "q8": ["-q", "q8"], "q4": ["-q", "q4"]}.items():
         out[name] = d / name
         assert convert_main(["--moshi-weights", str(d / "model.safetensors"), "--config",
                              str(d / "config.json"), "--out", str(out[name]), "--dtype", "float32",

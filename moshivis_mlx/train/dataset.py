@@ -18,6 +18,16 @@ the model's codebooks, rows 9-16 the user's, -1 for "not given"):
   (`interleave.window_starts`), each a sample: Mimi's codes of both channels of that
   window, encoded on their own, and the assistant's words that start in the window placed
   at their frames (`interleave.window_words`, `interleave.text_stream`).
+
+A dialogue is read forward in bounded blocks (a WAV block by block through the streaming
+resampler) and each window is Mimi-encoded frame by frame with the streaming encoder,
+reset at every window: the codes are those of encoding the window whole, in memory that
+does not grow with the dialogue's length or the window's (a 30 s window encoded whole
+takes about 4 GB with Mimi's full-size encoder; frame by frame, some 20 MB).
+
+What a sample loses is reported, never silently dropped (`Preparer.notes`, written to the
+run's log and summed up in its summary): a speechless transcript cut to the window's
+length, words that end before they start or that start after the audio's end.
 """
 
 from __future__ import annotations
@@ -47,8 +57,10 @@ from .interleave import (
 )
 from .manifest import BabillageFiles, Entry, ManifestError, Word
 
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 SPEECHLESS_AUDIO = ("zero", "silence")
+NOTE_KINDS = {"cut": "cut to --max-seconds", "dropped_words": "with words dropped"}
+"""What a sample may lose, as the run's summary says it."""
 FRAME_RATE = MimiConfig().frame_rate
 """Mimi's frames per second."""
 
@@ -149,6 +161,9 @@ class Preparer:
         self._vision = None
         self._mimi = None
         self.babillage = babillage or BabillageFiles()
+        self._encoder = None
+        self.notes: list[dict[str, Any]] = []
+        """What samples lost: {"sample", "kind" (a key of NOTE_KINDS), "note"}, one each."""
 
     # -- the frozen encoders ---------------------------------------------------------------
 
@@ -171,7 +186,7 @@ class Preparer:
 
     def release(self) -> None:
         """Drops the encoders (the 7B model needs the memory)."""
-        self._vision = self._mimi = None
+        self._vision = self._mimi = self._encoder = None
         mx.clear_cache()
 
     # -- keys ---------------------------------------------------------------------------------
@@ -213,11 +228,12 @@ class Preparer:
                 self.progress("image tokens", len(todo_i), len(todo_i))
             for n, (key, e) in enumerate(todo_a):
                 self.progress("Mimi codes", n, len(todo_a))
-                codes, words, windows = self._encode_dialogue(e)
+                codes, words, windows, dropped = self._encode_dialogue(e)
                 self.audio_path(key).parent.mkdir(parents=True, exist_ok=True)
                 save_safetensors_atomic(self.audio_path(key), {"codes": mx.array(codes)},
                                         {"words": json.dumps(words),
                                          "windows": json.dumps(windows),
+                                         "dropped": json.dumps(dropped),
                                          "frame_rate": repr(self.mimi().frame_rate)})
             if todo_a:
                 self.progress("Mimi codes", len(todo_a), len(todo_a))
@@ -233,54 +249,51 @@ class Preparer:
             raise ManifestError(f"{e.where}: {err}") from None
 
     def _encode_dialogue(self, e: Entry
-                         ) -> tuple[np.ndarray, list[Word], list[tuple[float, int]]]:
+                         ) -> tuple[np.ndarray, list[Word], list[tuple[float, int]], int]:
         """Mimi codes [16, T] (assistant's 8 codebooks, then the user's) of each window of
-        one dialogue, one after the other; the assistant's words; and each window's start
-        (s) and number of frames."""
+        one dialogue, one after the other; the assistant's words; each window's start (s)
+        and number of frames; and how many of the words end before they start (dropped)."""
         rate = self.mimi().sample_rate
         if e.kind == "speech":
-            assistant, user = self._read_stereo(e, rate)
-            words = e.words
+            dialogue: _Dialogue = _WavDialogue(e, rate)
+            words, dropped = e.words, e.dropped
         else:
-            assistant, user, words = self._babillage_dialogue(e, rate)
-        pcm = np.zeros((2, max(len(assistant), len(user))), dtype=np.float32)
-        pcm[0, : len(assistant)] = assistant
-        pcm[1, : len(user)] = user
+            dialogue, words, dropped = self._babillage_dialogue(e, rate)
+        window = int(self.max_seconds * rate)
         pieces, windows = [], []
-        for start in window_starts(pcm.shape[1] / rate, self.max_seconds):
-            codes = self._encode_window(pcm, start, rate)
+        for start in window_starts(dialogue.length / rate, self.max_seconds):
+            codes = self._encode_window(dialogue.take(int(start * rate), window))
             pieces.append(codes)
             windows.append((start, codes.shape[1]))
-        return np.concatenate(pieces, axis=1), list(words), windows
+        dialogue.close()
+        return np.concatenate(pieces, axis=1), list(words), windows, dropped
 
-    def _encode_window(self, pcm: np.ndarray, start: float, rate: int) -> np.ndarray:
-        """Mimi codes [16, frames] of the window starting at `start` s, encoded on their own
-        as moshi-finetune encodes each sample: no context from the audio before it."""
+    def _encode_window(self, piece: np.ndarray) -> np.ndarray:
+        """Mimi codes [16, frames] of one window's audio [2, n], encoded on their own as
+        moshi-finetune encodes each sample: no context from the audio before it."""
+        frames = min(self.max_frames, math.ceil(piece.shape[1] / self.mimi().frame_size))
+        return np.concatenate([self.stream_codes(piece[c], frames) for c in range(2)],
+                              axis=0).astype(np.int32)
+
+    def stream_codes(self, pcm: np.ndarray, frames: int) -> np.ndarray:
+        """The first `frames` frames of Mimi's codes [dep_q, frames] of mono `pcm` (zeros
+        after its end), encoded frame by frame from a fresh stream: what encoding it whole
+        gives (`Mimi.encode`), in memory that does not grow with its length."""
         mimi = self.mimi()
-        first = int(start * rate)
-        piece = pcm[:, first: first + int(self.max_seconds * rate)]
-        frames = min(self.max_frames, math.ceil(piece.shape[1] / mimi.frame_size))
-        x = np.zeros((2, math.ceil(piece.shape[1] / mimi.frame_size) * mimi.frame_size),
-                     dtype=np.float32)
-        x[:, : piece.shape[1]] = piece
-        channels = [np.asarray(mimi.encode(x[c]))[:, :frames] for c in range(2)]
-        return np.concatenate(channels, axis=0).astype(np.int32)
+        if self._encoder is None:
+            self._encoder = mimi.streaming_encoder()
+        enc, size = self._encoder, mimi.frame_size
+        enc.reset()
+        out = np.empty((enc.num_codebooks, frames), dtype=np.int32)
+        frame = np.zeros(size, dtype=np.float32)
+        for t in range(frames):
+            chunk = pcm[t * size: (t + 1) * size]
+            frame[: len(chunk)] = chunk
+            frame[len(chunk):] = 0.0
+            out[:, t] = enc.step(frame)
+        return out
 
-    def _read_stereo(self, e: Entry, rate: int) -> tuple[np.ndarray, np.ndarray]:
-        from ..errors import AudioFileError
-        from ..resample import resample
-        from ..wav import read_wav
-
-        try:
-            pcm, sr = read_wav(e.audio)
-        except AudioFileError as err:
-            raise ManifestError(f"{e.where}: {err}") from None
-        if pcm.shape[1] != 2:
-            raise ManifestError(f"{e.where}: audio {e.audio}: {pcm.shape[1]} channel(s); a speech "
-                                f"sample is a stereo WAV (channel 0 the assistant, 1 the user)")
-        return resample(pcm[:, 0], sr, rate), resample(pcm[:, 1], sr, rate)
-
-    def _babillage_dialogue(self, e: Entry, rate: int):
+    def _babillage_dialogue(self, e: Entry, rate: int) -> tuple[_Dialogue, list[Word], int]:
         """The user asks (question audio), then the assistant answers (answer audio)."""
         from ..babillage import DataError, decode_audio
         from ..resample import resample
@@ -294,20 +307,12 @@ class Preparer:
         except DataError as err:
             raise ManifestError(f"{e.where}: {err}") from None
         q, a = resample(q, q_rate, rate), resample(a, a_rate, rate)
-        words = data.cell(sample, "answer_transcript") or []
-        times = data.cell(sample, "answer_alignment") or []
-        if isinstance(words, str):
-            words = words.split()
-        if len(words) != len(times):
-            raise ManifestError(f"{e.where}: {name}: {len(words)} answer words but "
-                                f"{len(times)} timestamps")
+        words, dropped = babillage_words(data.cell(sample, "answer_transcript"),
+                                         data.cell(sample, "answer_alignment"),
+                                         f"{e.where}: {name}")
         offset = len(q) / rate
-        # Empty words stay: as in an alignment file, they cut the previous word short.
-        aligned = sorted(((str(w), float(s) + offset, float(t) + offset)
-                          for w, (s, t) in zip(words, times) if s < t), key=lambda w: w[1])
-        user = np.concatenate([q, np.zeros(len(a), dtype=np.float32)])
-        assistant = np.concatenate([np.zeros(len(q), dtype=np.float32), a])
-        return assistant, user, aligned
+        aligned = [(w, s + offset, t + offset) for w, s, t in words]
+        return _ArrayDialogue([(len(q), a), (0, q)]), aligned, dropped
 
     # -- samples ------------------------------------------------------------------------------
 
@@ -335,6 +340,11 @@ class Preparer:
             ids = self._encode_text(turn.text)
             tokens += ids
             user += [turn.role == "user"] * len(ids)
+        if len(tokens) > self.max_frames:
+            self._note(e.where, "cut", f"{len(tokens)} text tokens, the first "
+                                       f"{self.max_frames} kept (--max-seconds "
+                                       f"{self.max_seconds:g} at {FRAME_RATE:g} tokens a "
+                                       f"second)")
         tokens, user = tokens[: self.max_frames], user[: self.max_frames]
         codes = np.full((1 + self.cfg.n_q, len(tokens)), -1, dtype=np.int32)
         codes[0] = tokens
@@ -351,8 +361,7 @@ class Preparer:
         frames = max(8, self.max_frames)
         path = self.cache / "audio" / f"silence-{self._mimi_id}-{frames}.safetensors"
         if not path.exists():
-            mimi = self.mimi()
-            codes = mimi.encode(np.zeros(frames * mimi.frame_size, dtype=np.float32))
+            codes = self.stream_codes(np.zeros(0, dtype=np.float32), frames)
             path.parent.mkdir(parents=True, exist_ok=True)
             save_safetensors_atomic(path, {"codes": mx.array(np.asarray(codes, np.int32))})
         return np.asarray(mx.load(str(path))["codes"])
@@ -362,17 +371,33 @@ class Preparer:
         path = self.audio_path(self.audio_key(e))
         arrays, meta = mx.load(str(path), return_metadata=True)
         codes_audio = np.asarray(arrays["codes"])
-        words = [tuple(w) for w in json.loads(meta["words"])]
+        # A speech file's words are read afresh (its alignment may have been edited since
+        # its audio was encoded); a Babillage row's were cached with its audio.
+        words = e.words if e.kind == "speech" else [tuple(w) for w in json.loads(meta["words"])]
+        dropped = e.dropped if e.kind == "speech" else int(json.loads(meta["dropped"]))
         windows = json.loads(meta["windows"])
         rate = float(meta["frame_rate"])
-        out, first = [], 0
+        out, first, placed = [], 0, 0
         for k, (start, frames) in enumerate(windows):
-            codes = self._window_codes(codes_audio[:, first: first + frames],
-                                       window_words(words, start, self.max_seconds), rate)
+            mine = window_words(words, start, self.max_seconds)
+            codes = self._window_codes(codes_audio[:, first: first + frames], mine, rate)
+            placed += sum(1 for _, s, _ in mine if s * rate < codes.shape[1])
             first += frames
             where = e.where if len(windows) == 1 else f"{e.where} (part {k + 1})"
             out.append(Sample(codes, image, True, where))
+        early = sum(1 for _, s, _ in words if s < 0)
+        late = len(words) - placed - early
+        reasons = ([f"{dropped} end before they start"] if dropped else []) + \
+                  ([f"{early} start before 0 s"] if early else []) + \
+                  ([f"{late} start after the audio's end ({first / rate:.2f} s)"] if late else [])
+        if reasons:
+            self._note(e.where, "dropped_words", f"{dropped + early + late} of "
+                                                 f"{len(words) + dropped} words dropped: "
+                                                 f"{'; '.join(reasons)}")
         return out
+
+    def _note(self, where: str, kind: str, note: str) -> None:
+        self.notes.append({"sample": where, "kind": kind, "note": note})
 
     def _window_codes(self, audio: np.ndarray, words: list[Word], rate: float) -> np.ndarray:
         """[1 + n_q, T] codes of one window: its text (words timed from the window's start),
@@ -391,3 +416,127 @@ class Preparer:
         codes[1: 1 + dep_q, :n_audio] = audio[:dep_q]
         codes[1 + dep_q:, :n_audio] = audio[dep_q: dep_q + n_user]
         return codes
+
+
+# -- dialogues, read forward in bounded pieces ------------------------------------------------
+
+class _Dialogue:
+    """A dialogue's two channels (assistant, user) at Mimi's rate: `length` samples, read
+    forward with `take` (each call at or after the previous one's start)."""
+
+    length: int
+
+    def take(self, first: int, n: int) -> np.ndarray:
+        """Samples [first, first + n) of both channels [2, m] (m < n at the end)."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Lets go of what it reads from."""
+
+
+class _ArrayDialogue(_Dialogue):
+    """Channels held in memory, each (offset, samples): silence before and after."""
+
+    def __init__(self, channels: list[tuple[int, np.ndarray]]):
+        self.channels = channels
+        self.length = max(offset + len(x) for offset, x in channels)
+
+    def take(self, first: int, n: int) -> np.ndarray:
+        end = min(first + n, self.length)
+        out = np.zeros((len(self.channels), max(0, end - first)), dtype=np.float32)
+        for c, (offset, x) in enumerate(self.channels):
+            lo, hi = max(first, offset), min(end, offset + len(x))
+            if lo < hi:
+                out[c, lo - first: hi - first] = x[lo - offset: hi - offset]
+        return out
+
+
+class _WavDialogue(_Dialogue):
+    """A stereo WAV read block by block and resampled as a stream: only the window being
+    taken (and a block) is ever in memory. The samples are those of resampling the whole
+    file (`resample.resample`: the same filter, `round(frames * rate / file rate)` of
+    them)."""
+
+    def __init__(self, e: Entry, rate: int):
+        from ..errors import AudioFileError
+        from ..resample import Resampler
+        from ..wav import WavReader
+
+        try:
+            self.reader = WavReader(e.audio)
+        except AudioFileError as err:
+            raise ManifestError(f"{e.where}: {err}") from None
+        r = self.reader
+        if r.channels != 2:
+            r.close()
+            raise ManifestError(f"{e.where}: audio {e.audio}: {r.channels} channel(s); a speech "
+                                f"sample is a stereo WAV (channel 0 the assistant, 1 the user)")
+        self.length = round(r.frames * rate / r.sample_rate)
+        self.resamplers = [Resampler(r.sample_rate, rate) for _ in range(2)]
+        self.buf = np.zeros((2, 0), dtype=np.float32)
+        self.buf_start = 0
+        self.produced = 0
+        self.done = False
+
+    def _more(self) -> bool:
+        """Appends the next block to the buffer; False at the end."""
+        if self.done:
+            return False
+        block = self.reader.read(self.reader.sample_rate)  # a second at a time
+        if len(block):
+            new = np.stack([rs.process(block[:, c]) for c, rs in enumerate(self.resamplers)])
+        else:
+            self.reader.close()
+            self.done = True
+            new = np.stack([rs.flush() for rs in self.resamplers])
+            short = self.length - self.produced - new.shape[1]
+            if short > 0:
+                new = np.concatenate([new, np.zeros((2, short), dtype=np.float32)], axis=1)
+        new = new[:, : max(0, self.length - self.produced)]
+        self.produced += new.shape[1]
+        self.buf = np.concatenate([self.buf, new], axis=1)
+        return True
+
+    def take(self, first: int, n: int) -> np.ndarray:
+        end = min(first + n, self.length)
+        while self.buf_start + self.buf.shape[1] < end and self._more():
+            drop = min(max(0, first - self.buf_start), self.buf.shape[1])
+            self.buf, self.buf_start = self.buf[:, drop:], self.buf_start + drop
+        drop = min(max(0, first - self.buf_start), self.buf.shape[1])
+        self.buf, self.buf_start = self.buf[:, drop:], self.buf_start + drop
+        return self.buf[:, : max(0, end - first)]  # a view: the buffer is replaced, not changed
+
+    def close(self) -> None:
+        self.reader.close()
+
+
+def babillage_words(transcript: Any, alignment: Any, where: str) -> tuple[list[Word], int]:
+    """A Babillage answer's words with their times, sorted by start, and how many were
+    dropped because they end before they start. A timestamp that is not a pair of finite
+    numbers, or that is negative, is refused in one line naming the word."""
+    words = transcript if transcript is not None else []
+    times = alignment if alignment is not None else []
+    if isinstance(words, str):
+        words = words.split()
+    if not isinstance(words, (list, tuple, np.ndarray)) \
+            or not isinstance(times, (list, tuple, np.ndarray)):
+        raise ManifestError(f"{where}: answer_transcript and answer_alignment must be lists")
+    if len(words) != len(times):
+        raise ManifestError(f"{where}: {len(words)} answer words but {len(times)} timestamps")
+    out, dropped = [], 0
+    for i, (w, t) in enumerate(zip(words, times)):
+        pair = list(t) if isinstance(t, (list, tuple, np.ndarray)) else None
+        ok = pair is not None and len(pair) == 2 and all(
+            isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
+            and math.isfinite(float(x)) and float(x) >= 0 for x in pair)
+        if not isinstance(w, str) or not ok:
+            raise ManifestError(f"{where}: answer word {i} {str(w)[:40]!r} has the timestamp "
+                                f"{str(t)[:60]}, expected [start, end] in seconds, finite "
+                                f"and not negative")
+        start, end = float(pair[0]), float(pair[1])
+        # Empty words stay: as in an alignment file, they cut the previous word short.
+        if start < end:
+            out.append((w, start, end))
+        else:
+            dropped += 1
+    return sorted(out, key=lambda x: x[1]), dropped

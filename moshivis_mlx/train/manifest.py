@@ -63,6 +63,9 @@ class Entry:
     """The assistant's words (speech)."""
     babillage: Path | None = None
     sample_id: int | None = None
+    dropped: int = 0
+    """The assistant's words of its alignment that end before they start (left out, and
+    reported)."""
 
     @property
     def speech(self) -> bool:
@@ -85,9 +88,12 @@ def _file(base: Path, value: Any, key: str, where: str) -> Path:
     return path
 
 
-def read_alignment(path: Path, where: str) -> list[Word]:
+def read_alignment(path: Path, where: str) -> tuple[list[Word], int]:
     """moshi-finetune's word timestamps: the assistant's words that last, sorted by start
-    (moshi-finetune finds a window's words by bisecting the file's order, which assumes it)."""
+    (moshi-finetune finds a window's words by bisecting the file's order, which assumes it),
+    and how many of the assistant's words do not last (end <= start: left out, as
+    moshi-finetune leaves them, and reported). A time that is not a finite number is
+    refused; a word starting before 0 s stays (no window holds it: reported as dropped)."""
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -96,7 +102,7 @@ def read_alignment(path: Path, where: str) -> list[Word]:
     if not isinstance(rows, list):
         raise _fail(where, f"alignment {path}: expected {{\"alignments\": [[word, [start, end], "
                            f"speaker], ...]}}")
-    words = []
+    words, dropped = [], 0
     for i, row in enumerate(rows):
         ok = isinstance(row, list) and len(row) in (2, 3) and isinstance(row[0], str) \
             and isinstance(row[1], list) and len(row[1]) == 2 \
@@ -104,14 +110,16 @@ def read_alignment(path: Path, where: str) -> list[Word]:
                     and math.isfinite(t) for t in row[1])
         if not ok:
             raise _fail(where, f"alignment {path}: entry {i} is {json.dumps(row)[:80]}, expected "
-                               f"[word, [start, end], speaker]")
+                               f"[word, [start, end], speaker] with finite times in seconds")
         speaker = row[2] if len(row) == 3 else MAIN_SPEAKER
         start, end = float(row[1][0]), float(row[1][1])
         # An empty word stays (it cuts the previous word short, as in moshi-finetune); the
         # text is kept as written (tokenizing strips it and keeps its newlines).
         if speaker == MAIN_SPEAKER and start < end:
             words.append((row[0], start, end))
-    return sorted(words, key=lambda w: w[1])
+        elif speaker == MAIN_SPEAKER:
+            dropped += 1
+    return sorted(words, key=lambda w: w[1]), dropped
 
 
 def _turns(value: Any, where: str) -> list[Turn]:
@@ -156,7 +164,8 @@ def read_manifest(path: str | Path, babillage: BabillageFiles | None = None) -> 
     """Every line of a manifest, checked; an empty one is an error."""
     path = Path(path).expanduser()
     if not path.is_file():
-        raise ManifestError(f"manifest {path}: no such file")
+        raise ManifestError(f"manifest {path}: "
+                            + ("not a file" if path.exists() else "no such file"))
     base = path.parent
     babillage = babillage or BabillageFiles()
     entries = []
@@ -204,8 +213,8 @@ def _entry(doc: dict, base: Path, where: str, babillage: BabillageFiles) -> Entr
         audio = _file(base, doc["audio"], "audio", where)
         if "alignment" not in doc:
             raise _fail(where, "a speech sample needs 'alignment' (the words' timestamps)")
-        words = read_alignment(_file(base, doc["alignment"], "alignment", where), where)
-        return Entry(where, image, kind, audio=audio, words=words)
+        words, dropped = read_alignment(_file(base, doc["alignment"], "alignment", where), where)
+        return Entry(where, image, kind, audio=audio, words=words, dropped=dropped)
     file = _file(base, doc["babillage"], "babillage", where)
     sid = doc.get("sample_id")
     if isinstance(sid, bool) or not isinstance(sid, int):

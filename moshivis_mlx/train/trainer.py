@@ -17,7 +17,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -29,13 +31,13 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_map_with_path
 
-from ..adapters import write_adapters
-from ..errors import UsageError, WeightsError
-from ..fileio import atomic_write
+from ..adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, MAX_ADAPTER_VALUE, write_adapters
+from ..errors import MoshivisError, UsageError, WeightsError
+from ..fileio import atomic_write, output_lock
 from ..loader import BundleOptions
 from . import checkpoint
 from .batches import Order, collate, shard
-from .dataset import FRAME_RATE, SPEECHLESS_AUDIO, ImageStore, Preparer, Sample
+from .dataset import FRAME_RATE, NOTE_KINDS, SPEECHLESS_AUDIO, ImageStore, Preparer, Sample
 from .loss import LossConfig, LossScale, batch_loss, loss_weights, weighted_sums
 from .manifest import BabillageFiles, read_manifest
 from .model import prepare_for_training, trained_adapters
@@ -49,6 +51,53 @@ RESUME_KEYS = ("bundle", "train", "train_sha1", "steps", "batch_size", "grad_acc
                "max_seconds", "text_past_audio", "seed", "speechless_audio", "loss")
 """Settings a resumed run must share with the run it continues (the others, such as how
 often to validate or how many processes, may change)."""
+
+
+MAX_COUNT = 10**9
+LIMITS: dict[str, tuple[float, float, bool]] = {
+    # option: (low, high, whether low itself is refused)
+    "steps": (1, MAX_COUNT, False), "batch_size": (1, 1 << 16, False),
+    "grad_accum": (1, 1 << 16, False), "learning_rate": (0, 1, True),
+    "warmup": (0, MAX_COUNT, False), "weight_decay": (0, 1e6, False),
+    "max_grad_norm": (0, 1e6, False), "p_audio": (0, 1, False),
+    "max_seconds": (0, 3600, True), "seed": (0, (1 << 63) - 2, False),
+    "val_every": (1, MAX_COUNT, False), "val_batches": (1, MAX_COUNT, False),
+    "save_every": (1, MAX_COUNT, False), "keep_checkpoints": (1, 1 << 20, False),
+    "report_every": (1, MAX_COUNT, False)}
+"""The range of every numeric option (None, where allowed, means its default). An hour
+is the longest window (a 30 s one is the paper's); a learning rate above 1 only
+diverges; a checkpoint must be kept (0 would keep none to resume from)."""
+LOSS_LIMITS: dict[str, tuple[float, float, bool]] = {
+    "text_padding_weight": (0, 1e4, False), "first_codebook_weight": (0, 1e4, False),
+    "audio_codebooks": (1, 64, False), "user_text_weight": (0, 1e4, False),
+    "text_loss_weight": (0, 1e4, False), "audio_loss_weight": (0, 1e4, False)}
+LOSS_FIELDS = {"text_padding_weight": "text_padding_weight",
+               "first_codebook_weight": "first_codebook_weight",
+               "audio_codebooks": "audio_codebooks", "user_text_weight": "user_text_weight",
+               "text_loss_weight": "text_weight", "audio_loss_weight": "audio_weight"}
+"""Option name -> LossConfig field."""
+
+
+def check_range(name: str, value: float | int | None, low: float, high: float,
+                open_low: bool = False) -> None:
+    """One option in [low, high] (or (low, high]); written so that NaN fails."""
+    if value is None:
+        return
+    ok = (low < value if open_low else low <= value) and value <= high
+    if isinstance(value, bool) or not ok:
+        flag = "--" + name.replace("_", "-")
+        raise UsageError(f"{flag} must be in {'(' if open_low else '['}{low:g}, {high:g}], "
+                         f"got {value}")
+
+
+def check_ranges(values: dict[str, float | int | None], steps: int | None = None) -> None:
+    """Each of `values` (option name -> value) in its range of `LIMITS`; the warm-up
+    within the steps."""
+    for name, value in values.items():
+        check_range(name, value, *LIMITS[name])
+    warmup = values.get("warmup")
+    if warmup is not None and steps is not None and warmup > steps:
+        raise UsageError(f"--warmup must be in [0, --steps {steps}], got {warmup}")
 
 
 @dataclass
@@ -87,27 +136,21 @@ class TrainOptions:
     loss: LossConfig = field(default_factory=LossConfig)
 
     def check(self, world: int = 1) -> None:
-        for name in ("steps", "batch_size", "grad_accum", "val_every", "save_every",
-                     "report_every"):
-            if getattr(self, name) < 1:
-                raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
+        """Every option in its range (NaN and infinity fail every range), before anything
+        loads; one line naming the option."""
+        check_ranges({name: getattr(self, name) for name in LIMITS}, self.steps)
+        for name in LOSS_LIMITS:
+            check_range(name, getattr(self.loss, LOSS_FIELDS[name]), *LOSS_LIMITS[name])
         if self.batch_size % world:
             raise UsageError(f"--batch-size {self.batch_size} does not split over {world} "
                              f"processes (each takes an equal share)")
-        if not self.learning_rate > 0:
-            raise UsageError("--learning-rate must be > 0")
-        if self.warmup is not None and not 0 <= self.warmup <= self.steps:
-            raise UsageError("--warmup must be in 0..--steps")
-        if not 0.0 <= self.p_audio <= 1.0:
-            raise UsageError(f"--p-audio must be in [0, 1], got {self.p_audio}")
-        if not self.max_seconds > 0:
-            raise UsageError("--max-seconds must be > 0")
-        if self.weight_decay < 0 or self.max_grad_norm < 0:
-            raise UsageError("--weight-decay and --max-grad-norm must be >= 0")
+        if self.learning_rate * self.weight_decay >= 1:
+            raise UsageError(f"--weight-decay {self.weight_decay:g} with --learning-rate "
+                             f"{self.learning_rate:g} would shrink the adapters by "
+                             f"{self.learning_rate * self.weight_decay:g} of themselves a step "
+                             f"(their product must be < 1)")
         if self.speechless_audio not in SPEECHLESS_AUDIO:
             raise UsageError(f"--speechless-audio must be one of {', '.join(SPEECHLESS_AUDIO)}")
-        if self.val_batches is not None and self.val_batches < 1:
-            raise UsageError("--val-batches must be at least 1")
 
     @property
     def warmup_steps(self) -> int:
@@ -307,15 +350,70 @@ def check_resumable(out: Path, settings: dict[str, Any], resume: bool) -> Path |
     return last
 
 
+LOCK_FIX = "wait for it to finish, or give another --out"
+
+
+class Diverged(MoshivisError):
+    """The loss or the adapters stopped being finite: the run stops at that step, before
+    anything of it is saved."""
+
+
+def within_bounds(params: Any) -> mx.array:
+    """A lazy scalar: every adapter value within `MAX_ADAPTER_VALUE` (NaN fails), what a
+    set must hold to be saved or used."""
+    flags = [mx.all(mx.isfinite(v)) & (mx.max(mx.abs(v)) <= MAX_ADAPTER_VALUE)
+             for _, v in tree_flatten(params)]
+    return mx.all(mx.stack(flags)) if flags else mx.array(True)
+
+
+def divergence(loss: float, lm, optimizer: optim.Optimizer) -> str | None:
+    """Why the step just taken diverged (None: it did not)."""
+    if not math.isfinite(loss):
+        return f"the loss is {loss}"
+    from ..bundle import non_finite
+
+    if not within_bounds(lm.trainable_parameters()).item():
+        return (f"the adapters hold NaN, infinite or absurd values (beyond "
+                f"{MAX_ADAPTER_VALUE:g} in magnitude)")
+    if non_finite(dict(tree_flatten(optimizer.state))):
+        return "the optimizer's moments became NaN or infinite"
+    return None
+
+
+def publish(out: Path, step: int, adapters: dict[str, mx.array], cfg, bundle: Path,
+            summary: dict[str, Any], loss: LossConfig) -> None:
+    """OUT/adapters := the adapters of `step` (a failed write is one line)."""
+    try:
+        write_adapters(out / ADAPTERS_DIR, adapters, cfg,
+                       {"step": step, "bundle": str(bundle), **summary,
+                        "loss_config": loss.to_dict()})
+    except (OSError, RuntimeError) as e:
+        raise checkpoint.write_failed(out / ADAPTERS_DIR, e) from None
+
+
+def published_step(out: Path) -> int | None:
+    """The step of OUT/adapters, if it is there and whole (None otherwise)."""
+    try:
+        doc = json.loads((out / ADAPTERS_DIR / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+        step = doc["training"]["step"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    whole = (out / ADAPTERS_DIR / ADAPTER_WEIGHTS).is_file()
+    return step if whole and isinstance(step, int) else None
+
+
 def train(opts: TrainOptions, console=None) -> dict[str, Any]:
-    """Runs (or resumes) one training; returns the last metrics."""
-    from ..loader import load, resolve
-    from ..progress import Counter
+    """Runs (or resumes) one training; returns the last metrics. Everything the user
+    gives is checked before the model loads, and process 0 holds `--out`'s lock for the
+    whole run (a second run on it is refused at once)."""
+    from ..loader import resolve
+    from ..paths import check_outputs, check_writable
 
     group = mx.distributed.init()
     rank, world = group.rank(), group.size()
     opts.check(world)
-    out = Path(opts.out).expanduser()
+    out = Path(os.path.abspath(Path(opts.out).expanduser()))
+    cache = Path(opts.cache).expanduser() if opts.cache else out / "cache"
     show = rank == 0
     say = (lambda text: console.print(text, highlight=False, soft_wrap=True)) \
         if show and console is not None else (lambda text: None)
@@ -324,6 +422,26 @@ def train(opts: TrainOptions, console=None) -> dict[str, Any]:
     train_entries = read_manifest(opts.train, babillage)
     valid_entries = read_manifest(opts.valid, babillage) if opts.valid else []
     bundle = resolve(opts.bundle.weights, opts.bundle.hf_repo, opts.bundle.quantize, note=say)
+    check_outputs({"--out": out, "--cache": cache},
+                  {"the bundle": bundle, "--train": opts.train, "--valid": opts.valid})
+    check_writable(out, "write the run into", directory=True, fix="give another --out")
+    check_writable(cache, "cache the encodings in", directory=True, fix="give another --cache")
+    with output_lock(out, LOCK_FIX) if show else nullcontext(out):
+        if show:
+            left = checkpoint.sweep(out, cache)
+            if left:
+                say(f"removed {len(left)} half-written file(s) a stopped run left in {out}")
+        return _train(opts, out, cache, bundle, train_entries, valid_entries, babillage,
+                      group, console, say)
+
+
+def _train(opts: TrainOptions, out: Path, cache: Path, bundle: Path, train_entries,
+           valid_entries, babillage, group, console, say) -> dict[str, Any]:
+    from ..loader import load
+    from ..progress import Counter
+
+    rank, world = group.rank(), group.size()
+    show = rank == 0
     settings = run_settings(opts, bundle)
     resume_from = check_resumable(out, settings, opts.resume)
     if opts.resume and resume_from is None:
@@ -336,7 +454,6 @@ def train(opts: TrainOptions, console=None) -> dict[str, Any]:
         raise WeightsError(f"{bundle}: {cfg.n_q} audio streams for {cfg.dep_q} model codebooks; "
                            f"training expects as many user codebooks as model ones")
     opts.loss.check(cfg)
-    cache = Path(opts.cache).expanduser() if opts.cache else out / "cache"
 
     def barrier() -> None:
         mx.eval(mx.distributed.all_sum(mx.array(1.0), group=group))
@@ -353,6 +470,11 @@ def train(opts: TrainOptions, console=None) -> dict[str, Any]:
     n_speech = sum(s.speech for s in train_samples)
     say(f"{len(train_samples)} training samples ({n_speech} speech, "
         f"{len(train_samples) - n_speech} speechless), {len(valid_samples)} validation samples")
+    log = _Log(out / LOG if show else None)
+    for note in preparer.notes:
+        log.write({"step": 0, **note})
+    if preparer.notes:
+        say(f"note: {notes_summary(preparer.notes)} (each in {out / LOG})")
 
     n_trainable = prepare_for_training(lm, opts.grad_checkpoint, str(bundle))
     optimizer = make_optimizer(opts)
@@ -361,8 +483,13 @@ def train(opts: TrainOptions, console=None) -> dict[str, Any]:
     if resume_from is not None:
         weights = checkpoint.restore(resume_from, optimizer, lm.trainable_parameters())
         lm.load_weights(list(weights.items()), strict=False)
-        start = checkpoint.load_state(resume_from)["step"]
+        state = checkpoint.load_state(resume_from)
+        start = state["step"]
         say(f"resuming from {resume_from} (step {start})")
+        if show and published_step(out) != start:
+            # Stopped between the checkpoint and OUT/adapters: bring them up to it.
+            publish(out, start, weights, cfg, bundle, state.get("summary", {}), opts.loss)
+            say(f"{out / ADAPTERS_DIR}: brought up to the checkpoint of step {start}")
     mx.eval(lm.parameters(), optimizer.state)
     steps = Steps(lm, optimizer, opts, group)
     say(f"training {n_trainable / 1e6:.2f}M adapter parameters for {opts.steps} steps, "
@@ -370,12 +497,14 @@ def train(opts: TrainOptions, console=None) -> dict[str, Any]:
         + (f", {world} processes" if world > 1 else ""))
 
     if show:
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write(out / RUN, json.dumps({"settings": settings, "processes": world},
-                                                indent=2) + "\n")
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            atomic_write(out / RUN, json.dumps({"settings": settings, "processes": world},
+                                               indent=2) + "\n")
+        except OSError as e:
+            raise checkpoint.write_failed(out / RUN, e) from None
     order = Order(train_samples, opts.p_audio, opts.seed)
     batches = order.batches(opts.batch_size, start * opts.grad_accum)
-    log = _Log(out / LOG if show else None)
     window = _Window()
     metrics: dict[str, Any] = {}
     with TrainProgress(console, opts.steps, start, show) as progress:
@@ -395,6 +524,10 @@ def train(opts: TrainOptions, console=None) -> dict[str, Any]:
                 mx.eval(loss, sums, grad, norm, lm.trainable_parameters(), optimizer.state)
             reduced = np.array(mx.distributed.all_sum(mx.concatenate([loss[None], sums]),
                                                       group=group))
+            why = divergence(float(reduced[0]), lm, optimizer)
+            if why is not None:
+                log.write({"step": step, "diverged": why})
+                raise _diverged(out, step, why)
             window.add(reduced, totals, time.perf_counter() - t0)
             report = step % opts.report_every == 0 or step == opts.steps
             if report:
@@ -414,13 +547,33 @@ def train(opts: TrainOptions, console=None) -> dict[str, Any]:
                 path = checkpoint.save(out, step, trained_adapters(lm), optimizer, cfg,
                                        {"settings": settings, "summary": summary},
                                        opts.keep_checkpoints)
-                write_adapters(out / ADAPTERS_DIR, trained_adapters(lm), cfg,
-                               {"step": step, "bundle": str(bundle), **summary,
-                                "loss_config": opts.loss.to_dict()})
+                publish(out, step, trained_adapters(lm), cfg, bundle, summary, opts.loss)
                 if step != opts.steps:
                     progress.note(f"step {step}: checkpoint {path}")
-    say(f"adapters: {out / ADAPTERS_DIR}")
+    say(f"adapters: {out / ADAPTERS_DIR}"
+        + (f" ({notes_summary(preparer.notes)}: see {out / LOG})" if preparer.notes else ""))
     return metrics
+
+
+def _diverged(out: Path, step: int, why: str) -> Diverged:
+    last = checkpoint.latest(out)
+    kept = (f"the last checkpoint ({last.name}) and {out / ADAPTERS_DIR} are kept"
+            if last is not None else "no checkpoint had been saved yet")
+    return Diverged(f"step {step}: the run diverged ({why}); nothing of this step was saved, "
+                    f"{kept}", "lower --learning-rate (or set --max-grad-norm) and train "
+                               "again into another --out")
+
+
+def notes_summary(notes: list[dict[str, Any]]) -> str:
+    """'2 samples cut to --max-seconds, 1 with dropped words (train.jsonl:3, ...)'."""
+    from ..bundle import listing
+
+    counts: dict[str, int] = {}
+    for n in notes:
+        counts[n["kind"]] = counts.get(n["kind"], 0) + 1
+    where = listing(sorted({n["sample"] for n in notes}), 3)
+    parts = [f"{c} sample{'s' if c > 1 else ''} {NOTE_KINDS[k]}" for k, c in counts.items()]
+    return f"{', '.join(parts)} ({where})"
 
 
 def validation_loss(steps: Steps, samples: list[Sample], store: ImageStore, cfg,
@@ -502,7 +655,10 @@ class _Log:
     def write(self, record: dict[str, Any]) -> None:
         if self.path is None:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:
+            raise checkpoint.write_failed(self.path, e) from None
 
