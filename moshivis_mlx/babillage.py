@@ -31,7 +31,8 @@ from typing import Any
 
 import numpy as np
 
-from .errors import MoshivisError
+from .errors import MoshivisError, one_line
+from .wav import MAX_RATE, MIN_RATE
 
 TASKS = ("coco", "vqav2", "ocrvqa")
 DEFAULT_SPLIT = {"coco": "test", "ocrvqa": "test", "vqav2": "validation"}
@@ -170,6 +171,7 @@ class Babillage:
         self.task = task
         self.files = files
         self._readers = []
+        self._starts: list[list[int]] = []  # each file's row of each row group's first row
         self.samples: list[Sample] = []
         meta = ["sample_id", "question_transcript"] + ([] if task == "vqav2" else ["image_id"])
         index = 0
@@ -181,7 +183,9 @@ class Babillage:
                 raise DataError(f"{path}: not a readable parquet file ({e})") from None
             _check_schema(path, reader.schema_arrow, task)
             self._readers.append(reader)
+            self._starts.append([])
             for rg in range(reader.num_row_groups):
+                self._starts[-1].append(first)
                 table = reader.read_row_group(rg, columns=meta)
                 ids = table.column("sample_id").to_pylist()
                 words = table.column("question_transcript").to_pylist()
@@ -225,10 +229,18 @@ class Babillage:
             self._by_id = {s.sample_id: s for s in self.samples}
         return self._by_id.get(sample_id)
 
-    def question_audio(self, sample: Sample) -> tuple[np.ndarray, int]:
-        """The spoken question: float32 mono samples and their rate."""
-        name = f"{self.files[sample.source[0]].name} sample {sample.sample_id}"
-        return decode_audio(self.cell(sample, "question_audio"), name)
+    def where(self, sample: Sample, column: str) -> str:
+        """"FILE: row R, column C (sample ID)": where a cell is, for messages."""
+        fi, rg, row = sample.source
+        return (f"{self.files[fi]}: row {self._starts[fi][rg] + row}, column {column} "
+                f"(sample {sample.sample_id})")
+
+    def question_audio(self, sample: Sample, max_seconds: float | None = None
+                       ) -> tuple[np.ndarray, int]:
+        """The spoken question: float32 mono samples and their rate (a DataError naming
+        the file, the row and the column if the cell cannot be used)."""
+        return decode_audio(self.cell(sample, "question_audio"),
+                            self.where(sample, "question_audio"), max_seconds)
 
     def answer_transcripts(self) -> dict[int, str]:
         """Babillage's spoken answers' words by sample id (coco, ocrvqa)."""
@@ -241,30 +253,69 @@ class Babillage:
             for row, (sid, ws) in enumerate(zip(table.column("sample_id").to_pylist(),
                                                 table.column("answer_transcript").to_pylist())):
                 sid = as_id(sid, self.files[fi], "sample_id", row)
-                out[sid] = ws.strip() if isinstance(ws, str) else " ".join(ws or [])
+                out[sid] = ws.strip() if isinstance(ws, str) else " ".join(
+                    w.strip() for w in (ws or []) if w and w.strip())
         return out
 
 
-def decode_audio(value: Any, name: str) -> tuple[np.ndarray, int]:
-    """A Hugging Face audio cell -> (float32 mono samples, sample rate)."""
+def _check_audio(name: str, rate: Any, frames: int, max_seconds: float | None) -> int:
+    """The rate and length an audio cell claims, checked before it is decoded or
+    resampled: a rate recorders make (the WAV reader's 1 kHz to 768 kHz), some samples,
+    and at most `max_seconds` of them. Returns the rate."""
+    if isinstance(rate, float) and rate.is_integer():
+        rate = int(rate)
+    if not isinstance(rate, (int, np.integer)) or isinstance(rate, bool):
+        raise DataError(f"{name}: sampling_rate {rate!r} is not a number of Hz")
+    if not MIN_RATE <= rate <= MAX_RATE:
+        raise DataError(f"{name}: a sample rate of {rate} Hz is not audio (Babillage's reader "
+                        f"takes {MIN_RATE} Hz to {MAX_RATE // 1000} kHz)")
+    if frames <= 0:
+        raise DataError(f"{name}: the audio is empty (0 samples)")
+    if max_seconds is not None and frames > max_seconds * rate:
+        raise DataError(f"{name}: the audio lasts {frames / rate:.0f} s, longer than the "
+                        f"{max_seconds:g} s allowed")
+    return int(rate)
+
+
+def decode_audio(value: Any, name: str, max_seconds: float | None = None
+                 ) -> tuple[np.ndarray, int]:
+    """A Hugging Face audio cell -> (float32 mono samples, sample rate). Any cell that
+    cannot be used (empty, undecodable, a rate that is not audio, longer than
+    `max_seconds`, samples that are not finite) is a one-line DataError starting with
+    `name`; the length is checked before anything is decoded."""
     if isinstance(value, dict) and value.get("array") is not None:
-        rate = value.get("sampling_rate") or value.get("sample_rate")
-        if not rate:
+        rate = value.get("sampling_rate", value.get("sample_rate"))
+        if rate is None:
             raise DataError(f"{name}: audio array without its sampling_rate")
-        a = np.asarray(value["array"], dtype=np.float32)
-        return (a.mean(axis=-1) if a.ndim > 1 else a), int(rate)
-    raw = value.get("bytes") if isinstance(value, dict) else value
-    if not raw:
-        where = value.get("path") if isinstance(value, dict) else None
-        raise DataError(f"{name}: the audio cell holds no bytes"
-                        + (f" (only a path, {where})" if where else ""))
-    try:
-        import soundfile
-    except ImportError:
-        raise MoshivisError("decoding Babillage's audio needs soundfile",
-                            "pip install 'moshivis-mlx[eval]'") from None
-    try:
-        pcm, rate = soundfile.read(io.BytesIO(raw), dtype="float32", always_2d=True)
-    except Exception as e:  # soundfile raises LibsndfileError, RuntimeError, ...
-        raise DataError(f"{name}: cannot decode the audio ({' '.join(str(e).split())})") from None
-    return pcm.mean(axis=1), int(rate)
+        try:
+            a = np.asarray(value["array"], dtype=np.float32)
+        except (TypeError, ValueError) as e:
+            raise DataError(f"{name}: the audio array is not numbers ({one_line(e, 100)})"
+                            ) from None
+        a = a.mean(axis=-1) if a.ndim > 1 else a.reshape(-1)
+        rate = _check_audio(name, rate, len(a), max_seconds)
+    else:
+        raw = value.get("bytes") if isinstance(value, dict) else value
+        if not raw:
+            where = value.get("path") if isinstance(value, dict) else None
+            raise DataError(f"{name}: the audio cell holds no bytes"
+                            + (f" (only a path, {where})" if where else ""))
+        try:
+            import soundfile
+        except ImportError:
+            raise MoshivisError("decoding Babillage's audio needs soundfile",
+                                "pip install 'moshivis-mlx[eval]'") from None
+        try:
+            with soundfile.SoundFile(io.BytesIO(raw)) as f:
+                rate = _check_audio(name, f.samplerate, f.frames, max_seconds)
+                pcm = f.read(dtype="float32", always_2d=True)
+        except DataError:
+            raise
+        except Exception as e:  # soundfile raises LibsndfileError, RuntimeError, ...
+            raise DataError(f"{name}: cannot decode the audio ({one_line(e, 200)})") from None
+        a = pcm.mean(axis=1)
+        if len(a) == 0:
+            raise DataError(f"{name}: the audio is empty (0 samples)")
+    if not np.isfinite(a).all():
+        raise DataError(f"{name}: the audio holds NaN or infinite samples")
+    return a, rate

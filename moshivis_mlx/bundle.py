@@ -59,6 +59,11 @@ def read_config(bundle: str | Path) -> dict[str, Any]:
     if version != FORMAT_VERSION:
         raise BundleError(f"{path}: bundle format {version}, this version reads {FORMAT_VERSION}; "
                           f"convert the checkpoint again")
+    try:  # read by every opener and report: a bad entry names this file
+        QuantSpec.from_dict(cfg.get("quantization"))
+    except (WeightsError, ValueError) as e:
+        raise BundleError(f"{path}: {e.message if isinstance(e, WeightsError) else e}",
+                          "convert the checkpoint again") from None
     return cfg
 
 

@@ -11,12 +11,15 @@
   that takes the lock, and `sweep` clears a whole cache directory of such remains.
 * `output_lock`: the same lock for an output written in place over a long run (an
   evaluation's or a training's `--out`).
+* `fingerprint`: what a folder of weights holds, in a few reads (a bundle rebuilt at the
+  same path is another bundle; a copy of it is the same).
 """
 
 from __future__ import annotations
 
 import atexit
 import fcntl
+import hashlib
 import os
 import shutil
 import tempfile
@@ -85,8 +88,12 @@ class Locked(WeightsError):
     """Another process is writing the same output."""
 
 
-def _take_lock(lock: Path, out: Path,
-               fix: str = "wait for it to finish, or choose another output") -> int:
+WAIT = "wait for it to finish, then try again"
+"""The advice of a lock's refusal unless the caller has a better one (an option that names
+another output)."""
+
+
+def _take_lock(lock: Path, out: Path, fix: str = WAIT) -> int:
     """An exclusive flock on `lock` (created if need be), or `Locked` saying `fix`. Retries
     when the file was replaced between opening and locking (its owner finished meanwhile)."""
     while True:
@@ -110,8 +117,7 @@ def _take_lock(lock: Path, out: Path,
 
 
 @contextmanager
-def output_lock(out: str | Path,
-                fix: str = "wait for it to finish, or choose another output") -> Iterator[Path]:
+def output_lock(out: str | Path, fix: str = WAIT) -> Iterator[Path]:
     """Holds `.NAME.lock` next to `out` (a run's output directory, written in place over
     a long time) for the block: a second run on the same output is refused at once with
     `Locked` (saying `fix`) instead of interleaving its files with the first's. The lock
@@ -128,6 +134,31 @@ def output_lock(out: str | Path,
             os.close(fd)
 
 
+FINGERPRINT_BLOCKS, FINGERPRINT_BLOCK = 16, 1 << 16
+
+
+def fingerprint(folder: str | Path, times: bool = False) -> str:
+    """A digest of the regular files directly in `folder`: each one's name and size, and
+    its content where it is small, else 16 blocks of 64 KiB spread over it (the header of
+    a safetensors file is the first). A few MB read whatever the weights weigh. With
+    `times`, the modification times count too (a cache key: a file edited in place with
+    its size unchanged is then another file)."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in Path(folder).iterdir() if p.is_file()):
+        st = path.stat()
+        digest.update(f"{path.name} {st.st_size}{f' {st.st_mtime_ns}' if times else ''}\n"
+                      .encode())
+        with open(path, "rb") as f:
+            span = FINGERPRINT_BLOCKS * FINGERPRINT_BLOCK
+            if st.st_size <= span:
+                digest.update(f.read())
+                continue
+            for k in range(FINGERPRINT_BLOCKS):
+                f.seek(k * (st.st_size - FINGERPRINT_BLOCK) // (FINGERPRINT_BLOCKS - 1))
+                digest.update(f.read(FINGERPRINT_BLOCK))
+    return digest.hexdigest()[:16]
+
+
 def _recover(out: Path, stage: Path, old: Path) -> None:
     """Under the lock: clears what a killed run left, and puts back a bundle that a run
     killed halfway through replacing it had moved aside."""
@@ -140,17 +171,18 @@ def _recover(out: Path, stage: Path, old: Path) -> None:
 
 
 @contextmanager
-def staged_dir(out: str | Path, check: Callable[[Path], None] | None = None
-               ) -> Iterator[Path]:
+def staged_dir(out: str | Path, check: Callable[[Path], None] | None = None,
+               fix: str = WAIT) -> Iterator[Path]:
     """Yields an empty directory that becomes `out` when the block completes.
 
     `check(out)` runs once the lock is held (is `out` there, may it be replaced?): two
     runs cannot both pass it. An `out` that exists when the block completes is replaced
-    (moved aside, the new one renamed in, the old one removed)."""
+    (moved aside, the new one renamed in, the old one removed). A second writer is
+    refused with `Locked`, saying `fix`."""
     out = Path(os.path.abspath(Path(out).expanduser()))
     out.parent.mkdir(parents=True, exist_ok=True)
     stage, old, lock = _names(out)
-    fd = _take_lock(lock, out)
+    fd = _take_lock(lock, out, fix)
     try:
         _recover(out, stage, old)
         if check is not None:

@@ -158,7 +158,8 @@ def _reduce(img: Image.Image) -> Image.Image:
     2 * MAX_SIDE, strip by strip (modes `reduce` cannot take are converted per strip, so
     no full-size copy is made); 16-bit grey stays 16-bit (as mode I)."""
     w, h = img.size
-    factor = max(w, h) // MAX_SIDE
+    # Never below one pixel across: a 10000 x 1 strip is kept as it is (it is small).
+    factor = min(max(w, h) // MAX_SIDE, min(w, h))
     if factor <= 1:
         return img
     mode = img.mode

@@ -7,7 +7,8 @@ samples with a Kaiser-windowed sinc evaluated at that fractional position. There
 only `up` distinct fractional positions, so the filter is tabulated once per phase; for
 an odd rate (a prime number of Hz: `up` in the tens of thousands) the table holds
 `MAX_PHASES` evenly spaced phases instead and the taps of a position are interpolated
-between its two neighbours, so memory is bounded whatever the rates.
+between its two neighbours, so memory is bounded whatever the rates
+(the ratio in/out at most `MAX_DOWN`: the filter reaches further the more it reduces).
 The cutoff is placed a little below the lower of the two Nyquist frequencies, which
 keeps the pass band flat to ~90% of it and pushes aliases down by ~80 dB.
 """
@@ -28,6 +29,10 @@ MAX_PHASES = 1024
 """Phases tabulated at most (beyond, the taps are interpolated between phases)."""
 MAX_WORK = 1 << 20
 """Elements of the tap matrix computed at once (outputs x taps): bounded memory."""
+MAX_DOWN = 256
+"""The most `in_rate / out_rate` may be: the filter's reach grows with it (16 lobes of the
+output's period on each side), so 2^31 Hz to 24 kHz would tabulate 1.5 billion taps.
+768 kHz (the highest rate anything records) to 8 kHz is 96."""
 
 
 def _filter_bank(up: int, down: int, phases: int) -> tuple[np.ndarray, int]:
@@ -62,6 +67,9 @@ class Resampler:
     def __init__(self, in_rate: int, out_rate: int):
         if in_rate <= 0 or out_rate <= 0:
             raise ValueError(f"sample rates must be positive, got {in_rate} -> {out_rate}")
+        if in_rate > MAX_DOWN * out_rate:
+            raise ValueError(f"cannot resample {in_rate} Hz to {out_rate} Hz: at most "
+                             f"{MAX_DOWN} times fewer samples")
         g = gcd(int(in_rate), int(out_rate))
         self.in_rate, self.out_rate = int(in_rate), int(out_rate)
         self.up, self.down = self.out_rate // g, self.in_rate // g

@@ -176,11 +176,13 @@ def test_image_folder(tmp_path):
 
 def test_a_cut_short_line_is_dropped(tmp_path):
     path = tmp_path / "p.jsonl"
-    path.write_text('{"sample_id": 1}\n{"sample_id": 2}\n{"sample_')
+    one, two = (json.dumps({"sample_id": i, "index": i, "prediction": "A house.",
+                            "references": ["a house"]}) for i in (1, 2))
+    path.write_text(f'{one}\n{two}\n{{"sample_')
     assert [r["sample_id"] for r in read_predictions(path)] == [1, 2]
-    assert path.read_text() == '{"sample_id": 1}\n{"sample_id": 2}\n'
-    path.write_text('{"sample_id": 1}\nbroken\n{"sample_id": 2}\n')
-    with pytest.raises(Exception, match="broken record on line 2"):
+    assert path.read_text() == f"{one}\n{two}\n"
+    path.write_text(f"{one}\nbroken\n{two}\n")
+    with pytest.raises(Exception, match="line 2, column 1: broken record"):
         read_predictions(path)
 
 

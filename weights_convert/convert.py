@@ -714,7 +714,8 @@ def staging_dir(out: Path, force: bool) -> Iterator[Path]:
     """A directory next to `out`, renamed to `out` when the block completes and removed
     if anything (an error, Ctrl-C, SIGTERM, SIGHUP) stops it; `out` is locked meanwhile,
     so a second conversion to it is refused (fileio.staged_dir)."""
-    with staged_dir(out, _replaceable(force)) as tmp:
+    with staged_dir(out, _replaceable(force),
+                    fix="wait for it to finish, or choose another --out") as tmp:
         yield tmp
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from moshivis_mlx.bundle import FORMAT_VERSION, read_config
 from moshivis_mlx.errors import BundleError, one_line
-from moshivis_mlx.fileio import sweep
+from moshivis_mlx.fileio import Locked, fingerprint, sweep
 from moshivis_mlx.paths import inside
 from moshivis_mlx.quant import ALIASES, PRESETS, QuantSpec, preset_key
 
@@ -399,6 +399,8 @@ def _convert_once(opts: ConvertOptions, what: str, stage: Stage | None,
             convert(opts, progress)
     except HubError:
         raise
+    except Locked as e:  # another tool is converting the same model into the cache
+        raise HubError(e.message, "wait for it to finish, then start again") from None
     except (WeightsError, OSError) as e:
         raise HubError(f"cannot convert {what}: {one_line(e)}") from None
     return opts.out
@@ -435,12 +437,25 @@ def bundle_for_repo(repo: str, quantize: str = "q8", progress: Progress | None =
     quant = PRESETS[preset_key(quantize)]
     sweep(cache_root())  # what killed conversions left behind
     out = bundle_path(repo, quantize)
-    if _is_complete(out):
+    # A folder's conversion is redone when its files change (the cache knows them by
+    # name, size, time and a sample of their content; a repository by its name).
+    folder = Path(repo).expanduser()
+    folder_id = fingerprint(folder, times=True) if folder.is_dir() else None
+    if _is_complete(out) and folder_id == _folder_id(out):
         return out
     with (stage or (lambda _: nullcontext()))(f"download {repo}"):
         opts = resolve_repo(repo, prefer_lm=_prefer_quantized(repo, quant))
+    if folder_id is not None:
+        opts.origin["folder_id"] = folder_id
     return _convert_once(replace(opts, out=out, quantization=quant, force=True), repo, stage,
                          progress)
+
+
+def _folder_id(bundle: Path) -> str | None:
+    """The fingerprint of the folder a cached bundle was converted from (None: a
+    repository's)."""
+    source = read_config(bundle).get("source")
+    return source.get("folder_id") if isinstance(source, dict) else None
 
 
 def bundle_for_files(moshi_weights: str | Path, mimi_weights: str | Path,

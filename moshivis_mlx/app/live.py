@@ -205,11 +205,19 @@ def run_live(opts: AppOptions, console: Console) -> int:
                 ui.stats.counters(audio.dropped, audio.underruns)
                 summary["latency"] = ui.stats.numbers()
             if recorder is not None:
-                if fatal is not None:
-                    recorder.add_event("error", message=str(fatal))
-                saved = recorder.close(summary)
-                print_line(console, f"session saved to {saved}/ ({recorder.seconds:.1f} s: "
-                                f"conversation.wav, transcript.json, latency.csv)")
+                try:
+                    if fatal is not None:
+                        recorder.add_event("error", message=str(fatal))
+                except MoshivisError:
+                    pass  # the disk is full: the error is said on the terminal
+                try:
+                    saved = recorder.close(summary)
+                except MoshivisError as e:
+                    fatal = fatal or e
+                    print_line(console, recorder.partly_saved())
+                else:
+                    print_line(console, f"session saved to {saved}/ ({recorder.seconds:.1f} "
+                                        f"s: conversation.wav, transcript.json, latency.csv)")
             if ui is not None:
                 print_line(console, ui.stats.summary())
     if fatal is not None:

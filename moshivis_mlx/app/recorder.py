@@ -12,6 +12,10 @@ every second, latency rows are flushed every second, the words and events go to
 session.json is rewritten (atomically) every second with the duration so far
 (`"complete": false` until the end).
 
+A write that fails (a full disk) ends the session with one line naming the file; every
+other file is still completed (transcript.json is made from its log), so what was
+recorded up to then is kept.
+
 A directory holding a session is never written over: session.json is created exclusively
 first, so a second run with the same --record DIR (or two started in the same second) is
 refused before it writes anything.
@@ -22,13 +26,15 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..errors import UsageError
+from ..errors import MoshivisError, UsageError, one_line
 from ..fileio import atomic_write
 from ..session import AudioFrame, Event, ImageChanged, Piece, Restarted, Stats
 from ..stream import FrameGeometry
@@ -42,6 +48,7 @@ FILES = ("session.json", "conversation.wav", "transcript.json", "transcript.json
 """What a session directory holds (transcript.jsonl only while recording, or after a
 hard stop)."""
 SYNC_SECONDS = 1.0
+WRITE_FIX = "free some space (what was recorded up to then is kept), or use --no-record"
 
 
 def default_session_dir(root: Path = DEFAULT_ROOT, create: bool = False) -> Path:
@@ -102,6 +109,8 @@ class SessionRecorder:
         self._stereo = np.zeros((0, 2), dtype=np.float32)
         self._last_flush = time.monotonic()
         self.closed = False
+        self.unfinished: list[str] = []
+        """The files `close` could not complete (a full disk)."""
 
     def _claim(self) -> None:
         """session.json, created exclusively: the directory is this run's, or an error."""
@@ -135,6 +144,16 @@ class SessionRecorder:
         }
         return (json.dumps(session, indent=1, default=str) + "\n").encode()
 
+    @contextmanager
+    def _writing(self, name: str) -> Iterator[None]:
+        """A failed write of the session's file `name` (a full disk) as one line naming
+        it."""
+        try:
+            yield
+        except OSError as e:
+            raise MoshivisError(f"cannot write {self.dir / name}: {e.strerror or one_line(e)}",
+                                WRITE_FIX) from None
+
     @property
     def seconds(self) -> float:
         return self.frames * self.geometry.frame_seconds
@@ -145,7 +164,8 @@ class SessionRecorder:
         if isinstance(event, AudioFrame):
             self.add_audio(event.heard, event.pcm)
         elif isinstance(event, Piece):
-            self.transcript.add(event.text, event.t, event.gate, event.step)
+            with self._writing(self._words.log.name):
+                self.transcript.add(event.text, event.t, event.gate, event.step)
         elif isinstance(event, Stats):
             self.add_stats(event, backlog)
         elif isinstance(event, ImageChanged):
@@ -160,12 +180,14 @@ class SessionRecorder:
             self._stereo = np.zeros((n, 2), dtype=np.float32)
         self._stereo[:, 0] = user
         self._stereo[:, 1] = model
-        self.wav.write(self._stereo)
+        with self._writing(self.wav.path.name):
+            self.wav.write(self._stereo)
         self.frames += 1
 
     def add_stats(self, s: Stats, backlog: int = 0) -> None:
-        self._latency.write(f"{s.step},{s.t:.2f},{s.latency_ms:.3f},{s.host_ms:.3f},"
-                            f"{backlog}\n")
+        with self._writing("latency.csv"):
+            self._latency.write(f"{s.step},{s.t:.2f},{s.latency_ms:.3f},{s.host_ms:.3f},"
+                                f"{backlog}\n")
         self.tick()
 
     def tick(self) -> None:
@@ -174,25 +196,53 @@ class SessionRecorder:
         if now - self._last_flush < SYNC_SECONDS:
             return
         self._last_flush = now
-        self.wav.sync()
-        self._latency.flush()
-        self._words.tick(self.transcript)
-        atomic_write(self.dir / "session.json", self._session_text())
+        with self._writing(self.wav.path.name):
+            self.wav.sync()
+        with self._writing("latency.csv"):
+            self._latency.flush()
+        with self._writing(self._words.log.name):
+            self._words.tick(self.transcript)
+        with self._writing("session.json"):
+            atomic_write(self.dir / "session.json", self._session_text())
 
     def add_event(self, kind: str, **info: Any) -> None:
         """An image change, a restart, an error: kept in the transcript at the current time
         (images also in session.json)."""
         if kind == "image":
             self.images.append({"t": round(self.seconds, 3), **info})
-        self.transcript.add_event(self.seconds, kind, **info)
+        with self._writing(self._words.log.name):
+            self.transcript.add_event(self.seconds, kind, **info)
 
     def close(self, summary: dict[str, Any] | None = None) -> Path:
         """Completes every file (safe to call twice); returns the directory."""
         if self.closed:
             return self.dir
         self.closed = True
-        self.wav.close()
-        self._latency.close()
-        self._words.close(self.transcript, {"duration_s": round(self.seconds, 2)})
-        atomic_write(self.dir / "session.json", self._session_text(summary, complete=True))
+        steps: list[tuple[str, Callable[[], None]]] = [
+            (self.wav.path.name, self.wav.close),
+            ("latency.csv", self._latency.close),
+            ("transcript.json", lambda: self._words.close(
+                self.transcript, {"duration_s": round(self.seconds, 2)})),
+            ("session.json", lambda: atomic_write(self.dir / "session.json",
+                                                  self._session_text(summary, complete=True))),
+        ]
+        failure: MoshivisError | None = None
+        for name, step in steps:  # each file completed even if another cannot be
+            try:
+                with self._writing(name):
+                    step()
+            except MoshivisError as e:
+                failure = failure or e
+                self.unfinished.append(name)
+        if failure is not None:
+            raise failure
         return self.dir
+
+    def partly_saved(self) -> str:
+        """What a close that failed left, for the user: which files are not complete, and
+        where the words are when transcript.json could not be made."""
+        log = self._words.log
+        words = (f"; the words are in {log.name}" if "transcript.json" in self.unfinished
+                 and log.exists() else "")
+        return (f"session partly saved to {self.dir}/ ({self.seconds:.1f} s; not completed: "
+                f"{', '.join(self.unfinished)}{words})")

@@ -188,8 +188,16 @@ class TranscriptWriter:
         if self._f.closed:
             return
         transcript.finish()
-        self._line({"type": "end", **(extra or {})})
-        self._f.close()
+        # A full disk may refuse the log's last lines: the document is still made from
+        # what the log holds (it needs no more room than the log frees).
+        try:
+            self._line({"type": "end", **(extra or {})})
+        except OSError:
+            pass
+        try:
+            self._f.close()
+        except OSError:
+            pass
         self._write_document(transcript, extra or {})
         os.unlink(self.log)
 
@@ -200,7 +208,10 @@ class TranscriptWriter:
             out.write("{\n")
             first = True
             for line in log:
-                item = json.loads(line)
+                try:
+                    item = json.loads(line)
+                except json.JSONDecodeError:  # the last line, cut by a full disk
+                    continue
                 kind = item.pop("type")
                 if kind == "header":
                     out.write("".join(f" {json.dumps(k)}: {json.dumps(v, default=str)},\n"

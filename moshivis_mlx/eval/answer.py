@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -94,8 +95,11 @@ class Answerer:
     def question_tokens(self, text: str) -> list[int]:
         return list(self.stream.tokenizer.sp.encode(text))
 
-    def answer(self, question: str | np.ndarray, mode: str) -> Answer:
-        """`question`: the text (mode "text") or 24 kHz float32 mono samples ("audio")."""
+    def answer(self, question: str | np.ndarray, mode: str,
+               on_frame: Callable[[int, int], None] | None = None) -> Answer:
+        """`question`: the text (mode "text") or 24 kHz float32 mono samples ("audio").
+        `on_frame(fed, planned)` hears each frame: the frames fed so far, and how many the
+        opening and the question take (the answer's are not known in advance)."""
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         s = self.settings
@@ -127,6 +131,8 @@ class Answerer:
         fed = 0
         for _, events in self.session.converse(frames, watch):
             fed += 1
+            if on_frame is not None:
+                on_frame(fed, len(frames))
             for ev in events:
                 if isinstance(ev, Piece):
                     made_at = ev.step - base - delay  # the step that produced the token

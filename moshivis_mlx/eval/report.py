@@ -14,15 +14,18 @@ reader never sees half of one.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from collections import Counter
 from collections.abc import Iterable
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 from ..errors import MoshivisError, UsageError
-from ..fileio import atomic_write
+from ..fileio import atomic_write, output_lock
+from ..paths import check_outputs, check_writable
 from .metrics import score_task
 
 RUN = "run.json"
@@ -36,24 +39,62 @@ TIMING_FIELDS = ("model_s", "image_s", "seconds")
 """Fields of a prediction that differ between identical runs."""
 
 
+RECORD_FIX = "correct or remove that line (its sample is then asked again), or use another --out"
+
+
+def _record_problem(r: Any) -> str | None:
+    """What is wrong with a prediction record (None: nothing): the fields the scores and
+    a resume read, of their types."""
+    if not isinstance(r, dict):
+        return f"expected a JSON object (a prediction record), got {type(r).__name__} {r!r:.40}"
+    for key, types in (("sample_id", int), ("index", int)):
+        if not isinstance(r.get(key), types) or isinstance(r.get(key), bool):
+            return f"{key} is {r.get(key)!r:.40}, expected an integer"
+    if "skipped" in r:
+        return None if isinstance(r["skipped"], str) else "skipped is not a text"
+    if not isinstance(r.get("prediction"), str):
+        return f"prediction is {r.get('prediction')!r:.40}, expected a text"
+    refs = r.get("references")
+    if not isinstance(refs, list) or not all(isinstance(x, str) for x in refs):
+        return f"references is {refs!r:.40}, expected a list of texts"
+    return None
+
+
 def read_predictions(path: Path) -> list[dict[str, Any]]:
-    """The records of a predictions file. A last line cut short (the run was killed while
-    writing it) is removed from the file, so that sample is simply done again."""
+    """The records of a predictions file, each checked (a line edited by hand is one
+    line of error naming the file, the line and the column). A last line cut short (no
+    newline: the run was killed while writing it) is removed from the file, so that
+    sample is simply done again."""
     path = Path(path)
     if not path.exists():
         return []
     data = path.read_bytes()
     lines = data.split(b"\n")
-    records, good = [], 0
+    records: list[dict[str, Any]] = []
+    seen: dict[int, int] = {}
     for i, line in enumerate(lines[:-1]):  # complete lines end with a newline
+        n = i + 1
         try:
-            records.append(json.loads(line))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            if i < len(lines) - 2:
-                raise MoshivisError(f"{path}: broken record on line {i + 1}",
-                                    "remove that line, or start again in another --out") from None
-            break
-        good += len(line) + 1
+            record = json.loads(line.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise MoshivisError(f"{path}: line {n}, column {e.start + 1}: not UTF-8 text",
+                                RECORD_FIX) from None
+        except json.JSONDecodeError as e:
+            raise MoshivisError(f"{path}: line {n}, column {e.colno}: broken record "
+                                f"({e.msg})", RECORD_FIX) from None
+        except RecursionError:
+            raise MoshivisError(f"{path}: line {n}: nested too deep to be a record",
+                                RECORD_FIX) from None
+        problem = _record_problem(record)
+        if problem:
+            raise MoshivisError(f"{path}: line {n}: {problem}", RECORD_FIX)
+        sid = record["sample_id"]
+        if sid in seen:
+            raise MoshivisError(f"{path}: line {n}: sample {sid} is already on line {seen[sid]}",
+                                RECORD_FIX)
+        seen[sid] = n
+        records.append(record)
+    good = len(data) - len(lines[-1])
     if good < len(data):
         with open(path, "r+b") as f:
             f.truncate(good)
@@ -75,14 +116,43 @@ class PredictionWriter:
         self.f.close()
 
 
+RUN_FIELDS = {"task": str, "mode": str, "planned": int, "settings": dict}
+"""run.json's fields that the reports read, and their types."""
+
+
 def read_run(out: Path) -> dict[str, Any] | None:
+    """OUT/run.json (None: there is none), checked: a JSON object, UTF-8, with the fields
+    the reports read of their types; anything else is one line naming the file."""
     path = Path(out) / RUN
     if not path.exists():
         return None
+    fix = "restore it, or use another --out"
     try:
-        return json.loads(path.read_text())
+        run = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise MoshivisError(f"{path}: byte {e.start + 1}: not UTF-8 text", fix) from None
     except json.JSONDecodeError as e:
-        raise MoshivisError(f"{path}: invalid JSON ({e})") from None
+        raise MoshivisError(f"{path}: line {e.lineno}, column {e.colno}: invalid JSON "
+                            f"({e.msg})", fix) from None
+    except RecursionError:
+        raise MoshivisError(f"{path}: nested too deep to be a run's settings", fix) from None
+    if not isinstance(run, dict):
+        raise MoshivisError(f"{path}: expected a JSON object (the run's settings), got "
+                            f"{type(run).__name__}", fix)
+    for key, kind in RUN_FIELDS.items():
+        if not isinstance(run.get(key), kind) or isinstance(run.get(key), bool):
+            raise MoshivisError(f"{path}: {key} is {run.get(key)!r:.40}, expected "
+                                f"{'an integer' if kind is int else kind.__name__}", fix)
+    settings = run["settings"]
+    for key in ("opening_s", "silence_s", "max_answer_s"):
+        v = settings.get(key)
+        if not isinstance(v, (int, float)) or isinstance(v, bool):
+            raise MoshivisError(f"{path}: settings.{key} is {v!r:.40}, expected seconds", fix)
+    shard = run.get("shard")
+    if shard is not None and not (isinstance(shard, list) and len(shard) == 2 and all(
+            isinstance(x, int) and not isinstance(x, bool) for x in shard)):
+        raise MoshivisError(f"{path}: shard is {shard!r:.40}, expected [I, N]", fix)
+    return run
 
 
 def write_run(out: Path, run: dict[str, Any]) -> None:
@@ -93,7 +163,8 @@ def write_run(out: Path, run: dict[str, Any]) -> None:
 
 def summarise(run: dict[str, Any], records: list[dict[str, Any]]) -> dict[str, Any]:
     """metrics.json's content: the task's score over `records` and the run's facts."""
-    records = sorted(records, key=lambda r: r["index"])
+    skipped = sorted((r for r in records if "skipped" in r), key=lambda r: r["index"])
+    records = sorted((r for r in records if "skipped" not in r), key=lambda r: r["index"])
     scored = score_task(run["task"], [r["prediction"] for r in records],
                         [r["references"] for r in records], run.get("ptb", "python"))
     per_sample = scored.pop("per_sample")
@@ -106,7 +177,9 @@ def summarise(run: dict[str, Any], records: list[dict[str, Any]]) -> dict[str, A
         "bundle": run.get("bundle"), "quantization": run.get("quantization"),
         "sampling": run.get("sampling"), "settings": run.get("settings"),
         "samples_scored": len(records), "samples_planned": planned,
-        "complete": len(records) >= planned,
+        "samples_skipped": len(skipped),
+        "complete": len(records) + len(skipped) >= planned,
+        "skipped": [{"sample_id": r["sample_id"], "reason": r["skipped"]} for r in skipped],
         **scored,
         "time_per_sample_s": sum(times) / len(times) if times else None,
         "mean_answer_s": sum(answer_s) / len(answer_s) if answer_s else None,
@@ -136,6 +209,9 @@ def results_table(m: dict[str, Any]) -> str:
         ("quantization", m.get("quantization")),
         ("decoding", m.get("sampling")),
         ("samples scored", done),
+        *([("samples skipped", f"{m['samples_skipped']} (their audio or text cannot be "
+                                f"used; listed in metrics.json)")] if m.get("samples_skipped")
+          else []),
         (f"{m['metric']} ({m['score_name']})",
          f"**{_fmt(m['score'])}** {m['units'].replace('CIDEr x 100', '')}"
          f"(95% CI {_fmt(lo)}-{_fmt(hi)})".replace("  ", " ")),
@@ -175,20 +251,59 @@ def write_reports(out: Path, run: dict[str, Any], records: list[dict[str, Any]])
 
 # -- shards ---------------------------------------------------------------------------------
 
-SAME = ("task", "split", "mode", "bundle", "quantization", "sampling", "settings", "limit",
-        "ptb", "data")
+SAME = ("task", "split", "mode", "bundle", "bundle_id", "quantization", "sampling",
+        "settings", "limit", "ptb", "data", "adapters", "adapters_id")
+"""What the shards of one evaluation share (a key older shards lack reads as None)."""
+SHARD_LOCK_FIX = "a shard is still being evaluated: wait for its run to finish, then merge"
+
+
+def _check_merge_out(out: Path, shard_dirs: list[Path]) -> None:
+    """`out` is none of the shards (nor inside one), and holds no evaluation of its own:
+    merging over a run's files would make it impossible to resume. A previous merge
+    may be replaced."""
+    check_outputs({"--out": out}, {f"shard {d}": d for d in shard_dirs})
+    check_writable(out, "write the merged evaluation to", directory=True)
+    if not out.is_dir():
+        return
+    run = read_run(out)
+    if (run is not None and not run.get("merged_from")) or \
+            (run is None and (out / PREDICTIONS).exists()):
+        raise UsageError(f"--out {out} holds an evaluation (its {RUN} or {PREDICTIONS}): "
+                         f"merging there would write over it", "give merge a new --out")
 
 
 def merge(out: Path, shard_dirs: Iterable[Path]) -> dict[str, Any]:
-    """Joins the shards of one evaluation into `out` (predictions, metrics, table)."""
-    shard_dirs = [Path(d) for d in shard_dirs]
+    """Joins the shards of one evaluation into `out` (predictions, metrics, table).
+    `out` and the shards are locked meanwhile: a shard still being evaluated, or a second
+    merge into the same `out`, is refused."""
+    shard_dirs = [Path(d).expanduser() for d in shard_dirs]
+    out = Path(out).expanduser()
     if not shard_dirs:
         raise UsageError("merge needs the shard directories")
+    for d in shard_dirs:
+        if not d.is_dir():
+            raise UsageError(f"{d}: no such directory (a shard is an --out of moshivis-eval)")
+    _check_merge_out(out, shard_dirs)
+    with ExitStack() as locks:
+        locks.enter_context(output_lock(out, fix="wait for that merge to finish"))
+        for d in shard_dirs:
+            try:
+                locks.enter_context(output_lock(d, fix=SHARD_LOCK_FIX))
+            except OSError as e:  # a read-only copy of a shard: no run can be writing it
+                if e.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+                    raise
+        return _merge(out, shard_dirs)
+
+
+def _merge(out: Path, shard_dirs: list[Path]) -> dict[str, Any]:
     runs, records = [], {}
     for d in shard_dirs:
         run = read_run(d)
         if run is None:
             raise UsageError(f"{d}: no {RUN}; is it an output directory of moshivis-eval?")
+        if run.get("merged_from"):
+            raise UsageError(f"{d} holds merged shards, not a shard",
+                             "merge the shards themselves")
         runs.append((d, run))
         for r in read_predictions(d / PREDICTIONS):
             prev = records.get(r["sample_id"])

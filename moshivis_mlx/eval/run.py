@@ -16,14 +16,18 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from rich.console import Console
 
 from ..babillage import TASKS, Babillage, DataError, Sample, parquet_files
-from ..errors import UsageError
+from ..errors import ImageError, UsageError
+from ..fileio import fingerprint, output_lock
 from ..loader import BundleOptions, resolve
+from ..paths import check_outputs, check_writable
 from ..progress import Counter
 from ..session import Session
 from .answer import MODES, Answerer, AnswerSettings
@@ -37,6 +41,14 @@ from .report import (
     write_reports,
     write_run,
 )
+
+MAX_OPENING_S = 60.0
+"""The longest opening (the released model greets in about 2 s)."""
+MAX_ANSWER_S = 3600.0
+"""The longest answer listened to, and the longest silence that ends one (the app's bound;
+a spoken caption takes 4 to 8 s)."""
+MAX_SEED = (1 << 63) - 2
+"""Seeds as the app takes them."""
 
 
 @dataclass
@@ -66,9 +78,17 @@ class EvalOptions:
         if self.limit is not None and self.limit < 1:
             raise UsageError("--limit must be at least 1")
         s = self.settings
-        if s.opening_s < 0 or s.silence_s <= 0 or s.max_answer_s <= 0:
-            raise UsageError("--opening-s must be >= 0, --answer-silence and "
-                             "--max-answer-seconds > 0")
+        # Written so that NaN fails every one: `not lo <= v <= hi`.
+        for flag, v, lo, hi, low_open in (
+                ("--opening-s", s.opening_s, 0.0, MAX_OPENING_S, False),
+                ("--answer-silence", s.silence_s, 0.0, MAX_ANSWER_S, True),
+                ("--max-answer-seconds", s.max_answer_s, 0.0, MAX_ANSWER_S, True),
+                ("--seed", self.seed, 0, MAX_SEED, False)):
+            if v is None or (lo <= v <= hi and not (low_open and v == lo)):
+                continue
+            span = f"{'(' if low_open else '['}{lo:g}, {hi:g}]"
+            raise UsageError(f"{flag} must be in {span}, got {v:g}"
+                             + (" seconds" if flag != "--seed" else ""))
         if self.ptb not in ("python", "java"):
             raise UsageError("--ptb is python or java")
 
@@ -126,6 +146,9 @@ def make_plan(opts: EvalOptions) -> Plan:
             continue
         path = folder.path(image, refs.file_names.get(image), members[0].sample_id)
         groups.append(Group(image, path, members))
+    if not groups:
+        raise UsageError(f"--shard {i}/{n}: the {len(by_image)} images of this run leave "
+                         f"shard {i} none", f"split it into at most {len(by_image)} shards")
     return Plan(dataset, refs, groups)
 
 
@@ -185,27 +208,62 @@ def load_models(opts: EvalOptions, bundle: Path, adapters: Any = None,
 METRIC_SHORT = {"coco": "CIDEr", "vqav2": "VQA acc", "ocrvqa": "acc"}
 
 
+LOCK_FIX = "wait for it to finish (the same command then resumes), or give another --out"
+"""What to do when --out is being written by another run."""
+MAX_QUESTION_S = 120.0
+"""The longest question asked (Babillage's last 2 to 4 s); a longer one is skipped, with a
+note and a record saying why, rather than cut (a cut question is another question)."""
+LONG_QUESTION_S = 30.0
+"""A question longer than this is announced with its length (its conversation takes a
+while before the counter moves)."""
+
+
 def run_settings(opts: EvalOptions, plan: Plan, bundle: Path, quantization: str,
                  sampling: str) -> dict[str, Any]:
+    """run.json: what was run. The bundle and the adapters are identified by what they
+    hold (fileio.fingerprint), not only by their path: a bundle rebuilt at the same path
+    is another model."""
     return {
         "task": opts.task, "split": opts.split or None, "mode": opts.mode,
         "data": [f.name for f in plan.dataset.files], "bundle": str(bundle),
+        "bundle_id": fingerprint(bundle),
         "quantization": quantization, "sampling": sampling, "settings": opts.settings.to_dict(),
         "limit": opts.limit, "ptb": opts.ptb, "shard": list(opts.shard),
         "planned": len(plan.samples),
         "adapters": str(Path(opts.bundle.adapters).resolve()) if opts.bundle.adapters else None,
+        "adapters_id": fingerprint(opts.bundle.adapters) if opts.bundle.adapters else None,
     }
+
+
+RESUMED_SAME = ("task", "split", "mode", "data", "bundle", "bundle_id", "quantization",
+                "sampling", "settings", "limit", "shard", "ptb", "adapters", "adapters_id")
+"""What a rerun in the same --out must share with the run there (a key the older run.json
+lacks is not compared)."""
 
 
 def _check_resumable(out: Path, run: dict[str, Any]) -> None:
     old = read_run(out)
     if old is None:
         return
-    for k in ("task", "split", "mode", "data", "bundle", "quantization", "sampling", "settings",
-              "limit", "shard", "ptb", "adapters"):
-        if old.get(k) != run.get(k):
-            raise UsageError(f"{out} holds a run with another {k} ({old.get(k)!r}, this one "
+    if old.get("merged_from"):
+        raise UsageError(f"{out} holds merged shards (made by moshivis-eval merge), not a run "
+                         f"to resume", "give another --out")
+    for k in RESUMED_SAME:
+        if k in old and old.get(k) != run.get(k):
+            what = {"bundle_id": "bundle content (the bundle was rebuilt or changed)",
+                    "adapters_id": "adapters content (they were retrained or changed)"}.get(k, k)
+            raise UsageError(f"{out} holds a run with another {what} ({old.get(k)!r}, this one "
                              f"{run.get(k)!r})", "give another --out, or the same options")
+
+
+def check_out(opts: EvalOptions, bundle: Path) -> None:
+    """--out may not be (or lie inside) anything the run reads: the bundle, the data, the
+    images, the annotations, the adapters; and it must be a directory that can be
+    written. Checked before the lock (which is a file next to --out)."""
+    check_outputs({"--out": Path(opts.out)},
+                  {"the bundle": bundle, "--data": Path(opts.data), "--images": Path(opts.images),
+                   "--annotations": opts.annotations, "--adapters": opts.bundle.adapters})
+    check_writable(opts.out, "write the evaluation to", directory=True)
 
 
 @contextmanager
@@ -217,39 +275,64 @@ def _writer(path: Path) -> Iterator[PredictionWriter]:
         w.close()
 
 
-def question_audio(plan: Plan, sample: Sample, rate: int):
+def question_input(plan: Plan, sample: Sample, mode: str, answerer: Answerer
+                   ) -> str | np.ndarray:
+    """The question as the answerer takes it: its text, or its audio at the model's rate.
+    A DataError naming the file, the row and the column when it cannot be asked (an
+    empty, undecodable or overlong cell): the sample is then skipped."""
+    if mode == "text":
+        where = plan.dataset.where(sample, "question_transcript")
+        if not sample.question:
+            raise DataError(f"{where}: the question is empty")
+        frames = len(answerer.question_tokens(sample.question))
+        if frames * answerer.frame_s > MAX_QUESTION_S:
+            raise DataError(f"{where}: the question is {frames} tokens, more than the "
+                            f"{MAX_QUESTION_S:g} s ({round(MAX_QUESTION_S / answerer.frame_s)} "
+                            f"tokens) a question may last")
+        return sample.question
     from ..resample import resample
 
-    pcm, sr = plan.dataset.question_audio(sample)
+    pcm, sr = plan.dataset.question_audio(sample, MAX_QUESTION_S)
+    rate = answerer.sample_rate
     return resample(pcm, sr, rate) if sr != rate else pcm
 
 
 def evaluate(opts: EvalOptions, console: Console) -> dict[str, Any]:
-    """Runs (or resumes) one evaluation; returns its metrics."""
+    """Runs (or resumes) one evaluation; returns its metrics. Every option is checked
+    before anything is read, every input before the model loads; --out is locked for the
+    whole run, so a second run on it is refused at once."""
     opts.check()
     if opts.split is None:
         from ..babillage import DEFAULT_SPLIT
 
         opts = replace(opts, split=DEFAULT_SPLIT[opts.task])
-    out = Path(opts.out).expanduser()
     trained = read_trained(opts.bundle.adapters)
     plan = make_plan(opts)
     b = opts.bundle
     bundle = resolve(b.weights, b.hf_repo, b.quantize,
                      note=lambda line: console.print(line, highlight=False))
+    check_out(opts, bundle)
+    with output_lock(opts.out, fix=LOCK_FIX) as out:
+        return _evaluate(opts, plan, bundle, trained, out, console)
+
+
+def _evaluate(opts: EvalOptions, plan: Plan, bundle: Path, trained: Any, out: Path,
+              console: Console) -> dict[str, Any]:
     run = run_settings(opts, plan, bundle, bundle_quantization(bundle),
                        describe_sampling(opts, bundle))
     _check_resumable(out, run)
     out.mkdir(parents=True, exist_ok=True)
-    write_run(out, run)
     done = {r["sample_id"]: r for r in read_predictions(out / PREDICTIONS)}
+    write_run(out, run)
     planned_ids = {s.sample_id for s in plan.samples}
     todo = [g for g in plan.groups if any(s.sample_id not in done for s in g.samples)]
     records = [r for sid, r in done.items() if sid in planned_ids]
     shard = f", shard {opts.shard[0]}/{opts.shard[1]}" if opts.shard[1] > 1 else ""
+    skipped = sum(1 for r in records if r.get("skipped"))
     console.print(f"{opts.task} ({opts.split}), {opts.mode} prompts: {len(plan.samples)} "
                   f"samples about {len(plan.groups)} images{shard}"
-                  + (f"; {len(records)} done already" if records else ""), highlight=False,
+                  + (f"; {len(records)} done already" if records else "")
+                  + (f" ({skipped} skipped)" if skipped else ""), highlight=False,
                   soft_wrap=True)
     if todo:
         console.print(f"loading {bundle} ({run['quantization']}) ...", highlight=False,
@@ -259,13 +342,23 @@ def evaluate(opts: EvalOptions, console: Console) -> dict[str, Any]:
         records += _ask(opts, plan, models, todo, done, records, out, console)
     metrics = write_reports(out, run, records)
     others = "".join(f", {o['name']} {o['score']:.1f}" for o in metrics["other_scores"])
+    skipped = (f", {metrics['samples_skipped']} skipped (see metrics.json)"
+               if metrics["samples_skipped"] else "")
     console.print(f"{metrics['metric']} ({metrics['score_name']}): {metrics['score']:.1f} "
                   f"(95% CI {metrics['ci95'][0]:.1f}-{metrics['ci95'][1]:.1f}){others}, "
                   f"{metrics['normalised_name']} {metrics['normalised_score']:.1f}, "
-                  f"{metrics['samples_scored']} samples, "
+                  f"{metrics['samples_scored']} samples{skipped}, "
                   f"{metrics['time_per_sample_s'] or 0:.2f} s per sample -> {out}",
                   highlight=False, soft_wrap=True)
     return metrics
+
+
+def _frame_progress(bar: Counter, task: Any, done: int, sample_id: int, fed: int,
+                    planned: int) -> None:
+    """Every 2 s of conversation, where the current sample is (a long question moves
+    the bar's text, not its count)."""
+    if fed % 25 == 0:
+        bar.update(task, done, rate=f"sample {sample_id}: {fed}/{planned}+ frames")
 
 
 def _ask(opts: EvalOptions, plan: Plan, models: Models, groups: list[Group],
@@ -273,7 +366,7 @@ def _ask(opts: EvalOptions, plan: Plan, models: Models, groups: list[Group],
     answerer = models.answerer
     refs = plan.references
     new: list[dict] = []
-    scored = [(r["prediction"], r["references"]) for r in records]
+    scored = [(r["prediction"], r["references"]) for r in records if not r.get("skipped")]
     last_scored = len(scored)
     metric, total = METRIC_SHORT[opts.task], len(plan.samples)
     done_now, t_start = len(records), time.perf_counter()
@@ -283,30 +376,47 @@ def _ask(opts: EvalOptions, plan: Plan, models: Models, groups: list[Group],
         latest = float("nan")
         for group in groups:
             t0 = time.perf_counter()
-            answerer.set_image(models.vision.encode_image(group.path))
+            try:
+                answerer.set_image(models.vision.encode_image(group.path))
+                unusable = None
+            except ImageError as e:  # its questions cannot be asked; the others can
+                unusable = str(e)
             image_s = time.perf_counter() - t0
             for sample in group.samples:
                 if sample.sample_id in done:
                     continue
-                if opts.mode == "audio":
-                    question = question_audio(plan, sample, answerer.sample_rate)
+                base = {"index": sample.index, "sample_id": sample.sample_id,
+                        "image_id": group.image_id, "image": group.path.name,
+                        "question": sample.question}
+                try:
+                    if unusable is not None:
+                        raise DataError(f"{unusable} (the image of sample {sample.sample_id})")
+                    question = question_input(plan, sample, opts.mode, answerer)
+                except DataError as e:
+                    # One bad cell or image does not stop the run: said, recorded, counted.
+                    record = {**base, "skipped": str(e)}
+                    console.print(f"skipped: {e}", highlight=False, soft_wrap=True)
                 else:
-                    question = sample.question
-                a = answerer.answer(question, opts.mode)
-                record = {
-                    "index": sample.index, "sample_id": sample.sample_id,
-                    "image_id": group.image_id, "image": group.path.name,
-                    "question": sample.question, "prediction": a.text,
-                    "references": refs.answers[sample.sample_id], "stop": a.stop,
-                    "opening": a.opening, "during_question": a.during_question,
-                    "frames": a.frames, "question_frames": a.question_frames,
-                    "answer_s": a.answer_s, "model_s": round(a.seconds, 4),
-                    "image_s": round(image_s, 4), **refs.extra.get(sample.sample_id, {}),
-                }
-                image_s = 0.0  # the image is encoded once for the group
+                    seconds = (len(question) / answerer.sample_rate
+                               if opts.mode == "audio" else 0.0)
+                    if seconds > LONG_QUESTION_S:
+                        console.print(f"sample {sample.sample_id}: a {seconds:.0f} s question",
+                                      highlight=False)
+
+                    a = answerer.answer(question, opts.mode, on_frame=partial(
+                        _frame_progress, bar, task, done_now, sample.sample_id))
+                    record = {
+                        **base, "prediction": a.text,
+                        "references": refs.answers[sample.sample_id], "stop": a.stop,
+                        "opening": a.opening, "during_question": a.during_question,
+                        "frames": a.frames, "question_frames": a.question_frames,
+                        "answer_s": a.answer_s, "model_s": round(a.seconds, 4),
+                        "image_s": round(image_s, 4), **refs.extra.get(sample.sample_id, {}),
+                    }
+                    image_s = 0.0  # the image is encoded once for the group
+                    scored.append((a.text, record["references"]))
                 writer.write(record)
                 new.append(record)
-                scored.append((a.text, record["references"]))
                 if len(scored) - last_scored >= max(1, last_scored // 20):
                     latest = running_score(opts.task, [p for p, _ in scored],
                                            [r for _, r in scored])
