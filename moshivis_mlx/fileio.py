@@ -28,7 +28,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
-from .errors import WeightsError
+from .errors import MoshivisError, WeightsError
 from .signals import shielded
 
 PARTIAL, OLD, LOCK = ".partial", ".old", ".lock"
@@ -84,8 +84,9 @@ def _names(out: Path) -> tuple[Path, Path, Path]:
             out.with_name(f".{out.name}{LOCK}"))
 
 
-class Locked(WeightsError):
-    """Another process is writing the same output."""
+class Locked(MoshivisError):
+    """Another process is writing the same output: nothing wrong with the inputs, so the
+    plain failure exit code (1), whichever tool refuses."""
 
 
 WAIT = "wait for it to finish, then try again"

@@ -351,7 +351,7 @@ def test_a_second_run_on_the_same_out_is_refused(bench, bundle, tmp_path, capsys
     out = tmp_path / "out"
     with output_lock(out, fix="held by the test"):
         code = run_cli(*bench.args(bundle, out))
-    line = refused(capsys, code, EXIT_WEIGHTS, f"{out} is being written by another process "
+    line = refused(capsys, code, EXIT_ERROR, f"{out} is being written by another process "
                                                f"(pid {os.getpid()})",
                    "the same command then resumes", "give another --out")
     assert "choose another output" not in line
@@ -372,7 +372,7 @@ def test_a_second_run_in_another_process_is_refused(bench, bundle, tmp_path):
         r = subprocess.run([sys.executable, "-m", "moshivis_mlx.cli.eval",
                             *map(str, bench.args(bundle, out))], env=app_env(),
                            capture_output=True, text=True, timeout=120)
-        assert r.returncode == EXIT_WEIGHTS and f"(pid {holder.pid})" in r.stderr, r.stderr
+        assert r.returncode == EXIT_ERROR and f"(pid {holder.pid})" in r.stderr, r.stderr
         assert "loading" not in r.stdout
     finally:
         holder.communicate("\n", timeout=30)
@@ -464,7 +464,7 @@ def test_merge_waits_for_a_shard_still_running(tmp_path, capsys):
     a, b = _shard(tmp_path / "a", 0, 2), _shard(tmp_path / "b", 1, 2)
     with output_lock(b):
         code = merge_cli(tmp_path / "m", a, b)
-    refused(capsys, code, EXIT_WEIGHTS, f"{b} is being written by another process",
+    refused(capsys, code, EXIT_ERROR, f"{b} is being written by another process",
             "a shard is still being evaluated")
     assert merge_cli(tmp_path / "m", a, b) == 0
 

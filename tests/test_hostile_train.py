@@ -191,7 +191,7 @@ def test_a_second_run_on_the_same_out_is_refused_at_once(task, tmp_path, capsys,
     _no_loading(monkeypatch)
     with output_lock(out):  # what a running moshivis-train holds
         code = run(task, out, "--steps", "2")
-        line = refused(capsys, code, EXIT_WEIGHTS, f"{out} is being written by another process")
+        line = refused(capsys, code, EXIT_ERROR, f"{out} is being written by another process")
     assert "give another --out" in line
     assert not (out / "log.jsonl").exists() and not (out / "checkpoints").exists()
 
@@ -232,7 +232,7 @@ def test_two_processes_on_one_out_and_a_stop_by_a_signal(task, tmp_path, capsys,
     out = tmp_path / "out"
     p = _background(task, out, "--steps", "400", "--save-every", "2")
     _wait_for(lambda: _reports(out) >= 3, 120, p)
-    assert run(task, out, "--steps", "400", "--save-every", "2", "--resume") == EXIT_WEIGHTS
+    assert run(task, out, "--steps", "400", "--save-every", "2", "--resume") == EXIT_ERROR
     assert "is being written by another process" in capsys.readouterr().err
     p.send_signal(sig)
     _, err = p.communicate(timeout=60)
