@@ -41,7 +41,7 @@ test: $(TEST_STAMP)
 	bash scripts/install-system-test-deps.sh
 	$(call PYTEST,)
 
-# The inner loop: no slow, system or torch tests (well under 2 minutes).
+# The inner loop: no slow, system or torch tests (about two minutes on 2 cores).
 test-fast: $(FAST_STAMP)
 	$(call PYTEST,-m "$(FAST_LANE)")
 

@@ -574,6 +574,7 @@ def test_babillage_timestamps_refused_or_reported(task, tmp_path, capsys, times,
 
 # -- memory --------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:Mimi.*padded")
 def test_a_long_dialogue_is_read_and_encoded_in_bounded_memory(task, tmp_path):
     """Two minutes of stereo speech (23 MB as float32) go through Mimi without ever being
