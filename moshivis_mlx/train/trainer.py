@@ -86,8 +86,13 @@ def check_range(name: str, value: float | int | None, low: float, high: float,
     ok = (low < value if open_low else low <= value) and value <= high
     if isinstance(value, bool) or not ok:
         flag = "--" + name.replace("_", "-")
-        raise UsageError(f"{flag} must be in {'(' if open_low else '['}{low:g}, {high:g}], "
-                         f"got {value}")
+        raise UsageError(f"{flag} must be in {'(' if open_low else '['}{_bound(low)}, "
+                         f"{_bound(high)}], got {value}")
+
+
+def _bound(x: float) -> str:
+    """A range's end as written: whole numbers in full (1048576, not 1.04858e+06)."""
+    return str(int(x)) if float(x).is_integer() and abs(x) < 1e16 else f"{x:g}"
 
 
 def check_ranges(values: dict[str, float | int | None], steps: int | None = None) -> None:
