@@ -28,7 +28,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
-from .errors import MoshivisError, WeightsError
+from .errors import MoshivisError
 from .signals import shielded
 
 PARTIAL, OLD, LOCK = ".partial", ".old", ".lock"
