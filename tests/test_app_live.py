@@ -71,10 +71,12 @@ def wait_for_line(p: subprocess.Popen, text: str, timeout: float) -> list[str]:
     raise AssertionError(f"{text!r} never appeared; output so far:\n{''.join(lines)}")
 
 
-def best_correlation(played: np.ndarray, model: np.ndarray) -> float:
-    """Highest normalised correlation between a 2 s stretch of what the model said and any
-    2 s of what came out of the speaker (1.0: the same waveform, at some delay)."""
-    seg = model[2 * 24000:4 * 24000].astype(np.float64)
+def best_correlation(played: np.ndarray, model: np.ndarray, start_s: float = 2.0,
+                     seconds: float = 2.0) -> float:
+    """Highest normalised correlation between a stretch of what the model said and any
+    stretch as long of what came out of the speaker (1.0: the same waveform, at some
+    delay)."""
+    seg = model[int(start_s * 24000):int((start_s + seconds) * 24000)].astype(np.float64)
     seg = seg - seg.mean()
     n, m = len(played), len(seg)
     size = 1 << (n + m).bit_length()
@@ -129,7 +131,9 @@ def test_live_conversation_through_a_real_sound_server(tmp_path, pulse, bundle, 
     played = np.fromfile(captured, dtype="<i2").astype(np.float32) / 32768
     assert len(played) > 8 * 24000
     assert np.sqrt(np.mean(played**2)) > 0.02, "the speaker stayed silent"
-    similarity = best_correlation(played, model)
+    # Half-second stretches: an underrun on a busy machine puts a gap into what is played,
+    # and a stretch across it matches less well; one whole stretch matching is the proof.
+    similarity = max(best_correlation(played, model, start, 0.5) for start in (2, 3, 4, 5))
     assert similarity > 0.9
 
     transcript = json.loads((rec / "transcript.json").read_text())
@@ -148,7 +152,10 @@ def test_live_conversation_through_a_real_sound_server(tmp_path, pulse, bundle, 
     lat = session["latency"]
     assert 0 < lat["p50_ms"] <= lat["p95_ms"] and lat["budget_ms"] == 80.0
     assert lat["headroom_ms"] == pytest.approx(lat["budget_ms"] - lat["p95_ms"], abs=0.01)
-    assert f"headroom {lat['budget_ms'] - lat['p95_ms']:.0f}/80 ms" in out
+    if lat["p95_ms"] <= lat["budget_ms"]:
+        assert f"headroom {lat['budget_ms'] - lat['p95_ms']:.0f}/80 ms" in out
+    else:  # a busy machine: the line says so, with the same figures
+        assert f"behind real time ({lat['p95_ms']:.0f} > 80 ms)" in out
     # The counters are the audio layer's: the exit summary shows the very ones session.json
     # keeps, and with the recorded frames they account for the time the microphone ran
     # (every 80 ms it gave was recorded, dropped, or still queued at the end: the lower
