@@ -183,16 +183,22 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.camera_every is not None and (args.camera is None
                                           or not 0 < args.camera_every <= 3600):
         p.error("--camera-every needs --camera and a number of seconds in (0, 3600]")
-    # Bounds as a bundle's config is checked (GenerationConfig); NaN fails every one.
-    for flag, v, lo, hi in (("--text-temperature", args.text_temperature, 0, 100),
-                            ("--audio-temperature", args.audio_temperature, 0, 100),
-                            ("--top-k", args.top_k, 0, 1 << 20), ("--top-p", args.top_p, 0, 1),
-                            ("--xa-start", args.xa_start, 0, 1 << 30),
-                            ("--seed", args.seed, 0, (1 << 63) - 2)):
-        if v is not None and not lo <= v <= hi:
-            p.error(f"{flag} must be in [{lo}, {hi}], got {v}")
+    # Bounds as a bundle's config is checked (GenerationConfig).
     from moshivis_mlx.cli.options import answer_end_error
 
+    from moshivis_mlx.errors import UsageError, check_option
+    from moshivis_mlx.sampling import MAX_SEED
+
+    try:
+        for flag, v, lo, hi in (("--text-temperature", args.text_temperature, 0, 100),
+                                ("--audio-temperature", args.audio_temperature, 0, 100),
+                                ("--top-k", args.top_k, 0, 1 << 20),
+                                ("--top-p", args.top_p, 0, 1),
+                                ("--xa-start", args.xa_start, 0, 1 << 30),
+                                ("--seed", args.seed, 0, MAX_SEED)):
+            check_option(flag, v, lo, hi)
+    except UsageError as e:
+        p.error(e.message)
     if error := answer_end_error(args):
         p.error(error)
 

@@ -74,9 +74,14 @@ def add_answer_end(group: Any) -> None:
 
 
 def answer_end_error(args: argparse.Namespace) -> str | None:
-    """What is wrong with the answer-end options (None: nothing). NaN fails every bound."""
-    for flag, value in (("--answer-silence", args.answer_silence),
-                        ("--max-answer-seconds", args.max_answer_seconds)):
-        if not 0 < value <= 3600:
-            return f"{flag} must be in (0, 3600] seconds, got {value}"
+    """What is wrong with the answer-end options (None: nothing)."""
+    from moshivis_mlx.errors import UsageError, check_option
+    from moshivis_mlx.session import ANSWER_LIMIT_S
+
+    try:
+        for flag, value in (("--answer-silence", args.answer_silence),
+                            ("--max-answer-seconds", args.max_answer_seconds)):
+            check_option(flag, value, 0, ANSWER_LIMIT_S, open_low=True, unit="seconds")
+    except UsageError as e:
+        return e.message
     return None

@@ -100,6 +100,28 @@ class CameraError(MoshivisError):
     exit_code = EXIT_CAMERA
 
 
+def check_option(flag: str, value: float | None, low: float, high: float,
+                 open_low: bool = False, unit: str = "") -> None:
+    """A `UsageError` unless option `flag`'s `value` is in [low, high] ((low, high] with
+    `open_low`; None: not given). Written so that NaN fails every bound; a bool is no
+    number."""
+    if value is None:
+        return
+    if not isinstance(value, bool) and (low < value if open_low else low <= value) \
+            and value <= high:
+        return
+    span = f"{'(' if open_low else '['}{_number(low)}, {_number(high)}]"
+    raise UsageError(f"{flag} must be in {span}{f' {unit}' if unit else ''}, "
+                     f"got {_number(value)}")
+
+
+def _number(x: float) -> str:
+    """A number as a user writes it: whole ones in full (1048576, not 1.04858e+06)."""
+    if isinstance(x, int):
+        return str(x)
+    return str(int(x)) if x.is_integer() and abs(x) < 1e16 else f"{x:g}"
+
+
 def say(line: str) -> None:
     """A line on stderr; a terminal that is gone (SIGHUP) is no reason to fail."""
     try:

@@ -20,6 +20,9 @@ import mlx.core as mx
 
 from .models.config import ConfigBase, check_range
 
+MAX_SEED = (1 << 63) - 2
+"""The largest seed a tool takes (--seed of the app, the evaluation and training)."""
+
 
 class Sampler:
     """Draws token ids from logits [..., V].

@@ -92,6 +92,9 @@ ANSWER_SILENCE_S = 2.0
 """An answer has ended after this long of silence (file mode, the evaluation)."""
 MAX_ANSWER_S = 30.0
 """The longest an answer may go on after the question."""
+ANSWER_LIMIT_S = 3600.0
+"""The bound of both settings above, wherever they are given (a spoken caption takes 4 to
+8 s)."""
 
 
 class AnswerWatch:

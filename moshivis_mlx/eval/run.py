@@ -24,12 +24,13 @@ import numpy as np
 from rich.console import Console
 
 from ..babillage import TASKS, Babillage, DataError, Sample, parquet_files
-from ..errors import ImageError, UsageError
+from ..errors import ImageError, UsageError, check_option
 from ..fileio import fingerprint, output_lock
 from ..loader import BundleOptions, resolve
 from ..paths import check_outputs, check_writable
 from ..progress import Counter
-from ..session import Session
+from ..sampling import MAX_SEED
+from ..session import ANSWER_LIMIT_S, Session
 from .answer import MODES, Answerer, AnswerSettings
 from .data import ImageFolder, References, load_references
 from .metrics import running_score
@@ -44,11 +45,6 @@ from .report import (
 
 MAX_OPENING_S = 60.0
 """The longest opening (the released model greets in about 2 s)."""
-MAX_ANSWER_S = 3600.0
-"""The longest answer listened to, and the longest silence that ends one (the app's bound;
-a spoken caption takes 4 to 8 s)."""
-MAX_SEED = (1 << 63) - 2
-"""Seeds as the app takes them."""
 
 
 @dataclass
@@ -78,17 +74,12 @@ class EvalOptions:
         if self.limit is not None and self.limit < 1:
             raise UsageError("--limit must be at least 1")
         s = self.settings
-        # Written so that NaN fails every one: `not lo <= v <= hi`.
-        for flag, v, lo, hi, low_open in (
-                ("--opening-s", s.opening_s, 0.0, MAX_OPENING_S, False),
-                ("--answer-silence", s.silence_s, 0.0, MAX_ANSWER_S, True),
-                ("--max-answer-seconds", s.max_answer_s, 0.0, MAX_ANSWER_S, True),
-                ("--seed", self.seed, 0, MAX_SEED, False)):
-            if v is None or (lo <= v <= hi and not (low_open and v == lo)):
-                continue
-            span = f"{'(' if low_open else '['}{lo:g}, {hi:g}]"
-            raise UsageError(f"{flag} must be in {span}, got {v:g}"
-                             + (" seconds" if flag != "--seed" else ""))
+        check_option("--opening-s", s.opening_s, 0, MAX_OPENING_S, unit="seconds")
+        check_option("--answer-silence", s.silence_s, 0, ANSWER_LIMIT_S, open_low=True,
+                     unit="seconds")
+        check_option("--max-answer-seconds", s.max_answer_s, 0, ANSWER_LIMIT_S, open_low=True,
+                     unit="seconds")
+        check_option("--seed", self.seed, 0, MAX_SEED)
         if self.ptb not in ("python", "java"):
             raise UsageError("--ptb is python or java")
 

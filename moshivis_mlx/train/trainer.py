@@ -32,9 +32,10 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_map_with_path
 
 from ..adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, MAX_ADAPTER_VALUE, write_adapters
-from ..errors import MoshivisError, UsageError, WeightsError
+from ..errors import MoshivisError, UsageError, WeightsError, check_option
 from ..fileio import atomic_write, output_lock
 from ..loader import BundleOptions
+from ..sampling import MAX_SEED
 from . import checkpoint
 from .batches import Order, collate, shard
 from .dataset import FRAME_RATE, NOTE_KINDS, SPEECHLESS_AUDIO, ImageStore, Preparer, Sample
@@ -60,7 +61,7 @@ LIMITS: dict[str, tuple[float, float, bool]] = {
     "grad_accum": (1, 1 << 16, False), "learning_rate": (0, 1, True),
     "warmup": (0, MAX_COUNT, False), "weight_decay": (0, 1e6, False),
     "max_grad_norm": (0, 1e6, False), "p_audio": (0, 1, False),
-    "max_seconds": (0, 3600, True), "seed": (0, (1 << 63) - 2, False),
+    "max_seconds": (0, 3600, True), "seed": (0, MAX_SEED, False),
     "val_every": (1, MAX_COUNT, False), "val_batches": (1, MAX_COUNT, False),
     "save_every": (1, MAX_COUNT, False), "keep_checkpoints": (1, 1 << 20, False),
     "report_every": (1, MAX_COUNT, False)}
@@ -80,19 +81,8 @@ LOSS_FIELDS = {"text_padding_weight": "text_padding_weight",
 
 def check_range(name: str, value: float | int | None, low: float, high: float,
                 open_low: bool = False) -> None:
-    """One option in [low, high] (or (low, high]); written so that NaN fails."""
-    if value is None:
-        return
-    ok = (low < value if open_low else low <= value) and value <= high
-    if isinstance(value, bool) or not ok:
-        flag = "--" + name.replace("_", "-")
-        raise UsageError(f"{flag} must be in {'(' if open_low else '['}{_bound(low)}, "
-                         f"{_bound(high)}], got {value}")
-
-
-def _bound(x: float) -> str:
-    """A range's end as written: whole numbers in full (1048576, not 1.04858e+06)."""
-    return str(int(x)) if float(x).is_integer() and abs(x) < 1e16 else f"{x:g}"
+    """The option of field `name` (learning_rate: --learning-rate) in its range."""
+    check_option("--" + name.replace("_", "-"), value, low, high, open_low)
 
 
 def check_ranges(values: dict[str, float | int | None], steps: int | None = None) -> None:
