@@ -156,7 +156,7 @@ def run_demo(opts: AppOptions, console: Console) -> int:
     console.print(f"{'made' if made else 'using'} the demo model: {bundle}", highlight=False)
     DEMO_OUTPUT.mkdir(exist_ok=True)
     seed = opts.model.seed if opts.model.seed is not None else 0
-    model = replace(opts.model, bundle=replace(opts.model.bundle, weights=bundle), seed=seed)
+    model = replace(opts.model.on_weights(bundle), seed=seed)
     opts = replace(
         opts, model=model,
         image=opts.image or str(SAMPLE_IMAGE), input_wav=opts.input_wav or str(SAMPLE_SPEECH),

@@ -34,6 +34,10 @@ class ModelOptions:
     kv_bits: int | None = None
     """The attention caches quantized to 8 bits (None: full precision)."""
 
+    def on_weights(self, weights: Path) -> ModelOptions:
+        """The same options on the bundle `weights` (the demo's tiny model)."""
+        return replace(self, bundle=replace(self.bundle, weights=weights))
+
     def generation(self, defaults: GenerationConfig) -> GenerationConfig:
         """The bundle's sampling settings with the ones given here on top."""
         over = {"text_temperature": self.text_temperature,

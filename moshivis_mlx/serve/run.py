@@ -49,8 +49,7 @@ def run_serve(opts: AppOptions, console: Console) -> int:
         from ..app.demo import demo_bundle
 
         bundle, _ = demo_bundle()
-        opts = replace(opts, model=replace(opts.model, bundle=replace(opts.model.bundle,
-                                                                      weights=bundle)))
+        opts = replace(opts, model=opts.model.on_weights(bundle))
     picture = load_picture(opts.image) if opts.image else None
     want_vision = not opts.no_image
     with Steps(console, 1 + opening_steps(want_vision, picture is not None)) as steps:
