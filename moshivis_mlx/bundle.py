@@ -61,9 +61,8 @@ def read_config(bundle: str | Path) -> dict[str, Any]:
                           f"convert the checkpoint again")
     try:  # read by every opener and report: a bad entry names this file
         QuantSpec.from_dict(cfg.get("quantization"))
-    except (WeightsError, ValueError) as e:
-        raise BundleError(f"{path}: {e.message if isinstance(e, WeightsError) else e}",
-                          "convert the checkpoint again") from None
+    except WeightsError as e:  # QuantSpec says what is wrong with it
+        raise BundleError(f"{path}: {e.message}", "convert the checkpoint again") from None
     return cfg
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .bundle import load_generation, load_lm, load_mimi, load_vision, read_config
-from .errors import BundleError, MoshivisError, TokenizerError, UsageError, WeightsError, one_line
+from .errors import BundleError, UsageError, WeightsError, one_line
 from .generate import Generator
 from .image import ImageEncoder
 from .memory import wire_weights
@@ -138,10 +138,10 @@ def load(weights: str | Path | None = None, *, hf_repo: str = DEFAULT_HF_REPO,
             with stage("tokenizer"):
                 text = TextTokenizer(find_tokenizer(bundle), lm.cfg.text_padding_ids)
         generation = load_generation(bundle)
-    except MoshivisError as e:
-        if isinstance(e, (WeightsError, BundleError, TokenizerError)) and not e.fix:
-            raise WeightsError(e.message, _fix(bundle)) from None
-        raise
+    except WeightsError as e:  # bundles' and tokenizers' errors too: say what to do
+        if e.fix:
+            raise
+        raise WeightsError(e.message, _fix(bundle)) from None
     except (ValueError, OSError) as e:
         raise WeightsError(f"cannot use the weights in {bundle}: {one_line(e)}",
                            _fix(bundle)) from None
